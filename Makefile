@@ -1,0 +1,25 @@
+# One-command set-up and runs. Every install goes through constraints.txt (the tested set).
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+RUN ?= runs/tiny
+RECIPE ?= tiny
+
+.PHONY: install test smoke compile clean
+
+install:
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[pipelines,registry,test]'
+	bash .ci/install-services.sh
+
+test: install
+	$(PYTHON) -m pytest -q
+
+# The main job on the tiny recipe: cache-latents -> teacher-rollouts -> distill -> sample, on CPU.
+smoke: install
+	ddil cache-latents --config $(RECIPE) --out $(RUN)/latents
+	ddil teacher-rollouts --config $(RECIPE) --latents $(RUN)/latents --out $(RUN)/rollouts
+	ddil distill --config $(RECIPE) --latents $(RUN)/latents --rollouts $(RUN)/rollouts --out $(RUN)/distill
+	ddil sample --model $(RUN)/distill/student --prompt "a handwritten digit seven" --scheduler student --out $(RUN)/sample.png
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,135 @@
+"""The `ddil` command line: one subcommand per stage.
+
+Every stage takes `--config RECIPE` (a YAML path or a name in configs/) and `--set a.b=c` overrides; bad input
+exits non-zero with one line naming the file, key or value at fault.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional, Sequence
+
+EXIT_BAD_INPUT = 2
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, what Kubernetes expects of a terminated container
+
+
+def _config(args, **from_flags):
+    from ddil_core.config import load_config
+
+    overrides = list(args.set or [])
+    for key, value in from_flags.items():
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    return load_config(args.config, overrides)
+
+
+def _q(value: Optional[str]) -> Optional[str]:
+    """Quote a CLI-provided string so the YAML override keeps it a string."""
+    return None if value is None else "'" + value.replace("'", "''") + "'"
+
+
+def cmd_cache_latents(args):
+    from ddil_core.stages.cache_latents import cache_latents
+
+    config = _config(args, **{"model.teacher": _q(args.teacher), "data.dataset": _q(args.dataset)})
+    manifest = cache_latents(config, args.out)
+    print(f"cached {manifest['count']} latents in {len(manifest['shards'])} shards -> {args.out}"
+          + (f" ({manifest['skipped']} bad samples skipped)" if manifest["skipped"] else ""))
+
+
+def cmd_teacher_rollouts(args):
+    from ddil_core.stages.teacher_rollouts import teacher_rollouts
+
+    config = _config(args, **{"model.teacher": _q(args.teacher)})
+    manifest = teacher_rollouts(config, args.latents, args.out, args.shard, args.num_shards)
+    print(f"wrote {manifest['count']} teacher rollouts (shard {args.shard} of {args.num_shards}) -> {args.out}")
+
+
+def cmd_distill(args):
+    from ddil_core.stages.distill import distill
+
+    config = _config(args, **{"model.teacher": _q(args.teacher)})
+    student = distill(config, args.latents, args.rollouts or [], args.out)
+    print(f"student -> {student}")
+
+
+def cmd_sample(args):
+    from ddil_core.stages.sample import sample
+
+    out = sample(args.model, args.prompt, args.steps, args.seed, args.out, args.guidance, args.scheduler,
+                 args.allow_pickle)
+    print(f"image -> {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ddil", description="DDIL diffusion distillation stages")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def stage(name, func, help_text):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", default=None, help="recipe: a YAML path or a name in configs/ (default: defaults)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+        p.set_defaults(func=func)
+        return p
+
+    p = stage("cache-latents", cmd_cache_latents, "encode a dataset with the teacher's VAE and text encoder")
+    p.add_argument("--teacher", help="teacher: diffusers folder, hub id, s3:// or tiny://sd15|sdxl")
+    p.add_argument("--dataset", help="image folder with captions.jsonl, COCO JSON, .tar shards, or demo://digits")
+    p.add_argument("--out", required=True)
+
+    p = stage("teacher-rollouts", cmd_teacher_rollouts, "record the teacher's reverse-process states")
+    p.add_argument("--teacher")
+    p.add_argument("--latents", required=True, help="output folder of cache-latents")
+    p.add_argument("--out", required=True)
+    p.add_argument("--shard", type=int, default=0)
+    p.add_argument("--num-shards", type=int, default=1)
+
+    p = stage("distill", cmd_distill, "train the few-step student with DDIL (resumes an existing --out)")
+    p.add_argument("--teacher")
+    p.add_argument("--latents", required=True)
+    p.add_argument("--rollouts", action="append", help="teacher-rollouts output folder(s) (repeatable)")
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("sample", help="generate one image", description="generate one image with our sampler")
+    p.add_argument("--model", required=True, help="a pipeline folder (teacher or student), hub id or tiny://")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--steps", type=int, default=None, help="default: the student's recommended steps, else 50")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", type=float, default=None, help="default: the student's, else 7.5")
+    p.add_argument("--scheduler", choices=["ddim", "student"], default="ddim")
+    p.add_argument("--allow-pickle", action="store_true")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("diffusers", "transformers", "accelerate", "urllib3", "botocore", "s3fs", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from ddil_core.errors import BAD_INPUT_ERRORS
+    from ddil_core.training.loop import NonFiniteLoss, Preempted
+
+    try:
+        args.func(args)
+    except Preempted as exc:
+        print(f"ddil {args.command}: {exc}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except BAD_INPUT_ERRORS as exc:
+        print(f"ddil {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except NonFiniteLoss as exc:
+        print(f"ddil {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"ddil {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

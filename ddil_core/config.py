@@ -1,0 +1,432 @@
+"""One typed schema for every stage: YAML recipes, `--set a.b=c` overrides, strict validation.
+
+A recipe is a YAML file whose keys mirror the dataclasses below. Unknown keys are rejected with the nearest
+valid key named; invalid values are rejected with a message that says what is wrong. `resolved_dict` gives the
+fully-resolved config that every stage writes next to its outputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override is wrong; the message names the key or value."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The schema
+
+
+@dataclass
+class ModelConfig:
+    teacher: str = "tiny://sd15"  # local diffusers folder, hub id, s3://..., or tiny://sd15 | tiny://sdxl
+    family: Literal["auto", "sd15", "sdxl"] = "auto"  # auto: read from the teacher's model_index.json
+    resolution: Optional[int] = None  # image side in pixels; None: the teacher's native size
+    allow_pickle: bool = False  # refuse .bin/.ckpt weights unless set (then loaded with weights_only)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # teacher weights during training
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "demo://digits"  # image folder with captions.jsonl, COCO captions JSON, .tar shards, demo://digits
+    images: Optional[str] = None  # image folder of a COCO captions JSON
+    bad_sample_policy: Literal["fail", "skip"] = "fail"
+    limit: Optional[int] = None  # use only the first N samples
+    shard_size: int = 256  # samples per latent shard
+    batch_size: int = 16  # VAE encode batch
+    num_workers: int = 0  # DataLoader workers for image decoding
+    latent_bound_percentile: float = 0.999  # per-channel |x0| percentile stored as the static reflection bound
+
+
+@dataclass
+class PriorsConfig:
+    """DDIL state-source probabilities (method.md section 1); they must sum to 1. Baseline = (1, 0, 0)."""
+
+    forward: float = 0.5
+    teacher: float = 0.25
+    student: float = 0.25
+
+
+@dataclass
+class BufferConfig:
+    """Replay buffer of student-backward states (paper v2: 'lightweight replay buffer'); knobs are ours."""
+
+    enabled: bool = True
+    capacity: int = 256
+    refresh_fraction: float = 0.25  # share of each batch's student states made fresh and inserted
+    eviction: Literal["fifo", "reservoir"] = "fifo"
+
+
+@dataclass
+class ReflectionConfig:
+    """Reflected diffusion by thresholding x0 estimates (method.md section 2)."""
+
+    mode: Literal["off", "static", "dynamic"] = "off"
+    percentile: float = 0.995  # dynamic: per-sample quantile of |x0|
+    bound: Optional[float] = None  # static: one bound for all channels; None: per-channel bounds of the latent cache
+    apply_to: list[str] = field(default_factory=lambda: ["teacher_targets", "teacher_rollouts", "student_rollouts"])
+
+
+REFLECTION_TARGETS = ("teacher_targets", "teacher_rollouts", "student_rollouts", "critic")
+
+
+@dataclass
+class DDILConfig:
+    priors: PriorsConfig = field(default_factory=PriorsConfig)
+    prior_schedule: Literal["constant", "linear"] = "constant"  # linear: from (1,0,0) to priors over warmup_steps
+    warmup_steps: int = 0
+    teacher_mode: Literal["precomputed", "mixed", "bernoulli"] = "precomputed"
+    mixed_teacher_steps: int = 1  # mixed: teacher for the first m student-grid steps, then the student
+    bernoulli_teacher_p: float = 0.5  # bernoulli: probability the teacher takes each step
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    reflection: ReflectionConfig = field(default_factory=ReflectionConfig)
+
+
+@dataclass
+class PDConfig:
+    """Progressive distillation (Salimans and Ho 2022)."""
+
+    teacher_steps: int = 8  # steps of the first teacher; each stage halves until objective.student_steps
+    steps_per_stage: Optional[int] = None  # None: training.steps split evenly over the stages
+    weighting: Literal["snr_trunc", "snr", "constant"] = "snr_trunc"
+
+
+@dataclass
+class LCMConfig:
+    """Latent consistency distillation (Luo et al. 2023)."""
+
+    num_ddim_timesteps: int = 50
+    w_min: float = 5.0
+    w_max: float = 15.0
+    ema_decay: float = 0.95
+    loss: Literal["huber", "l2"] = "huber"
+    huber_c: float = 0.001
+    time_cond_proj_dim: int = 256
+
+
+@dataclass
+class DMD2Config:
+    """Distribution matching distillation v2 (Yin et al. 2024)."""
+
+    timesteps: list[int] = field(default_factory=lambda: [999, 749, 499, 249])
+    real_guidance_scale: float = 1.75
+    fake_lr: Optional[float] = None  # None: training.lr
+    dfake_gen_update_ratio: int = 10
+    min_step: int = 20
+    max_step: int = 980
+    gan: bool = False
+    gan_gen_weight: float = 5e-3
+    gan_disc_weight: float = 1e-2
+
+
+@dataclass
+class ObjectiveConfig:
+    name: Literal["pd", "lcm", "dmd2"] = "pd"
+    student_steps: int = 4
+    guidance_scale: float = 3.0  # teacher CFG scale w (Imagen form: eps_u + w (eps_c - eps_u))
+    pd: PDConfig = field(default_factory=PDConfig)
+    lcm: LCMConfig = field(default_factory=LCMConfig)
+    dmd2: DMD2Config = field(default_factory=DMD2Config)
+
+
+@dataclass
+class RolloutsConfig:
+    """Teacher-backward states precomputed by the `teacher-rollouts` stage."""
+
+    num_samples: int = 64
+    teacher_steps: int = 8  # teacher DDIM steps; a multiple of the student's steps so the grids nest
+    guidance_scale: Optional[float] = None  # None: objective.guidance_scale
+    shard_size: int = 256
+    batch_size: int = 16
+    seed: int = 1234
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = False
+    decay: float = 0.999
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = 20
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    grad_clip: float = 1.0  # 0 disables
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    seed: int = 0
+    max_nonfinite_in_a_row: int = 10
+    wall_clock_limit_s: Optional[float] = None  # guard: checkpoint and stop when exceeded
+
+
+@dataclass
+class EvaluationConfig:
+    prompts: Optional[str] = None  # a text file, one prompt per line; None: the dataset's distinct captions
+    num_prompts: int = 10
+    images_per_prompt: int = 4
+    seed: int = 0
+    student_steps: list[int] = field(default_factory=list)  # extra step counts; always includes the student's own
+    teacher_steps: int = 50
+    teacher_guidance_scale: Optional[float] = None  # None: objective.guidance_scale
+    extractor: str = "classifier"  # "classifier" (the demo's domain classifier), "inception", or module:callable
+    k: int = 5
+
+
+@dataclass
+class GatesConfig:
+    fid_factor: Optional[float] = None  # student FID <= teacher FID * factor
+    min_coverage: Optional[float] = None
+    min_adherence: Optional[float] = None
+
+
+@dataclass
+class RegistryConfig:
+    uri: str = "registry"  # local registry folder
+    model_name: str = "ddil-student"
+    kubeflow_address: Optional[str] = None  # Kubeflow Model Registry server; None: local registry
+    kubeflow_port: int = 8080
+    gates: GatesConfig = field(default_factory=GatesConfig)
+
+
+@dataclass
+class TelemetryConfig:
+    pushgateway: Optional[str] = None  # host:port; None: no push
+    run_id: Optional[str] = None  # grouping key; None: derived from the output folder
+    push_interval_s: float = 15.0
+    metrics_port: Optional[int] = None  # distill rank 0 serves /metrics here when set
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    ddil: DDILConfig = field(default_factory=DDILConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    rollouts: RolloutsConfig = field(default_factory=RolloutsConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building a config from plain data, strictly
+
+
+def _nearest(key: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(key, options, n=1, cutoff=0.0)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of keys, got {value!r}")
+        return _build(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {where}")
+
+
+def _build(cls: type, data: dict, where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key '{path}'{_nearest(str(key), names)}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(item: str) -> dict:
+    """'a.b.c=value' -> {'a': {'b': {'c': value}}}; the value is parsed as YAML (numbers, lists, null)."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key.path=value")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    node: dict = {}
+    cursor = node
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        cursor[part] = {}
+        cursor = cursor[part]
+    cursor[parts[-1]] = value
+    return node
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """A recipe is a YAML path, or a name looked up in ./configs and in the project's configs/ folder."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or os.sep in name_or_path:
+        if not path.exists():
+            raise ConfigError(f"config file not found: {name_or_path}")
+        return path
+    for root in (Path.cwd() / "configs", Path(__file__).resolve().parent.parent / "configs"):
+        candidate = root / f"{name_or_path}.yaml"
+        if candidate.exists():
+            return candidate
+    raise ConfigError(f"no recipe named '{name_or_path}' (looked for configs/{name_or_path}.yaml)")
+
+
+def load_config(recipe: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Load a recipe (path or name; None: the defaults), apply `a.b=c` overrides, validate."""
+    data: dict = {}
+    source = "defaults"
+    if recipe:
+        path = recipe_path(recipe)
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(loaded).__name__}")
+        data = loaded or {}
+    for item in overrides or []:
+        data = _merge(data, parse_override(item))
+    try:
+        config = _build(Config, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    validate(config, source)
+    return config
+
+
+def config_from_dict(data: dict) -> Config:
+    config = _build(Config, data)
+    validate(config, "config")
+    return config
+
+
+def validate(config: Config, source: str = "config") -> None:
+    problems = []
+    p = config.ddil.priors
+    for name in ("forward", "teacher", "student"):
+        if getattr(p, name) < 0:
+            problems.append(f"ddil.priors.{name} = {getattr(p, name)} is negative")
+    total = p.forward + p.teacher + p.student
+    if abs(total - 1.0) > 1e-6:
+        problems.append(
+            f"ddil.priors must sum to 1, got forward {p.forward} + teacher {p.teacher} + student {p.student} = {total:g}"
+        )
+    o = config.objective
+    if o.student_steps < 1:
+        problems.append(f"objective.student_steps = {o.student_steps} must be at least 1")
+    if o.name == "pd":
+        t = o.pd.teacher_steps
+        if o.student_steps >= t:
+            problems.append(
+                f"objective.student_steps = {o.student_steps} must be fewer than objective.pd.teacher_steps = {t}"
+            )
+        elif t % o.student_steps or (t // o.student_steps) & (t // o.student_steps - 1):
+            problems.append(
+                f"objective.pd.teacher_steps = {t} must be the student's steps ({o.student_steps}) times a power of 2"
+            )
+    if o.name == "dmd2" and len(o.dmd2.timesteps) != o.student_steps:
+        problems.append(
+            f"objective.dmd2.timesteps has {len(o.dmd2.timesteps)} entries but objective.student_steps = {o.student_steps}"
+        )
+    r = config.rollouts
+    if r.teacher_steps % o.student_steps and p.teacher > 0 and config.ddil.teacher_mode == "precomputed":
+        problems.append(
+            f"rollouts.teacher_steps = {r.teacher_steps} must be a multiple of objective.student_steps = "
+            f"{o.student_steps} so the teacher's grid passes through the student's timesteps"
+        )
+    b = config.ddil.buffer
+    if b.capacity < 1:
+        problems.append(f"ddil.buffer.capacity = {b.capacity} must be at least 1")
+    if not 0 < b.refresh_fraction <= 1:
+        problems.append(f"ddil.buffer.refresh_fraction = {b.refresh_fraction} must be in (0, 1]")
+    refl = config.ddil.reflection
+    for target in refl.apply_to:
+        if target not in REFLECTION_TARGETS:
+            problems.append(
+                f"ddil.reflection.apply_to: unknown target '{target}'{_nearest(target, list(REFLECTION_TARGETS))}"
+            )
+    if not 0 < refl.percentile <= 1:
+        problems.append(f"ddil.reflection.percentile = {refl.percentile} must be in (0, 1]")
+    if refl.bound is not None and refl.bound <= 0:
+        problems.append(f"ddil.reflection.bound = {refl.bound} must be positive")
+    t = config.training
+    for name in ("steps", "batch_size", "checkpoint_every", "log_every", "max_nonfinite_in_a_row"):
+        if getattr(t, name) < 1:
+            problems.append(f"training.{name} = {getattr(t, name)} must be at least 1")
+    if t.lr <= 0:
+        problems.append(f"training.lr = {t.lr} must be positive")
+    if not 0 <= config.ddil.bernoulli_teacher_p <= 1:
+        problems.append(f"ddil.bernoulli_teacher_p = {config.ddil.bernoulli_teacher_p} must be in [0, 1]")
+    if config.data.shard_size < 1:
+        problems.append(f"data.shard_size = {config.data.shard_size} must be at least 1")
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+
+
+def resolved_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(resolved_dict(config), sort_keys=False)

@@ -1,0 +1,249 @@
+"""Image-caption datasets: an image folder with captions.jsonl, a COCO captions JSON with its image folder,
+webdataset-style tar shards, and demo://digits (scikit-learn's bundled digits). Paths may be local or s3://.
+
+Every reader yields `Sample(key, image, caption)`; a bad sample raises `DatasetError` naming the file and the
+problem, and the policy ("fail" or "skip") decides whether that stops the run or is counted and skipped.
+"""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ddil_core.models.tiny import DIGIT_WORDS
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MIN_IMAGE_SIDE = 8
+
+
+class DatasetError(ValueError):
+    """Bad input data; the message names the file or line."""
+
+
+@dataclass
+class Sample:
+    key: str
+    image: Image.Image
+    caption: str
+
+
+@dataclass
+class SkipReport:
+    skipped: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+    def add(self, reason: str) -> None:
+        self.skipped += 1
+        if len(self.reasons) < 100:
+            self.reasons.append(reason)
+
+
+def digit_caption(label: int) -> str:
+    return f"a handwritten digit {DIGIT_WORDS[int(label)]}"
+
+
+def digits_split(split: str = "train"):
+    """scikit-learn's 1,797 digits, split 1,500 / 297 stratified with a fixed seed; (images [N,8,8] in [0,1], labels)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = digits.images.astype(np.float32) / 16.0
+    idx = np.arange(len(images))
+    train, held = train_test_split(idx, test_size=297, stratify=digits.target, random_state=0)
+    chosen = np.sort(train if split == "train" else held)
+    return images[chosen], digits.target[chosen], chosen
+
+
+def _digits(split: str, size: int = 16) -> Iterator[Sample]:
+    images, labels, ids = digits_split(split)
+    t = torch.from_numpy(images)[:, None]
+    up = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+    for img, label, i in zip(up, labels, ids):
+        arr = (img[0].numpy() * 255).round().astype(np.uint8)
+        yield Sample(f"digits-{int(i):04d}", Image.fromarray(arr, mode="L").convert("RGB"), digit_caption(label))
+
+
+def _open(fs, path: str) -> bytes:
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    """Decode and normalise any PIL-readable image to 8-bit RGB; grayscale, RGBA, CMYK and 16-bit are converted."""
+    if not data:
+        raise DatasetError(f"{name}: empty file (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception as exc:
+        raise DatasetError(f"{name}: not a readable image ({type(exc).__name__}: {exc})") from None
+    if min(img.size) < MIN_IMAGE_SIDE:
+        raise DatasetError(f"{name}: image too small ({img.size[0]}x{img.size[1]}, need at least {MIN_IMAGE_SIDE} px)")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: rescale to 8 bits before RGB
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray((arr / top * 255).round().clip(0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("RGBA", "LA", "P"):  # composite transparency on white
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("RGB")
+
+
+def check_caption(caption, name: str) -> str:
+    if not isinstance(caption, str):
+        raise DatasetError(f"{name}: caption is not text ({caption!r})")
+    if not caption.strip():
+        raise DatasetError(f"{name}: empty caption")
+    return caption.strip()
+
+
+def _folder(fs, root: str) -> Iterator[tuple[str, callable]]:
+    index = f"{root.rstrip('/')}/captions.jsonl"
+    if not fs.exists(index):
+        raise DatasetError(f"{index}: missing (an image folder needs captions.jsonl with file and caption per line)")
+    raw = _open(fs, index)
+    seen: set[str] = set()
+    for lineno, line in enumerate(raw.split(b"\n"), 1):
+        where = f"{index}:{lineno}"
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise DatasetError(f"{where}: not valid UTF-8") from None
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{where}: not valid JSON ({exc})") from None
+        if not isinstance(record, dict) or "file" not in record or "caption" not in record:
+            raise DatasetError(f"{where}: each line needs 'file' and 'caption'")
+        name = str(record["file"])
+        if name in seen:
+            raise DatasetError(f"{where}: duplicate file name '{name}'")
+        seen.add(name)
+        path = f"{root.rstrip('/')}/{name}"
+
+        def make(path=path, caption=record["caption"], where=where):
+            if not fs.exists(path):
+                raise DatasetError(f"{path}: image listed in {where} does not exist")
+            return Sample(PurePosixPath(path).stem, decode_image(_open(fs, path), path), check_caption(caption, where))
+
+        yield name, make
+
+
+def _coco(fs, annotations: str, images: Optional[str]) -> Iterator[tuple[str, callable]]:
+    try:
+        data = json.loads(_open(fs, annotations).decode("utf-8"))
+        files = {im["id"]: im["file_name"] for im in data["images"]}
+        anns = data["annotations"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise DatasetError(f"{annotations}: not a COCO captions JSON ({type(exc).__name__}: {exc})") from None
+    root = images or str(PurePosixPath(annotations).parent)
+    done: set = set()
+    for ann in anns:  # first caption of each image, in annotation order
+        image_id = ann.get("image_id")
+        if image_id in done or image_id not in files:
+            continue
+        done.add(image_id)
+        path = f"{root.rstrip('/')}/{files[image_id]}"
+
+        def make(path=path, caption=ann.get("caption"), image_id=image_id):
+            if not fs.exists(path):
+                raise DatasetError(f"{path}: image of COCO id {image_id} does not exist")
+            return Sample(str(image_id), decode_image(_open(fs, path), path), check_caption(caption, f"{annotations} id {image_id}"))
+
+        yield str(image_id), make
+
+
+def _tars(fs, uri: str) -> Iterator[tuple[str, callable]]:
+    paths = [uri] if uri.endswith(".tar") else sorted(fs.glob(f"{uri.rstrip('/')}/*.tar"))
+    if not paths:
+        raise DatasetError(f"{uri}: no .tar shards found")
+    for tar_path in paths:
+        groups: dict[str, dict[str, bytes]] = {}
+        try:
+            with fs.open(tar_path, "rb") as f, tarfile.open(fileobj=f) as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, _, ext = member.name.partition(".")
+                    groups.setdefault(key, {})[ext.lower()] = tar.extractfile(member).read()
+        except tarfile.TarError as exc:
+            raise DatasetError(f"{tar_path}: unreadable tar ({exc})") from None
+        for key, parts in groups.items():
+            where = f"{tar_path}:{key}"
+
+            def make(parts=parts, key=key, where=where):
+                image_ext = next((e for e in parts if "." + e in IMAGE_EXTENSIONS), None)
+                if image_ext is None:
+                    raise DatasetError(f"{where}: no image in the sample")
+                if "txt" in parts:
+                    try:
+                        caption = parts["txt"].decode("utf-8")
+                    except UnicodeDecodeError:
+                        raise DatasetError(f"{where}.txt: caption is not valid UTF-8") from None
+                elif "json" in parts:
+                    caption = json.loads(parts["json"]).get("caption")
+                else:
+                    raise DatasetError(f"{where}: no caption (.txt or .json) in the sample")
+                return Sample(key, decode_image(parts[image_ext], f"{where}.{image_ext}"), check_caption(caption, where))
+
+            yield key, make
+
+
+def iter_samples(uri: str, images: Optional[str] = None, policy: str = "fail", limit: Optional[int] = None,
+                 skips: Optional[SkipReport] = None, resolution: int = 16) -> Iterator[Sample]:
+    """Every good sample of a dataset, in a fixed order. Bad samples raise (policy fail) or are counted (skip)."""
+    if uri.startswith("demo://digits"):
+        split = "eval" if uri.rstrip("/").endswith("eval") else "train"
+        samples = ((s.key, (lambda s=s: s)) for s in _digits(split, resolution))
+    else:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(uri)
+        if not fs.exists(path):
+            raise DatasetError(f"dataset not found: {uri}")
+        if path.endswith(".json"):
+            samples = _coco(fs, path, images)
+        elif path.endswith(".tar") or (fs.isdir(path) and fs.glob(f"{path.rstrip('/')}/*.tar")):
+            samples = _tars(fs, path)
+        elif fs.isdir(path):
+            samples = _folder(fs, path)
+        else:
+            raise DatasetError(f"{uri}: not a dataset (expected a folder with captions.jsonl, a COCO .json or .tar shards)")
+    count = 0
+    for _key, make in samples:
+        if limit is not None and count >= limit:
+            break
+        try:
+            sample = make()
+        except DatasetError as exc:
+            if policy != "skip":
+                raise
+            if skips is not None:
+                skips.add(str(exc))
+            continue
+        count += 1
+        yield sample
+    if count == 0:
+        raise DatasetError(f"{uri}: the dataset has no usable samples")
+
+
+def image_to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
+    """Resize the short side to `resolution`, centre-crop, scale to [-1, 1]; [3, H, W] float32."""
+    w, h = image.size
+    scale = resolution / min(w, h)
+    if (w, h) != (resolution, resolution):
+        image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+        w, h = image.size
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+        image = image.crop((left, top, left + resolution, top + resolution))
+    arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()

@@ -1,0 +1,146 @@
+"""The DDIL state mixture (DDIL paper, arXiv 2410.11971; method.md section 1).
+
+Each training sample's state x_t comes from one of three sources, drawn per sample with the priors:
+  forward  - a real latent x0 noised to a student grid timestep (keeps the data marginal, diversity),
+  teacher  - the teacher's reverse process from pure noise, stopped at a student grid timestep (precomputed),
+  student  - the student's own sampler run for j < N of its steps without gradient (corrects covariate shift),
+             drawn through the replay buffer when it is on.
+Every state is then labelled by the teacher inside the objective. The baseline is this code with priors (1, 0, 0).
+A student-backward state depends only on noise, the prompt and the student: never on the batch's real images.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from ddil_core.config import DDILConfig
+from ddil_core.math.schedule import NoiseSchedule
+from ddil_core.method.buffer import ReplayBuffer
+from ddil_core.method.grid import StudentGrid
+from ddil_core.method.rollouts import student_rollout
+from ddil_core.models.conditioning import Cond, index_cond
+
+SOURCES = ("forward", "teacher", "student")
+FORWARD, TEACHER, STUDENT = 0, 1, 2
+
+
+@dataclass
+class StateBatch:
+    x_t: torch.Tensor  # [B, C, H, W]
+    k: torch.Tensor  # [B] index on the student grid
+    t: torch.Tensor  # [B] timestep
+    cond: Cond  # per-sample prompt embeddings
+    source: torch.Tensor  # [B] 0 forward, 1 teacher, 2 student
+    x0_real: torch.Tensor  # [B, C, H, W] the batch's real latents (DMD2's GAN uses them; never the states)
+    noise: torch.Tensor  # [B, C, H, W] fresh noise for objectives that need one per sample
+
+
+@dataclass
+class TrainingData:
+    """What the mixture draws from: the latent cache and the teacher rollouts, as tensors."""
+
+    latents: torch.Tensor  # [N, C, H, W]
+    cond: Cond  # [N, ...]
+    rollout_states: Optional[torch.Tensor] = None  # [R, K, C, H, W] teacher states at rollout_timesteps
+    rollout_timesteps: Optional[torch.Tensor] = None  # [K]
+    rollout_ref: Optional[torch.Tensor] = None  # [R] index of each rollout's prompt in `cond`
+
+
+def scheduled_priors(config: DDILConfig, step: int) -> torch.Tensor:
+    """[forward, teacher, student] probabilities at a training step: constant, or linear from forward-only."""
+    target = torch.tensor([config.priors.forward, config.priors.teacher, config.priors.student], dtype=torch.float64)
+    if config.prior_schedule == "linear" and config.warmup_steps > 0:
+        frac = min(1.0, step / config.warmup_steps)
+        return (1 - frac) * torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64) + frac * target
+    return target
+
+
+def draw_sources(priors: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """Per-sample source ids drawn independently with the given probabilities."""
+    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    edges = torch.cumsum(priors, 0)[:-1]
+    return torch.bucketize(u, edges, right=True)
+
+
+class DDILMixture:
+    def __init__(self, config: DDILConfig, data: TrainingData, schedule: NoiseSchedule, grid: StudentGrid,
+                 student_step: Callable, buffer: Optional[ReplayBuffer] = None,
+                 device: torch.device | str = "cpu", shared_int: Callable[[int], int] = lambda v: v):
+        """`student_step(x, k, cond)` is one no-grad step of the current student; `shared_int` makes a value
+        agree across ranks (rank 0's wins) so every rank rolls the student out for the same number of steps."""
+        self.config, self.data, self.schedule, self.grid = config, data, schedule, grid
+        self.student_step, self.buffer, self.device, self.shared_int = student_step, buffer, device, shared_int
+        if config.teacher_mode != "precomputed":
+            raise NotImplementedError(
+                f"ddil.teacher_mode = {config.teacher_mode} is not implemented yet; use 'precomputed'")
+        if config.priors.teacher > 0 and data.rollout_states is None:
+            raise ValueError("ddil.priors.teacher > 0 needs teacher rollouts (run teacher-rollouts, pass --rollouts)")
+        self.rollout_pos = None
+        if data.rollout_states is not None:
+            self.rollout_pos = grid.position_in(data.rollout_timesteps)
+        self.last_counts = torch.zeros(3, dtype=torch.long)
+        self.last_fresh = 0
+
+    def set_grid(self, grid: StudentGrid) -> None:
+        """A new student grid (progressive distillation halves it): buffered states of the old grid are dropped."""
+        self.grid = grid
+        if self.data.rollout_states is not None:
+            self.rollout_pos = grid.position_in(self.data.rollout_timesteps)
+        if self.buffer is not None:
+            self.buffer.clear()
+
+    def sample(self, step: int, batch_size: int, generator: torch.Generator) -> StateBatch:
+        g, dev, n_grid = generator, self.device, self.grid.num_steps
+        timesteps = self.grid.timesteps
+        idx = torch.randint(self.data.latents.shape[0], (batch_size,), generator=g)
+        source = draw_sources(scheduled_priors(self.config, step), batch_size, g)
+        k = torch.randint(n_grid, (batch_size,), generator=g)
+        noise = torch.randn(batch_size, *self.data.latents.shape[1:], generator=g)
+        x0_real = self.data.latents[idx].float()
+        cond = {key: v.float() for key, v in index_cond(self.data.cond, idx).items()}  # caches hold fp16
+
+        # forward: q(x_t | x0) at the drawn grid timestep
+        x_t = self.schedule.add_noise(x0_real, noise, timesteps[k])
+
+        # teacher backward: a precomputed teacher state at the drawn grid timestep
+        is_teacher = source == TEACHER
+        if self.data.rollout_states is not None:
+            r = torch.randint(self.data.rollout_states.shape[0], (batch_size,), generator=g)
+            if is_teacher.any():
+                rows = r[is_teacher]
+                x_t[is_teacher] = self.data.rollout_states[rows, self.rollout_pos[k[is_teacher]]].float()
+                ref = self.data.rollout_ref[rows]
+                for key in cond:
+                    cond[key][is_teacher] = self.data.cond[key][ref].to(cond[key].dtype)
+
+        # student backward: the student's own rollout for j < N steps, shared by the batch (and all ranks)
+        j = self.shared_int(int(torch.randint(n_grid, (1,), generator=g)))
+        is_student = source == STUDENT
+        n_student = int(is_student.sum())
+        self.last_fresh = 0
+        if n_student:
+            states, ks, refs = self._student_states(step, j, idx[is_student], n_student, g)
+            x_t[is_student], k[is_student] = states, ks
+            for key in cond:
+                cond[key][is_student] = self.data.cond[key][refs].to(cond[key].dtype)
+        self.last_counts = torch.bincount(source, minlength=3)
+        t = timesteps[k]
+        return StateBatch(x_t.to(dev), k.to(dev), t.to(dev), {kk: v.to(dev) for kk, v in cond.items()},
+                          source.to(dev), x0_real.to(dev), noise.to(dev))
+
+    def _student_states(self, step, j, prompt_idx, n_student, g):
+        n_fresh = n_student if self.buffer is None else max(1, math.ceil(self.config.buffer.refresh_fraction * n_student))
+        refs = prompt_idx[:n_fresh]
+        fresh_noise = torch.randn(n_fresh, *self.data.latents.shape[1:], generator=g)
+        cond = {key: v.to(self.device, torch.float32) for key, v in index_cond(self.data.cond, refs).items()}
+        states = student_rollout(self.student_step, fresh_noise.to(self.device), j, cond).cpu()
+        ks = torch.full((n_fresh,), j, dtype=torch.long)
+        self.last_fresh = n_fresh
+        if self.buffer is None:
+            return states, ks, refs
+        self.buffer.insert(states, ks, refs, step, g)
+        pick = self.buffer.sample(n_student, g)
+        return self.buffer.x[pick].float(), self.buffer.k[pick].clone(), self.buffer.ref[pick].clone()

@@ -1,0 +1,99 @@
+"""The objective interface every base method implements (PD, LCM, DMD2).
+
+An objective owns its trainable networks and frozen teacher, says which student grid it trains on, provides the
+student's own no-grad step (for DDIL's student rollouts and for sampling), and turns a batch of DDIL states into
+losses, one per optimiser. The training loop does the rest (optimisers, clipping, EMA, checkpoints).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ddil_core.config import Config
+from ddil_core.math.schedule import NoiseSchedule
+from ddil_core.method.grid import StudentGrid
+from ddil_core.method.mixture import SOURCES, StateBatch
+from ddil_core.method.rollouts import NO_REFLECTION, Reflection
+from ddil_core.models.conditioning import Cond
+
+
+@dataclass
+class ObjectiveContext:
+    config: Config
+    teacher_unet: torch.nn.Module  # frozen
+    schedule: NoiseSchedule  # training schedule: final alpha 1, so the last student step returns its x0
+    teacher_scheduler_config: dict  # to write the student's scheduler
+    uncond: Cond  # batch-1 unconditional embedding for CFG
+    reflection_bound: Optional[torch.Tensor] = None  # per-channel static bound from the latent cache
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def reflection(self, where: str) -> Reflection:
+        r = self.config.ddil.reflection
+        if r.mode == "off" or where not in r.apply_to:
+            return NO_REFLECTION
+        bound = r.bound if r.bound is not None else self.reflection_bound
+        if r.mode == "static" and bound is None:
+            raise ValueError("ddil.reflection.mode = static needs ddil.reflection.bound or a latent cache with bounds")
+        return Reflection(r.mode, bound if not isinstance(bound, torch.Tensor) else bound.to(self.device),
+                          r.percentile)
+
+
+@dataclass
+class LossOutput:
+    losses: dict[str, torch.Tensor]  # optimiser name -> scalar loss to minimise this step
+    per_sample: dict[str, torch.Tensor] = field(default_factory=dict)  # term -> [B] detached, for logging by source
+    timings: dict[str, float] = field(default_factory=dict)  # seconds spent in teacher and student passes
+
+
+class Objective:
+    name = "base"
+
+    def trainable(self) -> dict[str, torch.nn.Module]:
+        """Networks with an optimiser each; 'student' is the one written as the student pipeline."""
+        raise NotImplementedError
+
+    def grid(self) -> StudentGrid:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def student_step(self, x: torch.Tensor, k: int, cond: Cond) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss(self, batch: StateBatch, step: int, generator: torch.Generator) -> LossOutput:
+        raise NotImplementedError
+
+    def lr_for(self, name: str) -> float | None:
+        """Learning rate of a trainable network's optimiser; None: training.lr."""
+        return None
+
+    def advance(self, step: int) -> bool:
+        """Called before each step; True when a new stage starts (the loop then resets the optimisers)."""
+        return False
+
+    def total_steps(self) -> int:
+        return self.config.training.steps
+
+    def student_scheduler(self):
+        raise NotImplementedError
+
+    def student_info(self) -> dict:
+        raise NotImplementedError
+
+    def extra_state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """(JSON-able state, tensors) beyond the trainable networks and optimisers, for checkpoints."""
+        return {}, {}
+
+    def load_extra_state(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+
+def per_source_means(values: torch.Tensor, source: torch.Tensor) -> dict[str, float]:
+    """Mean of a [B] tensor overall and for each DDIL source present in the batch."""
+    out = {"all": float(values.mean())}
+    for i, name in enumerate(SOURCES):
+        mask = source == i
+        if mask.any():
+            out[name] = float(values[mask].mean())
+    return out

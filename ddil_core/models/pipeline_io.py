@@ -1,0 +1,152 @@
+"""Load a teacher pipeline from a local diffusers folder, a hub id, s3:// or tiny://; write a student pipeline.
+
+Only safetensors weights are loaded from model folders unless `allow_pickle` is set; no remote code is run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+from ddil_core.data.shards import publish_dir, staging_dir, write_json_atomic
+from ddil_core.models.tiny import build_tiny_pipeline
+
+log = logging.getLogger(__name__)
+
+STUDENT_INFO = "ddil_student.json"
+REQUIRED = {"sd15": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
+            "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")}
+
+
+class ModelError(ValueError):
+    """A model folder or URI is unusable; the message names the path and the problem."""
+
+
+def family_of(pipe) -> str:
+    return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd15"
+
+
+def _family_of_index(index: dict) -> str:
+    return "sdxl" if "text_encoder_2" in index or "XL" in index.get("_class_name", "") else "sd15"
+
+
+def check_model_folder(path: Path, allow_pickle: bool = False) -> str:
+    """Validate a local diffusers pipeline folder before loading it; returns its family."""
+    index_path = path / "model_index.json"
+    if not index_path.exists():
+        raise ModelError(f"{path}: not a diffusers pipeline folder (no model_index.json)")
+    try:
+        index = json.loads(index_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{index_path}: unreadable ({exc})") from None
+    family = _family_of_index(index)
+    for component in REQUIRED[family]:
+        if component not in index or index[component] in (None, [None, None]):
+            raise ModelError(f"{path}: model_index.json has no '{component}' component")
+        if not (path / component).is_dir():
+            raise ModelError(f"{path}: missing component folder '{component}/'")
+    for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        folder = path / component
+        if not folder.is_dir():
+            continue
+        has_safe = any(folder.glob("*.safetensors"))
+        pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".ckpt", ".pt", ".pth", ".pkl")]
+        if not has_safe and pickles and not allow_pickle:
+            raise ModelError(
+                f"{folder}: only pickle weights ({', '.join(pickles)}); refusing to load them. Convert to safetensors "
+                "or set model.allow_pickle=true (loaded with weights_only)"
+            )
+        if not has_safe and not pickles:
+            raise ModelError(f"{folder}: no weights file")
+    return family
+
+
+def _download_s3(uri: str) -> Path:
+    import fsspec
+
+    cache = Path(os.environ.get("DDIL_CACHE", Path.home() / ".cache" / "ddil")) / "models"
+    target = cache / uri.replace("://", "/").rstrip("/")
+    if (target / "model_index.json").exists():
+        return target
+    fs, path = fsspec.core.url_to_fs(uri)
+    tmp = staging_dir(target)
+    try:
+        fs.get(path.rstrip("/") + "/", str(tmp), recursive=True)
+    except Exception as exc:
+        raise ModelError(f"{uri}: could not download ({type(exc).__name__}: {exc})") from None
+    publish_dir(tmp, target)
+    return target
+
+
+def load_pipeline(uri: str, family: str = "auto", allow_pickle: bool = False, dtype=None):
+    """A diffusers pipeline from tiny://sd15|sdxl, a local folder, s3://bucket/path or a hub id."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    if uri.startswith("tiny://"):
+        pipe = build_tiny_pipeline(uri[len("tiny://"):])
+    else:
+        if uri.startswith("s3://"):
+            local = _download_s3(uri)
+        else:
+            local = Path(uri)
+        if local.exists():
+            check_model_folder(local, allow_pickle)
+            source = str(local)
+        elif "/" in uri and not uri.startswith((".", "/")) and uri.count("/") == 1:
+            source = uri  # a hub id, fetched by diffusers when the network allows
+        else:
+            raise ModelError(f"model not found: {uri} (a folder, s3:// path, hub id or tiny://sd15|sdxl)")
+        kwargs = {"use_safetensors": not allow_pickle}
+        if _family_of_local(source) == "sd15":
+            kwargs.update(safety_checker=None, requires_safety_checker=False)
+        try:
+            pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
+        except ModelError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"{uri}: could not load the pipeline ({type(exc).__name__}: {exc})") from None
+    found = family_of(pipe)
+    if family not in ("auto", found):
+        raise ModelError(f"{uri}: is an {found} pipeline but the recipe says model.family = {family}")
+    if dtype is not None:
+        pipe.to(dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    return pipe
+
+
+def _family_of_local(source: str) -> str:
+    index = Path(source) / "model_index.json"
+    if index.exists():
+        return _family_of_index(json.loads(index.read_text()))
+    return "sd15"
+
+
+def read_student_info(folder: Path) -> Optional[dict]:
+    path = Path(folder) / STUDENT_INFO
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def save_student_pipeline(teacher_pipe, student_unet, scheduler, out_dir: Path, info: dict) -> None:
+    """Write the student as a plain diffusers pipeline of the teacher's class, atomically."""
+    import copy
+
+    components = dict(teacher_pipe.components)
+    unet = copy.deepcopy(student_unet).to("cpu").eval()
+    if unet.dtype != teacher_pipe.vae.dtype:
+        unet.to(teacher_pipe.vae.dtype)
+    components["unet"] = unet
+    components["scheduler"] = scheduler
+    pipe = type(teacher_pipe)(**{k: v for k, v in components.items() if k in _init_keys(teacher_pipe)})
+    out_dir = Path(out_dir)
+    tmp = staging_dir(out_dir)
+    pipe.save_pretrained(str(tmp), safe_serialization=True)
+    write_json_atomic(tmp / STUDENT_INFO, info)
+    publish_dir(tmp, out_dir)
+
+
+def _init_keys(pipe) -> set:
+    import inspect
+
+    return set(inspect.signature(type(pipe).__init__).parameters) - {"self"}

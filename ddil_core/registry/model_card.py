@@ -1,0 +1,278 @@
+"""The model card (README.md) written beside every registered student.
+
+It holds the evaluation table (student, teacher, baseline), the evaluation protocol, the recipe (YAML of the
+resolved config), the data and code versions, and a usage snippet. Nothing that looks like a credential is ever
+rendered: mapping keys containing "secret", "password", "token" or "key" are dropped with their values, user
+information in URLs (`s3://id:secret@bucket`) is masked and signed-URL query strings are removed.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+
+SENSITIVE_WORDS = ("secret", "password", "token", "key")
+_MODEL_ORDER = ("student", "teacher", "baseline")
+_METRIC_ORDER = (
+    "fid",
+    "precision",
+    "recall",
+    "density",
+    "coverage",
+    "adherence",
+    "diversity",
+    "nfe_per_image",
+    "seconds_per_image",
+    "steps",
+)
+_SIGNED_QUERY = re.compile(r"signature|credential|token|secret|password|key", re.IGNORECASE)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Redaction
+
+
+def is_sensitive(key: Any) -> bool:
+    low = str(key).lower()
+    return any(word in low for word in SENSITIVE_WORDS)
+
+
+def redact_string(value: str) -> str:
+    """Mask user:password@ in URLs and drop query strings that carry signatures or credentials."""
+    if "://" not in value:
+        return value
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return value
+    netloc, query = parts.netloc, parts.query
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    if query and _SIGNED_QUERY.search(query):
+        query = ""
+    if (netloc, query) == (parts.netloc, parts.query):
+        return value
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def redact(obj: Any) -> Any:
+    """A copy of obj without credential-like keys (at any depth) and with URLs masked."""
+    if isinstance(obj, dict):
+        return {k: redact(v) for k, v in obj.items() if not is_sensitive(k)}
+    if isinstance(obj, (list, tuple)):
+        return [redact(v) for v in obj]
+    if isinstance(obj, str):
+        return redact_string(obj)
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Code version
+
+
+def package_version() -> str:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("ddil")
+        except PackageNotFoundError:
+            pass
+    except ImportError:  # pragma: no cover
+        pass
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    try:
+        match = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(), re.MULTILINE)
+        if match:
+            return match.group(1)
+    except OSError:
+        pass
+    return "unknown"
+
+
+def git_commit(cwd: Optional[str] = None) -> str:
+    """`git rev-parse HEAD` of the source tree (with '-dirty' when tracked files changed), else
+    $DDIL_GIT_COMMIT (baked into images, which have no .git), else 'unknown'."""
+    where = cwd or str(Path(__file__).resolve().parent)
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10, check=False
+        )
+        commit = out.stdout.strip()
+        if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{7,64}", commit):
+            status = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=where,
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            )
+            if status.returncode == 0 and status.stdout.strip():
+                commit += "-dirty"
+            return commit
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.environ.get("DDIL_GIT_COMMIT") or "unknown"
+
+
+def current_code_version(cwd: Optional[str] = None) -> str:
+    """'ddil <package version> (git <commit>)'; the commit is 'unknown' when it cannot be read."""
+    return f"ddil {package_version()} (git {git_commit(cwd)})"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def metrics_table(metrics: dict) -> str:
+    models = metrics.get("models") if isinstance(metrics, dict) else None
+    if not isinstance(models, dict) or not models:
+        return "_No evaluation metrics were recorded._\n"
+    models = {k: v for k, v in redact(models).items() if isinstance(v, dict)}
+    names = [m for m in _MODEL_ORDER if m in models] + sorted(m for m in models if m not in _MODEL_ORDER)
+    keys: list[str] = [k for k in _METRIC_ORDER if any(k in models[m] for m in names)]
+    for m in names:
+        for k in models[m]:
+            if k not in keys and not isinstance(models[m][k], (dict, list)):
+                keys.append(k)
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for k in keys:
+        lines.append(f"| {k} | " + " | ".join(_cell(models[m].get(k)) for m in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(obj, dict):
+        out: list[tuple[str, Any]] = []
+        for k, v in obj.items():
+            out.extend(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return [(prefix, obj)]
+
+
+def _usage(model_path: str, steps: Optional[int]) -> str:
+    step_arg = f", num_inference_steps={steps}" if steps else ""
+    lines = ["```python", "from diffusers import DiffusionPipeline", ""]
+    if model_path.startswith("file://"):
+        model_path = model_path[len("file://") :]
+    if model_path.startswith(("s3://", "gs://", "oci://")):
+        lines.append(f"# first copy the folder locally, e.g. `aws s3 cp --recursive {model_path} ./student`")
+        model_path = "./student"
+    lines += [
+        f'pipe = DiffusionPipeline.from_pretrained("{model_path}")',
+        f'image = pipe("a photo of a cat"{step_arg}).images[0]',
+        'image.save("sample.png")',
+        "```",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _gates_section(gates: list) -> str:
+    lines = ["| gate | passed | actual | threshold | detail |", "|---|---|---|---|---|"]
+    for g in gates:
+        d = g if isinstance(g, dict) else g.to_dict()
+        lines.append(
+            f"| {d.get('name')} | {'yes' if d.get('passed') else 'no'} | {_cell(d.get('actual'))} | "
+            f"{_cell(d.get('threshold'))} | {_cell(d.get('message'))} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def render_model_card(
+    name: str,
+    version: Any,
+    metrics: dict,
+    config_dict: Optional[dict],
+    data_uri: Optional[str],
+    code_version: Optional[str],
+    *,
+    model_path: Optional[str] = None,
+    gates: Optional[list] = None,
+) -> str:
+    """Markdown README for a registered student. `code_version` None: computed with `current_code_version()`.
+
+    `model_path` is where the student can be loaded from (used in the usage snippet); `gates` are the gate
+    results (GateResult or dicts) shown in their own section.
+    """
+    metrics = metrics if isinstance(metrics, dict) else {}
+    config = redact(config_dict) if isinstance(config_dict, dict) else None
+    code = redact_string(code_version) if code_version else current_code_version()
+    data = redact_string(str(data_uri)) if data_uri else "not recorded"
+
+    student = (metrics.get("models") or {}).get("student") or {}
+    steps = student.get("steps") if isinstance(student.get("steps"), int) else None
+    objective = teacher = None
+    if config:
+        steps = steps or (config.get("objective") or {}).get("student_steps")
+        objective = (config.get("objective") or {}).get("name")
+        teacher = (config.get("model") or {}).get("teacher")
+    path = redact_string(model_path) if model_path else f"path/to/{name}/v{version}"
+
+    out = [
+        "---",
+        "library_name: diffusers",
+        "pipeline_tag: text-to-image",
+        "tags: [ddil, distillation, text-to-image, diffusers]",
+        "---",
+        "",
+        f"# {name} (version {version})",
+        "",
+    ]
+    summary = "A few-step text-to-image student distilled with DDIL"
+    if objective:
+        summary += f" ({str(objective).upper()} objective)"
+    if teacher:
+        summary += f" from the teacher `{redact_string(str(teacher))}`"
+    summary += "."
+    if steps:
+        summary += f" It samples in {steps} steps."
+    out += [summary, "", "## Evaluation", "", metrics_table(metrics)]
+    if gates:
+        out += ["## Quality gates", "", _gates_section(gates)]
+    protocol = metrics.get("protocol")
+    out += ["## Evaluation protocol", ""]
+    if isinstance(protocol, dict) and protocol:
+        out += [f"- {k}: `{_cell(v)}`" for k, v in _flatten(redact(protocol))]
+    else:
+        out.append("_Not recorded._")
+    out += ["", "## Recipe", ""]
+    if config:
+        out += ["The resolved configuration that produced this student:", "", "```yaml"]
+        out.append(yaml.safe_dump(config, sort_keys=False, default_flow_style=False).rstrip())
+        out.append("```")
+    else:
+        out.append("_Not recorded._")
+    out += [
+        "",
+        "## Data",
+        "",
+        f"Training data: `{data}`",
+        "",
+        "## Code",
+        "",
+        f"Code version: `{code}`",
+        "",
+        "## Usage",
+        "",
+        _usage(path, steps),
+    ]
+    return "\n".join(out)

@@ -1,0 +1,1 @@
+"""Layer 6: one function per pipeline stage, taking a typed config and paths."""

@@ -1,0 +1,89 @@
+"""Stage distill: train the few-step student with DDIL over the chosen base objective.
+
+Writes DIR/student/ (a diffusers pipeline of the teacher's class with the student's UNet and scheduler),
+DIR/checkpoints/ (resumable), DIR/buffer/ (the replay buffer as shards), DIR/train_log.jsonl and
+DIR/resolved_config.yaml. Rerunning on an existing DIR resumes from its newest checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ddil_core.config import Config
+from ddil_core.data.shards import ShardError, load_shards
+from ddil_core.method.buffer import ReplayBuffer
+from ddil_core.method.mixture import DDILMixture, TrainingData
+from ddil_core.method.objectives import ObjectiveContext, build_objective
+from ddil_core.models.pipeline_io import save_student_pipeline
+from ddil_core.stages.common import load_teacher, read_latent_cache, write_resolved_config
+from ddil_core.training.loop import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def read_rollouts(folders: Sequence[Path], cache_count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Teacher rollouts from one or more folders (the shards of a fan-out), or from a folder of such folders."""
+    dirs: list[Path] = []
+    for folder in map(Path, folders):
+        if (folder / "manifest.json").exists():
+            dirs.append(folder)
+        else:
+            sub = sorted(p for p in folder.glob("*") if (p / "manifest.json").exists()) if folder.is_dir() else []
+            if not sub:
+                raise ShardError(f"{folder}: no teacher rollouts here (no manifest.json)")
+            dirs.extend(sub)
+    states, refs, timesteps = [], [], None
+    for folder in dirs:
+        tensors, manifest = load_shards(folder, kind="rollouts")
+        if manifest.get("latents_count") != cache_count:
+            raise ShardError(f"{folder}: rollouts were made from a latent cache of {manifest.get('latents_count')} "
+                             f"samples, this cache has {cache_count}")
+        ts = torch.tensor(manifest["timesteps"])
+        if timesteps is not None and not torch.equal(ts, timesteps):
+            raise ShardError(f"{folder}: rollout timesteps differ from the other rollout shards")
+        timesteps = ts
+        states.append(tensors["states"])
+        refs.append(tensors["ref"])
+    return torch.cat(states), timesteps, torch.cat(refs)
+
+
+def distill(config: Config, latents: str | Path, rollouts: Sequence[str | Path], out: str | Path,
+            on_log: Optional[Callable[[dict], None]] = None, on_checkpoint: Optional[Callable[[], None]] = None) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_resolved_config(out, config)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = load_teacher(config, device)
+    cache = read_latent_cache(Path(latents), teacher)
+    data = TrainingData(cache.latents, cache.cond)
+    if rollouts and config.ddil.priors.teacher > 0:
+        data.rollout_states, data.rollout_timesteps, data.rollout_ref = read_rollouts(rollouts, cache.latents.shape[0])
+    if config.model.dtype != "float32":  # a half-precision frozen teacher saves memory on GPUs
+        teacher.unet.to(getattr(torch, config.model.dtype))
+    ctx = ObjectiveContext(
+        config=config, teacher_unet=teacher.unet, schedule=teacher.train_schedule,
+        teacher_scheduler_config=dict(teacher.pipe.scheduler.config),
+        uncond={k: v.to(device, torch.float32) for k, v in cache.uncond.items()},
+        reflection_bound=cache.bounds, device=device,
+    )
+    objective = build_objective(config.objective.name, ctx)
+    bcfg = config.ddil.buffer
+    buffer = ReplayBuffer(bcfg.capacity, bcfg.eviction) if bcfg.enabled and config.ddil.priors.student > 0 else None
+    mixture = DDILMixture(config.ddil, data, teacher.train_schedule, objective.grid(), objective.student_step,
+                          buffer, device)
+    trainer = Trainer(config, objective, mixture, out, on_log=on_log, on_checkpoint=on_checkpoint)
+    trainer.resume()
+    trainer.train()
+    student = objective.trainable()["student"]
+    if trainer.ema is not None:
+        trainer.ema.copy_to(student)
+    info = {**objective.student_info(), "teacher": config.model.teacher, "steps_trained": trainer.step,
+            "priors": vars(config.ddil.priors)}
+    save_student_pipeline(teacher.pipe, student, objective.student_scheduler(), out / "student", info)
+    if buffer is not None:
+        buffer.save(out / "buffer")
+    log.info("student written to %s", out / "student")
+    return out / "student"

@@ -1,0 +1,240 @@
+"""The distillation training loop: DDIL mixture -> objective losses -> optimiser steps, on accelerate.
+
+Short on purpose: the mixture makes states, the objective makes losses, this file steps optimisers, keeps EMA,
+logs, checkpoints (every N steps, on SIGTERM/SIGINT, at the wall-clock guard) and resumes bit-exactly: every random
+draw comes from one explicit generator whose state is checkpointed with the weights, optimisers and buffer.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from ddil_core.config import Config
+from ddil_core.method.mixture import SOURCES, DDILMixture, scheduled_priors
+from ddil_core.method.objectives.base import Objective, per_source_means
+from ddil_core.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ddil_core.training.ema import EMA
+
+log = logging.getLogger(__name__)
+
+
+class Preempted(RuntimeError):
+    """SIGTERM/SIGINT (or the wall-clock guard) stopped training after writing a checkpoint."""
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class _StopFlag:
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps (restored on exit)."""
+
+    def __init__(self):
+        self.signal: Optional[int] = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def make_optimizer(module: torch.nn.Module, config: Config, lr: Optional[float] = None) -> torch.optim.Optimizer:
+    t = config.training
+    return torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr or t.lr,
+                             betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
+
+
+class Trainer:
+    def __init__(self, config: Config, objective: Objective, mixture: DDILMixture, out_dir: Path,
+                 accelerator=None, on_log: Optional[Callable[[dict], None]] = None,
+                 on_checkpoint: Optional[Callable[[], None]] = None):
+        from accelerate import Accelerator
+
+        self.config, self.objective, self.mixture = config, objective, mixture
+        self.out_dir = Path(out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.log_path = self.out_dir / "train_log.jsonl"
+        self.accelerator = accelerator or Accelerator(mixed_precision=config.training.mixed_precision,
+                                                      cpu=not torch.cuda.is_available())
+        self.on_log, self.on_checkpoint = on_log, on_checkpoint
+        self.generator = torch.Generator().manual_seed(config.training.seed)
+        self.modules = objective.trainable()
+        self.optimizers = {name: make_optimizer(m, config, objective.lr_for(name)) for name, m in self.modules.items()}
+        self.ema = EMA(self.modules["student"], config.training.ema.decay) if config.training.ema.enabled else None
+        self.step = 0
+        self.nonfinite_total = 0
+        self.nonfinite_in_a_row = 0
+        self._interval = self._new_interval()
+
+    # -- state
+
+    def _state_tensors(self) -> dict:
+        tensors = {f"model_{name}": m.state_dict() for name, m in self.modules.items()}
+        if self.ema is not None:
+            tensors["ema"] = self.ema.shadow
+        extra_json, extra_tensors = self.objective.extra_state()
+        tensors["objective"] = extra_tensors
+        tensors["rng"] = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
+        return tensors, extra_json
+
+    def save(self) -> Path:
+        tensors, extra_json = self._state_tensors()
+        state = {"step": self.step, "nonfinite_total": self.nonfinite_total,
+                 "nonfinite_in_a_row": self.nonfinite_in_a_row, "objective": extra_json}
+        pickled = {name: opt.state_dict() for name, opt in self.optimizers.items()}
+        buffer = self.mixture.buffer
+        path = save_checkpoint(self.ckpt_dir, self.step, tensors, state, pickled, buffer,
+                               keep=self.config.training.keep_checkpoints)
+        if self.on_checkpoint:
+            self.on_checkpoint()
+        return path
+
+    def resume(self) -> bool:
+        ckpt = latest_checkpoint(self.ckpt_dir)
+        if ckpt is None:
+            return False
+        tensors, state, pickled = load_checkpoint(ckpt)
+        self.objective.load_extra_state(state["objective"], tensors.get("objective", {}))
+        self.mixture.set_grid(self.objective.grid())
+        for name, module in self.modules.items():
+            module.load_state_dict(tensors[f"model_{name}"])
+            self.optimizers[name] = make_optimizer(module, self.config, self.objective.lr_for(name))
+            self.optimizers[name].load_state_dict(pickled[name])
+        if self.ema is not None:
+            self.ema.shadow = {k: v.clone() for k, v in tensors["ema"].items()}
+        self.generator.set_state(tensors["rng"]["generator"])
+        torch.set_rng_state(tensors["rng"]["torch"])
+        if self.mixture.buffer is not None and (ckpt / "buffer").exists():
+            self.mixture.buffer.load(ckpt / "buffer")
+        self.step = state["step"]
+        self.nonfinite_total, self.nonfinite_in_a_row = state["nonfinite_total"], state["nonfinite_in_a_row"]
+        self._truncate_log(self.step)
+        log.info("resumed from %s at step %d", ckpt, self.step)
+        return True
+
+    def _truncate_log(self, step: int) -> None:
+        if not self.log_path.exists():
+            return
+        keep = [line for line in self.log_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        self.log_path.write_text("".join(line + "\n" for line in keep))
+
+    # -- the loop
+
+    def _new_interval(self) -> dict:
+        return {"steps": 0, "counts": torch.zeros(3, dtype=torch.long), "loss": {}, "time": {}, "fresh": 0,
+                "wall": time.perf_counter(), "samples": 0}
+
+    def train(self) -> None:
+        cfg = self.config.training
+        total = self.objective.total_steps()
+        started = time.monotonic()
+        torch.manual_seed(cfg.seed) if self.step == 0 else None
+        with _StopFlag() as stop:
+            while self.step < total:
+                if self.objective.advance(self.step):
+                    self.mixture.set_grid(self.objective.grid())
+                    for name, module in self.modules.items():  # a new stage starts with fresh optimisers
+                        self.optimizers[name] = make_optimizer(module, self.config, self.objective.lr_for(name))
+                self.train_step()
+                self.step += 1
+                if self.step % cfg.log_every == 0 or self.step == total:
+                    self.flush_log()
+                if self.step % cfg.checkpoint_every == 0 or self.step == total:
+                    self.save()
+                if stop.signal is not None or (cfg.wall_clock_limit_s and time.monotonic() - started > cfg.wall_clock_limit_s):
+                    if self.step % cfg.checkpoint_every and self.step != total:
+                        self.save()
+                    why = f"signal {stop.signal}" if stop.signal is not None else "the wall-clock limit"
+                    raise Preempted(f"stopped by {why} at step {self.step}; checkpoint written, rerun to resume")
+
+    def train_step(self) -> None:
+        acc, iv = self.accelerator, self._interval
+        t0 = time.perf_counter()
+        batch = self.mixture.sample(self.step, self.config.training.batch_size, self.generator)
+        t1 = time.perf_counter()
+        with acc.autocast():
+            out = self.objective.loss(batch, self.step, self.generator)
+        t2 = time.perf_counter()
+        finite = all(torch.isfinite(v).all() for v in out.losses.values())
+        if finite:
+            self.nonfinite_in_a_row = 0
+            for name, loss in out.losses.items():
+                opt = self.optimizers[name]
+                acc.backward(loss)
+                if self.config.training.grad_clip > 0:
+                    acc.clip_grad_norm_(self.modules[name].parameters(), self.config.training.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update(self.modules["student"])
+        else:
+            for opt in self.optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            self.nonfinite_total += 1
+            self.nonfinite_in_a_row += 1
+            log.warning("non-finite loss at step %d: update skipped (%d in a row)", self.step, self.nonfinite_in_a_row)
+            if self.nonfinite_in_a_row >= self.config.training.max_nonfinite_in_a_row:
+                raise NonFiniteLoss(
+                    f"{self.nonfinite_in_a_row} non-finite losses in a row at step {self.step} "
+                    f"(training.max_nonfinite_in_a_row = {self.config.training.max_nonfinite_in_a_row}); "
+                    "lower training.lr, enable reflection, or check the data")
+        t3 = time.perf_counter()
+        iv["steps"] += 1
+        iv["samples"] += batch.x_t.shape[0]
+        iv["counts"] += self.mixture.last_counts
+        iv["fresh"] += self.mixture.last_fresh
+        for term, values in out.per_sample.items():
+            for src, v in per_source_means(values.float(), batch.source.cpu()).items():
+                iv["loss"].setdefault(term, {}).setdefault(src, []).append(v)
+        for key, v in {"rollout": t1 - t0, **out.timings, "optimizer": t3 - t2}.items():
+            iv["time"][key] = iv["time"].get(key, 0.0) + v
+
+    def flush_log(self) -> None:
+        iv = self._interval
+        if not iv["steps"]:
+            return
+        n = iv["steps"]
+        counts = iv["counts"].double()
+        buffer = self.mixture.buffer
+        seconds = time.perf_counter() - iv["wall"]
+        record = {
+            "step": self.step,
+            "stage": getattr(self.objective, "stage", 0),
+            "student_steps": self.objective.grid().num_steps,
+            "loss": {term: {src: sum(v) / len(v) for src, v in by_src.items() if all(math.isfinite(x) for x in v)}
+                     for term, by_src in iv["loss"].items()},
+            "priors": dict(zip(SOURCES, scheduled_priors(self.config.ddil, self.step - 1).tolist())),
+            "source_share": dict(zip(SOURCES, (counts / counts.sum()).tolist())),
+            "source_count": dict(zip(SOURCES, iv["counts"].tolist())),
+            "fresh_student_rollouts": iv["fresh"],
+            "buffer": {"size": len(buffer), "mean_age": buffer.mean_age(self.step)} if buffer is not None else None,
+            "seconds_per_update": seconds / n,
+            "seconds_split": {k: v / n for k, v in iv["time"].items()},
+            "samples_per_second": iv["samples"] / seconds if seconds > 0 else None,
+            "nonfinite_skips": self.nonfinite_total,
+        }
+        if torch.cuda.is_available():
+            record["gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.on_log:
+            self.on_log(record)
+        self._interval = self._new_interval()

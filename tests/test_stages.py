@@ -1,0 +1,109 @@
+"""The stages end to end on tiny models: cache-latents -> teacher-rollouts -> distill -> sample."""
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from ddil_core.cli import main
+from ddil_core.stages.distill import distill
+from tests.conftest import tiny_config
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_distill_writes_a_student_that_plain_diffusers_runs(tiny_data, tmp_path, family):
+    from diffusers import DiffusionPipeline
+
+    latents, rollouts = tiny_data[family]
+    student_dir = distill(tiny_config(family), latents, [rollouts], tmp_path / "run")
+    for name in ("checkpoints", "buffer", "train_log.jsonl", "resolved_config.yaml"):
+        assert (tmp_path / "run" / name).exists(), name
+    assert (student_dir / "model_index.json").exists()
+    info = json.loads((student_dir / "ddil_student.json").read_text())
+    assert info["num_inference_steps"] == 2
+    pipe = DiffusionPipeline.from_pretrained(str(student_dir))
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    out = pipe("a handwritten digit three", num_inference_steps=info["num_inference_steps"],
+               guidance_scale=info["guidance_scale"], height=16, width=16, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 16, 16, 3) and np.isfinite(out).all()
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 7))
+    assert {"rollout", "teacher", "student", "optimizer"} <= set(log[-1]["seconds_split"])
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_sample_with_ddim_reproduces_the_diffusers_pipeline(tmp_path, family):
+    from diffusers import DDIMScheduler, DiffusionPipeline
+
+    from ddil_core.models.tiny import build_tiny_pipeline
+
+    build_tiny_pipeline(family).save_pretrained(tmp_path / "teacher")
+    pipe = DiffusionPipeline.from_pretrained(str(tmp_path / "teacher"))
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    prompt, seed, steps, w = "a handwritten digit four", 11, 6, 4.0
+    theirs = pipe(prompt, num_inference_steps=steps, guidance_scale=w, height=16, width=16, output_type="np",
+                  generator=torch.Generator().manual_seed(seed)).images[0]
+    code = main(["sample", "--model", str(tmp_path / "teacher"), "--prompt", prompt, "--steps", str(steps),
+                 "--seed", str(seed), "--guidance", str(w), "--scheduler", "ddim", "--out", str(tmp_path / "x.png")])
+    assert code == 0
+    ours = np.asarray(Image.open(tmp_path / "x.png"), dtype=np.float64)
+    assert np.abs(ours - np.round(theirs * 255)).max() <= 2
+
+
+def _weights(run_dir):
+    return load_file(str(run_dir / "student" / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_sigterm_then_resume_reaches_the_uninterrupted_weights(tiny_data, tmp_path):
+    from ddil_core.training.loop import Preempted
+
+    latents, rollouts = tiny_data["sd15"]
+    config = tiny_config("sd15", "training.checkpoint_every=4")
+    reference = _weights(distill(config, latents, [rollouts], tmp_path / "ref").parent)
+
+    def preempt_at_step_3(record):
+        if record["step"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # as Kubernetes does to a preempted pod
+
+    with pytest.raises(Preempted, match="signal 15 at step 3"):
+        distill(config, latents, [rollouts], tmp_path / "run", on_log=preempt_at_step_3)
+    assert not (tmp_path / "run" / "student").exists()
+    assert (tmp_path / "run" / "checkpoints" / "step-0000003").exists()  # written on SIGTERM, off the interval
+    resumed = _weights(distill(config, latents, [rollouts], tmp_path / "run").parent)
+    assert resumed.keys() == reference.keys()
+    for key in reference:
+        assert torch.allclose(resumed[key], reference[key], atol=1e-6, rtol=0), key
+    log = [json.loads(line)["step"] for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert log == list(range(1, 7))
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(tiny_data, tmp_path, monkeypatch):
+    from ddil_core.method.objectives.pd import ProgressiveDistillation
+    from ddil_core.training.loop import NonFiniteLoss
+
+    latents, rollouts = tiny_data["sd15"]
+    real_loss = ProgressiveDistillation.loss
+    bad_steps = {2}
+
+    def flaky_loss(self, batch, step, generator):
+        out = real_loss(self, batch, step, generator)
+        if step in bad_steps:
+            out.losses["student"] = out.losses["student"] * float("nan")
+        return out
+
+    monkeypatch.setattr(ProgressiveDistillation, "loss", flaky_loss)
+    config = tiny_config("sd15", "training.max_nonfinite_in_a_row=2")
+    distill(config, latents, [rollouts], tmp_path / "one")
+    log = [json.loads(line) for line in (tmp_path / "one" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["nonfinite_skips"] for r in log] == [0, 0, 1, 1, 1, 1]
+    assert all(torch.isfinite(v).all() for v in _weights(tmp_path / "one").values())
+
+    bad_steps.update({3, 4})
+    with pytest.raises(NonFiniteLoss, match="2 non-finite losses in a row at step 3"):
+        distill(config, latents, [rollouts], tmp_path / "two")
+    assert not (tmp_path / "two" / "student").exists()

@@ -1,0 +1,261 @@
+"""ddil_core.telemetry against a real Prometheus Pushgateway (tests/pushgateway.py)."""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import socket
+import sys
+import time
+import urllib.request
+import uuid
+
+import pytest
+
+from ddil_core import telemetry as telemetry_mod
+from ddil_core.telemetry import StageTelemetry, progress_iter
+from tests.pushgateway import free_port, metric_value, pushgateway, read_metrics  # noqa: F401
+
+LOGGER = "ddil_core.telemetry"
+
+RECORD = {
+    "step": 10,
+    "seconds_per_update": 0.2,
+    "samples_per_second": 40.0,
+    "loss": {
+        "pd": {"all": 0.1, "forward": 0.09, "teacher": 0.12, "student": 0.11},
+        "lcm": 0.5,
+        "dmd2": {"generator": 1.5, "fake_score": {"all": 0.7}},
+    },
+    "source_share": {"forward": 0.5, "teacher": 0.25, "student": 0.25},
+    "buffer": {"size": 100, "mean_age": 3.2},
+    "nonfinite_skips": 2,
+    "gpu_memory_bytes": 1234,
+}
+
+
+def _run_id() -> str:
+    return "t-" + uuid.uuid4().hex[:10]
+
+
+def test_train_and_eval_metrics_reach_the_gateway(pushgateway):  # noqa: F811
+    run_id = _run_id()
+    key = {"job": "ddil", "run_id": run_id, "stage": "distill"}
+    with StageTelemetry("distill", run_id, pushgateway, push_interval_s=3600) as tel:
+        tel.log_train(10, RECORD)  # first push happens at once
+        during = read_metrics(pushgateway)
+        assert metric_value(during, "ddil_train_step", **key) == 10
+        # the end-of-stage metrics are not there while the stage runs
+        assert metric_value(during, "ddil_stage_success", **key) is None
+        tel.checkpoint_written()
+        tel.eval_results({"models": {"student": {"fid": 12.5, "coverage": 0.8, "note": "x", "gate": None},
+                                     "teacher": {"fid": 3.0}}, "prompts": 7})
+        assert tel.push() is False  # throttled: interval not elapsed
+
+    text = read_metrics(pushgateway)
+    expect = {
+        ("ddil_train_step", ()): 10,
+        ("ddil_train_step_seconds", ()): 0.2,
+        ("ddil_samples_per_second", ()): 40.0,
+        ("ddil_buffer_size", ()): 100,
+        ("ddil_buffer_mean_age_steps", ()): 3.2,
+        ("ddil_nonfinite_skips_total", ()): 2,
+        ("ddil_gpu_memory_bytes", ()): 1234,
+        ("ddil_loss", (("objective", "pd"), ("term", "total"), ("source", "all"))): 0.1,
+        ("ddil_loss", (("objective", "pd"), ("term", "total"), ("source", "teacher"))): 0.12,
+        ("ddil_loss", (("objective", "lcm"), ("term", "total"), ("source", "all"))): 0.5,
+        ("ddil_loss", (("objective", "dmd2"), ("term", "generator"), ("source", "all"))): 1.5,
+        ("ddil_loss", (("objective", "dmd2"), ("term", "fake_score"), ("source", "all"))): 0.7,
+        ("ddil_source_share", (("source", "forward"),)): 0.5,
+        ("ddil_source_share", (("source", "student"),)): 0.25,
+        ("ddil_eval_metric", (("model", "student"), ("metric", "fid"))): 12.5,
+        ("ddil_eval_metric", (("model", "student"), ("metric", "coverage"))): 0.8,
+        ("ddil_eval_metric", (("model", "teacher"), ("metric", "fid"))): 3.0,
+        ("ddil_stage_success", ()): 1,
+    }
+    for (name, labels), value in expect.items():
+        got = metric_value(text, name, **key, **dict(labels))
+        assert got == pytest.approx(value), (name, labels, got)
+    # non-numeric eval values are skipped
+    assert metric_value(text, "ddil_eval_metric", model="student", metric="note", **key) is None
+    assert metric_value(text, "ddil_eval_metric", model="student", metric="gate", **key) is None
+    assert 0 <= metric_value(text, "ddil_checkpoint_age_seconds", **key) < 60
+    assert metric_value(text, "ddil_stage_duration_seconds", **key) > 0
+    assert metric_value(text, "ddil_stage_last_success_timestamp_seconds", **key) == pytest.approx(time.time(), abs=60)
+    # grouping labels are on every pushed ddil sample
+    assert f'run_id="{run_id}"' in text and 'stage="distill"' in text
+
+
+def test_batch_progress_pushed(pushgateway):  # noqa: F811
+    run_id = _run_id()
+    with StageTelemetry("cache-latents", run_id, pushgateway, push_interval_s=3600) as tel:
+        tel.progress(120, 500)
+    key = {"run_id": run_id, "stage": "cache-latents"}
+    text = read_metrics(pushgateway)
+    assert metric_value(text, "ddil_items_processed_total", **key) == 120
+    assert metric_value(text, "ddil_progress_ratio", **key) == pytest.approx(0.24)
+
+
+def test_failed_stage_still_pushes_success_zero(pushgateway):  # noqa: F811
+    run_id = _run_id()
+    with pytest.raises(RuntimeError, match="boom"):
+        with StageTelemetry("teacher-rollouts", run_id, pushgateway, push_interval_s=3600) as tel:
+            tel.progress(3, 10)
+            raise RuntimeError("boom")
+    key = {"run_id": run_id, "stage": "teacher-rollouts"}
+    text = read_metrics(pushgateway)
+    assert metric_value(text, "ddil_stage_success", **key) == 0
+    assert metric_value(text, "ddil_stage_last_success_timestamp_seconds", **key) is None
+    assert metric_value(text, "ddil_items_processed_total", **key) == 3
+
+
+def test_push_throttle_and_force(pushgateway):  # noqa: F811
+    tel = StageTelemetry("evaluate", _run_id(), pushgateway, push_interval_s=3600)
+    assert tel.push() is True
+    assert tel.push() is False
+    assert tel.push(force=True) is True
+    assert tel.pushes_ok == 2 and tel.pushes_failed == 0
+
+
+def test_unreachable_gateway_warns_once_and_never_raises(caplog):
+    port = free_port()  # nothing listens there: connection refused
+    address = f"http://ddil-user:s3cret-value@127.0.0.1:{port}"
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    with pytest.raises(ValueError):
+        with StageTelemetry("distill", _run_id(), address, push_interval_s=0) as tel:
+            for step in range(3):
+                tel.log_train(step, RECORD)
+            tel.checkpoint_written()
+            tel.progress(1, 2)
+            tel.eval_results({"models": {"student": {"fid": 1.0}}})
+            assert tel.push(force=True) is False
+            raise ValueError("stage error is not swallowed")
+    warnings = [r for r in caplog.records if r.name == LOGGER and r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    message = warnings[0].getMessage()
+    assert f"127.0.0.1:{port}" in message
+    assert tel.pushes_failed >= 3 and tel.pushes_ok == 0  # first, forced, end (others backed off)
+    # credentials never reach the logs
+    assert "s3cret-value" not in caplog.text and "ddil-user" not in caplog.text
+
+
+def test_no_gateway_is_a_no_op():
+    with StageTelemetry("register", _run_id(), None) as tel:
+        tel.log_train(1, {})
+        assert tel.push(force=True) is False
+    assert tel.registry.get_sample_value("ddil_stage_success") == 1
+
+
+def test_serve_port_exposes_metrics():
+    port = free_port()
+    tel = StageTelemetry("distill", _run_id(), None, serve_port=port, serve_addr="127.0.0.1")
+    try:
+        assert tel.serve_port == port
+        tel.log_train(5, {"loss": {"pd": 0.25}, "buffer": {"size": 7}})
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            body = resp.read().decode()
+        assert metric_value(body, "ddil_train_step") == 5
+        assert metric_value(body, "ddil_buffer_size") == 7
+        assert metric_value(body, "ddil_loss", objective="pd", term="total", source="all") == 0.25
+        # only ddil metrics of this registry (no process/python collectors of the global registry)
+        assert "python_gc" not in body and "process_cpu" not in body
+    finally:
+        tel.close()
+
+
+def test_serve_port_in_use_warns_once(caplog):
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen(1)
+        port = blocker.getsockname()[1]
+        tel = StageTelemetry("distill", _run_id(), None, serve_port=port, serve_addr="127.0.0.1")
+        tel.log_train(1, RECORD)
+        tel.close()
+    assert tel.serve_port is None
+    warnings = [r for r in caplog.records if r.name == LOGGER and r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and str(port) in warnings[0].getMessage()
+
+
+def test_own_registry_and_odd_records():
+    from prometheus_client import REGISTRY
+
+    tel = StageTelemetry("distill", _run_id(), None)
+    assert tel.registry is not REGISTRY
+    assert REGISTRY.get_sample_value("ddil_train_step") is None
+    assert math.isnan(tel.registry.get_sample_value("ddil_checkpoint_age_seconds"))
+    # malformed pieces are skipped, never raised
+    tel.log_train(3, {"loss": {"pd": "nan?", "x": None, "lcm": {"all": [1]}}, "buffer": 5, "source_share": None,
+                      "seconds_per_update": "fast", "nonfinite_skips": True})
+    tel.log_train(4, None)  # type: ignore[arg-type]
+    assert tel.registry.get_sample_value("ddil_train_step") == 4
+    tel.checkpoint_written(timestamp=time.time() - 100)
+    assert tel.registry.get_sample_value("ddil_checkpoint_age_seconds") == pytest.approx(100, abs=5)
+    tel.progress(5, 0)
+    assert tel.registry.get_sample_value("ddil_items_processed_total") == 5
+
+
+def test_progress_iter_logs_lines_when_not_a_tty(monkeypatch, caplog):
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    tel = StageTelemetry("cache-latents", _run_id(), None)
+    out = list(progress_iter(range(6), 6, "cache-latents", log_every_s=0.0, telemetry=tel))
+    assert out == list(range(6))
+    lines = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert any(line.startswith("cache-latents: 3/6 (50%), ") and " it/s, eta " in line for line in lines), lines
+    assert any(line.startswith("cache-latents: 6/6 (100%)") and "done in" in line for line in lines), lines
+    assert sys.stderr.getvalue() == ""  # no bar drawn off a terminal
+    assert tel.registry.get_sample_value("ddil_items_processed_total") == 6
+    assert tel.registry.get_sample_value("ddil_progress_ratio") == 1.0
+
+
+def test_progress_iter_quiet_between_intervals(monkeypatch, caplog):
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    assert sum(progress_iter(iter(range(100)), 100, "rollouts", log_every_s=3600)) == 4950
+    lines = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert len(lines) == 1 and lines[0].startswith("rollouts: 100/100 (100%)")
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("use_tqdm", [False, True])
+def test_progress_iter_draws_a_bar_on_a_tty(monkeypatch, caplog, use_tqdm):
+    if use_tqdm and telemetry_mod._tqdm is None:
+        pytest.skip("tqdm not installed")
+    if not use_tqdm:
+        monkeypatch.setattr(telemetry_mod, "_tqdm", None)
+    fake = _Tty()
+    monkeypatch.setattr(sys, "stderr", fake)
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    assert list(progress_iter(range(4), 4, "distill", log_every_s=0.0)) == [0, 1, 2, 3]
+    text = fake.getvalue()
+    assert "distill" in text and "100%" in text and "\r" in text
+    assert not [r for r in caplog.records if r.name == LOGGER]  # a bar, not log lines
+
+
+def test_address_forms_and_credentials_in_url(pushgateway):  # noqa: F811
+    hostport = pushgateway.split("://", 1)[1]
+    run_id = _run_id()
+    for address in (hostport, f"http://someone:pw-123@{hostport}/"):
+        tel = StageTelemetry("evaluate", run_id, address)
+        assert "pw-123" not in (tel.pushgateway or "")
+        tel.eval_results({"models": {"student": {"fid": 4.0}}})
+        assert tel.pushes_ok == 1, address
+    assert metric_value(pushgateway, "ddil_eval_metric", run_id=run_id, model="student", metric="fid") == 4.0
+
+
+def test_push_timeout_is_short(caplog):
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        tel = StageTelemetry("distill", _run_id(), "127.0.0.1:%d" % silent.getsockname()[1], push_timeout_s=0.3)
+        t0 = time.monotonic()
+        assert tel.push(force=True) is False
+        assert time.monotonic() - t0 < 2.0
+    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1
