@@ -11,6 +11,7 @@ import sys
 from typing import Optional, Sequence
 
 EXIT_BAD_INPUT = 2
+EXIT_GATE_FAILED = 3
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what Kubernetes expects of a terminated container
 
 
@@ -54,6 +55,30 @@ def cmd_distill(args):
     print(f"student -> {student}")
 
 
+def cmd_prepare_demo(args):
+    from ddil_core.stages.prepare_demo import prepare_demo
+
+    summary = prepare_demo(_config(args), args.out)
+    print(f"demo teacher, dataset and classifier -> {args.out}: {summary}")
+
+
+def cmd_evaluate(args):
+    from ddil_core.stages.evaluate import evaluate
+
+    config = _config(args, **{"model.teacher": _q(args.teacher)})
+    metrics = evaluate(config, args.student, config.model.teacher, args.out, baseline=args.baseline,
+                       prompts=args.prompts, reference=args.reference)
+    print(f"metrics -> {args.out}/metrics.json; report -> {args.out}/report.html")
+    return metrics
+
+
+def cmd_register(args):
+    from ddil_core.stages.register import register
+
+    entry = register(_config(args), args.student, args.metrics, args.registry)
+    print(f"registered {entry['name']} version {entry['version']}")
+
+
 def cmd_sample(args):
     from ddil_core.stages.sample import sample
 
@@ -92,6 +117,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rollouts", action="append", help="teacher-rollouts output folder(s) (repeatable)")
     p.add_argument("--out", required=True)
 
+    p = stage("prepare-demo", cmd_prepare_demo,
+              "make the digits demo: dataset, a trained tiny teacher pipeline and an evaluation classifier")
+    p.add_argument("--out", required=True)
+
+    p = stage("evaluate", cmd_evaluate, "compare the student with its teacher (and a baseline) and write a report")
+    p.add_argument("--student", required=True)
+    p.add_argument("--teacher")
+    p.add_argument("--baseline", help="a baseline student to compare against")
+    p.add_argument("--prompts", help="a text file, one prompt per line")
+    p.add_argument("--reference", help="reference images (a dataset URI) for FID/density/coverage")
+    p.add_argument("--out", required=True)
+
+    p = stage("register", cmd_register, "register the student when it passes the evaluation gates")
+    p.add_argument("--student", required=True)
+    p.add_argument("--metrics", required=True, help="metrics.json written by evaluate")
+    p.add_argument("--registry", help="local registry folder (default: registry.uri)")
+
     p = sub.add_parser("sample", help="generate one image", description="generate one image with our sampler")
     p.add_argument("--model", required=True, help="a pipeline folder (teacher or student), hub id or tiny://")
     p.add_argument("--prompt", required=True)
@@ -112,6 +154,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for noisy in ("diffusers", "transformers", "accelerate", "urllib3", "botocore", "s3fs", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from ddil_core.errors import BAD_INPUT_ERRORS
+    from ddil_core.registry import GateError
     from ddil_core.training.loop import NonFiniteLoss, Preempted
 
     try:
@@ -122,6 +165,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BAD_INPUT_ERRORS as exc:
         print(f"ddil {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except GateError as exc:
+        print(f"ddil {args.command}: {exc}", file=sys.stderr)
+        return EXIT_GATE_FAILED
     except NonFiniteLoss as exc:
         print(f"ddil {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -103,17 +103,22 @@ def load_training(name: str) -> dict:
     return yaml.safe_load((TRAINING / name).read_text())
 
 
-def validate_pod(pod_spec: dict, metadata: dict, what: str) -> None:
+def validate_builtin(obj: dict, what: str, oldest: str = OLDEST_K8S) -> None:
+    """Strict schema validation of a built-in object embedded in a CRD (oldest and latest Kubernetes)."""
     import kubernetes_validate
 
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "template-check", **(metadata or {})},
-           "spec": pod_spec}
-    for version in (OLDEST_K8S, kubernetes_validate.latest_version()):
+    for version in (oldest, kubernetes_validate.latest_version()):
         try:
-            kubernetes_validate.validate(pod, version, strict=True)
+            kubernetes_validate.validate(obj, version, strict=True)
         except kubernetes_validate.ValidationError as exc:  # pragma: no cover - message for the failure
             path = ".".join(str(p) for p in exc.path)
-            pytest.fail(f"{what}: pod template is not a valid core/v1 Pod ({version}): {path}: {exc.message}")
+            pytest.fail(f"{what}: not a valid {obj['apiVersion']} {obj['kind']} ({version}): {path}: {exc.message}")
+
+
+def validate_pod(pod_spec: dict, metadata: dict, what: str) -> None:
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "template-check", **(metadata or {})},
+           "spec": pod_spec}
+    validate_builtin(pod, what)
 
 
 def env_names(container: dict) -> dict:
@@ -444,6 +449,19 @@ def test_training_templates_kinds_and_references():
     (node_job,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
     assert node_job["name"] == "node"
     assert node_job["template"]["metadata"]["labels"]["trainer.kubeflow.org/trainjob-ancestor-step"] == "trainer"
+    # The JobSet's Job template is a plain batch/v1 Job spec: validate it as one.
+    # Job podFailurePolicy is GA since Kubernetes 1.31 (older schemas also demand onPodConditions in every rule).
+    validate_builtin({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "node"},
+                      "spec": node_job["template"]["spec"]}, "TrainingRuntime node job", oldest="1.31.0")
+    # Bad input (ddil exits 2) fails for good; anything else (preemption: 143) restarts every node.
+    job_spec = node_job["template"]["spec"]
+    (rule,) = job_spec["podFailurePolicy"]["rules"]
+    assert rule["action"] == "FailJob" and rule["onExitCodes"]["values"] == [2]
+    assert job_spec["template"]["spec"]["restartPolicy"] == "Never"
+    policy = runtime["spec"]["template"]["spec"]["failurePolicy"]
+    assert policy["maxRestarts"] >= 1
+    assert policy["rules"][0]["action"] == "FailJobSet"
+    assert policy["rules"][0]["onJobFailureReasons"] == ["PodFailurePolicy"]
 
     trainer = trainjob["spec"]["trainer"]
     assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == trainer["numProcPerNode"]
@@ -452,6 +470,7 @@ def test_training_templates_kinds_and_references():
     specs = pytorchjob["spec"]["pytorchReplicaSpecs"]
     nodes = sum(r["replicas"] for r in specs.values())
     for rtype, replica in specs.items():
+        assert replica["restartPolicy"] == "ExitCode", "exit 2 (bad input) is final, 143 (preempted) restarts"
         (container,) = replica["template"]["spec"]["containers"]
         assert container["name"] == "pytorch", "the Training Operator requires the container name pytorch"
         env = env_names(container)
@@ -487,6 +506,19 @@ def test_training_pod_templates_are_valid_pods_wired_to_the_base():
         assert "accelerate launch" in script and "-m ddil_core.cli" in script, name
         assert container["args"][0] == "distill", name
         assert "--set=telemetry.metrics_port=9100" in container["args"], name
+
+
+def test_training_args_are_a_valid_ddil_distill_command_line():
+    from ddil_core.cli import build_parser
+    from ddil_core.config import load_config
+
+    for name, (_, spec) in distill_pod_templates().items():
+        (container,) = spec["containers"]
+        args = build_parser().parse_args(container["args"])
+        assert args.command == "distill" and args.latents and args.rollouts and args.out, name
+        telemetry = load_config(None, args.set).telemetry  # unknown keys raise ConfigError
+        assert telemetry.metrics_port == 9100 and telemetry.run_id, name
+        assert telemetry.pushgateway == "ddil-pushgateway.ddil.svc.cluster.local:9091", name
 
 
 def test_trainjob_launch_script_builds_the_accelerate_command(tmp_path):
