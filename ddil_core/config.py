@@ -185,6 +185,9 @@ class EvaluationConfig:
     teacher_guidance_scale: Optional[float] = None  # None: objective.guidance_scale
     extractor: str = "classifier"  # "classifier" (the demo's domain classifier), "inception", or module:callable
     k: int = 5
+    batch_size: int = 16  # images generated per batch
+    num_reference: Optional[int] = None  # use at most this many reference images; None: all
+    fid_cross_check: bool = True  # also record torchmetrics' FID on the same features (fid_torchmetrics)
 
 
 @dataclass
@@ -212,6 +215,32 @@ class TelemetryConfig:
 
 
 @dataclass
+class DemoConfig:
+    """The digits demo built by `prepare-demo` (demo-facts.md): training budgets in steps, a wall-clock guard each.
+
+    A guard stops a phase early (logged and recorded in summary.json) so a slow machine still finishes; None: off.
+    """
+
+    seed: int = 0
+    vae_steps: int = 500  # AutoencoderKL, MSE + 0.5 L1 + 1e-4 KL; about 80 s on 2 cores
+    vae_batch_size: int = 64
+    vae_lr: float = 2.0e-3
+    classifier_steps: int = 600  # the evaluation classifier (about 15 s)
+    teacher_steps: int = 1800  # UNet2DConditionModel, Min-SNR weighting, EMA; about 4-5 minutes on 2 cores
+    teacher_batch_size: int = 64
+    teacher_lr: float = 1.0e-3
+    teacher_ema_decay: float = 0.999
+    min_snr_gamma: float = 5.0
+    caption_dropout: float = 0.1  # share of captions replaced by the empty prompt (classifier-free guidance)
+    guidance_scale: float = 3.0  # teacher CFG scale measured in summary.json
+    eval_steps: int = 50  # DDIM steps of the teacher measurement
+    eval_few_steps: list[int] = field(default_factory=lambda: [4, 2])  # also measured (cheap): plain DDIM at few steps
+    eval_images_per_digit: int = 30
+    vae_max_seconds: Optional[float] = None
+    teacher_max_seconds: Optional[float] = None
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -222,6 +251,7 @@ class Config:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)  # prepare-demo only
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -242,6 +272,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], where)
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads off/no/on/yes as booleans
+            value = next((a for a in args if a in (("on", "yes") if value else ("off", "no"))), value)
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
         return value
@@ -390,7 +422,7 @@ def validate(config: Config, source: str = "config") -> None:
             f"objective.dmd2.timesteps has {len(o.dmd2.timesteps)} entries but objective.student_steps = {o.student_steps}"
         )
     r = config.rollouts
-    if r.teacher_steps % o.student_steps and p.teacher > 0 and config.ddil.teacher_mode == "precomputed":
+    if o.name == "pd" and r.teacher_steps % o.student_steps and p.teacher > 0 and config.ddil.teacher_mode == "precomputed":
         problems.append(
             f"rollouts.teacher_steps = {r.teacher_steps} must be a multiple of objective.student_steps = "
             f"{o.student_steps} so the teacher's grid passes through the student's timesteps"
@@ -420,6 +452,33 @@ def validate(config: Config, source: str = "config") -> None:
         problems.append(f"ddil.bernoulli_teacher_p = {config.ddil.bernoulli_teacher_p} must be in [0, 1]")
     if config.data.shard_size < 1:
         problems.append(f"data.shard_size = {config.data.shard_size} must be at least 1")
+    d = config.demo
+    for name in ("vae_steps", "vae_batch_size", "classifier_steps", "teacher_steps", "teacher_batch_size",
+                 "eval_steps", "eval_images_per_digit"):
+        if getattr(d, name) < 1:
+            problems.append(f"demo.{name} = {getattr(d, name)} must be at least 1")
+    for name in ("vae_lr", "teacher_lr", "min_snr_gamma"):
+        if getattr(d, name) <= 0:
+            problems.append(f"demo.{name} = {getattr(d, name)} must be positive")
+    if not 0 <= d.teacher_ema_decay < 1:
+        problems.append(f"demo.teacher_ema_decay = {d.teacher_ema_decay} must be in [0, 1)")
+    if not 0 <= d.caption_dropout < 1:
+        problems.append(f"demo.caption_dropout = {d.caption_dropout} must be in [0, 1)")
+    if d.guidance_scale < 1:
+        problems.append(f"demo.guidance_scale = {d.guidance_scale} must be at least 1 (1 = no guidance)")
+    if any(n < 1 for n in d.eval_few_steps):
+        problems.append(f"demo.eval_few_steps = {d.eval_few_steps}: every entry must be at least 1")
+    for name in ("vae_max_seconds", "teacher_max_seconds"):
+        if getattr(d, name) is not None and getattr(d, name) <= 0:
+            problems.append(f"demo.{name} = {getattr(d, name)} must be positive (or null: no guard)")
+    ev = config.evaluation
+    for name in ("num_prompts", "images_per_prompt", "teacher_steps", "k", "batch_size"):
+        if getattr(ev, name) < 1:
+            problems.append(f"evaluation.{name} = {getattr(ev, name)} must be at least 1")
+    if any(n < 1 for n in ev.student_steps):
+        problems.append(f"evaluation.student_steps = {ev.student_steps}: every entry must be at least 1")
+    if ev.num_reference is not None and ev.num_reference < 2:
+        problems.append(f"evaluation.num_reference = {ev.num_reference} must be at least 2 (or null: all)")
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
 

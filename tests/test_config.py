@@ -47,3 +47,9 @@ def test_missing_recipe_file_is_named(tmp_path):
     bad.write_text("training: [1, 2\n")
     with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
         load_config(str(bad))
+
+
+def test_yaml_off_and_no_stay_choices():
+    config = load_config("tiny", ["ddil.reflection.mode=off", "training.mixed_precision=no", "training.lr=1e-4"])
+    assert config.ddil.reflection.mode == "off" and config.training.mixed_precision == "no"
+    assert config.training.lr == 1e-4

@@ -19,12 +19,12 @@ def _data(seed, with_rollouts=True):
     data = TrainingData(torch.randn(20, 4, 8, 8, generator=g), {"encoder_hidden_states": torch.randn(20, 5, 8, generator=g)})
     if with_rollouts:
         data.rollout_states = torch.randn(6, 4, 4, 8, 8, generator=g)
-        data.rollout_timesteps = StudentGrid(1000, 4).timesteps
+        data.rollout_timesteps = StudentGrid.ddim_trailing(1000, 4).timesteps
         data.rollout_ref = torch.arange(6)
     return data
 
 
-def _student_step(x, k, cond):
+def _student_step(x, k, cond, generator=None):
     # a deterministic stand-in student: depends on the state, the step and the prompt only
     return 0.9 * x + 0.01 * (k + 1) + cond["encoder_hidden_states"].mean(dim=(1, 2)).reshape(-1, 1, 1, 1)
 
@@ -32,7 +32,7 @@ def _student_step(x, k, cond):
 def _mixture(data, priors=(0.5, 0.25, 0.25), buffer=None):
     config = load_config(None, [f"ddil.priors.forward={priors[0]}", f"ddil.priors.teacher={priors[1]}",
                                 f"ddil.priors.student={priors[2]}"]).ddil
-    return DDILMixture(config, data, SCHED, StudentGrid(1000, 2), _student_step, buffer)
+    return DDILMixture(config, data, SCHED, StudentGrid.ddim_trailing(1000, 2), _student_step, buffer)
 
 
 def test_sources_appear_in_the_proportions_of_the_priors():

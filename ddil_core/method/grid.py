@@ -1,8 +1,10 @@
-"""The student's timestep grid: trailing DDIM spacing on the teacher's training grid.
+"""The student's timestep grid: the timesteps it is sampled on and the timestep each step lands on.
 
-Transitions follow diffusers' DDIMScheduler (t -> t - T // N) so a written student runs unchanged with the saved
-scheduler. For N dividing T into whole steps (1, 2, 4, 8 on T = 1000) the next state lands exactly on the next grid
-timestep; the grids of N and of any multiple of N nest, so teacher rollouts with M = c N steps pass through them.
+PD students use trailing DDIM spacing with diffusers' DDIMScheduler transitions (t -> t - T // N), so a written
+student runs unchanged with the saved scheduler; for N dividing T into whole steps (1, 2, 4, 8 on T = 1000) the
+next state lands exactly on the next grid timestep, and the grids of N and of any multiple of N nest, so teacher
+rollouts with M = c N steps pass through them. LCM and DMD2 students step from grid point to grid point
+(LCMScheduler), with a clean sample after the last.
 """
 from __future__ import annotations
 
@@ -15,28 +17,41 @@ from ddil_core.math.schedule import ddim_prev_timestep, ddim_timesteps
 
 @dataclass(frozen=True)
 class StudentGrid:
-    num_train_timesteps: int
-    num_steps: int
+    steps: tuple[int, ...]  # descending timesteps t_0 > ... > t_{N-1}
+    next_steps: tuple[int, ...]  # where each step lands; negative = the clean sample
+
+    @classmethod
+    def ddim_trailing(cls, num_train_timesteps: int, num_steps: int) -> "StudentGrid":
+        ts = ddim_timesteps(num_train_timesteps, num_steps, "trailing")
+        return cls(tuple(ts.tolist()), tuple(ddim_prev_timestep(ts, num_train_timesteps, num_steps).tolist()))
+
+    @classmethod
+    def from_timesteps(cls, timesteps: list[int]) -> "StudentGrid":
+        """Grid point to grid point, then clean (the LCMScheduler's multistep sampling)."""
+        ts = tuple(int(t) for t in timesteps)
+        return cls(ts, ts[1:] + (-1,))
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.steps)
 
     @property
     def timesteps(self) -> torch.Tensor:
-        """[N] descending: t_0 = T - 1, ..., t_{N-1}."""
-        return ddim_timesteps(self.num_train_timesteps, self.num_steps, "trailing")
+        return torch.tensor(self.steps)
 
     @property
     def prev_timesteps(self) -> torch.Tensor:
-        """[N] the timestep each step lands on (negative after the last: the clean sample)."""
-        return ddim_prev_timestep(self.timesteps, self.num_train_timesteps, self.num_steps)
+        return torch.tensor(self.next_steps)
 
     def position_in(self, other_timesteps: torch.Tensor) -> torch.Tensor:
-        """Index of each of this grid's timesteps inside another (finer) grid; raises when they do not nest."""
+        """Index of each of this grid's timesteps inside another grid; raises when one is missing."""
         pos = []
-        for t in self.timesteps.tolist():
+        for t in self.steps:
             hits = (other_timesteps == t).nonzero()
             if len(hits) == 0:
                 raise ValueError(
-                    f"the {self.num_steps}-step student grid timestep {t} is not in the rollout grid "
-                    f"{other_timesteps.tolist()}: rollouts.teacher_steps must be a multiple of the student's steps"
+                    f"the student grid timestep {t} is not in the teacher rollout grid {other_timesteps.tolist()}: "
+                    "choose rollouts.teacher_steps so that the teacher's grid passes through the student's timesteps"
                 )
             pos.append(int(hits[0]))
         return torch.tensor(pos)

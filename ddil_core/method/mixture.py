@@ -30,7 +30,7 @@ FORWARD, TEACHER, STUDENT = 0, 1, 2
 @dataclass
 class StateBatch:
     x_t: torch.Tensor  # [B, C, H, W]
-    k: torch.Tensor  # [B] index on the student grid
+    k: torch.Tensor  # [B] index of a forward state's timestep in the forward grid (bookkeeping only)
     t: torch.Tensor  # [B] timestep
     cond: Cond  # per-sample prompt embeddings
     source: torch.Tensor  # [B] 0 forward, 1 teacher, 2 student
@@ -68,18 +68,23 @@ def draw_sources(priors: torch.Tensor, n: int, generator: torch.Generator) -> to
 class DDILMixture:
     def __init__(self, config: DDILConfig, data: TrainingData, schedule: NoiseSchedule, grid: StudentGrid,
                  student_step: Callable, buffer: Optional[ReplayBuffer] = None,
-                 device: torch.device | str = "cpu", shared_int: Callable[[int], int] = lambda v: v):
-        """`student_step(x, k, cond)` is one no-grad step of the current student; `shared_int` makes a value
-        agree across ranks (rank 0's wins) so every rank rolls the student out for the same number of steps."""
+                 device: torch.device | str = "cpu", shared_int: Callable[[int], int] = lambda v: v,
+                 forward_timesteps: Optional[torch.Tensor] = None, teacher_step: Optional[Callable] = None):
+        """`student_step(x, k, cond, generator)` is one no-grad step k of the current student on its grid;
+        `teacher_step(x, k, cond)` takes the teacher over the same grid interval (its own finer DDIM steps; only
+        the online teacher modes need it). `shared_int` makes a value agree across ranks (rank 0's wins) so every
+        rank rolls out for the same number of steps. `forward_timesteps`: where forward-diffused states are drawn
+        (default: the student grid; LCM draws over its whole solver grid)."""
         self.config, self.data, self.schedule, self.grid = config, data, schedule, grid
         self.student_step, self.buffer, self.device, self.shared_int = student_step, buffer, device, shared_int
-        if config.teacher_mode != "precomputed":
-            raise NotImplementedError(
-                f"ddil.teacher_mode = {config.teacher_mode} is not implemented yet; use 'precomputed'")
-        if config.priors.teacher > 0 and data.rollout_states is None:
+        self.teacher_step = teacher_step
+        self.forward_timesteps = forward_timesteps
+        if config.teacher_mode != "precomputed" and config.priors.teacher > 0 and teacher_step is None:
+            raise ValueError(f"ddil.teacher_mode = {config.teacher_mode} needs the teacher's interval step")
+        if config.teacher_mode == "precomputed" and config.priors.teacher > 0 and data.rollout_states is None:
             raise ValueError("ddil.priors.teacher > 0 needs teacher rollouts (run teacher-rollouts, pass --rollouts)")
         self.rollout_pos = None
-        if data.rollout_states is not None:
+        if data.rollout_states is not None and config.teacher_mode == "precomputed":
             self.rollout_pos = grid.position_in(data.rollout_timesteps)
         self.last_counts = torch.zeros(3, dtype=torch.long)
         self.last_fresh = 0
@@ -87,34 +92,44 @@ class DDILMixture:
     def set_grid(self, grid: StudentGrid) -> None:
         """A new student grid (progressive distillation halves it): buffered states of the old grid are dropped."""
         self.grid = grid
-        if self.data.rollout_states is not None:
+        if self.rollout_pos is not None:
             self.rollout_pos = grid.position_in(self.data.rollout_timesteps)
         if self.buffer is not None:
             self.buffer.clear()
 
     def sample(self, step: int, batch_size: int, generator: torch.Generator) -> StateBatch:
         g, dev, n_grid = generator, self.device, self.grid.num_steps
-        timesteps = self.grid.timesteps
+        grid_t = self.grid.timesteps
+        forward_t = grid_t if self.forward_timesteps is None else self.forward_timesteps
         idx = torch.randint(self.data.latents.shape[0], (batch_size,), generator=g)
         source = draw_sources(scheduled_priors(self.config, step), batch_size, g)
-        k = torch.randint(n_grid, (batch_size,), generator=g)
+        k = torch.randint(len(forward_t), (batch_size,), generator=g)
         noise = torch.randn(batch_size, *self.data.latents.shape[1:], generator=g)
         x0_real = self.data.latents[idx].float()
         cond = {key: v.float() for key, v in index_cond(self.data.cond, idx).items()}  # caches hold fp16
 
-        # forward: q(x_t | x0) at the drawn grid timestep
-        x_t = self.schedule.add_noise(x0_real, noise, timesteps[k])
+        # forward: q(x_t | x0) at the drawn timestep
+        t = forward_t[k]
+        x_t = self.schedule.add_noise(x0_real, noise, t)
 
-        # teacher backward: a precomputed teacher state at the drawn grid timestep
+        # teacher backward: the teacher's reverse process stopped at a student grid timestep
         is_teacher = source == TEACHER
-        if self.data.rollout_states is not None:
+        if self.rollout_pos is not None:  # precomputed offline
             r = torch.randint(self.data.rollout_states.shape[0], (batch_size,), generator=g)
+            k_t = torch.randint(n_grid, (batch_size,), generator=g)
             if is_teacher.any():
                 rows = r[is_teacher]
-                x_t[is_teacher] = self.data.rollout_states[rows, self.rollout_pos[k[is_teacher]]].float()
+                x_t[is_teacher] = self.data.rollout_states[rows, self.rollout_pos[k_t[is_teacher]]].float()
+                t[is_teacher] = grid_t[k_t[is_teacher]]
                 ref = self.data.rollout_ref[rows]
                 for key in cond:
                     cond[key][is_teacher] = self.data.cond[key][ref].to(cond[key].dtype)
+        elif self.config.teacher_mode != "precomputed" and self.config.priors.teacher > 0:  # online rollouts
+            j_t = self.shared_int(int(torch.randint(n_grid, (1,), generator=g)))
+            teacher_takes = self._teacher_plan(j_t, g)
+            if is_teacher.any():
+                x_t[is_teacher] = self._mixed_rollout(j_t, teacher_takes, idx[is_teacher], g)
+                t[is_teacher] = grid_t[j_t]
 
         # student backward: the student's own rollout for j < N steps, shared by the batch (and all ranks)
         j = self.shared_int(int(torch.randint(n_grid, (1,), generator=g)))
@@ -123,20 +138,35 @@ class DDILMixture:
         self.last_fresh = 0
         if n_student:
             states, ks, refs = self._student_states(step, j, idx[is_student], n_student, g)
-            x_t[is_student], k[is_student] = states, ks
+            x_t[is_student], t[is_student] = states, grid_t[ks]
             for key in cond:
                 cond[key][is_student] = self.data.cond[key][refs].to(cond[key].dtype)
         self.last_counts = torch.bincount(source, minlength=3)
-        t = timesteps[k]
         return StateBatch(x_t.to(dev), k.to(dev), t.to(dev), {kk: v.to(dev) for kk, v in cond.items()},
                           source.to(dev), x0_real.to(dev), noise.to(dev))
+
+    def _teacher_plan(self, j: int, g: torch.Generator) -> list[bool]:
+        """Which of the first j grid intervals the teacher takes (the student takes the rest)."""
+        if self.config.teacher_mode == "mixed":  # teacher for the first m steps, then the student
+            return [i < self.config.mixed_teacher_steps for i in range(j)]
+        draws = torch.rand(j, generator=g, dtype=torch.float64)  # bernoulli: per step
+        return [bool(d < self.config.bernoulli_teacher_p) for d in draws]
+
+    def _mixed_rollout(self, j: int, teacher_takes: list[bool], prompt_idx: torch.Tensor, g) -> torch.Tensor:
+        x = torch.randn(len(prompt_idx), *self.data.latents.shape[1:], generator=g).to(self.device)
+        cond = {key: v.to(self.device, torch.float32) for key, v in index_cond(self.data.cond, prompt_idx).items()}
+        with torch.no_grad():
+            for i, by_teacher in enumerate(teacher_takes):
+                x = self.teacher_step(x, i, cond) if by_teacher else self.student_step(x, i, cond, g)
+        return x.cpu()
 
     def _student_states(self, step, j, prompt_idx, n_student, g):
         n_fresh = n_student if self.buffer is None else max(1, math.ceil(self.config.buffer.refresh_fraction * n_student))
         refs = prompt_idx[:n_fresh]
         fresh_noise = torch.randn(n_fresh, *self.data.latents.shape[1:], generator=g)
         cond = {key: v.to(self.device, torch.float32) for key, v in index_cond(self.data.cond, refs).items()}
-        states = student_rollout(self.student_step, fresh_noise.to(self.device), j, cond).cpu()
+        states = student_rollout(lambda x, k, c: self.student_step(x, k, c, g), fresh_noise.to(self.device), j,
+                                 cond).cpu()
         ks = torch.full((n_fresh,), j, dtype=torch.long)
         self.last_fresh = n_fresh
         if self.buffer is None:

@@ -60,3 +60,39 @@ def student_rollout(step_fn: Callable, noise: torch.Tensor, num_steps: int, cond
     for k in range(num_steps):
         x = step_fn(x, k, cond)
     return x
+
+
+def teacher_interval_step(denoiser: Denoiser, grid, substeps: int, uncond: Optional[Cond], guidance_scale: float,
+                          reflection: Reflection = NO_REFLECTION) -> Callable:
+    """A step function taking the teacher over student grid interval k (t_k -> next t) with `substeps` of its own
+    guided DDIM steps: the teacher's part of DDIL's mixed teacher/student rollouts."""
+
+    def step(x: torch.Tensor, k: int, cond: Cond) -> torch.Tensor:
+        start, end = grid.steps[k], grid.next_steps[k]
+        points = torch.linspace(start, max(end, 0), substeps + 1).round().long()
+        ts, prev = points[:-1], points[1:].clone()
+        if end < 0:
+            prev[-1] = end  # the last interval ends at the clean sample
+        return ddim_sample(denoiser, x, ts, prev, cond, uncond, guidance_scale, reflection)
+
+    return step
+
+
+@torch.no_grad()
+def consistency_sample(denoiser: Denoiser, x: torch.Tensor, timesteps: list[int], cond: Cond,
+                       generators: list[torch.Generator], uncond: Optional[Cond] = None, guidance_scale: float = 1.0,
+                       timestep_cond: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Multistep consistency sampling (LCMScheduler.step): at each timestep jump to f(x, t) = c_skip x + c_out x0,
+    then re-noise to the next timestep with fresh noise from each sample's own generator; the last jump is final."""
+    from ddil_core.math.consistency import consistency_function
+
+    schedule = denoiser.schedule
+    for i, t in enumerate(timesteps):
+        tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+        x0, _ = denoiser.x0_eps(x, tt, cond, uncond, guidance_scale, timestep_cond)
+        denoised = consistency_function(x, x0, tt)
+        if i == len(timesteps) - 1:
+            return denoised
+        noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators]).to(x)
+        x = schedule.add_noise(denoised, noise, torch.full_like(tt, int(timesteps[i + 1])))
+    return x

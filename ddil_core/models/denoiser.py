@@ -21,7 +21,8 @@ class Denoiser:
                guidance_scale: float = 1.0, timestep_cond: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The raw network output (prediction_type), guided when guidance_scale != 1 (uncond given)."""
         t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0]) if torch.as_tensor(t).ndim == 0 else t
-        if guidance_scale == 1.0 or uncond is None:
+        unguided = isinstance(guidance_scale, (int, float)) and guidance_scale == 1.0
+        if unguided or uncond is None:
             return self.unet(x_t, t, timestep_cond=timestep_cond, **unet_kwargs(cond)).sample
         n = x_t.shape[0]
         both = cat_cond([expand_cond(uncond, n) if uncond[next(iter(uncond))].shape[0] == 1 else uncond, cond])

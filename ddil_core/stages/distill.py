@@ -17,6 +17,8 @@ from ddil_core.data.shards import ShardError, load_shards
 from ddil_core.method.buffer import ReplayBuffer
 from ddil_core.method.mixture import DDILMixture, TrainingData
 from ddil_core.method.objectives import ObjectiveContext, build_objective
+from ddil_core.method.rollouts import teacher_interval_step
+from ddil_core.models.denoiser import Denoiser
 from ddil_core.models.pipeline_io import save_student_pipeline
 from ddil_core.stages.common import load_teacher, read_latent_cache, write_resolved_config
 from ddil_core.training.loop import Trainer
@@ -59,7 +61,7 @@ def distill(config: Config, latents: str | Path, rollouts: Sequence[str | Path],
     teacher = load_teacher(config, device)
     cache = read_latent_cache(Path(latents), teacher)
     data = TrainingData(cache.latents, cache.cond)
-    if rollouts and config.ddil.priors.teacher > 0:
+    if rollouts and config.ddil.priors.teacher > 0 and config.ddil.teacher_mode == "precomputed":
         data.rollout_states, data.rollout_timesteps, data.rollout_ref = read_rollouts(rollouts, cache.latents.shape[0])
     if config.model.dtype != "float32":  # a half-precision frozen teacher saves memory on GPUs
         teacher.unet.to(getattr(torch, config.model.dtype))
@@ -72,8 +74,15 @@ def distill(config: Config, latents: str | Path, rollouts: Sequence[str | Path],
     objective = build_objective(config.objective.name, ctx)
     bcfg = config.ddil.buffer
     buffer = ReplayBuffer(bcfg.capacity, bcfg.eviction) if bcfg.enabled and config.ddil.priors.student > 0 else None
+    teacher_step = None
+    if config.ddil.teacher_mode != "precomputed":  # online teacher-then-student or per-step mixed rollouts
+        grid = objective.grid()
+        teacher_step = teacher_interval_step(
+            Denoiser(teacher.unet, teacher.train_schedule), grid,
+            max(1, config.rollouts.teacher_steps // grid.num_steps), ctx.uncond,
+            config.rollouts.guidance_scale or config.objective.guidance_scale, ctx.reflection("teacher_rollouts"))
     mixture = DDILMixture(config.ddil, data, teacher.train_schedule, objective.grid(), objective.student_step,
-                          buffer, device)
+                          buffer, device, forward_timesteps=objective.forward_timesteps(), teacher_step=teacher_step)
     trainer = Trainer(config, objective, mixture, out, on_log=on_log, on_checkpoint=on_checkpoint)
     trainer.resume()
     trainer.train()

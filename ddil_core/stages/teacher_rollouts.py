@@ -35,7 +35,7 @@ def teacher_rollouts(config: Config, latents: str | Path, out: str | Path, shard
     rcfg = config.rollouts
     teacher = load_teacher(config)
     cache = read_latent_cache(Path(latents), teacher)
-    grid = StudentGrid(teacher.schedule.num_train_timesteps, rcfg.teacher_steps)
+    grid = StudentGrid.ddim_trailing(teacher.schedule.num_train_timesteps, rcfg.teacher_steps)
     # Rollouts use the training schedule (final alpha 1), like every student/teacher step during distillation.
     denoiser = Denoiser(teacher.unet, teacher.train_schedule)
     guidance = rcfg.guidance_scale if rcfg.guidance_scale is not None else config.objective.guidance_scale

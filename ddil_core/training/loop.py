@@ -146,7 +146,6 @@ class Trainer:
         cfg = self.config.training
         total = self.objective.total_steps()
         started = time.monotonic()
-        torch.manual_seed(cfg.seed) if self.step == 0 else None
         with _StopFlag() as stop:
             while self.step < total:
                 if self.objective.advance(self.step):
@@ -176,13 +175,16 @@ class Trainer:
         finite = all(torch.isfinite(v).all() for v in out.losses.values())
         if finite:
             self.nonfinite_in_a_row = 0
-            for name, loss in out.losses.items():
-                opt = self.optimizers[name]
+            for name, loss in out.losses.items():  # each loss steps its own network only
+                for opt in self.optimizers.values():
+                    opt.zero_grad(set_to_none=True)
                 acc.backward(loss)
                 if self.config.training.grad_clip > 0:
                     acc.clip_grad_norm_(self.modules[name].parameters(), self.config.training.grad_clip)
-                opt.step()
+                self.optimizers[name].step()
+            for opt in self.optimizers.values():
                 opt.zero_grad(set_to_none=True)
+            self.objective.after_update(self.step)
             if self.ema is not None:
                 self.ema.update(self.modules["student"])
         else:

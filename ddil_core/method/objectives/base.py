@@ -58,8 +58,13 @@ class Objective:
         raise NotImplementedError
 
     @torch.no_grad()
-    def student_step(self, x: torch.Tensor, k: int, cond: Cond) -> torch.Tensor:
+    def student_step(self, x: torch.Tensor, k: int, cond: Cond, generator: torch.Generator) -> torch.Tensor:
+        """One step k of the student's own sampler on its grid (stochastic samplers draw from `generator`)."""
         raise NotImplementedError
+
+    def forward_timesteps(self) -> Optional[torch.Tensor]:
+        """Where forward-diffused states are drawn; None: the student grid."""
+        return None
 
     def loss(self, batch: StateBatch, step: int, generator: torch.Generator) -> LossOutput:
         raise NotImplementedError
@@ -67,6 +72,9 @@ class Objective:
     def lr_for(self, name: str) -> float | None:
         """Learning rate of a trainable network's optimiser; None: training.lr."""
         return None
+
+    def after_update(self, step: int) -> None:
+        """Called after the optimiser steps of a training step (target networks, counters)."""
 
     def advance(self, step: int) -> bool:
         """Called before each step; True when a new stage starts (the loop then resets the optimisers)."""

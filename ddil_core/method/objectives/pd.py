@@ -70,7 +70,7 @@ class ProgressiveDistillation(Objective):
         return self.steps_per_stage * len(self.stages)
 
     def grid(self) -> StudentGrid:
-        return StudentGrid(self.T, self.stages[self.stage])
+        return StudentGrid.ddim_trailing(self.T, self.stages[self.stage])
 
     def stage_of(self, step: int) -> int:
         return min(step // self.steps_per_stage, len(self.stages) - 1)
@@ -86,7 +86,7 @@ class ProgressiveDistillation(Objective):
         return changed
 
     @torch.no_grad()
-    def student_step(self, x, k: int, cond):
+    def student_step(self, x, k: int, cond, generator=None):
         grid = self.grid()
         t = torch.full((x.shape[0],), int(grid.timesteps[k]), device=x.device, dtype=torch.long)
         t_next = torch.full_like(t, int(grid.prev_timesteps[k]))

@@ -1,0 +1,14 @@
+"""The digits demo that `ddil prepare-demo` builds (design.md: the embedded default; demo-facts.md: the recipe).
+
+scikit-learn's bundled digits become an image-caption dataset; on it this package trains, in a few minutes on a
+2-core CPU, a tiny latent text-to-image teacher with the tiny://sd15 shapes (16x16 RGB, AutoencoderKL to 8x8x4,
+a 1.06M-parameter UNet2DConditionModel, a frozen random CLIP text encoder) and a digit classifier that judges
+prompt adherence and provides features for Fréchet distance. Hyper-parameters live in `Config.demo`.
+
+data.py      the digits as tensors, and the image folders (captions.jsonl) written for the pipeline
+vae.py       AutoencoderKL training and the per-channel latent normalisation folded into its weights
+teacher.py   the frozen text encoder and the teacher UNet's training (Min-SNR, EMA, caption dropout)
+quality.py   prompted-digit accuracy and Fréchet distance of a pipeline's samples
+progress.py  plain log lines every ~10 s for long loops
+export.py    small files for DVC: the training-loss plot data, metrics copied out of output folders
+"""

@@ -1,0 +1,69 @@
+"""Small files for DVC, made from stage outputs (ddil_core itself never imports dvc):
+
+    python -m ddil_core.demo.export train-loss runs/demo/distill/train_log.jsonl runs/demo/plots/train_loss.json
+    python -m ddil_core.demo.export copy runs/demo/evaluate/metrics_flat.json runs/demo/metrics.json
+
+train-loss: distill's JSONL training log -> a JSON list that `dvc plots` draws: one row per logged step with step,
+stage, student_steps, loss (the objective's main loss term, averaged over state sources weighted by their counts)
+and loss_<source> for each DDIL state source (forward, teacher, student) present in that interval.
+copy: a file copied atomically (a metrics file must sit outside the stage's output folder for DVC).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from ddil_core.data.shards import write_json_atomic
+
+
+def loss_rows(log_path: Path) -> list[dict]:
+    rows = []
+    for line in Path(log_path).read_text().splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        row = {"step": record["step"], "stage": record.get("stage", 0), "student_steps": record.get("student_steps")}
+        losses = record.get("loss") or {}
+        by_source = next(iter(losses.values()), {}) if losses else {}
+        counts = record.get("source_count") or {}
+        if by_source:
+            weights = {src: counts.get(src) or 1 for src in by_source}
+            row["loss"] = sum(v * weights[src] for src, v in by_source.items()) / sum(weights.values())
+            for src, value in by_source.items():
+                row[f"loss_{src}"] = value
+        rows.append(row)
+    return rows
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+USAGE = "usage: python -m ddil_core.demo.export {train-loss TRAIN_LOG.jsonl OUT.json | copy SRC DST}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 3 or args[0] not in ("train-loss", "copy"):
+        print(USAGE, file=sys.stderr)
+        return 2
+    what, src, dst = args[0], Path(args[1]), Path(args[2])
+    if not src.is_file():
+        print(f"ddil_core.demo.export: error: {src}: not found", file=sys.stderr)
+        return 2
+    if what == "copy":
+        copy_atomic(src, dst)
+    else:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(dst, loss_rows(src))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""The demo teacher: a frozen random CLIP text encoder and a UNet2DConditionModel trained on normalised latents.
+
+demo-facts.md: batch 64, AdamW lr 1e-3, Min-SNR-5 loss weighting (Hang et al. 2023) on epsilon prediction, an EMA
+of the weights, 10% caption dropout for classifier-free guidance, SD's scaled_linear DDPM schedule; about 1,800
+steps reach ~99% prompted-digit accuracy at 50 DDIM steps with guidance 3.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional
+
+import torch
+
+from ddil_core.demo.progress import Progress
+from ddil_core.math.schedule import NoiseSchedule
+from ddil_core.models.tiny import _text_encoder, build_tokenizer, tiny_scheduler, tiny_unet
+from ddil_core.training.ema import EMA
+
+log = logging.getLogger(__name__)
+WARMUP_STEPS = 100
+EMA_WARMUP = 10  # decay = min(decay, (1 + n) / (EMA_WARMUP + n)): the average forgets the random init quickly
+
+
+def build_text_encoder(seed: int = 0):
+    """(tokenizer, a frozen randomly initialised CLIPTextModel of width 32 with 2 layers), deterministic."""
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    encoder = _text_encoder(tokenizer, with_projection=False).eval().requires_grad_(False)
+    return tokenizer, encoder
+
+
+@torch.no_grad()
+def embed(tokenizer, encoder, prompts: list[str]) -> torch.Tensor:
+    """Last hidden states [B, L, 32], as StableDiffusionPipeline.encode_prompt computes them."""
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return encoder(ids)[0]
+
+
+def _lr_at(step: int, steps: int, lr: float) -> float:
+    if step < WARMUP_STEPS:
+        return lr * (step + 1) / WARMUP_STEPS
+    progress = (step - WARMUP_STEPS) / max(1, steps - WARMUP_STEPS)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def train_teacher_unet(latents: torch.Tensor, labels: torch.Tensor, class_embeddings: torch.Tensor,
+                       uncond_embedding: torch.Tensor, steps: int, batch_size: int = 64, lr: float = 1e-3,
+                       ema_decay: float = 0.999, min_snr_gamma: float = 5.0, caption_dropout: float = 0.1,
+                       seed: int = 0, max_seconds: Optional[float] = None) -> tuple[torch.nn.Module, dict]:
+    """Train tiny_unet("sd15") on latents [N, 4, 8, 8] (~N(0, 1)) conditioned on class_embeddings[labels] [10, L, D];
+    a `caption_dropout` share of each batch gets the empty prompt's embedding. Returns the EMA UNet."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    unet = tiny_unet("sd15").train()
+    schedule = NoiseSchedule.from_config(dict(tiny_scheduler().config))
+    T = schedule.num_train_timesteps
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    ema = EMA(unet, ema_decay)
+    progress = Progress("teacher step", steps, max_seconds=max_seconds)
+    uncond = uncond_embedding.reshape(1, *class_embeddings.shape[1:])
+    done, loss_avg = 0, None
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, steps, lr)
+        idx = torch.randint(len(latents), (batch_size,), generator=g)
+        x0 = latents[idx]
+        cond = class_embeddings[labels[idx]]
+        drop = torch.rand(batch_size, generator=g) < caption_dropout
+        cond = torch.where(drop.view(-1, 1, 1), uncond.expand_as(cond), cond)
+        t = torch.randint(T, (batch_size,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        x_t = schedule.add_noise(x0, noise, t)
+        pred = unet(x_t, t, encoder_hidden_states=cond).sample
+        snr = schedule.snr(t)
+        weight = snr.clamp(max=min_snr_gamma) / snr  # Min-SNR-gamma for epsilon prediction
+        loss = (weight * (pred - noise).pow(2).flatten(1).mean(1)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        ema.decay = min(ema_decay, (1 + step) / (EMA_WARMUP + step))
+        ema.update(unet)
+        done = step + 1
+        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
+        progress.update(done, loss=loss_avg)
+        if progress.over_budget() and done < steps:
+            log.warning("teacher: wall-clock guard (%.0f s) reached at step %d of %d", max_seconds, done, steps)
+            break
+    ema.copy_to(unet)
+    return unet.eval().requires_grad_(False), {"steps": done, "steps_planned": steps, "seconds": progress.elapsed,
+                                               "final_loss": loss_avg}
+

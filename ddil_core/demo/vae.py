@@ -1,0 +1,105 @@
+"""The demo's AutoencoderKL: training, and a per-channel latent normalisation folded into its weights.
+
+demo-facts.md: trained with MSE + 0.5 L1 + 1e-4 KL, the digit latents are far from zero mean (about -1.9, std 2.5),
+so a single scaling_factor cannot make them ~N(0, 1). Diffusers' StableDiffusionPipeline decodes
+`latents / scaling_factor` and ignores shift_factor and latents_mean/std, so instead of storing statistics we fold
+them into the weights: with per-channel mean m and std s of the posterior means,
+
+    quant_conv (mean rows):   W' = W / s,          b' = (b - m) / s        -> the new mean is (mu - m) / s
+    quant_conv (logvar rows): b' = b - 2 log s                              -> the posterior std scales alike
+    post_quant_conv:          W' = W * s (per input channel),  b' = b + W m -> decodes (z' s + m) as before
+
+and scaling_factor = 1. Any diffusers pipeline then encodes to ~N(0, 1) latents per channel and decodes them.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+from torch.nn import functional as F
+
+from ddil_core.demo.progress import Progress
+from ddil_core.models.tiny import tiny_vae
+
+log = logging.getLogger(__name__)
+L1_WEIGHT = 0.5
+KL_WEIGHT = 1e-4
+WARMUP_STEPS = 50
+
+
+def _lr_at(step: int, steps: int, lr: float) -> float:
+    """Linear warm-up, then cosine decay to 5% of lr."""
+    import math
+
+    if step < WARMUP_STEPS:
+        return lr * (step + 1) / WARMUP_STEPS
+    progress = (step - WARMUP_STEPS) / max(1, steps - WARMUP_STEPS)
+    return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def train_vae(images: torch.Tensor, steps: int, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
+              max_seconds: Optional[float] = None) -> tuple[torch.nn.Module, dict]:
+    """Train tiny_vae() on images [N, 3, 16, 16] in [-1, 1]; deterministic for a seed (until a guard stops it)."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    vae = tiny_vae().train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    progress = Progress("vae step", steps, max_seconds=max_seconds)
+    done, loss_avg = 0, None
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, steps, lr)
+        x = images[torch.randint(len(images), (batch_size,), generator=g)]
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
+        recon = vae.decode(z).sample
+        loss = F.mse_loss(recon, x) + L1_WEIGHT * F.l1_loss(recon, x) + KL_WEIGHT * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        done = step + 1
+        loss_avg = loss.item() if loss_avg is None else 0.95 * loss_avg + 0.05 * loss.item()
+        progress.update(done, loss=loss_avg)
+        if progress.over_budget() and done < steps:
+            log.warning("vae: wall-clock guard (%.0f s) reached at step %d of %d", max_seconds, done, steps)
+            break
+    return vae.eval().requires_grad_(False), {"steps": done, "steps_planned": steps, "seconds": progress.elapsed,
+                                              "final_loss": loss_avg}
+
+
+@torch.no_grad()
+def posterior_means(vae, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    return torch.cat([vae.encode(images[i:i + batch_size]).latent_dist.mean for i in range(0, len(images), batch_size)])
+
+
+@torch.no_grad()
+def fold_latent_normalization(vae, images: torch.Tensor) -> dict:
+    """Make the VAE's posterior means ~N(0, 1) per channel over `images` by rewriting quant_conv, post_quant_conv
+    and scaling_factor (see the module docstring). Decoding is unchanged up to float rounding. Returns the
+    statistics that were folded."""
+    if vae.quant_conv is None or vae.post_quant_conv is None:
+        raise ValueError("the VAE has no quant_conv/post_quant_conv to fold the latent statistics into")
+    mu = posterior_means(vae, images)
+    m = mu.mean(dim=(0, 2, 3))
+    s = mu.std(dim=(0, 2, 3)).clamp_min(1e-6)
+    c = m.numel()
+    q = vae.quant_conv  # Conv2d(2c, 2c, 1): rows [:c] mean, [c:] logvar
+    q.weight[:c] /= s.view(c, 1, 1, 1)
+    q.bias[:c] = (q.bias[:c] - m) / s
+    q.bias[c:] -= 2 * torch.log(s)
+    p = vae.post_quant_conv  # Conv2d(c, c, 1)
+    p.bias += (p.weight[:, :, 0, 0] @ m)
+    p.weight *= s.view(1, c, 1, 1)
+    vae.register_to_config(scaling_factor=1.0)
+    return {"channel_mean": m.tolist(), "channel_std": s.tolist()}
+
+
+@torch.no_grad()
+def reconstruct(vae, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Posterior-mean reconstructions in [-1, 1]."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        out.append(vae.decode(vae.encode(images[i:i + batch_size]).latent_dist.mean).sample.clamp(-1, 1))
+    return torch.cat(out)

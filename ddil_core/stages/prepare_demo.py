@@ -1,0 +1,187 @@
+"""Stage prepare-demo: the embedded default's inputs, made from nothing outside the package (design.md).
+
+Writes, atomically (built under a temporary sibling name, then renamed):
+
+    DIR/dataset/        the 1,500 training digits as an image folder: digits-NNNN.png + captions.jsonl
+    DIR/dataset-eval/   the 297 held-out digits, same layout (the reference set of evaluation)
+    DIR/classifier/     DigitClassifier.save(): the offline adherence judge and feature extractor
+    DIR/teacher/        a plain diffusers StableDiffusionPipeline folder: AutoencoderKL with its latent
+                        normalisation folded in (scaling_factor 1), frozen random CLIP text encoder and word-level
+                        tokenizer, the trained UNet (EMA weights), DDIMScheduler (SD scaled_linear, epsilon,
+                        timestep_spacing "trailing")
+    DIR/summary.json    teacher prompted-digit accuracy and Fréchet distance (classifier features, vs held-out) at
+                        demo.eval_steps DDIM steps with CFG demo.guidance_scale, the same at demo.eval_few_steps,
+                        the floor (real train vs held-out), VAE and classifier quality, timings
+    DIR/resolved_config.yaml
+
+Budgets are `config.demo` (steps, with optional wall-clock guards). Progress goes to the log every ~10 s.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ddil_core.config import Config, ConfigError
+from ddil_core.data.datasets import digit_caption
+from ddil_core.data.shards import publish_dir, staging_dir, write_json_atomic
+from ddil_core.demo.data import load_digits, write_image_folder
+from ddil_core.demo.progress import Progress
+from ddil_core.demo.quality import classify, digit_prompts, score
+from ddil_core.demo.teacher import build_text_encoder, embed, train_teacher_unet
+from ddil_core.demo.vae import fold_latent_normalization, posterior_means, reconstruct, train_vae
+from ddil_core.metrics.fid import frechet_distance
+from ddil_core.models.classifier import train_digit_classifier
+from ddil_core.models.tiny import tiny_scheduler
+from ddil_core.stages.common import write_resolved_config
+from ddil_core.stages.sample import generate
+
+log = logging.getLogger(__name__)
+SUMMARY = "summary.json"
+EVAL_SEED_BASE = 100_000  # sampling seeds of the teacher measurement: far from every training seed
+SAMPLE_CHUNK = 100
+
+
+class DemoOutputError(ConfigError):
+    """--out names a folder prepare-demo must not replace (bad input: exit code 2)."""
+
+
+def _check_out(out: Path) -> None:
+    """The output folder is replaced as a whole: refuse to replace a non-empty folder that is not a demo."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / SUMMARY).exists())):
+        raise DemoOutputError(f"{out}: exists and is not a prepare-demo output (no {SUMMARY}); "
+                              "choose an empty or new --out folder")
+
+
+def build_teacher_pipeline(vae, text_encoder, tokenizer, unet):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=tiny_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def sample_digits(pipe, steps: int, guidance: float, images_per_digit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """images_per_digit samples of each digit prompt (seed EVAL_SEED_BASE + i); images [N, 3, H, W] in [0, 1]."""
+    prompts, labels = digit_prompts(images_per_digit)
+    progress = Progress(f"sampling ({steps} DDIM steps, guidance {guidance:g}) image", len(prompts))
+    images = []
+    for start in range(0, len(prompts), SAMPLE_CHUNK):
+        chunk = prompts[start:start + SAMPLE_CHUNK]
+        seeds = [EVAL_SEED_BASE + start + i for i in range(len(chunk))]
+        images.append(generate(pipe, chunk, seeds, steps, guidance))
+        progress.update(start + len(chunk))
+    return torch.cat(images), labels
+
+
+def measure_teacher(pipe, classifier, reference_features: torch.Tensor, steps: int, guidance: float,
+                    images_per_digit: int) -> dict:
+    t0 = time.monotonic()
+    images, labels = sample_digits(pipe, steps, guidance, images_per_digit)
+    metrics = score(classifier, images, labels, reference_features)
+    return {"steps": steps, "guidance_scale": guidance, **metrics, "seconds": time.monotonic() - t0}
+
+
+def prepare_demo(config: Config, out: str | Path) -> dict:
+    from diffusers import StableDiffusionPipeline
+
+    d = config.demo
+    out = Path(out)
+    _check_out(out)
+    started = time.monotonic()
+    timings: dict[str, float] = {}
+    tmp = staging_dir(out)
+    try:
+        t = time.monotonic()
+        train, held = load_digits("train"), load_digits("eval")
+        write_image_folder(train, tmp / "dataset")
+        write_image_folder(held, tmp / "dataset-eval")
+        timings["dataset"] = time.monotonic() - t
+        log.info("dataset: %d training and %d held-out digits written", len(train.keys), len(held.keys))
+
+        t = time.monotonic()
+        classifier = train_digit_classifier(train.images01, train.labels, steps=d.classifier_steps, seed=d.seed)
+        held_feats, held_pred = classify(classifier, held.images01)
+        train_feats, _ = classify(classifier, train.images01)
+        classifier_acc = float((held_pred == held.labels).float().mean())
+        classifier.save(tmp / "classifier")
+        timings["classifier"] = time.monotonic() - t
+        log.info("classifier: %.1f%% on held-out digits (%.0f s)", 100 * classifier_acc, timings["classifier"])
+
+        t = time.monotonic()
+        vae, vae_info = train_vae(train.images, d.vae_steps, d.vae_batch_size, d.vae_lr, d.seed, d.vae_max_seconds)
+        raw = posterior_means(vae, train.images)
+        folded = fold_latent_normalization(vae, train.images)
+        latents = posterior_means(vae, train.images)
+        recon = reconstruct(vae, held.images)
+        _, recon_pred = classify(classifier, (recon + 1) / 2)
+        vae_summary = {
+            **vae_info,
+            "heldout_mse": float((recon - held.images).pow(2).mean()),
+            "heldout_recon_classifier_accuracy": float((recon_pred == held.labels).float().mean()),
+            "raw_latent_mean": float(raw.mean()), "raw_latent_std": float(raw.std()),
+            "latent_channel_mean": latents.mean(dim=(0, 2, 3)).tolist(),
+            "latent_channel_std": latents.std(dim=(0, 2, 3)).tolist(),
+            "folded": folded,
+        }
+        timings["vae"] = time.monotonic() - t
+        log.info("vae: held-out MSE %.4f, classifier %.1f%% on reconstructions; latents mean %.2f std %.2f folded "
+                 "to ~N(0, 1) per channel (%.0f s)", vae_summary["heldout_mse"],
+                 100 * vae_summary["heldout_recon_classifier_accuracy"], vae_summary["raw_latent_mean"],
+                 vae_summary["raw_latent_std"], timings["vae"])
+
+        tokenizer, text_encoder = build_text_encoder(d.seed)
+        class_embeddings = embed(tokenizer, text_encoder, [digit_caption(i) for i in range(10)])
+        uncond = embed(tokenizer, text_encoder, [""])
+
+        t = time.monotonic()
+        unet, teacher_info = train_teacher_unet(
+            latents, train.labels, class_embeddings, uncond, d.teacher_steps, d.teacher_batch_size, d.teacher_lr,
+            d.teacher_ema_decay, d.min_snr_gamma, d.caption_dropout, d.seed, d.teacher_max_seconds)
+        timings["teacher"] = time.monotonic() - t
+        pipe = build_teacher_pipeline(vae, text_encoder, tokenizer, unet)
+        pipe.save_pretrained(str(tmp / "teacher"), safe_serialization=True)
+        write_resolved_config(tmp / "teacher", config)
+
+        t = time.monotonic()
+        # Measure what was written: the folder as plain diffusers loads it.
+        saved = StableDiffusionPipeline.from_pretrained(str(tmp / "teacher"), safety_checker=None,
+                                                        requires_safety_checker=False, use_safetensors=True)
+        teacher_metrics = measure_teacher(saved, classifier, held_feats, d.eval_steps, d.guidance_scale,
+                                          d.eval_images_per_digit)
+        log.info("teacher at %d DDIM steps, guidance %g: prompted-digit accuracy %.1f%%, FD %.1f",
+                 d.eval_steps, d.guidance_scale, 100 * teacher_metrics["accuracy"], teacher_metrics["fid"])
+        few = {}
+        for steps in d.eval_few_steps:
+            few[str(steps)] = measure_teacher(saved, classifier, held_feats, steps, d.guidance_scale,
+                                              d.eval_images_per_digit)
+            log.info("teacher at %d DDIM steps: accuracy %.1f%%, FD %.1f", steps, 100 * few[str(steps)]["accuracy"],
+                     few[str(steps)]["fid"])
+        timings["measure"] = time.monotonic() - t
+        timings["total"] = time.monotonic() - started
+        summary = {
+            "teacher": {**teacher_metrics, "training": teacher_info},
+            "teacher_few_steps": few,
+            "reference_fid_train_vs_heldout": frechet_distance(held_feats, train_feats),
+            "classifier": {"heldout_accuracy": classifier_acc, "steps": d.classifier_steps},
+            "vae": vae_summary,
+            "dataset": {"train": len(train.keys), "heldout": len(held.keys), "resolution": train.images.shape[-1]},
+            "timings_s": timings,
+            "machine": {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                        "processor": platform.processor() or platform.machine()},
+            "guards_hit": [name for name, info in (("vae", vae_info), ("teacher", teacher_info))
+                           if info["steps"] < info["steps_planned"]],
+        }
+        write_resolved_config(tmp, config)
+        write_json_atomic(tmp / SUMMARY, summary)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish_dir(tmp, out)
+    log.info("demo written to %s in %.0f s", out, timings["total"])
+    return summary

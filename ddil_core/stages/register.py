@@ -1,0 +1,54 @@
+"""Stage register: put the student in the model registry when its evaluation clears the quality gates.
+
+Reads the metrics.json written by `evaluate`, checks `registry.gates` and registers the student (local registry
+folder by default; the Kubeflow Model Registry when `registry.kubeflow_address` is set) with a model card. A failed
+gate raises `GateError` naming every failed gate (the CLI exits 3) and nothing is written.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+from ddil_core.config import Config
+from ddil_core.data.datasets import DatasetError
+from ddil_core.registry import GateError, register_student
+
+log = logging.getLogger(__name__)
+
+__all__ = ["GateError", "MetricsError", "read_metrics", "register"]
+
+
+class MetricsError(DatasetError):
+    """metrics.json is unreadable or not the evaluate stage's layout; the message names the file (bad input)."""
+
+
+def read_metrics(path: str | Path) -> dict:
+    """The evaluate stage's metrics.json: {"protocol": ..., "models": {"student": {...}, ...}, ...}."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.json"  # an evaluate output folder is accepted too
+    if not path.is_file():
+        raise FileNotFoundError(f"metrics file not found: {path}")
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MetricsError(f"{path}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise MetricsError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("models"), dict):
+        raise MetricsError(f"{path}: not an evaluate metrics file (expected a 'models' mapping with the student's "
+                           "metrics)")
+    return metrics
+
+
+def register(config: Config, student: str, metrics_path: str | Path, registry: Optional[str] = None) -> dict:
+    """Gate, then register; returns the registry entry ({"name", "version", "path", ...}).
+
+    Raises FileNotFoundError / MetricsError for a missing or bad metrics file and GateError when a gate fails.
+    """
+    metrics = read_metrics(metrics_path)
+    entry = register_student(config, str(student), metrics, registry)
+    log.info("registered %s version %s", entry.get("name"), entry.get("version"))
+    return entry

@@ -1,0 +1,169 @@
+"""LCM and DMD2 next to PD: formulas on hand-checkable cases, and every objective end to end on both families."""
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ddil_core.math.consistency import consistency_function
+from ddil_core.math.schedule import NoiseSchedule
+from ddil_core.method.objectives.base import ObjectiveContext
+from ddil_core.method.objectives.dmd2 import distribution_matching_grad, distribution_matching_loss
+from ddil_core.method.objectives.lcm import LatentConsistencyDistillation, add_guidance_conditioning, pseudo_huber
+from ddil_core.models.tiny import tiny_unet
+from ddil_core.stages.distill import distill
+from tests.conftest import tiny_config
+
+SCHED = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "epsilon"}
+BASELINE = ["ddil.priors.forward=1", "ddil.priors.teacher=0", "ddil.priors.student=0"]
+OBJECTIVES = {
+    "pd": [],
+    "lcm": ["objective.name=lcm", "objective.lcm.w_min=2", "objective.lcm.w_max=4"],
+    "dmd2": ["objective.name=dmd2", "objective.student_steps=4", "objective.dmd2.dfake_gen_update_ratio=2",
+             "objective.dmd2.gan=true", "objective.dmd2.min_step=20", "objective.dmd2.max_step=980"],
+}
+
+
+def test_lcm_target_matches_a_hand_computed_case():
+    torch.manual_seed(0)
+    config = tiny_config("sd15", *OBJECTIVES["lcm"])
+    schedule = NoiseSchedule.from_config(SCHED, set_alpha_to_one=True)
+    teacher = tiny_unet("sd15").eval().requires_grad_(False)
+    uncond = {"encoder_hidden_states": torch.randn(1, 16, 32)}
+    lcm = LatentConsistencyDistillation(ObjectiveContext(config, teacher, schedule, SCHED, uncond))
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([999, 519])
+    cond = {"encoder_hidden_states": torch.randn(2, 16, 32)}
+    w = torch.tensor([2.5, 3.5])
+    ours = lcm.targets(x, t, cond, w, lcm.w_embedding(w))
+
+    # by hand: guided teacher eps, one DDIM step to t - 20, then the EMA target's boundary-scaled x0 there
+    abar = schedule.alphas_cumprod
+    with torch.no_grad():
+        e_u = teacher(x, t, encoder_hidden_states=uncond["encoder_hidden_states"].expand(2, -1, -1)).sample
+        e_c = teacher(x, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+        eps = e_u + w.reshape(-1, 1, 1, 1) * (e_c - e_u)
+        a, s = abar[t].sqrt().reshape(-1, 1, 1, 1), (1 - abar[t]).sqrt().reshape(-1, 1, 1, 1)
+        x0 = (x - s * eps) / a
+        t_prev = t - 20
+        a_p, s_p = abar[t_prev].sqrt().reshape(-1, 1, 1, 1), (1 - abar[t_prev]).sqrt().reshape(-1, 1, 1, 1)
+        x_prev = a_p * x0 + s_p * eps
+        emb = lcm.w_embedding(w)
+        e_target = lcm.target(x_prev, t_prev, encoder_hidden_states=cond["encoder_hidden_states"],
+                              timestep_cond=emb).sample
+        x0_target = (x_prev - s_p * e_target) / a_p
+        scaled = (t_prev.float() * 10).reshape(-1, 1, 1, 1)
+        c_skip, c_out = 0.25 / (scaled**2 + 0.25), scaled / (scaled**2 + 0.25) ** 0.5
+        expected = c_skip * x_prev + c_out * x0_target
+    assert torch.allclose(ours, expected, atol=1e-5)
+
+
+def test_added_guidance_conditioning_starts_as_the_original():
+    torch.manual_seed(0)
+    unet = tiny_unet("sd15").eval()
+    student = add_guidance_conditioning(unet, 256).eval()
+    x, t, h = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 16, 32)
+    with torch.no_grad():
+        same = student(x, t, encoder_hidden_states=h, timestep_cond=torch.randn(1, 256)).sample
+        assert torch.allclose(same, unet(x, t, encoder_hidden_states=h).sample, atol=1e-6)
+
+
+def test_pseudo_huber_is_quadratic_near_zero_and_linear_far():
+    d = torch.tensor([[1e-5], [10.0]])
+    loss = pseudo_huber(d, torch.zeros_like(d), c=0.001)
+    assert loss[0] < 1e-7 and abs(float(loss[1]) - (10 - 0.001)) < 1e-4
+
+
+def test_dmd2_gradient_points_from_the_fake_x0_toward_the_real_x0():
+    x = torch.zeros(1, 2, 2, 2, requires_grad=True)
+    x0_real, x0_fake = torch.full((1, 2, 2, 2), 1.0), torch.full((1, 2, 2, 2), -1.0)
+    grad = distribution_matching_grad(x.detach(), x0_real, x0_fake)
+    distribution_matching_loss(x, grad).sum().backward()
+    step = -x.grad  # gradient descent direction
+    assert (step * (x0_real - x0_fake) > 0).all()
+    # p_real = x - x0_real = -1, p_fake = 1, mean|p_real| = 1: grad = -2 everywhere; dL/dx = grad / numel
+    assert torch.allclose(grad, torch.full_like(grad, -2.0))
+    assert torch.allclose(x.grad, grad / 8)
+
+
+def _run(family, objective, tmp, *extra, on_log=None):
+    latents, rollouts = pytest.tiny_data[family]
+    config = tiny_config(family, *OBJECTIVES[objective], *extra)
+    return distill(config, latents, [rollouts], tmp, on_log=on_log)
+
+
+def _unet(student_dir):
+    return load_file(str(student_dir / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.fixture(autouse=True)
+def _share_data(tiny_data):
+    pytest.tiny_data = tiny_data
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("objective", ["pd", "lcm", "dmd2"])
+def test_objective_end_to_end_baseline_ddil_and_resume(tmp_path, family, objective):
+    from diffusers import DiffusionPipeline
+
+    from ddil_core.training.loop import Preempted
+
+    baseline = _run(family, objective, tmp_path / "baseline", *BASELINE)
+    ddil = _run(family, objective, tmp_path / "ddil")
+    for student in (baseline, ddil):
+        info = json.loads((student / "ddil_student.json").read_text())
+        pipe = DiffusionPipeline.from_pretrained(str(student))
+        kwargs = {"timesteps": info["timesteps"]} if objective == "dmd2" else {}
+        image = pipe("a handwritten digit two", num_inference_steps=info["num_inference_steps"],
+                     guidance_scale=info["guidance_scale"], height=16, width=16, output_type="np",
+                     generator=torch.Generator().manual_seed(0), **kwargs).images
+        assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
+        assert type(pipe.scheduler).__name__ == ("DDIMScheduler" if objective == "pd" else "LCMScheduler")
+
+    def preempt(record):
+        if record["step"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Preempted):
+        _run(family, objective, tmp_path / "resumed", on_log=preempt)
+    resumed = _run(family, objective, tmp_path / "resumed")
+    reference, got = _unet(ddil), _unet(resumed)
+    for key in reference:
+        assert torch.allclose(got[key], reference[key], atol=1e-6, rtol=0), key
+
+
+@pytest.mark.parametrize("objective", ["pd", "lcm", "dmd2"])
+def test_switched_off_ddil_is_bit_identical_to_the_baseline(tmp_path, objective):
+    baseline = _unet(_run("sd15", objective, tmp_path / "a", *BASELINE))
+    off = _unet(_run("sd15", objective, tmp_path / "b", *BASELINE, "ddil.buffer.enabled=false",
+                     "ddil.reflection.mode=off", "ddil.teacher_mode=mixed", "ddil.prior_schedule=linear",
+                     "ddil.warmup_steps=3"))
+    for key in baseline:
+        assert torch.equal(baseline[key], off[key]), key
+
+
+def test_dmd2_two_time_scale_update_counts(tmp_path):
+    out = tmp_path / "run"
+    _run("sd15", "dmd2", out, "objective.dmd2.dfake_gen_update_ratio=3", "training.steps=7",
+         "training.checkpoint_every=7")
+    opt = torch.load(out / "checkpoints" / "step-0000007" / "optimizers.pt", weights_only=True)
+    steps = {name: int(next(iter(state["state"].values()))["step"]) for name, state in opt.items()}
+    assert steps == {"student": 3, "fake": 7}  # generator at steps 0, 3, 6; the fake score every step
+    state = json.loads((out / "checkpoints" / "step-0000007" / "state.json").read_text())
+    assert state["objective"] == {"generator_updates": 3, "fake_updates": 7}
+
+
+def test_train_log_shows_sources_in_proportion_and_the_cost_split(tmp_path):
+    out = tmp_path / "run"
+    _run("sd15", "pd", out, "training.steps=40", "training.log_every=40", "training.checkpoint_every=40",
+         "ddil.priors.forward=0.4", "ddil.priors.teacher=0.3", "ddil.priors.student=0.3")
+    record = json.loads((out / "train_log.jsonl").read_text().splitlines()[-1])
+    n = sum(record["source_count"].values())
+    assert n == 40 * 8
+    for src, p in {"forward": 0.4, "teacher": 0.3, "student": 0.3}.items():
+        assert abs(record["source_share"][src] - p) < 4 * (p * (1 - p) / n) ** 0.5, src
+        assert src in record["loss"]["pd"]
+    assert set(record["seconds_split"]) >= {"rollout", "teacher", "student", "optimizer"}
+    assert record["buffer"]["size"] > 0 and record["fresh_student_rollouts"] < record["source_count"]["student"]
