@@ -4,5 +4,6 @@ from ddil_core.data.datasets import DatasetError
 from ddil_core.data.shards import ShardError
 from ddil_core.models.pipeline_io import ModelError
 from ddil_core.training.checkpoint import CheckpointError
+from ddil_core.stages.register import MetricsError
 
-BAD_INPUT_ERRORS = (ConfigError, DatasetError, ShardError, ModelError, CheckpointError, FileNotFoundError)
+BAD_INPUT_ERRORS = (ConfigError, DatasetError, ShardError, ModelError, CheckpointError, MetricsError, FileNotFoundError)

@@ -5,11 +5,15 @@ import os
 import warnings
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+# Tiny models: one thread is faster than two fighting over a busy 2-core machine (and children inherit it).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore", message=".*torchvision.*")
+torch.set_num_threads(1)
 
 
 def tiny_config(family: str = "sd15", *overrides: str):

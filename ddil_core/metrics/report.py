@@ -292,14 +292,14 @@ def render_markdown(metrics: dict, grids: dict, plot: Optional[str], title: str,
             cells = [_md_cell(format_value(m.get(k))) for m in models.values()]
             lines.append(f"| {_md_cell(METRIC_LABELS.get(k, k))} | " + " | ".join(cells) + " |")
         lines.append("")
-    if metrics.get("protocol"):
-        lines += ["## Protocol", ""] + _md_list(metrics["protocol"]) + [""]
     if plot:
         lines += ["## Quality vs steps", "", f"![FID vs steps]({quote(_relative_src(out_dir, plot))})", ""]
     if grids:
         lines += ["## Samples", "", "Rows are prompts, columns are seeds.", ""]
         for caption, name in grids.items():
             lines += [f"![{caption}]({quote(_relative_src(out_dir, name))})", "", f"*{caption}*", ""]
+    if metrics.get("protocol"):
+        lines += ["## Protocol", ""] + _md_list(metrics["protocol"]) + [""]
     return "\n".join(lines)
 
 
@@ -316,8 +316,6 @@ def render_html(metrics: dict, grids: dict, plot: Optional[str], title: str, out
             rows.append(f"<tr><th>{e(METRIC_LABELS.get(k, k))}</th>{cells}</tr>")
         body += ["<h2>Metrics</h2>",
                  f"<table><thead><tr><th>metric</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"]
-    if metrics.get("protocol"):
-        body += ["<h2>Protocol</h2>", _html_dl(metrics["protocol"])]
     if plot:
         src = e(quote(_relative_src(out_dir, plot)))
         body += ["<h2>Quality vs steps</h2>",
@@ -330,6 +328,8 @@ def render_html(metrics: dict, grids: dict, plot: Optional[str], title: str, out
             figs.append(f'<figure><img src="{src}" alt="{e(caption)}"><figcaption>{e(caption)}</figcaption></figure>')
         body += ["<h2>Samples</h2>", "<p>Rows are prompts, columns are seeds.</p>",
                  '<div class="grids">' + "".join(figs) + "</div>"]
+    if metrics.get("protocol"):
+        body += ["<h2>Protocol</h2>", _html_dl(metrics["protocol"])]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{e(title)}</title>"
             f"<style>{_CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
