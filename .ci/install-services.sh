@@ -37,3 +37,14 @@ else
     }
     echo "installed prometheus-pushgateway: $(command -v prometheus-pushgateway)"
 fi
+
+# promtool (Debian package prometheus) checks the PromQL of the Grafana dashboard and scrape configs.
+if command -v promtool >/dev/null 2>&1; then
+    echo "promtool already installed: $(command -v promtool)"
+else
+    apt_update_once
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends prometheus
+    if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+        $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
+    fi
+fi

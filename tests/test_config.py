@@ -53,3 +53,9 @@ def test_yaml_off_and_no_stay_choices():
     config = load_config("tiny", ["ddil.reflection.mode=off", "training.mixed_precision=no", "training.lr=1e-4"])
     assert config.ddil.reflection.mode == "off" and config.training.mixed_precision == "no"
     assert config.training.lr == 1e-4
+
+
+@pytest.mark.parametrize("recipe", ["sd15-pd", "sd15-lcm", "ssd1b-dmd2"])
+def test_paper_recipes_are_valid(recipe):
+    config = load_config(recipe)
+    assert config.objective.name in recipe
