@@ -4,8 +4,8 @@
     python -m ddil_core.demo.export copy runs/demo/evaluate/metrics_flat.json runs/demo/metrics.json
 
 train-loss: distill's JSONL training log -> a JSON list that `dvc plots` draws: one row per logged step with step,
-stage, student_steps, loss (the objective's main loss term, averaged over state sources weighted by their counts)
-and loss_<source> for each DDIL state source (forward, teacher, student) present in that interval.
+stage, student_steps, loss (the objective's main loss term over the whole batch: its "all" entry, else the
+count-weighted mean over state sources) and loss_<source> for each DDIL state source present in that interval.
 copy: a file copied atomically (a metrics file must sit outside the stage's output folder for DVC).
 """
 from __future__ import annotations
@@ -29,11 +29,14 @@ def loss_rows(log_path: Path) -> list[dict]:
         losses = record.get("loss") or {}
         by_source = next(iter(losses.values()), {}) if losses else {}
         counts = record.get("source_count") or {}
-        if by_source:
-            weights = {src: counts.get(src) or 1 for src in by_source}
-            row["loss"] = sum(v * weights[src] for src, v in by_source.items()) / sum(weights.values())
-            for src, value in by_source.items():
-                row[f"loss_{src}"] = value
+        per_source = {src: v for src, v in by_source.items() if src != "all"}
+        if "all" in by_source:
+            row["loss"] = by_source["all"]
+        elif per_source:
+            weights = {src: counts.get(src) or 1 for src in per_source}
+            row["loss"] = sum(v * weights[src] for src, v in per_source.items()) / sum(weights.values())
+        for src, value in per_source.items():
+            row[f"loss_{src}"] = value
         rows.append(row)
     return rows
 

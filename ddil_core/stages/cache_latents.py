@@ -18,14 +18,18 @@ from ddil_core.data.datasets import SkipReport, image_to_tensor, iter_samples
 from ddil_core.data.shards import ShardWriter, publish_dir, staging_dir
 from ddil_core.models.conditioning import encode_prompts, encode_unconditional
 from ddil_core.models.latents import encode_images
-from ddil_core.stages.common import load_teacher, write_resolved_config
+from ddil_core.stages.common import load_teacher, stage_run, write_resolved_config
 
 log = logging.getLogger(__name__)
 MAX_BOUND_SAMPLES = 1 << 20  # per channel: enough for a stable percentile
 
 
 def cache_latents(config: Config, out: str | Path) -> dict:
-    out = Path(out)
+    with stage_run(config, "cache-latents", Path(out)) as telemetry:
+        return _cache_latents(config, Path(out), telemetry)
+
+
+def _cache_latents(config: Config, out: Path, telemetry) -> dict:
     teacher = load_teacher(config)
     pipe, res, dcfg = teacher.pipe, teacher.resolution, config.data
     tmp = staging_dir(out)
@@ -54,6 +58,9 @@ def cache_latents(config: Config, out: str | Path) -> dict:
             keys.append(sample.key)
             if len(images) == dcfg.batch_size:
                 flush()
+                telemetry.progress(len(captions), dcfg.limit or len(captions))
+                if len(captions) % (dcfg.batch_size * 20) == 0:
+                    log.info("cache-latents: %d images encoded", len(captions))
         if images:
             flush()
         values = torch.cat(abs_values, dim=1)

@@ -1,9 +1,11 @@
 """What every stage shares: resolved-config records, the teacher bundle, the latent cache reader."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -12,13 +14,30 @@ import torch
 from safetensors.torch import load_file
 
 from ddil_core.config import Config, dump_config
+from ddil_core.data.locks import output_lock
 from ddil_core.data.shards import ShardError, load_shards
 from ddil_core.math.schedule import NoiseSchedule
 from ddil_core.models.conditioning import Cond
 from ddil_core.models.pipeline_io import family_of, load_pipeline
+from ddil_core.telemetry import StageTelemetry
 
 log = logging.getLogger(__name__)
 RESOLVED = "resolved_config.yaml"
+
+
+def stage_telemetry(config: Config, stage: str, out: Path, serve: bool = False) -> StageTelemetry:
+    """Prometheus telemetry of one stage; the run id is telemetry.run_id, $DDIL_RUN_ID, or the run folder's name."""
+    t = config.telemetry
+    run_id = t.run_id or os.environ.get("DDIL_RUN_ID") or Path(out).resolve().parent.name or "ddil"
+    return StageTelemetry(stage, run_id, t.pushgateway, t.push_interval_s, t.metrics_port if serve else None)
+
+
+@contextlib.contextmanager
+def stage_run(config: Config, stage: str, out: Path, serve: bool = False):
+    """What every stage does around its work: one writer per output folder, and telemetry pushed at the end
+    (success or failure)."""
+    with output_lock(out), stage_telemetry(config, stage, out, serve) as telemetry:
+        yield telemetry
 
 
 def write_resolved_config(folder: Path, config: Config) -> None:

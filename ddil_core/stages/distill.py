@@ -7,6 +7,7 @@ DIR/resolved_config.yaml. Rerunning on an existing DIR resumes from its newest c
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -20,7 +21,7 @@ from ddil_core.method.objectives import ObjectiveContext, build_objective
 from ddil_core.method.rollouts import teacher_interval_step
 from ddil_core.models.denoiser import Denoiser
 from ddil_core.models.pipeline_io import save_student_pipeline
-from ddil_core.stages.common import load_teacher, read_latent_cache, write_resolved_config
+from ddil_core.stages.common import load_teacher, read_latent_cache, stage_run, write_resolved_config
 from ddil_core.training.loop import Trainer
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,23 @@ def read_rollouts(folders: Sequence[Path], cache_count: int) -> tuple[torch.Tens
 def distill(config: Config, latents: str | Path, rollouts: Sequence[str | Path], out: str | Path,
             on_log: Optional[Callable[[dict], None]] = None, on_checkpoint: Optional[Callable[[], None]] = None) -> Path:
     out = Path(out)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    with stage_run(config, "distill", out, serve=rank0) as telemetry:
+
+        def log_record(record):
+            telemetry.log_train(record["step"], record)
+            if on_log:
+                on_log(record)
+
+        def checkpoint_written():
+            telemetry.checkpoint_written()
+            if on_checkpoint:
+                on_checkpoint()
+
+        return _distill(config, Path(latents), rollouts, out, log_record, checkpoint_written)
+
+
+def _distill(config, latents, rollouts, out, on_log, on_checkpoint) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     write_resolved_config(out, config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

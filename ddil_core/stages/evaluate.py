@@ -310,12 +310,10 @@ def _write_json(path: Path, data) -> None:
 def evaluate(config: Config, student: str, teacher: str, out: str | Path, baseline: Optional[str] = None,
              prompts: Optional[str] = None, reference: Optional[str] = None) -> dict:
     """Evaluate `student` (and `baseline`) against `teacher`; returns the metrics written to out/metrics.json."""
-    from ddil_core.telemetry import StageTelemetry
+    from ddil_core.stages.common import stage_run
 
     out = Path(out)
-    tel = StageTelemetry("evaluate", config.telemetry.run_id or out.resolve().name, config.telemetry.pushgateway,
-                         config.telemetry.push_interval_s)
-    with tel:
+    with stage_run(config, "evaluate", out) as tel:
         tmp = staging_dir(out)
         try:
             metrics = _evaluate(config, str(student), str(teacher), tmp, baseline and str(baseline), prompts,

@@ -17,7 +17,7 @@ from ddil_core.method.grid import StudentGrid
 from ddil_core.method.rollouts import NO_REFLECTION, Reflection, ddim_sample
 from ddil_core.models.conditioning import index_cond
 from ddil_core.models.denoiser import Denoiser
-from ddil_core.stages.common import load_teacher, read_latent_cache, write_resolved_config
+from ddil_core.stages.common import load_teacher, read_latent_cache, stage_run, write_resolved_config
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,11 @@ def rollout_prompt_refs(num_samples: int, num_prompts: int, seed: int) -> torch.
 def teacher_rollouts(config: Config, latents: str | Path, out: str | Path, shard: int = 0, num_shards: int = 1) -> dict:
     if not 0 <= shard < num_shards:
         raise ValueError(f"--shard {shard} must be in [0, --num-shards {num_shards})")
-    out = Path(out)
+    with stage_run(config, "teacher-rollouts", Path(out)) as telemetry:
+        return _teacher_rollouts(config, Path(latents), Path(out), shard, num_shards, telemetry)
+
+
+def _teacher_rollouts(config: Config, latents: Path, out: Path, shard: int, num_shards: int, telemetry) -> dict:
     rcfg = config.rollouts
     teacher = load_teacher(config)
     cache = read_latent_cache(Path(latents), teacher)
@@ -63,6 +67,8 @@ def teacher_rollouts(config: Config, latents: str | Path, out: str | Path, shard
             x0 = ddim_sample(denoiser, noise, grid.timesteps, grid.prev_timesteps, cond, uncond, guidance,
                              reflection, record)
             writer.add({"states": states.half(), "x0": x0.half(), "ref": refs[ids], "seed": rcfg.seed + ids})
+            telemetry.progress(start + len(ids), len(mine))
+            log.info("teacher-rollouts: %d/%d rollouts", start + len(ids), len(mine))
         write_resolved_config(tmp, config)
         manifest = writer.finish(
             timesteps=grid.timesteps.tolist(), guidance_scale=guidance, teacher=config.model.teacher,
