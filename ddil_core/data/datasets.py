@@ -198,9 +198,41 @@ def _tars(fs, uri: str) -> Iterator[tuple[str, callable]]:
             yield key, make
 
 
+def storage_error(uri: str, exc: BaseException) -> Optional[str]:
+    """A one-line explanation of a remote-storage failure (missing or refused credentials, unknown bucket) naming
+    `uri`, or None when `exc` is not one. Never includes credential values."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if names & {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}:
+        return (f"{uri}: no credentials for {uri.split('://', 1)[0]}:// storage ({type(exc).__name__}); set "
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE / a Kubernetes secret) in the environment")
+    text = str(exc)
+    for code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "AccessDenied", "NoSuchBucket"):
+        if code in text or code in names:
+            what = "access denied" if code == "AccessDenied" else (
+                "no such bucket" if code == "NoSuchBucket" else "credentials refused")
+            return f"{uri}: {what} ({code}); check the credentials in the environment and the path"
+    if isinstance(exc, PermissionError) and "://" in uri:
+        return f"{uri}: access denied ({exc}); check the credentials in the environment and the path"
+    return None
+
+
 def iter_samples(uri: str, images: Optional[str] = None, policy: str = "fail", limit: Optional[int] = None,
                  skips: Optional[SkipReport] = None, resolution: int = 16) -> Iterator[Sample]:
-    """Every good sample of a dataset, in a fixed order. Bad samples raise (policy fail) or are counted (skip)."""
+    """Every good sample of a dataset, in a fixed order. Bad samples raise (policy fail) or are counted (skip).
+    Remote storage that refuses us (no credentials, access denied) raises DatasetError naming the path."""
+    try:
+        yield from _iter_samples(uri, images, policy, limit, skips, resolution)
+    except DatasetError:
+        raise
+    except Exception as exc:
+        message = storage_error(uri, exc)
+        if message is None:
+            raise
+        raise DatasetError(message) from None
+
+
+def _iter_samples(uri: str, images: Optional[str], policy: str, limit: Optional[int], skips: Optional[SkipReport],
+                  resolution: int) -> Iterator[Sample]:
     if uri.startswith("demo://digits"):
         split = "eval" if uri.rstrip("/").endswith("eval") else "train"
         samples = ((s.key, (lambda s=s: s)) for s in _digits(split, resolution))

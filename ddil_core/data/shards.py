@@ -6,12 +6,14 @@ reader never sees a half-written folder; readers verify every shard's sha256 aga
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -21,6 +23,26 @@ MANIFEST = "manifest.json"
 
 class ShardError(RuntimeError):
     """A shard folder is missing, unreadable or does not match its manifest; the message names the file."""
+
+
+class DiskFullError(ShardError):
+    """The disk (or quota) filled while writing an output; the message names the folder. Nothing is left behind."""
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+@contextlib.contextmanager
+def disk_full_is_clear(folder: Path) -> Iterator[None]:
+    """Turn 'No space left on device' (or a full quota) while writing into `folder` into a DiskFullError naming it."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in DISK_FULL_ERRNOS:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise DiskFullError(f"{folder}: no space left on device while writing{where}; free space or choose "
+                            "another output folder, then rerun") from None
 
 
 def sha256_file(path: Path) -> str:
@@ -46,6 +68,35 @@ def staging_dir(final: Path) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     return tmp
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_stale_staging(final: Path) -> None:
+    """Remove `.NAME.tmp-PID` siblings of `final` left by a process of this host that was killed (SIGKILL, power
+    loss) while building it. Call only under the output's writer lock; folders of live processes are kept."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return
+    for path in final.parent.glob(f".{final.name}.tmp-*"):
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def partial_dir(final: Path) -> Path:
+    """The persistent hidden staging folder `.NAME.partial` of a resumable writer (cache-latents, teacher-rollouts):
+    a rerun after an interruption finds it and keeps its verified shards."""
+    final = Path(final)
+    return final.with_name(f".{final.name}.partial")
 
 
 def publish_dir(tmp: Path, final: Path) -> None:
@@ -79,6 +130,21 @@ class ShardWriter:
         while self._pending_count >= self.shard_size:
             self._flush(self.shard_size)
 
+    def adopt(self, entry: dict) -> None:
+        """Take over a shard already in the folder (a verified shard of an interrupted run), as the next one."""
+        from safetensors import safe_open
+
+        if self._pending_count:
+            raise ValueError("adopt() needs a shard boundary (samples are pending)")
+        expected = f"shard-{len(self.shards):05d}.safetensors"
+        if entry["file"] != expected:
+            raise ValueError(f"adopt(): shard {entry['file']} is not the next one ({expected})")
+        with safe_open(str(self.folder / entry["file"]), framework="pt") as f:
+            for key in f.keys():
+                self.shapes[key] = list(f.get_slice(key).get_shape()[1:])
+        self.shards.append({"file": entry["file"], "count": int(entry["count"]), "sha256": entry["sha256"]})
+        self.count += int(entry["count"])
+
     def _flush(self, n: int) -> None:
         joined = {k: torch.cat(v) for k, v in self._pending.items()}
         shard = {k: v[:n].contiguous() for k, v in joined.items()}
@@ -96,6 +162,63 @@ class ShardWriter:
         manifest = {"kind": self.kind, "count": self.count, "shapes": self.shapes, "shards": self.shards, **extra}
         write_json_atomic(self.folder / MANIFEST, manifest)
         return manifest
+
+
+class ResumableStaging:
+    """The staging folder of a resumable shard writer (cache-latents, teacher-rollouts): `.NAME.partial`, hidden.
+
+    After each complete shard the stage calls `record`, which writes partial.json: a fingerprint of everything the
+    shards depend on (teacher, config, inputs) and, per shard, its file, count, sha256 and a digest of the inputs it
+    covers. A rerun with the same fingerprint reuses a shard when its file still has that sha256 and the rerun's
+    inputs for it have the same digest (`reusable`); anything else is rebuilt. `publish` renames the folder to its
+    final name once complete; `discard` removes it (on errors: only an interruption keeps it for the rerun).
+    """
+
+    RECORD = "partial.json"
+
+    def __init__(self, final: Path, fingerprint: dict):
+        self.final = Path(final)
+        self.folder = partial_dir(self.final)
+        self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+        self.previous: list[dict] = []
+        if self.folder.exists():
+            try:
+                data = json.loads((self.folder / self.RECORD).read_text())
+            except (OSError, ValueError):
+                data = None
+            if (isinstance(data, dict) and data.get("fingerprint") == self.fingerprint
+                    and isinstance(data.get("shards"), list)):
+                self.previous = data["shards"]
+            else:  # another teacher, config or dataset, or no record: nothing to reuse
+                shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def reusable(self, index: int, inputs: str) -> Optional[dict]:
+        """The interrupted run's entry of shard `index` when its inputs digest and file sha256 still match."""
+        if index >= len(self.previous):
+            return None
+        entry = self.previous[index]
+        path = self.folder / str(entry.get("file"))
+        if entry.get("inputs") == inputs and path.is_file() and sha256_file(path) == entry.get("sha256"):
+            return entry
+        self.previous = self.previous[:index]  # this shard and the ones after it are rebuilt
+        return None
+
+    def record(self, shards: list[dict], inputs: list[str]) -> None:
+        entries = [{**shard, "inputs": digest} for shard, digest in zip(shards, inputs)]
+        write_json_atomic(self.folder / self.RECORD, {"fingerprint": self.fingerprint, "shards": entries})
+
+    def publish(self, manifest: dict) -> None:
+        """Drop the resume record, stray temporary files and shards not in `manifest`; rename to the final name."""
+        listed = {entry["file"] for entry in manifest["shards"]}
+        for path in self.folder.iterdir():
+            stray = path.name.startswith("shard-") and path.name not in listed
+            if path.name == self.RECORD or ".tmp-" in path.name or stray:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        publish_dir(self.folder, self.final)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def read_manifest(folder: Path, kind: Optional[str] = None) -> dict:

@@ -37,6 +37,12 @@ class StateBatch:
     x0_real: torch.Tensor  # [B, C, H, W] the batch's real latents (DMD2's GAN uses them; never the states)
     noise: torch.Tensor  # [B, C, H, W] fresh noise for objectives that need one per sample
 
+    def slice(self, start: int, end: int) -> "StateBatch":
+        """Samples [start, end): one rank's share of a global batch."""
+        return StateBatch(self.x_t[start:end], self.k[start:end], self.t[start:end],
+                          {key: v[start:end] for key, v in self.cond.items()}, self.source[start:end],
+                          self.x0_real[start:end], self.noise[start:end])
+
 
 @dataclass
 class TrainingData:

@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Optional
 
-from ddil_core.data.shards import publish_dir, staging_dir, write_json_atomic
+from ddil_core.data.shards import publish_dir, remove_stale_staging, staging_dir, write_json_atomic
 from ddil_core.models.tiny import build_tiny_pipeline
 
 log = logging.getLogger(__name__)
@@ -70,12 +71,15 @@ def _download_s3(uri: str) -> Path:
     target = cache / uri.replace("://", "/").rstrip("/")
     if (target / "model_index.json").exists():
         return target
-    fs, path = fsspec.core.url_to_fs(uri)
+    from ddil_core.data.datasets import storage_error
+
     tmp = staging_dir(target)
     try:
+        fs, path = fsspec.core.url_to_fs(uri)
         fs.get(path.rstrip("/") + "/", str(tmp), recursive=True)
     except Exception as exc:
-        raise ModelError(f"{uri}: could not download ({type(exc).__name__}: {exc})") from None
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelError(storage_error(uri, exc) or f"{uri}: could not download ({type(exc).__name__}: {exc})") from None
     publish_dir(tmp, target)
     return target
 
@@ -140,9 +144,14 @@ def save_student_pipeline(teacher_pipe, student_unet, scheduler, out_dir: Path, 
     components["scheduler"] = scheduler
     pipe = type(teacher_pipe)(**{k: v for k, v in components.items() if k in _init_keys(teacher_pipe)})
     out_dir = Path(out_dir)
+    remove_stale_staging(out_dir)  # of a writer killed while saving (callers hold the output's lock)
     tmp = staging_dir(out_dir)
-    pipe.save_pretrained(str(tmp), safe_serialization=True)
-    write_json_atomic(tmp / STUDENT_INFO, info)
+    try:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        write_json_atomic(tmp / STUDENT_INFO, info)
+    except BaseException:  # a full disk, an interruption: nothing half-written is left
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     publish_dir(tmp, out_dir)
 
 

@@ -2,84 +2,192 @@
 
 Writes fp16 latent shards with the prompt embeddings, captions, the unconditional embedding, and a manifest with
 counts, shapes, per-shard sha256, the VAE fingerprint, resolution, and per-channel latent bounds (a high percentile
-of |x0|) that reflection uses as its static bound.
+of the cached |x0|) that reflection uses as its static bound.
+
+Resumable: the output is built in the hidden folder `.OUT.partial` and every complete shard is recorded there with a
+digest of the samples it holds. SIGTERM/SIGINT (a preempted pod) stops at the next sample with `Preempted` (exit
+143) and keeps that folder; a SIGKILL leaves it too. A rerun with the same teacher and config reads the dataset
+again (shard boundaries are fixed by the data order, data.shard_size and the bad-sample policy) and reuses each
+recorded shard whose file still has its sha256 and whose samples have the same digest, encoding only the rest.
+Any other error removes the folder: nothing half-written is left.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from ddil_core.config import Config
 from ddil_core.data.datasets import SkipReport, image_to_tensor, iter_samples
-from ddil_core.data.shards import ShardWriter, publish_dir, staging_dir
+from ddil_core.data.shards import ResumableStaging, ShardWriter, disk_full_is_clear
 from ddil_core.models.conditioning import encode_prompts, encode_unconditional
 from ddil_core.models.latents import encode_images
 from ddil_core.stages.common import load_teacher, stage_run, write_resolved_config
+from ddil_core.training.loop import Preempted, _StopFlag
 
 log = logging.getLogger(__name__)
 MAX_BOUND_SAMPLES = 1 << 20  # per channel: enough for a stable percentile
+RESUME_FORMAT = 1  # bump when the shard layout or the digest changes: older partial folders are not reused
 
 
 def cache_latents(config: Config, out: str | Path) -> dict:
-    with stage_run(config, "cache-latents", Path(out)) as telemetry:
-        return _cache_latents(config, Path(out), telemetry)
+    with _StopFlag() as stop, stage_run(config, "cache-latents", Path(out)) as telemetry:
+        with disk_full_is_clear(Path(out)):
+            return _cache_latents(config, Path(out), telemetry, stop)
 
 
-def _cache_latents(config: Config, out: Path, telemetry) -> dict:
+def module_fingerprint(module) -> str:
+    """Like Teacher.vae_id: the config and the first and last weight tensors of a module, hashed."""
+    if module is None:
+        return "none"
+    config = getattr(module, "config", None) or {}
+    config = config.to_dict() if hasattr(config, "to_dict") else dict(config)  # transformers / diffusers configs
+    config = {k: v for k, v in config.items() if not str(k).startswith("_") and k != "transformers_version"}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    sd = module.state_dict()
+    for key in (next(iter(sd)), list(sd)[-1]):
+        h.update(sd[key].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _bound_samples(latents: torch.Tensor) -> torch.Tensor:
+    """Per-channel |x| values of one encode batch, from the fp16 values stored in the cache."""
+    per_channel = latents.float().abs().transpose(0, 1).reshape(latents.shape[1], -1)
+    return per_channel[:, : max(1, MAX_BOUND_SAMPLES // 64)]
+
+
+def _check_caption_lengths(pipe, captions: list[str], keys: list[str]) -> None:
+    """Warn, naming the sample, when a caption is longer than a text encoder reads (it is truncated)."""
+    for tokenizer in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)):
+        if tokenizer is None:
+            continue
+        lengths = [len(ids) for ids in tokenizer(captions, truncation=False).input_ids]
+        for key, n in zip(keys, lengths):
+            if n > tokenizer.model_max_length:
+                log.warning("sample '%s': caption of %d tokens truncated to %d (the text encoder's limit)", key, n,
+                            tokenizer.model_max_length)
+
+
+class _Restart(Exception):
+    """A recorded shard's samples changed: read the dataset again, rebuilding from that shard on."""
+
+
+def _cache_latents(config: Config, out: Path, telemetry, stop) -> dict:
     teacher = load_teacher(config)
     pipe, res, dcfg = teacher.pipe, teacher.resolution, config.data
-    tmp = staging_dir(out)
+    fingerprint = {
+        "stage": "cache-latents", "format": RESUME_FORMAT, "teacher": config.model.teacher, "family": teacher.family,
+        "vae_id": teacher.vae_id(), "text_encoders": [module_fingerprint(pipe.text_encoder),
+                                                      module_fingerprint(getattr(pipe, "text_encoder_2", None))],
+        "resolution": res, "dataset": dcfg.dataset, "images": dcfg.images, "policy": dcfg.bad_sample_policy,
+        "limit": dcfg.limit, "shard_size": dcfg.shard_size, "batch_size": dcfg.batch_size,
+    }
+    staging = ResumableStaging(out, fingerprint)
+    if staging.previous:
+        log.info("cache-latents: resuming: %d shards of an interrupted run in %s", len(staging.previous),
+                 staging.folder)
     try:
-        writer = ShardWriter(tmp, "latents", dcfg.shard_size)
-        skips = SkipReport()
-        captions: list[str] = []
-        keys: list[str] = []
-        abs_values: list[torch.Tensor] = []
-        images, batch_captions = [], []
-
-        def flush():
-            lat = encode_images(pipe.vae, torch.stack(images))
-            cond = encode_prompts(pipe, batch_captions, res)
-            writer.add({"latents": lat.half(), **{f"cond.{k}": v.half() for k, v in cond.items()}})
-            per_channel = lat.abs().transpose(0, 1).reshape(lat.shape[1], -1)
-            abs_values.append(per_channel[:, : max(1, MAX_BOUND_SAMPLES // 64)].float())
-            images.clear()
-            batch_captions.clear()
-
-        samples = iter_samples(dcfg.dataset, dcfg.images, dcfg.bad_sample_policy, dcfg.limit, skips, res)
-        for sample in samples:
-            images.append(image_to_tensor(sample.image, res))
-            batch_captions.append(sample.caption)
-            captions.append(sample.caption)
-            keys.append(sample.key)
-            if len(images) == dcfg.batch_size:
-                flush()
-                telemetry.progress(len(captions), dcfg.limit or len(captions))
-                if len(captions) % (dcfg.batch_size * 20) == 0:
-                    log.info("cache-latents: %d images encoded", len(captions))
-        if images:
-            flush()
-        values = torch.cat(abs_values, dim=1)
-        bounds = torch.quantile(values[:, :MAX_BOUND_SAMPLES], dcfg.latent_bound_percentile, dim=1)
+        while True:
+            try:
+                manifest, skips = _encode_all(config, teacher, staging, telemetry, stop)
+                break
+            except _Restart as why:
+                log.info("cache-latents: %s; reading the dataset again", why)
         uncond = encode_unconditional(pipe, res)
-        save_file({k: v.half().contiguous() for k, v in uncond.items()}, str(tmp / "uncond.safetensors"))
-        (tmp / "captions.json").write_text(json.dumps(captions))
-        (tmp / "keys.json").write_text(json.dumps(keys))
-        write_resolved_config(tmp, config)
-        manifest = writer.finish(
-            teacher=config.model.teacher, family=teacher.family, vae_id=teacher.vae_id(), resolution=res,
-            dataset=dcfg.dataset, latent_bounds=bounds.tolist(), latent_bound_percentile=dcfg.latent_bound_percentile,
-            skipped=skips.skipped, skip_reasons=skips.reasons,
-        )
+        save_file({k: v.half().contiguous() for k, v in uncond.items()}, str(staging.folder / "uncond.safetensors"))
+        write_resolved_config(staging.folder, config)
+        staging.publish(manifest)
+    except (Preempted, KeyboardInterrupt):
+        raise  # the partial folder stays for the rerun
     except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+        staging.discard()
         raise
-    publish_dir(tmp, out)
     log.info("cached %d latents into %s (%d skipped)", manifest["count"], out, skips.skipped)
     return manifest
+
+
+def _encode_all(config: Config, teacher, staging: ResumableStaging, telemetry, stop):
+    """One pass over the dataset: shard by shard, reusing recorded shards, encoding the others batch by batch
+    (a batch never spans two shards, so a shard's contents do not depend on what came before it)."""
+    pipe, res, dcfg = teacher.pipe, teacher.resolution, config.data
+    writer = ShardWriter(staging.folder, "latents", dcfg.shard_size)
+    skips = SkipReport()
+    captions: list[str] = []
+    keys: list[str] = []
+    abs_values: list[torch.Tensor] = []
+    digests: list[str] = []
+    state = {"digest": hashlib.sha256(), "count": 0, "reused": 0}
+    images, batch_captions, batch_keys = [], [], []
+
+    def encode_batch():
+        lat = encode_images(pipe.vae, torch.stack(images)).half()
+        _check_caption_lengths(pipe, batch_captions, batch_keys)
+        cond = encode_prompts(pipe, batch_captions, res)
+        writer.add({"latents": lat, **{f"cond.{k}": v.half() for k, v in cond.items()}})
+        abs_values.append(_bound_samples(lat))
+        images.clear()
+        batch_captions.clear()
+        batch_keys.clear()
+
+    def end_shard():
+        """The current shard is complete (or the data ended): reuse the recorded one or write the encoded one."""
+        index, digest = len(writer.shards), state["digest"].hexdigest()
+        if index < len(staging.previous):  # its samples were only hashed: a recorded shard should hold them
+            entry = staging.reusable(index, digest)
+            if entry is None or entry["count"] != state["count"]:
+                raise _Restart(f"the samples of recorded shard {index} changed")
+            writer.adopt(entry)
+            lat = load_file(str(staging.folder / entry["file"]))["latents"]
+            abs_values.extend(_bound_samples(b) for b in lat.split(dcfg.batch_size))
+            state["reused"] += 1
+        elif images:
+            encode_batch()
+        digests.append(digest)
+        if state["count"] == dcfg.shard_size:  # a full shard was written: record it for a rerun
+            staging.record(writer.shards, digests)
+        state.update(digest=hashlib.sha256(), count=0)
+
+    samples = iter_samples(dcfg.dataset, dcfg.images, dcfg.bad_sample_policy, dcfg.limit, skips, res)
+    for sample in samples:
+        if stop.signal is not None:
+            raise Preempted(f"stopped by signal {stop.signal} after {len(captions)} samples; {len(writer.shards)} "
+                            f"complete shards kept in {staging.folder}: rerun to resume")
+        tensor = image_to_tensor(sample.image, res)
+        for part in (sample.key.encode(), b"\0", sample.caption.encode(), b"\0", tensor.numpy().tobytes()):
+            state["digest"].update(part)
+        state["count"] += 1
+        captions.append(sample.caption)
+        keys.append(sample.key)
+        if len(writer.shards) >= len(staging.previous):  # a shard to encode
+            images.append(tensor)
+            batch_captions.append(sample.caption)
+            batch_keys.append(sample.key)
+            if len(images) == dcfg.batch_size and state["count"] < dcfg.shard_size:
+                encode_batch()
+        if state["count"] == dcfg.shard_size:
+            end_shard()
+        if len(captions) % dcfg.batch_size == 0:
+            telemetry.progress(len(captions), dcfg.limit or len(captions))
+            if len(captions) % (dcfg.batch_size * 20) == 0:
+                log.info("cache-latents: %d images read", len(captions))
+    if state["count"]:
+        end_shard()
+    if stop.signal is not None:
+        raise Preempted(f"stopped by signal {stop.signal}; {len(writer.shards)} complete shards kept in "
+                        f"{staging.folder}: rerun to resume")
+    if state["reused"]:
+        log.info("cache-latents: reused %d shards of the interrupted run", state["reused"])
+    values = torch.cat(abs_values, dim=1)
+    bounds = torch.quantile(values[:, :MAX_BOUND_SAMPLES], dcfg.latent_bound_percentile, dim=1)
+    (staging.folder / "captions.json").write_text(json.dumps(captions))
+    (staging.folder / "keys.json").write_text(json.dumps(keys))
+    manifest = writer.finish(
+        teacher=config.model.teacher, family=teacher.family, vae_id=teacher.vae_id(), resolution=res,
+        dataset=dcfg.dataset, latent_bounds=bounds.tolist(), latent_bound_percentile=dcfg.latent_bound_percentile,
+        skipped=skips.skipped, skip_reasons=skips.reasons,
+    )
+    return manifest, skips

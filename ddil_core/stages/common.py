@@ -32,10 +32,19 @@ def stage_telemetry(config: Config, stage: str, out: Path, serve: bool = False) 
     return StageTelemetry(stage, run_id, t.pushgateway, t.push_interval_s, t.metrics_port if serve else None)
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a multi-process launch (torchrun / accelerate set RANK), or a plain single process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 @contextlib.contextmanager
 def stage_run(config: Config, stage: str, out: Path, serve: bool = False):
     """What every stage does around its work: one writer per output folder, and telemetry pushed at the end
-    (success or failure)."""
+    (success or failure). Only rank 0 of a multi-process launch takes the lock and reports."""
+    if not is_main_process():
+        with StageTelemetry(stage, "ddil", None) as quiet:
+            yield quiet
+        return
     with output_lock(out), stage_telemetry(config, stage, out, serve) as telemetry:
         yield telemetry
 

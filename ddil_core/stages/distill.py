@@ -7,7 +7,6 @@ DIR/resolved_config.yaml. Rerunning on an existing DIR resumes from its newest c
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -21,7 +20,8 @@ from ddil_core.method.objectives import ObjectiveContext, build_objective
 from ddil_core.method.rollouts import teacher_interval_step
 from ddil_core.models.denoiser import Denoiser
 from ddil_core.models.pipeline_io import save_student_pipeline
-from ddil_core.stages.common import load_teacher, read_latent_cache, stage_run, write_resolved_config
+from ddil_core.stages.common import (is_main_process, load_teacher, read_latent_cache, stage_run,
+                                     write_resolved_config)
 from ddil_core.training.loop import Trainer
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,7 @@ def read_rollouts(folders: Sequence[Path], cache_count: int) -> tuple[torch.Tens
 def distill(config: Config, latents: str | Path, rollouts: Sequence[str | Path], out: str | Path,
             on_log: Optional[Callable[[dict], None]] = None, on_checkpoint: Optional[Callable[[], None]] = None) -> Path:
     out = Path(out)
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    with stage_run(config, "distill", out, serve=rank0) as telemetry:
+    with stage_run(config, "distill", out, serve=True) as telemetry:
 
         def log_record(record):
             telemetry.log_train(record["step"], record)
@@ -74,7 +73,8 @@ def distill(config: Config, latents: str | Path, rollouts: Sequence[str | Path],
 
 def _distill(config, latents, rollouts, out, on_log, on_checkpoint) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    write_resolved_config(out, config)
+    if is_main_process():
+        write_resolved_config(out, config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher = load_teacher(config, device)
     cache = read_latent_cache(Path(latents), teacher)
@@ -104,6 +104,9 @@ def _distill(config, latents, rollouts, out, on_log, on_checkpoint) -> Path:
     trainer = Trainer(config, objective, mixture, out, on_log=on_log, on_checkpoint=on_checkpoint)
     trainer.resume()
     trainer.train()
+    if not trainer.is_main:
+        trainer.accelerator.wait_for_everyone()
+        return out / "student"
     student = objective.trainable()["student"]
     if trainer.ema is not None:
         trainer.ema.copy_to(student)
@@ -113,4 +116,5 @@ def _distill(config, latents, rollouts, out, on_log, on_checkpoint) -> Path:
     if buffer is not None:
         buffer.save(out / "buffer")
     log.info("student written to %s", out / "student")
+    trainer.accelerator.wait_for_everyone()
     return out / "student"

@@ -2,22 +2,30 @@
 DDIM grid (DDIL's teacher-backward source). The teacher is frozen, so these are computed once, offline, and can be
 sharded (`--shard I --num-shards N`) so KFP fans them out; rollout i always uses seed `rollouts.seed + i`, so the
 result does not depend on the sharding.
+
+Resumable like cache-latents: built in the hidden folder `.OUT.partial`, where every complete shard is recorded
+(rollouts [k * rollouts.shard_size, (k + 1) * rollouts.shard_size) of this stage's share, in batches that never span
+two shards). SIGTERM/SIGINT stops between batches with `Preempted` (exit 143) and keeps that folder; a rerun with
+the same teacher, latent cache and config reuses every recorded shard whose sha256 still matches.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
-import shutil
 from pathlib import Path
 
 import torch
 
 from ddil_core.config import Config
-from ddil_core.data.shards import ShardWriter, publish_dir, staging_dir
+from ddil_core.data.shards import ResumableStaging, ShardWriter, disk_full_is_clear, sha256_file
 from ddil_core.method.grid import StudentGrid
 from ddil_core.method.rollouts import NO_REFLECTION, Reflection, ddim_sample
 from ddil_core.models.conditioning import index_cond
 from ddil_core.models.denoiser import Denoiser
+from ddil_core.stages.cache_latents import module_fingerprint
 from ddil_core.stages.common import load_teacher, read_latent_cache, stage_run, write_resolved_config
+from ddil_core.training.loop import Preempted, _StopFlag
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +39,13 @@ def rollout_prompt_refs(num_samples: int, num_prompts: int, seed: int) -> torch.
 def teacher_rollouts(config: Config, latents: str | Path, out: str | Path, shard: int = 0, num_shards: int = 1) -> dict:
     if not 0 <= shard < num_shards:
         raise ValueError(f"--shard {shard} must be in [0, --num-shards {num_shards})")
-    with stage_run(config, "teacher-rollouts", Path(out)) as telemetry:
-        return _teacher_rollouts(config, Path(latents), Path(out), shard, num_shards, telemetry)
+    with _StopFlag() as stop, stage_run(config, "teacher-rollouts", Path(out)) as telemetry:
+        with disk_full_is_clear(Path(out)):
+            return _teacher_rollouts(config, Path(latents), Path(out), shard, num_shards, telemetry, stop)
 
 
-def _teacher_rollouts(config: Config, latents: Path, out: Path, shard: int, num_shards: int, telemetry) -> dict:
+def _teacher_rollouts(config: Config, latents: Path, out: Path, shard: int, num_shards: int, telemetry,
+                      stop) -> dict:
     rcfg = config.rollouts
     teacher = load_teacher(config)
     cache = read_latent_cache(Path(latents), teacher)
@@ -50,34 +60,63 @@ def _teacher_rollouts(config: Config, latents: Path, out: Path, shard: int, num_
                                 refl_cfg.percentile)
     refs = rollout_prompt_refs(rcfg.num_samples, cache.latents.shape[0], rcfg.seed)
     mine = torch.arange(rcfg.num_samples)[shard::num_shards]
-    tmp = staging_dir(out)
+    fingerprint = {  # everything a rollout depends on besides its id
+        "stage": "teacher-rollouts", "format": 1, "teacher": config.model.teacher,
+        "unet": module_fingerprint(teacher.unet), "scheduler": dict(teacher.pipe.scheduler.config),
+        "latents": [e["sha256"] for e in cache.manifest["shards"]],
+        "uncond": sha256_file(Path(latents) / "uncond.safetensors"), "bounds": cache.manifest.get("latent_bounds"),
+        "rollouts": dataclasses.asdict(rcfg), "guidance": guidance, "reflection": dataclasses.asdict(refl_cfg),
+        "shard": shard, "num_shards": num_shards,
+    }
+    staging = ResumableStaging(out, fingerprint)
+    chunks = [mine[first:first + rcfg.shard_size] for first in range(0, len(mine), rcfg.shard_size)]
+    digests = [hashlib.sha256(",".join(map(str, c.tolist())).encode()).hexdigest() for c in chunks]
     try:
-        writer = ShardWriter(tmp, "rollouts", rcfg.shard_size)
-        for start in range(0, len(mine), rcfg.batch_size):
-            ids = mine[start:start + rcfg.batch_size]
-            noise = torch.stack([torch.randn(teacher.latent_shape, generator=torch.Generator().manual_seed(rcfg.seed + int(i)))
-                                 for i in ids])
-            cond = {k: v.float() for k, v in index_cond(cache.cond, refs[ids]).items()}
-            uncond = {k: v.float() for k, v in cache.uncond.items()}
-            states = torch.empty(len(ids), rcfg.teacher_steps, *teacher.latent_shape)
+        writer = ShardWriter(staging.folder, "rollouts", rcfg.shard_size)
+        reused = 0
+        for index, chunk in enumerate(chunks):
+            first = index * rcfg.shard_size
+            entry = staging.reusable(index, digests[index])
+            if entry is not None and entry["count"] == len(chunk):
+                writer.adopt(entry)
+                reused += 1
+                continue
+            for start in range(0, len(chunk), rcfg.batch_size):
+                if stop.signal is not None:
+                    raise Preempted(f"stopped by signal {stop.signal}; {len(writer.shards)} complete shards kept "
+                                    f"in {staging.folder}: rerun to resume")
+                ids = chunk[start:start + rcfg.batch_size]
+                noise = torch.stack([torch.randn(teacher.latent_shape,
+                                                 generator=torch.Generator().manual_seed(rcfg.seed + int(i)))
+                                     for i in ids])
+                cond = {k: v.float() for k, v in index_cond(cache.cond, refs[ids]).items()}
+                uncond = {k: v.float() for k, v in cache.uncond.items()}
+                states = torch.empty(len(ids), rcfg.teacher_steps, *teacher.latent_shape)
 
-            def record(i, x):
-                states[:, i] = x
+                def record(i, x):
+                    states[:, i] = x
 
-            x0 = ddim_sample(denoiser, noise, grid.timesteps, grid.prev_timesteps, cond, uncond, guidance,
-                             reflection, record)
-            writer.add({"states": states.half(), "x0": x0.half(), "ref": refs[ids], "seed": rcfg.seed + ids})
-            telemetry.progress(start + len(ids), len(mine))
-            log.info("teacher-rollouts: %d/%d rollouts", start + len(ids), len(mine))
-        write_resolved_config(tmp, config)
+                x0 = ddim_sample(denoiser, noise, grid.timesteps, grid.prev_timesteps, cond, uncond, guidance,
+                                 reflection, record)
+                writer.add({"states": states.half(), "x0": x0.half(), "ref": refs[ids], "seed": rcfg.seed + ids})
+                done = first + start + len(ids)
+                telemetry.progress(done, len(mine))
+                log.info("teacher-rollouts: %d/%d rollouts", done, len(mine))
+            if len(chunk) == rcfg.shard_size:  # a full shard was written: record it for a rerun
+                staging.record(writer.shards, digests)
+        if reused:
+            log.info("teacher-rollouts: reused %d shards of an interrupted run", reused)
+        write_resolved_config(staging.folder, config)
         manifest = writer.finish(
             timesteps=grid.timesteps.tolist(), guidance_scale=guidance, teacher=config.model.teacher,
             shard=shard, num_shards=num_shards, latents_count=int(cache.latents.shape[0]),
             reflection=refl_cfg.mode if reflection is not NO_REFLECTION else "off",
         )
+        staging.publish(manifest)
+    except (Preempted, KeyboardInterrupt):
+        raise  # the partial folder stays for the rerun
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        staging.discard()
         raise
-    publish_dir(tmp, out)
     log.info("wrote %d teacher rollouts (shard %d of %d) into %s", manifest["count"], shard, num_shards, out)
     return manifest

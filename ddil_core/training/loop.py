@@ -3,6 +3,11 @@
 Short on purpose: the mixture makes states, the objective makes losses, this file steps optimisers, keeps EMA,
 logs, checkpoints (every N steps, on SIGTERM/SIGINT, at the wall-clock guard) and resumes bit-exactly: every random
 draw comes from one explicit generator whose state is checkpointed with the weights, optimisers and buffer.
+
+Several processes (`accelerate launch` / torchrun; gloo on CPU, NCCL on GPUs): every rank draws the same global
+batch of DDIL states from the same generator (so all ranks agree on the student-rollout step count and hold the
+same replay buffer), trains on its slice, and gradients are averaged across ranks before each optimiser step, so
+the update equals the single-process update on the global batch. Rank 0 alone writes logs and checkpoints.
 """
 from __future__ import annotations
 
@@ -75,6 +80,13 @@ class Trainer:
         self.accelerator = accelerator or Accelerator(mixed_precision=config.training.mixed_precision,
                                                       cpu=not torch.cuda.is_available())
         self.on_log, self.on_checkpoint = on_log, on_checkpoint
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        self.is_main = self.accelerator.is_main_process
+        if config.training.batch_size % self.world:
+            raise ValueError(f"training.batch_size = {config.training.batch_size} must be divisible by the "
+                             f"{self.world} processes")
+        if self.world > 1:
+            mixture.shared_int = self._broadcast_int
         self.generator = torch.Generator().manual_seed(config.training.seed)
         self.modules = objective.trainable()
         self.optimizers = {name: make_optimizer(m, config, objective.lr_for(name)) for name, m in self.modules.items()}
@@ -95,7 +107,37 @@ class Trainer:
         tensors["rng"] = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
         return tensors, extra_json
 
-    def save(self) -> Path:
+    def _broadcast_int(self, value: int) -> int:
+        """Rank 0's value on every rank (e.g. the student-rollout step count of a batch)."""
+        t = torch.tensor([value], dtype=torch.long, device=self.accelerator.device)
+        torch.distributed.broadcast(t, src=0)
+        return int(t)
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every rank when it is true on one (a preempted pod stops all ranks at the same step)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.accelerator.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
+    def _average_gradients(self, module: torch.nn.Module) -> None:
+        """All-reduce the gradients of one network as a single flat buffer (mean over ranks)."""
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        if self.world == 1 or not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def save(self) -> Optional[Path]:
+        if not self.is_main:  # one writer; the others wait so nobody runs ahead of a checkpoint
+            self.accelerator.wait_for_everyone()
+            return None
         tensors, extra_json = self._state_tensors()
         state = {"step": self.step, "nonfinite_total": self.nonfinite_total,
                  "nonfinite_in_a_row": self.nonfinite_in_a_row, "objective": extra_json}
@@ -105,6 +147,7 @@ class Trainer:
                                keep=self.config.training.keep_checkpoints)
         if self.on_checkpoint:
             self.on_checkpoint()
+        self.accelerator.wait_for_everyone()
         return path
 
     def resume(self) -> bool:
@@ -131,7 +174,7 @@ class Trainer:
         return True
 
     def _truncate_log(self, step: int) -> None:
-        if not self.log_path.exists():
+        if not self.is_main or not self.log_path.exists():
             return
         keep = [line for line in self.log_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         self.log_path.write_text("".join(line + "\n" for line in keep))
@@ -158,29 +201,39 @@ class Trainer:
                     self.flush_log()
                 if self.step % cfg.checkpoint_every == 0 or self.step == total:
                     self.save()
-                if stop.signal is not None or (cfg.wall_clock_limit_s and time.monotonic() - started > cfg.wall_clock_limit_s):
+                out_of_time = bool(cfg.wall_clock_limit_s and time.monotonic() - started > cfg.wall_clock_limit_s)
+                if self._any_rank(stop.signal is not None or out_of_time):
                     if self.step % cfg.checkpoint_every and self.step != total:
                         self.save()
-                    why = f"signal {stop.signal}" if stop.signal is not None else "the wall-clock limit"
+                    why = f"signal {stop.signal}" if stop.signal is not None else (
+                        "the wall-clock limit" if out_of_time else "another rank's stop")
                     raise Preempted(f"stopped by {why} at step {self.step}; checkpoint written, rerun to resume")
 
     def train_step(self) -> None:
         acc, iv = self.accelerator, self._interval
         t0 = time.perf_counter()
         batch = self.mixture.sample(self.step, self.config.training.batch_size, self.generator)
+        if self.world > 1:
+            per_rank = batch.x_t.shape[0] // self.world
+            batch = batch.slice(self.rank * per_rank, (self.rank + 1) * per_rank)
         t1 = time.perf_counter()
         with acc.autocast():
             out = self.objective.loss(batch, self.step, self.generator)
         t2 = time.perf_counter()
         finite = all(torch.isfinite(v).all() for v in out.losses.values())
+        if self.world > 1:  # skip on every rank or on none
+            flag = torch.tensor([float(finite)], device=self.accelerator.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            finite = bool(flag.item())
         if finite:
             self.nonfinite_in_a_row = 0
             for name, loss in out.losses.items():  # each loss steps its own network only
                 for opt in self.optimizers.values():
                     opt.zero_grad(set_to_none=True)
-                acc.backward(loss)
+                loss.backward()
+                self._average_gradients(self.modules[name])
                 if self.config.training.grad_clip > 0:
-                    acc.clip_grad_norm_(self.modules[name].parameters(), self.config.training.grad_clip)
+                    torch.nn.utils.clip_grad_norm_(self.modules[name].parameters(), self.config.training.grad_clip)
                 self.optimizers[name].step()
             for opt in self.optimizers.values():
                 opt.zero_grad(set_to_none=True)
@@ -200,7 +253,7 @@ class Trainer:
                     "lower training.lr, enable reflection, or check the data")
         t3 = time.perf_counter()
         iv["steps"] += 1
-        iv["samples"] += batch.x_t.shape[0]
+        iv["samples"] += batch.x_t.shape[0] * self.world
         iv["counts"] += self.mixture.last_counts
         iv["fresh"] += self.mixture.last_fresh
         for term, values in out.per_sample.items():
@@ -211,7 +264,8 @@ class Trainer:
 
     def flush_log(self) -> None:
         iv = self._interval
-        if not iv["steps"]:
+        if not iv["steps"] or not self.is_main:
+            self._interval = self._new_interval()
             return
         n = iv["steps"]
         counts = iv["counts"].double()
