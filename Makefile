@@ -21,5 +21,10 @@ smoke: install
 	ddil distill --config $(RECIPE) --latents $(RUN)/latents --rollouts $(RUN)/rollouts --out $(RUN)/distill
 	ddil sample --model $(RUN)/distill/student --prompt "a handwritten digit seven" --scheduler student --out $(RUN)/sample.png
 
+# Regenerate the compiled Kubeflow pipeline (checked in; a test fails when it is stale).
+# DDIL_IMAGE=REGISTRY/ddil:TAG make compile builds it for another image.
+compile:
+	$(PYTHON) -m pipelines.ddil
+
 clean:
 	rm -rf runs .pytest_cache

@@ -1,0 +1,1 @@
+"""The ddil Kubeflow pipeline (ddil.py) and its compiled IR (ddil.yaml)."""
