@@ -107,3 +107,15 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tiny_data, tmp_path, mon
     with pytest.raises(NonFiniteLoss, match="2 non-finite losses in a row at step 3"):
         distill(config, latents, [rollouts], tmp_path / "two")
     assert not (tmp_path / "two" / "student").exists()
+
+
+def test_ema_weights_are_what_the_student_gets(tiny_data, tmp_path):
+    from ddil_core.training.checkpoint import load_checkpoint
+
+    latents, rollouts = tiny_data["sd15"]
+    student = distill(tiny_config("sd15", "training.ema.enabled=true", "training.ema.decay=0.5"), latents,
+                      [rollouts], tmp_path / "ema")
+    tensors, _, _ = load_checkpoint(tmp_path / "ema" / "checkpoints" / "step-0000006")
+    written = _weights(student.parent)
+    assert all(torch.allclose(written[k], tensors["ema"][k]) for k in written)
+    assert not all(torch.equal(written[k], tensors["model_student"][k]) for k in written)
