@@ -15,6 +15,7 @@ from ddil_core.method.objectives.dmd2 import distribution_matching_grad, distrib
 from ddil_core.method.objectives.lcm import LatentConsistencyDistillation, add_guidance_conditioning, pseudo_huber
 from ddil_core.models.tiny import tiny_unet
 from ddil_core.stages.distill import distill
+from ddil_core.stages.sample import generate
 from tests.conftest import tiny_config
 
 SCHED = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "epsilon"}
@@ -121,6 +122,10 @@ def test_objective_end_to_end_baseline_ddil_and_resume(tmp_path, family, objecti
                      generator=torch.Generator().manual_seed(0), **kwargs).images
         assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
         assert type(pipe.scheduler).__name__ == ("DDIMScheduler" if objective == "pd" else "LCMScheduler")
+        # our sampler (ddil sample / evaluate) reproduces the diffusers pipeline with the student's scheduler
+        ours = generate(pipe, ["a handwritten digit two"], [0], info["num_inference_steps"], info["guidance_scale"],
+                        resolution=16, timesteps=kwargs.get("timesteps"))
+        assert np.abs(ours[0].permute(1, 2, 0).numpy() - image[0]).max() < 1e-5
 
     def preempt(record):
         if record["step"] == 3:
