@@ -186,7 +186,7 @@ class DistributionMatchingDistillation(Objective):
 
         cfg = {k: v for k, v in self.ctx.teacher_scheduler_config.items() if not k.startswith("_")}
         cfg.update(set_alpha_to_one=True, clip_sample=False, thresholding=False, timestep_spacing="leading",
-                   steps_offset=0)
+                   steps_offset=1)  # unused by LCMScheduler; 1 keeps diffusers from warning
         return LCMScheduler.from_config(cfg)
 
     def student_info(self) -> dict:

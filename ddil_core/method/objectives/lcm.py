@@ -151,7 +151,7 @@ class LatentConsistencyDistillation(Objective):
 
         cfg = {k: v for k, v in self.ctx.teacher_scheduler_config.items() if not k.startswith("_")}
         cfg.update(original_inference_steps=self.cfg.num_ddim_timesteps, timestep_spacing="leading",
-                   steps_offset=0, set_alpha_to_one=True, clip_sample=False, thresholding=False)
+                   steps_offset=1, set_alpha_to_one=True, clip_sample=False, thresholding=False)
         return LCMScheduler.from_config(cfg)
 
     def student_info(self) -> dict:
