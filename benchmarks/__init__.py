@@ -1,0 +1,1 @@
+"""Speed and cost benchmarks of the pipeline (one script each; see benchmarks/README.md)."""
