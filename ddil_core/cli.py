@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from typing import Optional, Sequence
 
@@ -157,6 +158,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ddil_core.registry import GateError
     from ddil_core.training.loop import NonFiniteLoss, Preempted
 
+    def preempt(signum, frame):  # anywhere outside a loop that checkpoints: stop cleanly (staging removed, exit 143)
+        raise Preempted(f"stopped by signal {signum}")
+
+    signal.signal(signal.SIGTERM, preempt)
     try:
         args.func(args)
     except Preempted as exc:

@@ -181,6 +181,7 @@ class ResumableStaging:
         self.folder = partial_dir(self.final)
         self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
         self.previous: list[dict] = []
+        remove_stale_staging(self.final)  # `.NAME.tmp-PID` of a writer killed before resumable staging existed
         if self.folder.exists():
             try:
                 data = json.loads((self.folder / self.RECORD).read_text())

@@ -11,7 +11,8 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from ddil_core.data.shards import publish_dir, remove_stale_staging, staging_dir, write_json_atomic
+from ddil_core.data.shards import (disk_full_is_clear, publish_dir, remove_stale_staging, staging_dir,
+                                  write_json_atomic)
 from ddil_core.models.tiny import build_tiny_pipeline
 
 log = logging.getLogger(__name__)
@@ -97,13 +98,15 @@ def load_pipeline(uri: str, family: str = "auto", allow_pickle: bool = False, dt
         else:
             local = Path(uri)
         if local.exists():
-            check_model_folder(local, allow_pickle)
+            found = check_model_folder(local, allow_pickle)
+            if family not in ("auto", found):  # before loading weights that cannot be used
+                raise ModelError(f"{uri}: is an {found} pipeline but the recipe says model.family = {family}")
             source = str(local)
         elif "/" in uri and not uri.startswith((".", "/")) and uri.count("/") == 1:
             source = uri  # a hub id, fetched by diffusers when the network allows
         else:
             raise ModelError(f"model not found: {uri} (a folder, s3:// path, hub id or tiny://sd15|sdxl)")
-        kwargs = {"use_safetensors": not allow_pickle}
+        kwargs = {"use_safetensors": None if allow_pickle else True}  # None: safetensors first, else .bin
         if _family_of_local(source) == "sd15":
             kwargs.update(safety_checker=None, requires_safety_checker=False)
         try:
@@ -145,14 +148,15 @@ def save_student_pipeline(teacher_pipe, student_unet, scheduler, out_dir: Path, 
     pipe = type(teacher_pipe)(**{k: v for k, v in components.items() if k in _init_keys(teacher_pipe)})
     out_dir = Path(out_dir)
     remove_stale_staging(out_dir)  # of a writer killed while saving (callers hold the output's lock)
-    tmp = staging_dir(out_dir)
-    try:
-        pipe.save_pretrained(str(tmp), safe_serialization=True)
-        write_json_atomic(tmp / STUDENT_INFO, info)
-    except BaseException:  # a full disk, an interruption: nothing half-written is left
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    publish_dir(tmp, out_dir)
+    with disk_full_is_clear(out_dir):  # a full disk is one clear line naming the folder (exit 2), not a traceback
+        tmp = staging_dir(out_dir)
+        try:
+            pipe.save_pretrained(str(tmp), safe_serialization=True)
+            write_json_atomic(tmp / STUDENT_INFO, info)
+        except BaseException:  # a full disk, an interruption: nothing half-written is left
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        publish_dir(tmp, out_dir)
 
 
 def _init_keys(pipe) -> set:

@@ -79,12 +79,13 @@ class _Restart(Exception):
 def _cache_latents(config: Config, out: Path, telemetry, stop) -> dict:
     teacher = load_teacher(config)
     pipe, res, dcfg = teacher.pipe, teacher.resolution, config.data
-    fingerprint = {
+    fingerprint = {  # what turns samples into shards; the samples themselves (data order, data.limit, the bad-sample
+        # policy, file contents) are checked shard by shard through the digests
         "stage": "cache-latents", "format": RESUME_FORMAT, "teacher": config.model.teacher, "family": teacher.family,
         "vae_id": teacher.vae_id(), "text_encoders": [module_fingerprint(pipe.text_encoder),
                                                       module_fingerprint(getattr(pipe, "text_encoder_2", None))],
-        "resolution": res, "dataset": dcfg.dataset, "images": dcfg.images, "policy": dcfg.bad_sample_policy,
-        "limit": dcfg.limit, "shard_size": dcfg.shard_size, "batch_size": dcfg.batch_size,
+        "resolution": res, "dataset": dcfg.dataset, "images": dcfg.images, "shard_size": dcfg.shard_size,
+        "batch_size": dcfg.batch_size,
     }
     staging = ResumableStaging(out, fingerprint)
     if staging.previous:

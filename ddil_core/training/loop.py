@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -152,7 +153,8 @@ class Trainer:
 
     def resume(self) -> bool:
         ckpt = latest_checkpoint(self.ckpt_dir)
-        if ckpt is None:
+        if ckpt is None:  # killed before its first checkpoint: start over, log included
+            self._truncate_log(0)
             return False
         tensors, state, pickled = load_checkpoint(ckpt)
         self.objective.load_extra_state(state["objective"], tensors.get("objective", {}))
@@ -176,8 +178,16 @@ class Trainer:
     def _truncate_log(self, step: int) -> None:
         if not self.is_main or not self.log_path.exists():
             return
-        keep = [line for line in self.log_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.log_path.write_text("".join(line + "\n" for line in keep))
+        keep = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):  # a line torn by a kill mid-write
+                continue
+        tmp = self.log_path.with_name(f".{self.log_path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.log_path)
 
     # -- the loop
 
