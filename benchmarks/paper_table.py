@@ -109,11 +109,11 @@ def run(args) -> dict:
         cache_latents(base, latents)
     if not (rollouts / "manifest.json").exists():
         teacher_rollouts(base, latents, rollouts)
-    for student_steps in args.student_steps:
-        for objective in args.objectives:
-            for variant in VARIANTS:
-                per_seed = []
-                for seed in args.seeds:
+    table = {}  # (steps, objective, variant) -> row; seeds outermost so every row has a first seed early
+    for seed in args.seeds:
+        for student_steps in args.student_steps:
+            for objective in args.objectives:
+                for variant in VARIANTS:
                     overrides = (base_overrides(demo, args.steps, student_steps, args.quick) + OBJECTIVES[objective]
                                  + VARIANTS[variant] + [f"training.seed={seed}"])
                     if objective == "dmd2":
@@ -130,12 +130,17 @@ def run(args) -> dict:
                     metrics = measure(pipe, extractor, ref, prompts, args.images_per_prompt,
                                       info["num_inference_steps"], info["guidance_scale"], info.get("timesteps"))
                     metrics["seconds_per_update"] = log[-1]["seconds_per_update"]
-                    per_seed.append(metrics)
+                    row = table.setdefault((student_steps, objective, variant), {
+                        "model": f"{objective} {variant}", "objective": objective, "variant": variant,
+                        "steps": student_steps, "per_seed": []})
+                    row["per_seed"].append(metrics)
                     print(f"{objective:5s} {variant:18s} {student_steps} steps seed {seed}: "
                           + ", ".join(f"{k} {metrics[k]:.3f}" for k in METRICS if metrics.get(k) is not None),
                           flush=True)
-                rows.append({"model": f"{objective} {variant}", "objective": objective, "variant": variant,
-                             "steps": student_steps, "per_seed": per_seed})
+                    if args.partial:  # what is done so far, in case a long run is cut short
+                        Path(args.partial).write_text(json.dumps({"rows": rows + list(table.values())}, indent=1))
+    rows += [table[key] for key in sorted(table, key=lambda k: (k[0], list(OBJECTIVES).index(k[1]),
+                                                                 list(VARIANTS).index(k[2])))]
     for row in rows:
         row["summary"] = {k: summarise([m.get(k) for m in row["per_seed"]]) for k in METRICS}
     return {
@@ -198,6 +203,7 @@ def main(argv=None) -> None:
     parser.add_argument("--teacher-steps", type=int, default=50)
     parser.add_argument("--out", default="docs/results")
     parser.add_argument("--quick", action="store_true", help="CI smoke: 1 seed, 3 steps, few images")
+    parser.add_argument("--partial", help="also write the results so far to this JSON file after every run")
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else __import__("sys").argv[1:]
     if args.quick:
