@@ -82,6 +82,11 @@ def measure(pipe, extractor, ref, prompts, per_prompt, steps, guidance, timestep
     return metrics
 
 
+def vars_protocol(args) -> dict:
+    return {"seeds": args.seeds, "training_steps": args.steps, "images_per_prompt": args.images_per_prompt,
+            "teacher_steps": args.teacher_steps, "student_steps": args.student_steps, "demo": str(args.demo)}
+
+
 def summarise(values: list) -> dict:
     vals = [v for v in values if v is not None]
     if not vals:
@@ -138,7 +143,8 @@ def run(args) -> dict:
                           + ", ".join(f"{k} {metrics[k]:.3f}" for k in METRICS if metrics.get(k) is not None),
                           flush=True)
                     if args.partial:  # what is done so far, in case a long run is cut short
-                        Path(args.partial).write_text(json.dumps({"rows": rows + list(table.values())}, indent=1))
+                        Path(args.partial).write_text(json.dumps({"rows": rows + list(table.values()),
+                                                                  "partial_protocol": vars_protocol(args)}, indent=1))
     rows += [table[key] for key in sorted(table, key=lambda k: (k[0], list(OBJECTIVES).index(k[1]),
                                                                  list(VARIANTS).index(k[2])))]
     for row in rows:
@@ -204,13 +210,22 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="docs/results")
     parser.add_argument("--quick", action="store_true", help="CI smoke: 1 seed, 3 steps, few images")
     parser.add_argument("--partial", help="also write the results so far to this JSON file after every run")
+    parser.add_argument("--from-partial", help="write the table from a --partial file of a run cut short")
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else __import__("sys").argv[1:]
     if args.quick:
         args.seeds, args.steps, args.images_per_prompt, args.teacher_steps = [0], 3, 3, 4
     torch.set_num_threads(1)
     started = time.time()
-    result = run(args)
+    if args.from_partial:
+        result = {"command": "python benchmarks/paper_table.py " + " ".join(args.argv), "date": datetime.date.today()
+                  .isoformat(), "machine": f"{platform.processor() or platform.machine()}, 1 torch thread",
+                  "protocol": {"note": "rendered from a partial run; see --partial"},
+                  **json.loads(Path(args.from_partial).read_text())}
+        for row in result["rows"]:
+            row["summary"] = {k: summarise([m.get(k) for m in row["per_seed"]]) for k in METRICS}
+    else:
+        result = run(args)
     result["wall_seconds"] = time.time() - started
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
