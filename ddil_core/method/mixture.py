@@ -167,16 +167,26 @@ class DDILMixture:
         return x.cpu()
 
     def _student_states(self, step, j, prompt_idx, n_student, g):
-        n_fresh = n_student if self.buffer is None else max(1, math.ceil(self.config.buffer.refresh_fraction * n_student))
-        refs = prompt_idx[:n_fresh]
-        fresh_noise = torch.randn(n_fresh, *self.data.latents.shape[1:], generator=g)
-        cond = {key: v.to(self.device, torch.float32) for key, v in index_cond(self.data.cond, refs).items()}
-        states = student_rollout(lambda x, k, c: self.student_step(x, k, c, g), fresh_noise.to(self.device), j,
-                                 cond).cpu()
-        ks = torch.full((n_fresh,), j, dtype=torch.long)
-        self.last_fresh = n_fresh
+        """Fresh student rollouts (all of them without a buffer), or a refresh of the buffer followed by a draw from
+        it. The refresh count is refresh_fraction x n_student, rounded stochastically, so a step may make none and
+        skip the rollout entirely: that is where the buffer saves UNet calls."""
         if self.buffer is None:
-            return states, ks, refs
-        self.buffer.insert(states, ks, refs, step, g)
+            n_fresh = n_student
+        else:
+            want = self.config.buffer.refresh_fraction * n_student
+            n_fresh = int(want) + int(float(torch.rand(1, generator=g)) < want - int(want))
+            if len(self.buffer) == 0:
+                n_fresh = max(n_fresh, 1)
+        self.last_fresh = n_fresh
+        if n_fresh:
+            refs = prompt_idx[:n_fresh]
+            fresh_noise = torch.randn(n_fresh, *self.data.latents.shape[1:], generator=g)
+            cond = {key: v.to(self.device, torch.float32) for key, v in index_cond(self.data.cond, refs).items()}
+            states = student_rollout(lambda x, k, c: self.student_step(x, k, c, g), fresh_noise.to(self.device), j,
+                                     cond).cpu()
+            ks = torch.full((n_fresh,), j, dtype=torch.long)
+            if self.buffer is None:
+                return states, ks, refs
+            self.buffer.insert(states, ks, refs, step, g)
         pick = self.buffer.sample(n_student, g)
         return self.buffer.x[pick].float(), self.buffer.k[pick].clone(), self.buffer.ref[pick].clone()
