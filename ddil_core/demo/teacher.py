@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from ddil_core.demo.progress import Progress
+from ddil_core.demo.progress import Progress, ThreadTuner
 from ddil_core.math.schedule import NoiseSchedule
 from ddil_core.models.tiny import _text_encoder, build_tokenizer, tiny_scheduler, tiny_unet
 from ddil_core.training.ema import EMA
@@ -48,7 +48,8 @@ def _lr_at(step: int, steps: int, lr: float) -> float:
 def train_teacher_unet(latents: torch.Tensor, labels: torch.Tensor, class_embeddings: torch.Tensor,
                        uncond_embedding: torch.Tensor, steps: int, batch_size: int = 64, lr: float = 1e-3,
                        ema_decay: float = 0.999, min_snr_gamma: float = 5.0, caption_dropout: float = 0.1,
-                       seed: int = 0, max_seconds: Optional[float] = None) -> tuple[torch.nn.Module, dict]:
+                       seed: int = 0, max_seconds: Optional[float] = None,
+                       adapt_threads: bool = False) -> tuple[torch.nn.Module, dict]:
     """Train tiny_unet("sd15") on latents [N, 4, 8, 8] (~N(0, 1)) conditioned on class_embeddings[labels] [10, L, D];
     a `caption_dropout` share of each batch gets the empty prompt's embedding. Returns the EMA UNet."""
     torch.manual_seed(seed)
@@ -59,6 +60,7 @@ def train_teacher_unet(latents: torch.Tensor, labels: torch.Tensor, class_embedd
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     ema = EMA(unet, ema_decay)
     progress = Progress("teacher step", steps, max_seconds=max_seconds)
+    tuner = ThreadTuner(adapt_threads)
     uncond = uncond_embedding.reshape(1, *class_embeddings.shape[1:])
     done, loss_avg = 0, None
     for step in range(steps):
@@ -85,10 +87,13 @@ def train_teacher_unet(latents: torch.Tensor, labels: torch.Tensor, class_embedd
         done = step + 1
         loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
         progress.update(done, loss=loss_avg)
+        tuner.step()
         if progress.over_budget() and done < steps:
             log.warning("teacher: wall-clock guard (%.0f s) reached at step %d of %d", max_seconds, done, steps)
             break
+    threads = tuner.describe()
+    tuner.restore()
     ema.copy_to(unet)
     return unet.eval().requires_grad_(False), {"steps": done, "steps_planned": steps, "seconds": progress.elapsed,
-                                               "final_loss": loss_avg}
+                                               "final_loss": loss_avg, "threads": threads}
 

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch.nn import functional as F
 
-from ddil_core.demo.progress import Progress
+from ddil_core.demo.progress import Progress, ThreadTuner
 from ddil_core.models.tiny import tiny_vae
 
 log = logging.getLogger(__name__)
@@ -39,13 +39,15 @@ def _lr_at(step: int, steps: int, lr: float) -> float:
 
 
 def train_vae(images: torch.Tensor, steps: int, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
-              max_seconds: Optional[float] = None) -> tuple[torch.nn.Module, dict]:
-    """Train tiny_vae() on images [N, 3, 16, 16] in [-1, 1]; deterministic for a seed (until a guard stops it)."""
+              max_seconds: Optional[float] = None, adapt_threads: bool = False) -> tuple[torch.nn.Module, dict]:
+    """Train tiny_vae() on images [N, 3, 16, 16] in [-1, 1]; deterministic for a seed (until a guard stops it;
+    bit-exact only without adapt_threads, see ThreadTuner)."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     vae = tiny_vae().train()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     progress = Progress("vae step", steps, max_seconds=max_seconds)
+    tuner = ThreadTuner(adapt_threads)
     done, loss_avg = 0, None
     for step in range(steps):
         for group in opt.param_groups:
@@ -62,11 +64,14 @@ def train_vae(images: torch.Tensor, steps: int, batch_size: int = 64, lr: float 
         done = step + 1
         loss_avg = loss.item() if loss_avg is None else 0.95 * loss_avg + 0.05 * loss.item()
         progress.update(done, loss=loss_avg)
+        tuner.step()
         if progress.over_budget() and done < steps:
             log.warning("vae: wall-clock guard (%.0f s) reached at step %d of %d", max_seconds, done, steps)
             break
+    threads = tuner.describe()
+    tuner.restore()
     return vae.eval().requires_grad_(False), {"steps": done, "steps_planned": steps, "seconds": progress.elapsed,
-                                              "final_loss": loss_avg}
+                                              "final_loss": loss_avg, "threads": threads}
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ import platform
 import shutil
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -31,7 +32,7 @@ from ddil_core.config import Config, ConfigError
 from ddil_core.data.datasets import digit_caption
 from ddil_core.data.shards import publish_dir, staging_dir, write_json_atomic
 from ddil_core.demo.data import load_digits, write_image_folder
-from ddil_core.demo.progress import Progress
+from ddil_core.demo.progress import Progress, ThreadTuner, torch_threads
 from ddil_core.demo.quality import classify, digit_prompts, score
 from ddil_core.demo.teacher import build_text_encoder, embed, train_teacher_unet
 from ddil_core.demo.vae import fold_latent_normalization, posterior_means, reconstruct, train_vae
@@ -44,7 +45,7 @@ from ddil_core.stages.sample import generate
 log = logging.getLogger(__name__)
 SUMMARY = "summary.json"
 EVAL_SEED_BASE = 100_000  # sampling seeds of the teacher measurement: far from every training seed
-SAMPLE_CHUNK = 100
+SAMPLE_CHUNK = 25  # images per sampling call: small, so a slow thread count costs little
 
 
 class DemoOutputError(ConfigError):
@@ -66,23 +67,31 @@ def build_teacher_pipeline(vae, text_encoder, tokenizer, unet):
                                    requires_safety_checker=False)
 
 
-def sample_digits(pipe, steps: int, guidance: float, images_per_digit: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """images_per_digit samples of each digit prompt (seed EVAL_SEED_BASE + i); images [N, 3, H, W] in [0, 1]."""
+def sample_digits(pipe, steps: int, guidance: float, images_per_digit: int, adapt_threads: bool = False,
+                  start_threads: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """images_per_digit samples of each digit prompt (seed EVAL_SEED_BASE + i); images [N, 3, H, W] in [0, 1].
+    With adapt_threads, a ThreadTuner (starting at start_threads: what training settled on) picks the thread count
+    chunk by chunk."""
     prompts, labels = digit_prompts(images_per_digit)
     progress = Progress(f"sampling ({steps} DDIM steps, guidance {guidance:g}) image", len(prompts))
+    tuner = ThreadTuner(adapt_threads, window=2, probe=1, explore_every=4, start=start_threads)
     images = []
-    for start in range(0, len(prompts), SAMPLE_CHUNK):
-        chunk = prompts[start:start + SAMPLE_CHUNK]
-        seeds = [EVAL_SEED_BASE + start + i for i in range(len(chunk))]
-        images.append(generate(pipe, chunk, seeds, steps, guidance))
-        progress.update(start + len(chunk))
+    try:
+        for start in range(0, len(prompts), SAMPLE_CHUNK):
+            chunk = prompts[start:start + SAMPLE_CHUNK]
+            seeds = [EVAL_SEED_BASE + start + i for i in range(len(chunk))]
+            images.append(generate(pipe, chunk, seeds, steps, guidance))
+            progress.update(start + len(chunk))
+            tuner.step()
+    finally:
+        tuner.restore()
     return torch.cat(images), labels
 
 
 def measure_teacher(pipe, classifier, reference_features: torch.Tensor, steps: int, guidance: float,
-                    images_per_digit: int) -> dict:
+                    images_per_digit: int, adapt_threads: bool = False, start_threads: Optional[int] = None) -> dict:
     t0 = time.monotonic()
-    images, labels = sample_digits(pipe, steps, guidance, images_per_digit)
+    images, labels = sample_digits(pipe, steps, guidance, images_per_digit, adapt_threads, start_threads)
     metrics = score(classifier, images, labels, reference_features)
     return {"steps": steps, "guidance_scale": guidance, **metrics, "seconds": time.monotonic() - t0}
 
@@ -105,7 +114,10 @@ def prepare_demo(config: Config, out: str | Path) -> dict:
         log.info("dataset: %d training and %d held-out digits written", len(train.keys), len(held.keys))
 
         t = time.monotonic()
-        classifier = train_digit_classifier(train.images01, train.labels, steps=d.classifier_steps, seed=d.seed)
+        # The classifier is small: one thread is nearly as fast as two on a free CPU and many times faster on a
+        # shared one (demo/progress.py: ThreadTuner).
+        with torch_threads(1 if d.adapt_threads else torch.get_num_threads()):
+            classifier = train_digit_classifier(train.images01, train.labels, steps=d.classifier_steps, seed=d.seed)
         held_feats, held_pred = classify(classifier, held.images01)
         train_feats, _ = classify(classifier, train.images01)
         classifier_acc = float((held_pred == held.labels).float().mean())
@@ -114,7 +126,8 @@ def prepare_demo(config: Config, out: str | Path) -> dict:
         log.info("classifier: %.1f%% on held-out digits (%.0f s)", 100 * classifier_acc, timings["classifier"])
 
         t = time.monotonic()
-        vae, vae_info = train_vae(train.images, d.vae_steps, d.vae_batch_size, d.vae_lr, d.seed, d.vae_max_seconds)
+        vae, vae_info = train_vae(train.images, d.vae_steps, d.vae_batch_size, d.vae_lr, d.seed, d.vae_max_seconds,
+                                  d.adapt_threads)
         raw = posterior_means(vae, train.images)
         folded = fold_latent_normalization(vae, train.images)
         latents = posterior_means(vae, train.images)
@@ -142,7 +155,7 @@ def prepare_demo(config: Config, out: str | Path) -> dict:
         t = time.monotonic()
         unet, teacher_info = train_teacher_unet(
             latents, train.labels, class_embeddings, uncond, d.teacher_steps, d.teacher_batch_size, d.teacher_lr,
-            d.teacher_ema_decay, d.min_snr_gamma, d.caption_dropout, d.seed, d.teacher_max_seconds)
+            d.teacher_ema_decay, d.min_snr_gamma, d.caption_dropout, d.seed, d.teacher_max_seconds, d.adapt_threads)
         timings["teacher"] = time.monotonic() - t
         pipe = build_teacher_pipeline(vae, text_encoder, tokenizer, unet)
         pipe.save_pretrained(str(tmp / "teacher"), safe_serialization=True)
@@ -152,14 +165,15 @@ def prepare_demo(config: Config, out: str | Path) -> dict:
         # Measure what was written: the folder as plain diffusers loads it.
         saved = StableDiffusionPipeline.from_pretrained(str(tmp / "teacher"), safety_checker=None,
                                                         requires_safety_checker=False, use_safetensors=True)
+        threads = teacher_info["threads"]["final"]
         teacher_metrics = measure_teacher(saved, classifier, held_feats, d.eval_steps, d.guidance_scale,
-                                          d.eval_images_per_digit)
+                                          d.eval_images_per_digit, d.adapt_threads, threads)
         log.info("teacher at %d DDIM steps, guidance %g: prompted-digit accuracy %.1f%%, FD %.1f",
                  d.eval_steps, d.guidance_scale, 100 * teacher_metrics["accuracy"], teacher_metrics["fid"])
         few = {}
         for steps in d.eval_few_steps:
             few[str(steps)] = measure_teacher(saved, classifier, held_feats, steps, d.guidance_scale,
-                                              d.eval_images_per_digit)
+                                              d.eval_images_per_digit, d.adapt_threads, threads)
             log.info("teacher at %d DDIM steps: accuracy %.1f%%, FD %.1f", steps, 100 * few[str(steps)]["accuracy"],
                      few[str(steps)]["fid"])
         timings["measure"] = time.monotonic() - t

@@ -1,0 +1,172 @@
+"""prepare-demo on a tiny step budget (the full 8-minute recipe is measured by hand, see docs/demo.md): the folder
+layout, a teacher that plain diffusers loads and runs, the folded latent normalisation, summary.json, atomicity."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ddil_core.cli import main
+
+TINY_BUDGET = [
+    "demo.vae_steps=3", "demo.vae_batch_size=16", "demo.classifier_steps=3", "demo.teacher_steps=3",
+    "demo.teacher_batch_size=16", "demo.eval_steps=2", "demo.eval_few_steps=[1]", "demo.eval_images_per_digit=1",
+]
+SUMMARY_KEYS = {"teacher", "teacher_few_steps", "reference_fid_train_vs_heldout", "classifier", "vae", "dataset",
+                "timings_s", "machine", "guards_hit"}
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepare-demo") / "demo"
+    args = ["prepare-demo", "--out", str(out)]
+    for item in TINY_BUDGET:
+        args += ["--set", item]
+    assert main(args) == 0
+    return out
+
+
+def test_writes_the_demo_layout_and_summary(demo_dir):
+    for name in ("dataset/captions.jsonl", "dataset-eval/captions.jsonl", "classifier/config.json",
+                 "classifier/model.safetensors", "teacher/model_index.json", "summary.json", "resolved_config.yaml"):
+        assert (demo_dir / name).exists(), name
+    assert not list(demo_dir.parent.glob(".demo.tmp-*")), "the staging folder was left behind"
+    summary = json.loads((demo_dir / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    teacher = summary["teacher"]
+    assert {"accuracy", "fid", "guidance_scale", "steps", "num_images", "training"} <= set(teacher)
+    assert teacher["steps"] == 2 and teacher["num_images"] == 10 and 0 <= teacher["accuracy"] <= 1
+    assert np.isfinite(teacher["fid"]) and teacher["training"]["steps"] == 3
+    assert set(summary["teacher_few_steps"]) == {"1"}
+    assert {"dataset", "classifier", "vae", "teacher", "measure", "total"} <= set(summary["timings_s"])
+    assert summary["dataset"] == {"train": 1500, "heldout": 297, "resolution": 16}
+
+
+def test_datasets_are_image_folders_the_pipeline_reads(demo_dir):
+    from ddil_core.data.datasets import image_to_tensor, iter_samples
+
+    train = list(iter_samples(str(demo_dir / "dataset")))
+    held = list(iter_samples(str(demo_dir / "dataset-eval")))
+    assert (len(train), len(held)) == (1500, 297)
+    demo = next(iter_samples("demo://digits"))
+    assert train[0].caption == demo.caption == "a handwritten digit " + demo.caption.split()[-1]
+    assert torch.equal(image_to_tensor(train[0].image, 16), image_to_tensor(demo.image, 16))  # lossless PNG
+
+
+def test_teacher_is_a_plain_diffusers_pipeline_with_normalised_latents(demo_dir):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from ddil_core.demo.data import load_digits
+    from ddil_core.models.latents import encode_images
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(demo_dir / "teacher"), safety_checker=None,
+                                                   requires_safety_checker=False)
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    sched = pipe.scheduler.config
+    assert (sched.timestep_spacing, sched.beta_schedule, sched.prediction_type) == ("trailing", "scaled_linear",
+                                                                                     "epsilon")
+    assert pipe.vae.config.scaling_factor == 1.0
+    assert sum(p.numel() for p in pipe.unet.parameters()) == pytest.approx(1.06e6, rel=0.01)
+    images = pipe("a handwritten digit seven", num_inference_steps=2, guidance_scale=3.0, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
+    # The per-channel normalisation is folded into the VAE: training latents are ~N(0, 1) per channel.
+    lat = encode_images(pipe.vae, load_digits("train").images)
+    assert lat.mean(dim=(0, 2, 3)).abs().max() < 1e-3
+    assert (lat.std(dim=(0, 2, 3)) - 1).abs().max() < 1e-3
+
+
+def test_classifier_loads(demo_dir):
+    from ddil_core.models.classifier import DigitClassifier
+
+    clf = DigitClassifier.load(demo_dir / "classifier")
+    assert clf(torch.rand(2, 3, 16, 16)).shape == (2, 10)
+
+
+def test_folding_the_latent_statistics_keeps_reconstructions():
+    from ddil_core.demo.vae import fold_latent_normalization, posterior_means, reconstruct
+    from ddil_core.models.tiny import tiny_vae
+
+    torch.manual_seed(0)
+    vae = tiny_vae().eval()
+    with torch.no_grad():
+        vae.quant_conv.bias[:4] += torch.tensor([-2.0, 1.0, 0.5, 3.0])  # latents far from zero mean, as trained
+    images = torch.rand(64, 3, 16, 16) * 2 - 1
+    before = reconstruct(vae, images)
+    stats = fold_latent_normalization(vae, images)
+    mu = posterior_means(vae, images)
+    assert torch.allclose(mu.mean(dim=(0, 2, 3)), torch.zeros(4), atol=1e-4)
+    assert torch.allclose(mu.std(dim=(0, 2, 3)), torch.ones(4), atol=1e-4)
+    assert stats["channel_mean"][3] > 2
+    assert torch.allclose(reconstruct(vae, images), before, atol=1e-4)
+    assert vae.config.scaling_factor == 1.0
+
+
+def test_refuses_to_replace_a_folder_that_is_not_a_demo(tmp_path, capsys):
+    (tmp_path / "precious.txt").write_text("keep me")
+    assert main(["prepare-demo", "--out", str(tmp_path)]) == 2
+    assert "not a prepare-demo output" in capsys.readouterr().err
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_bad_demo_config_is_rejected(tmp_path, capsys):
+    assert main(["prepare-demo", "--out", str(tmp_path / "d"), "--set", "demo.caption_dropout=1.5"]) == 2
+    assert "demo.caption_dropout" in capsys.readouterr().err
+
+
+def test_train_loss_export_for_dvc_plots(tmp_path):
+    from ddil_core.demo.export import main as export
+
+    log = tmp_path / "train_log.jsonl"
+    counts = {"forward": 3, "teacher": 1, "student": 0}
+    log.write_text(json.dumps({"step": 1, "stage": 0, "student_steps": 4, "source_count": counts,
+                               "loss": {"pd": {"all": 2.4, "forward": 2.0, "teacher": 4.0}}}) + "\n"
+                   + json.dumps({"step": 2, "stage": 0, "student_steps": 4, "source_count": counts,
+                                 "loss": {"pd": {"forward": 2.0, "teacher": 4.0}}}) + "\n"
+                   + json.dumps({"step": 3, "stage": 1, "student_steps": 2, "loss": {}}) + "\n")
+    assert export(["train-loss", str(log), str(tmp_path / "plots" / "loss.json")]) == 0
+    rows = json.loads((tmp_path / "plots" / "loss.json").read_text())
+    assert rows[0] == {"step": 1, "stage": 0, "student_steps": 4, "loss": 2.4, "loss_forward": 2.0,
+                       "loss_teacher": 4.0}
+    assert rows[1]["loss"] == 2.5  # no "all" entry: the count-weighted mean over sources
+    assert rows[2] == {"step": 3, "stage": 1, "student_steps": 2}
+    assert export(["copy", str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
+
+
+def test_thread_tuner_follows_the_faster_thread_count(monkeypatch):
+    from ddil_core.demo import progress
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(progress.torch, "get_num_threads", lambda: 2)
+    threads = {"n": 2}
+    monkeypatch.setattr(progress.torch, "set_num_threads", lambda n: threads.update(n=n))
+    cost = {2: 1.0, 1: 0.2}  # a shared CPU: two threads wait on each other
+
+    tuner = progress.ThreadTuner(window=4, probe=2, explore_every=3)
+
+    def run(steps):
+        for _ in range(steps):
+            clock["now"] += cost[threads["n"]]
+            tuner.step()
+
+    run(2 + 2)  # a first probe-sized window at 2 threads, then a probe at 1
+    assert threads["n"] == 1 and tuner.switches == 1
+    cost.update({2: 0.1})  # the CPU is free again: the next probe of 2 threads wins it back
+    run(4 * 3 + 2)
+    assert threads["n"] == 2 and tuner.switches == 2
+    # Loaded again, badly (2 threads take 5 s a step): the next probe, of 1 thread, wins; a later probe of 2 threads
+    # stops after its first step, which alone takes longer than the 2 probe steps at 1 thread would.
+    cost.update({2: 5.0})
+    run(4)  # the window at 2 threads that sees the load
+    run(4 * 2 + 2)
+    assert threads["n"] == 1
+    before = clock["now"]
+    run(4 * 3 + 1)  # the interval elapses and a 2-thread probe starts: one step shows it lost
+    assert threads["n"] == 1 and clock["now"] - before == pytest.approx(4 * 3 * 0.2 + 5.0)
+    assert tuner._interval == 6  # lost probes come less often
+    tuner.restore()
+    assert threads["n"] == 2
+    off = progress.ThreadTuner(enabled=False)
+    off.step()
+    assert off.describe()["enabled"] is False
