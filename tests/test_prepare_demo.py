@@ -105,8 +105,19 @@ def test_folding_the_latent_statistics_keeps_reconstructions():
 def test_refuses_to_replace_a_folder_that_is_not_a_demo(tmp_path, capsys):
     (tmp_path / "precious.txt").write_text("keep me")
     assert main(["prepare-demo", "--out", str(tmp_path)]) == 2
-    assert "not a prepare-demo output" in capsys.readouterr().err
+    assert "not a prepare-demo output (it holds precious.txt)" in capsys.readouterr().err
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_a_partial_demo_folder_may_be_replaced(tmp_path):
+    """What `dvc repro -f` leaves: DVC deletes the stage's outputs (summary.json too) before rerunning it."""
+    from ddil_core.stages.prepare_demo import _check_out
+
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "resolved_config.yaml").write_text("{}")
+    (tmp_path / "demo" / ".gitignore").write_text("/teacher\n")
+    _check_out(tmp_path / "demo")
+    _check_out(tmp_path / "new")
 
 
 def test_bad_demo_config_is_rejected(tmp_path, capsys):
@@ -144,27 +155,26 @@ def test_thread_tuner_follows_the_faster_thread_count(monkeypatch):
     cost = {2: 1.0, 1: 0.2}  # a shared CPU: two threads wait on each other
 
     tuner = progress.ThreadTuner(window=4, probe=2, explore_every=3)
+    assert threads["n"] == 1  # it starts on one thread
 
     def run(steps):
         for _ in range(steps):
             clock["now"] += cost[threads["n"]]
             tuner.step()
 
-    run(2 + 2)  # a first probe-sized window at 2 threads, then a probe at 1
-    assert threads["n"] == 1 and tuner.switches == 1
-    cost.update({2: 0.1})  # the CPU is free again: the next probe of 2 threads wins it back
-    run(4 * 3 + 2)
-    assert threads["n"] == 2 and tuner.switches == 2
-    # Loaded again, badly (2 threads take 5 s a step): the next probe, of 1 thread, wins; a later probe of 2 threads
-    # stops after its first step, which alone takes longer than the 2 probe steps at 1 thread would.
-    cost.update({2: 5.0})
-    run(4)  # the window at 2 threads that sees the load
-    run(4 * 2 + 2)
-    assert threads["n"] == 1
-    before = clock["now"]
-    run(4 * 3 + 1)  # the interval elapses and a 2-thread probe starts: one step shows it lost
-    assert threads["n"] == 1 and clock["now"] - before == pytest.approx(4 * 3 * 0.2 + 5.0)
+    run(2 + 1)  # a probe-sized window at 1 thread, then a probe of 2 that has lost after its first step
+    assert threads["n"] == 1 and tuner.switches == 0 and clock["now"] == pytest.approx(0.4 + 1.0)
     assert tuner._interval == 6  # lost probes come less often
+    cost.update({2: 0.1})  # the CPU is free: the next probe of 2 threads wins
+    run(4 * 6 + 2)
+    assert threads["n"] == 2 and tuner.switches == 1 and tuner._interval == 3
+    cost.update({2: 5.0})  # loaded again, badly: after 3 windows the probe of 1 thread wins
+    run(4 * 3 + 2)
+    assert threads["n"] == 1 and tuner.switches == 2
+    before = clock["now"]
+    run(4 * 3 + 1)  # the next probe of 2 threads stops after its first, slow step
+    assert threads["n"] == 1 and clock["now"] - before == pytest.approx(4 * 3 * 0.2 + 5.0)
+    assert tuner.describe()["final"] == 1
     tuner.restore()
     assert threads["n"] == 2
     off = progress.ThreadTuner(enabled=False)

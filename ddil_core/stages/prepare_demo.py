@@ -52,11 +52,19 @@ class DemoOutputError(ConfigError):
     """--out names a folder prepare-demo must not replace (bad input: exit code 2)."""
 
 
+DEMO_ENTRIES = {"dataset", "dataset-eval", "teacher", "classifier", SUMMARY, "resolved_config.yaml",
+                ".gitignore"}  # .gitignore: what DVC may write beside its outputs
+
+
 def _check_out(out: Path) -> None:
-    """The output folder is replaced as a whole: refuse to replace a non-empty folder that is not a demo."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / SUMMARY).exists())):
-        raise DemoOutputError(f"{out}: exists and is not a prepare-demo output (no {SUMMARY}); "
-                              "choose an empty or new --out folder")
+    """The output folder is replaced as a whole: refuse a folder holding anything a prepare-demo did not write
+    (DVC deletes some of a stage's outputs before rerunning it, so a partial demo folder is fine)."""
+    if not out.exists():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in DEMO_ENTRIES) if out.is_dir() else [out.name]
+    if foreign:
+        raise DemoOutputError(f"{out}: exists and is not a prepare-demo output (it holds {', '.join(foreign[:3])}"
+                              f"{', ...' if len(foreign) > 3 else ''}); choose an empty or new --out folder")
 
 
 def build_teacher_pipeline(vae, text_encoder, tokenizer, unet):
@@ -68,7 +76,7 @@ def build_teacher_pipeline(vae, text_encoder, tokenizer, unet):
 
 
 def sample_digits(pipe, steps: int, guidance: float, images_per_digit: int, adapt_threads: bool = False,
-                  start_threads: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  start_threads: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """images_per_digit samples of each digit prompt (seed EVAL_SEED_BASE + i); images [N, 3, H, W] in [0, 1].
     With adapt_threads, a ThreadTuner (starting at start_threads: what training settled on) picks the thread count
     chunk by chunk."""
@@ -89,7 +97,7 @@ def sample_digits(pipe, steps: int, guidance: float, images_per_digit: int, adap
 
 
 def measure_teacher(pipe, classifier, reference_features: torch.Tensor, steps: int, guidance: float,
-                    images_per_digit: int, adapt_threads: bool = False, start_threads: Optional[int] = None) -> dict:
+                    images_per_digit: int, adapt_threads: bool = False, start_threads: int = 1) -> dict:
     t0 = time.monotonic()
     images, labels = sample_digits(pipe, steps, guidance, images_per_digit, adapt_threads, start_threads)
     metrics = score(classifier, images, labels, reference_features)
