@@ -54,7 +54,7 @@ class ThreadTuner:
     On a CPU shared with other processes, torch's OpenMP threads wait for each other at every parallel region
     whenever one of them is descheduled; two threads then run up to 10x slower than one (measured on the project's
     2-core machines: 0.15 s a teacher step when quiet, ~2 s with two threads and ~0.3 s with one under load).
-    The tuner times `probe` steps at all cores, then `probe` steps at one, keeps the faster, and from then on times
+    The tuner times `probe` steps at one thread (`start`), then up to `probe` at all cores, keeps the faster, then times
     windows of `window` steps, re-timing the other count for up to `probe` steps every `explore_every` windows
     (a probe stops as soon as it has lost; after a lost probe the interval doubles, up to 8x). Thread
     counts change float reduction order, so a tuned run is not bit-identical to an untuned one; `enabled=False`
@@ -62,16 +62,18 @@ class ThreadTuner:
     """
 
     def __init__(self, enabled: bool = True, window: int = 25, probe: int = 5, explore_every: int = 6,
-                 start: Optional[int] = None):
+                 start: int = 1):
         self.max_threads = torch.get_num_threads()
         self.enabled = enabled and self.max_threads > 1
         self.window, self.probe, self.explore_every = window, probe, explore_every
         self.current = self.max_threads
-        if self.enabled and start is not None:  # e.g. what an earlier tuner of this process settled on
+        if self.enabled:
+            # Start at one thread by default: a probe of all cores that loses stops after one step, while a first
+            # window at all cores on a loaded CPU would cost `probe` slow steps (measured: 5 x 11 s).
             self._set(1 if start < self.max_threads else self.max_threads)
         self.seconds: dict[int, float] = {}  # thread count -> seconds per step in its latest window
         self.switches = 0
-        self._steps, self._windows, self._exploring, self._before = 0, 0, False, self.max_threads
+        self._steps, self._windows, self._exploring, self._before = 0, 0, False, self.current
         self._since_probe, self._interval = 0, explore_every
         self._t0 = time.perf_counter()
 
