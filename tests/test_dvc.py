@@ -74,6 +74,17 @@ def test_dvc_yaml_stages_call_the_cli_with_params_yaml():
     assert stages["distill"]["plots"]
 
 
+def test_metrics_and_plots_are_tracked_by_git():
+    """`dvc metrics diff` and `dvc exp show` compare only files git tracks: none may sit in demo/ or runs/."""
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    files = [next(iter(m)) if isinstance(m, dict) else m
+             for stage in spec["stages"].values() for m in stage.get("metrics", []) + stage.get("plots", [])]
+    assert len(files) == 3
+    for path in files:
+        ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0
+        assert not ignored, f"{path} is git-ignored"
+
+
 def test_dvc_sees_a_valid_pipeline():
     out = _dvc("stage", "list", cwd=ROOT, env=_dvc_env())
     assert [line.split()[0] for line in out.splitlines() if line.strip()] == STAGES

@@ -33,6 +33,13 @@ def test_writes_the_demo_layout_and_summary(demo_dir):
     assert not list(demo_dir.parent.glob(".demo.tmp-*")), "the staging folder was left behind"
     summary = json.loads((demo_dir / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)
+    from ddil_core.demo.export import main as export
+
+    assert export(["demo-summary", str(demo_dir / "summary.json"), str(demo_dir.parent / "m" / "demo.json")]) == 0
+    flat = json.loads((demo_dir.parent / "m" / "demo.json").read_text())
+    assert {"teacher_accuracy", "teacher_fid", "teacher_fid_1_steps", "fid_floor_train_vs_heldout",
+            "seconds"} <= set(flat)
+    assert all(isinstance(v, (int, float)) for v in flat.values())
     teacher = summary["teacher"]
     assert {"accuracy", "fid", "guidance_scale", "steps", "num_images", "training"} <= set(teacher)
     assert teacher["steps"] == 2 and teacher["num_images"] == 10 and 0 <= teacher["accuracy"] <= 1

@@ -1,12 +1,18 @@
 """Small files for DVC, made from stage outputs (ddil_core itself never imports dvc):
 
-    python -m ddil_core.demo.export train-loss runs/demo/distill/train_log.jsonl runs/demo/plots/train_loss.json
-    python -m ddil_core.demo.export copy runs/demo/evaluate/metrics_flat.json runs/demo/metrics.json
+    python -m ddil_core.demo.export demo-summary demo/summary.json metrics/demo.json
+    python -m ddil_core.demo.export train-loss runs/demo/distill/train_log.jsonl metrics/train_loss.json
+    python -m ddil_core.demo.export copy runs/demo/evaluate/metrics_flat.json metrics/student.json
 
 train-loss: distill's JSONL training log -> a JSON list that `dvc plots` draws: one row per logged step with step,
 stage, student_steps, loss (the objective's main loss term over the whole batch: its "all" entry, else the
 count-weighted mean over state sources) and loss_<source> for each DDIL state source present in that interval.
-copy: a file copied atomically (a metrics file must sit outside the stage's output folder for DVC).
+copy: a file copied atomically.
+demo-summary: the headline scalars of prepare-demo's summary.json (teacher accuracy and Fréchet distance at 50 and
+at few steps, the floor, VAE and classifier quality, seconds), flat.
+
+DVC takes metrics and plots files only outside a stage's output folders, and they must be tracked by git (not
+under the git-ignored demo/ and runs/) for `dvc metrics diff` and `dvc exp show` to compare runs: hence metrics/.
 """
 from __future__ import annotations
 
@@ -41,6 +47,19 @@ def loss_rows(log_path: Path) -> list[dict]:
     return rows
 
 
+def demo_summary(summary: dict) -> dict:
+    teacher = summary["teacher"]
+    out = {"teacher_steps": teacher["steps"], "teacher_guidance_scale": teacher["guidance_scale"],
+           "teacher_accuracy": teacher["accuracy"], "teacher_fid": teacher["fid"]}
+    for steps, m in summary.get("teacher_few_steps", {}).items():
+        out[f"teacher_accuracy_{steps}_steps"] = m["accuracy"]
+        out[f"teacher_fid_{steps}_steps"] = m["fid"]
+    out.update({"fid_floor_train_vs_heldout": summary["reference_fid_train_vs_heldout"],
+                "classifier_heldout_accuracy": summary["classifier"]["heldout_accuracy"],
+                "vae_heldout_mse": summary["vae"]["heldout_mse"], "seconds": summary["timings_s"]["total"]})
+    return out
+
+
 def copy_atomic(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
@@ -48,12 +67,13 @@ def copy_atomic(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-USAGE = "usage: python -m ddil_core.demo.export {train-loss TRAIN_LOG.jsonl OUT.json | copy SRC DST}"
+COMMANDS = ("train-loss", "copy", "demo-summary")
+USAGE = "usage: python -m ddil_core.demo.export {train-loss TRAIN_LOG.jsonl | demo-summary SUMMARY.json | copy SRC} DST"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 3 or args[0] not in ("train-loss", "copy"):
+    if len(args) != 3 or args[0] not in COMMANDS:
         print(USAGE, file=sys.stderr)
         return 2
     what, src, dst = args[0], Path(args[1]), Path(args[2])
@@ -62,9 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if what == "copy":
         copy_atomic(src, dst)
-    else:
-        dst.parent.mkdir(parents=True, exist_ok=True)
+        return 0
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if what == "train-loss":
         write_json_atomic(dst, loss_rows(src))
+    else:
+        write_json_atomic(dst, demo_summary(json.loads(src.read_text())))
     return 0
 
 

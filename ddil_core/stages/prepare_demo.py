@@ -24,7 +24,6 @@ import platform
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
