@@ -42,7 +42,7 @@ class DataConfig:
     limit: Optional[int] = None  # use only the first N samples
     shard_size: int = 256  # samples per latent shard
     batch_size: int = 16  # VAE encode batch
-    num_workers: int = 0  # DataLoader workers for image decoding
+    num_workers: int = 2  # worker processes reading and decoding images while the encoders run (0: in-process)
     latent_bound_percentile: float = 0.999  # per-channel |x0| percentile stored as the static reflection bound
 
 
@@ -454,6 +454,8 @@ def validate(config: Config, source: str = "config") -> None:
         problems.append(f"ddil.bernoulli_teacher_p = {config.ddil.bernoulli_teacher_p} must be in [0, 1]")
     if config.data.shard_size < 1:
         problems.append(f"data.shard_size = {config.data.shard_size} must be at least 1")
+    if config.data.num_workers < 0:
+        problems.append(f"data.num_workers = {config.data.num_workers} must be 0 (read in-process) or more")
     d = config.demo
     for name in ("vae_steps", "vae_batch_size", "classifier_steps", "teacher_steps", "teacher_batch_size",
                  "eval_steps", "eval_images_per_digit"):

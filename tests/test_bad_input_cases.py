@@ -203,11 +203,11 @@ def test_empty_caption(tmp_path, capsys):
 def test_over_long_caption_is_truncated_with_a_warning(tmp_path, caplog):
     long_caption = " ".join(["a handwritten digit seven"] * 40)  # far more tokens than the text encoder reads
     root = _dataset(tmp_path, {"a.png": _png(), "long.png": _png()}, [("a.png", "a digit"), ("long.png", long_caption)])
-    with caplog.at_level(logging.WARNING, logger="ddil_core.stages.cache_latents"):
+    with caplog.at_level(logging.WARNING, logger="ddil_core.models.conditioning"):
         code, out = _cache(tmp_path, root)
     assert code == 0
     assert json.loads((out / "captions.json").read_text())[1] == long_caption  # the caption is kept whole
-    warnings = [r.getMessage() for r in caplog.records if r.name == "ddil_core.stages.cache_latents"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "ddil_core.models.conditioning"]
     assert any("sample 'long'" in w and "truncated to" in w for w in warnings), warnings
 
 

@@ -11,7 +11,7 @@ import json
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -83,6 +83,8 @@ def decode_image(data: bytes, name: str) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
+    except Image.UnidentifiedImageError:
+        raise DatasetError(f"{name}: not a readable image (no image format recognised)") from None
     except Exception as exc:
         raise DatasetError(f"{name}: not a readable image ({type(exc).__name__}: {exc})") from None
     if min(img.size) < MIN_IMAGE_SIDE:
@@ -231,27 +233,30 @@ def iter_samples(uri: str, images: Optional[str] = None, policy: str = "fail", l
         raise DatasetError(message) from None
 
 
-def _iter_samples(uri: str, images: Optional[str], policy: str, limit: Optional[int], skips: Optional[SkipReport],
-                  resolution: int) -> Iterator[Sample]:
+def list_samples(uri: str, images: Optional[str] = None, resolution: int = 16) -> Iterator[tuple[str, Callable]]:
+    """The dataset's samples in their fixed order as (key, load) pairs: listing reads captions and paths only,
+    `load()` reads and decodes one sample (raising DatasetError naming the file when it is bad)."""
     if uri.startswith("demo://digits"):
         split = "eval" if uri.rstrip("/").endswith("eval") else "train"
-        samples = ((s.key, (lambda s=s: s)) for s in _digits(split, resolution))
-    else:
-        import fsspec
+        return ((s.key, (lambda s=s: s)) for s in _digits(split, resolution))
+    import fsspec
 
-        fs, path = fsspec.core.url_to_fs(uri)
-        if not fs.exists(path):
-            raise DatasetError(f"dataset not found: {uri}")
-        if path.endswith(".json"):
-            samples = _coco(fs, path, images)
-        elif path.endswith(".tar") or (fs.isdir(path) and fs.glob(f"{path.rstrip('/')}/*.tar")):
-            samples = _tars(fs, path)
-        elif fs.isdir(path):
-            samples = _folder(fs, path)
-        else:
-            raise DatasetError(f"{uri}: not a dataset (expected a folder with captions.jsonl, a COCO .json or .tar shards)")
+    fs, path = fsspec.core.url_to_fs(uri)
+    if not fs.exists(path):
+        raise DatasetError(f"dataset not found: {uri}")
+    if path.endswith(".json"):
+        return _coco(fs, path, images)
+    if path.endswith(".tar") or (fs.isdir(path) and fs.glob(f"{path.rstrip('/')}/*.tar")):
+        return _tars(fs, path)
+    if fs.isdir(path):
+        return _folder(fs, path)
+    raise DatasetError(f"{uri}: not a dataset (expected a folder with captions.jsonl, a COCO .json or .tar shards)")
+
+
+def _iter_samples(uri: str, images: Optional[str], policy: str, limit: Optional[int], skips: Optional[SkipReport],
+                  resolution: int) -> Iterator[Sample]:
     count = 0
-    for _key, make in samples:
+    for _key, make in list_samples(uri, images, resolution):
         if limit is not None and count >= limit:
             break
         try:

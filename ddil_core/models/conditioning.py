@@ -6,6 +6,8 @@ Kept as plain tensors so latent caches can store them and training can index and
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from typing import Optional
 
 import torch
 
@@ -13,29 +15,66 @@ log = logging.getLogger(__name__)
 Cond = dict[str, torch.Tensor]
 
 
-def _tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    full = tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
-    if full.shape[-1] > ids.shape[-1]:
-        log.warning("a caption was truncated to %d tokens (the text encoder's limit)", tokenizer.model_max_length)
-    return ids
+def _tokenize(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, list[int]]:
+    """Token ids padded to the encoder's length (diffusers' `padding="max_length", truncation=True`) and each
+    prompt's untruncated token count: one tokenizer call when no prompt is too long, the usual case."""
+    limit = tokenizer.model_max_length
+    full = tokenizer(prompts, truncation=False).input_ids
+    lengths = [len(ids) for ids in full]
+    if max(lengths) <= limit and tokenizer.padding_side == "right" and tokenizer.pad_token_id is not None:
+        ids = torch.full((len(prompts), limit), tokenizer.pad_token_id, dtype=torch.long)
+        for row, tokens in enumerate(full):
+            ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        return ids, lengths
+    ids = tokenizer(prompts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt").input_ids
+    return ids, lengths
+
+
+def _warn_truncated(tokenizer, lengths: list[int], labels: Optional[list[str]]) -> None:
+    for i, n in enumerate(lengths):
+        if n > tokenizer.model_max_length:
+            log.warning("%s of %d tokens truncated to %d (the text encoder's limit)",
+                        f"{labels[i]}: caption" if labels else "a caption", n, tokenizer.model_max_length)
 
 
 @torch.no_grad()
-def encode_prompts(pipe, prompts: list[str], resolution: int) -> Cond:
-    """The conditional embeddings of `prompts` (StableDiffusionPipeline / StableDiffusionXLPipeline.encode_prompt)."""
+def encode_prompts(pipe, prompts: list[str], resolution: int, names: Optional[list[str]] = None) -> Cond:
+    """The conditional embeddings of `prompts` (StableDiffusionPipeline / StableDiffusionXLPipeline.encode_prompt).
+
+    Each distinct prompt is encoded once and its embedding repeated: the captions of class-labelled data and the
+    images per prompt of evaluation repeat, and the text encoders then cost one pass per distinct prompt.
+    `names` (one per prompt) names the samples in the warning about a caption longer than an encoder reads."""
+    distinct = list(dict.fromkeys(prompts))
+    position = {p: i for i, p in enumerate(distinct)}
+    index = [position[p] for p in prompts]
+    labels = None
+    if names:  # a warning names the first sample of a caption and counts the others
+        first = {i: names[row] for row, i in reversed(list(enumerate(index)))}
+        count = Counter(index)
+        labels = [f"sample '{first[i]}'" + (f" (and {count[i] - 1} more with this caption)" if count[i] > 1 else "")
+                  for i in range(len(distinct))]
+    cond = _encode_distinct(pipe, distinct, resolution, labels)
+    if len(distinct) == len(prompts):
+        return cond
+    return index_cond(cond, torch.tensor(index, device=next(iter(cond.values())).device))
+
+
+def _encode_distinct(pipe, prompts: list[str], resolution: int, labels: Optional[list[str]]) -> Cond:
     device = pipe.unet.device
     if getattr(pipe, "text_encoder_2", None) is None:
         enc = pipe.text_encoder
-        ids = _tokenize(pipe.tokenizer, prompts).to(device)
+        ids, lengths = _tokenize(pipe.tokenizer, prompts)
+        _warn_truncated(pipe.tokenizer, lengths, labels)
+        ids = ids.to(device)
         mask = None
         if getattr(enc.config, "use_attention_mask", False):
             mask = (ids != pipe.tokenizer.pad_token_id).long()
         return {"encoder_hidden_states": enc(ids, attention_mask=mask)[0]}
     hidden, pooled = [], None
     for tokenizer, enc in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
-        out = enc(_tokenize(tokenizer, prompts).to(device), output_hidden_states=True)
+        ids, lengths = _tokenize(tokenizer, prompts)
+        _warn_truncated(tokenizer, lengths, labels)
+        out = enc(ids.to(device), output_hidden_states=True)
         if out[0].ndim == 2:
             pooled = out[0]  # the pooled projection of the second encoder
         hidden.append(out.hidden_states[-2])  # SDXL uses the penultimate layer

@@ -22,7 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ddil_core.config import Config
-from ddil_core.data.datasets import SkipReport, image_to_tensor, iter_samples
+from ddil_core.data.datasets import SkipReport
+from ddil_core.data.loader import load_samples
 from ddil_core.data.shards import ResumableStaging, ShardWriter, disk_full_is_clear
 from ddil_core.models.conditioning import encode_prompts, encode_unconditional
 from ddil_core.models.latents import encode_images
@@ -31,7 +32,7 @@ from ddil_core.training.loop import Preempted, _StopFlag
 
 log = logging.getLogger(__name__)
 MAX_BOUND_SAMPLES = 1 << 20  # per channel: enough for a stable percentile
-RESUME_FORMAT = 1  # bump when the shard layout or the digest changes: older partial folders are not reused
+RESUME_FORMAT = 2  # bump when the shard layout or the digest changes: older partial folders are not reused
 
 
 def cache_latents(config: Config, out: str | Path) -> dict:
@@ -58,18 +59,6 @@ def _bound_samples(latents: torch.Tensor) -> torch.Tensor:
     """Per-channel |x| values of one encode batch, from the fp16 values stored in the cache."""
     per_channel = latents.float().abs().transpose(0, 1).reshape(latents.shape[1], -1)
     return per_channel[:, : max(1, MAX_BOUND_SAMPLES // 64)]
-
-
-def _check_caption_lengths(pipe, captions: list[str], keys: list[str]) -> None:
-    """Warn, naming the sample, when a caption is longer than a text encoder reads (it is truncated)."""
-    for tokenizer in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)):
-        if tokenizer is None:
-            continue
-        lengths = [len(ids) for ids in tokenizer(captions, truncation=False).input_ids]
-        for key, n in zip(keys, lengths):
-            if n > tokenizer.model_max_length:
-                log.warning("sample '%s': caption of %d tokens truncated to %d (the text encoder's limit)", key, n,
-                            tokenizer.model_max_length)
 
 
 class _Restart(Exception):
@@ -126,8 +115,7 @@ def _encode_all(config: Config, teacher, staging: ResumableStaging, telemetry, s
 
     def encode_batch():
         lat = encode_images(pipe.vae, torch.stack(images)).half()
-        _check_caption_lengths(pipe, batch_captions, batch_keys)
-        cond = encode_prompts(pipe, batch_captions, res)
+        cond = encode_prompts(pipe, batch_captions, res, names=batch_keys)
         writer.add({"latents": lat, **{f"cond.{k}": v.half() for k, v in cond.items()}})
         abs_values.append(_bound_samples(lat))
         images.clear()
@@ -152,19 +140,18 @@ def _encode_all(config: Config, teacher, staging: ResumableStaging, telemetry, s
             staging.record(writer.shards, digests)
         state.update(digest=hashlib.sha256(), count=0)
 
-    samples = iter_samples(dcfg.dataset, dcfg.images, dcfg.bad_sample_policy, dcfg.limit, skips, res)
+    samples = load_samples(dcfg.dataset, dcfg.images, dcfg.bad_sample_policy, dcfg.limit, skips, res,
+                           dcfg.num_workers)
     for sample in samples:
         if stop.signal is not None:
             raise Preempted(f"stopped by signal {stop.signal} after {len(captions)} samples; {len(writer.shards)} "
                             f"complete shards kept in {staging.folder}: rerun to resume")
-        tensor = image_to_tensor(sample.image, res)
-        for part in (sample.key.encode(), b"\0", sample.caption.encode(), b"\0", tensor.numpy().tobytes()):
-            state["digest"].update(part)
+        state["digest"].update(sample.digest)
         state["count"] += 1
         captions.append(sample.caption)
         keys.append(sample.key)
         if len(writer.shards) >= len(staging.previous):  # a shard to encode
-            images.append(tensor)
+            images.append(sample.image)
             batch_captions.append(sample.caption)
             batch_keys.append(sample.key)
             if len(images) == dcfg.batch_size and state["count"] < dcfg.shard_size:

@@ -1,0 +1,117 @@
+"""Samples decoded into tensors in dataset order, by worker processes so reading and decoding overlap the encoders.
+
+`load_samples` is what cache-latents reads: every good sample as a `LoadedSample` (key, caption, image tensor and a
+digest of the three), in the dataset's fixed order whatever the number of workers. With `num_workers` = n > 0, a
+torch DataLoader runs n processes; every worker lists the dataset and loads the chunks c = w mod n of consecutive
+positions, yielding one item per chunk whatever its samples (good ones, or the error that made one bad), so the
+DataLoader's round-robin over workers returns chunks 0, 1, 2, ... in order. The bad-sample policy, `limit` and the
+skip report are applied in the main process, as `iter_samples` does, so the result does not depend on n. (Webdataset
+tars are read whole by every worker, which decodes only its own chunks.)
+"""
+from __future__ import annotations
+
+import hashlib
+import signal
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ddil_core.data.datasets import DatasetError, SkipReport, image_to_tensor, list_samples, storage_error
+
+
+@dataclass
+class LoadedSample:
+    key: str
+    caption: str
+    image: torch.Tensor  # [3, H, W] in [-1, 1]
+    digest: bytes  # sha256 of key, caption and pixels: what a resumed cache-latents compares
+
+
+def sample_digest(key: str, caption: str, image: torch.Tensor) -> bytes:
+    h = hashlib.sha256()
+    for part in (key.encode(), b"\0", caption.encode(), b"\0", image.numpy().tobytes()):
+        h.update(part)
+    return h.digest()
+
+
+class _Chunks(IterableDataset):
+    """Worker w of n reads the chunks c = w, w + n, ... of `chunk` consecutive dataset positions and yields one item
+    per chunk, (c, entries, images): entries[j] is (key, caption, digest) for a good sample or the exception that
+    made position c * chunk + j bad; the good samples' images come stacked in one tensor (one transfer per chunk).
+    An error of the listing itself comes as (None, exception, None)."""
+
+    def __init__(self, uri: str, images: Optional[str], resolution: int, chunk: int):
+        self.uri, self.images, self.resolution, self.chunk = uri, images, resolution, chunk
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        entries, tensors = [], []
+        try:
+            for i, (key, load) in enumerate(list_samples(self.uri, self.images, self.resolution)):
+                c = i // self.chunk
+                if c % workers != worker:
+                    continue
+                try:
+                    sample = load()
+                    image = image_to_tensor(sample.image, self.resolution)
+                    entries.append((sample.key, sample.caption, sample_digest(sample.key, sample.caption, image)))
+                    tensors.append(image)
+                except Exception as exc:  # the main process applies the bad-sample policy, in order
+                    entries.append(self._portable(exc))
+                if len(entries) == self.chunk:
+                    yield c, entries, torch.stack(tensors) if tensors else None
+                    entries, tensors = [], []
+        except Exception as exc:
+            yield None, self._portable(exc), None
+            return
+        if entries:
+            yield c, entries, torch.stack(tensors) if tensors else None
+
+    def _portable(self, exc: Exception) -> Exception:
+        """Storage failures as the DatasetError naming the path (they also cross the process boundary intact)."""
+        message = storage_error(self.uri, exc)
+        return DatasetError(message) if message is not None else exc
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    # The main process handles SIGTERM/SIGINT (a preempted pod keeps its partial cache) and closes the workers;
+    # a worker killed by the same signal would turn that into a DataLoader error.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def load_samples(uri: str, images: Optional[str] = None, policy: str = "fail", limit: Optional[int] = None,
+                 skips: Optional[SkipReport] = None, resolution: int = 16, num_workers: int = 0,
+                 chunk: int = 16) -> Iterator[LoadedSample]:
+    """Every good sample of a dataset as tensors, in order; bad samples raise (policy fail) or are counted (skip)."""
+    chunks = _Chunks(uri, images, resolution, chunk)
+    if num_workers > 0:
+        items = DataLoader(chunks, batch_size=None, num_workers=num_workers, prefetch_factor=4,
+                           worker_init_fn=_ignore_stop_signals, multiprocessing_context="fork")
+    else:
+        items = chunks
+    count = 0
+    for expected, (c, entries, images_) in enumerate(items):
+        if c is None:
+            raise entries
+        if c != expected:  # the round-robin over workers must return chunks in order
+            raise RuntimeError(f"data loader: chunk {c} arrived in place of chunk {expected}")
+        good = 0
+        for entry in entries:
+            if limit is not None and count >= limit:
+                return
+            if isinstance(entry, DatasetError) and policy == "skip":
+                if skips is not None:
+                    skips.add(str(entry))
+                continue
+            if isinstance(entry, BaseException):
+                raise entry
+            key, caption, digest = entry
+            count += 1
+            yield LoadedSample(key, caption, images_[good], digest)
+            good += 1
+    if count == 0:
+        raise DatasetError(f"{uri}: the dataset has no usable samples")
