@@ -1,10 +1,12 @@
 """Throughput of the two offline stages against their bare model passes (issue 8 part 3; must-show target:
 cache-latents >= 85% of the bare VAE encode).
 
-cache-latents: images/s of the stage on demo://digits (tiny VAE; generated in memory) and on the same images as
-PNG files in an image folder (files opened and decoded by the stage), against the bare VAE encode of the same batches
-(the same images, already decoded to tensors in memory), and against the bare VAE + text-encoder passes (all the
-model work the stage has to do). The stage is run at two sizes (N/2 and N images) so its fixed start-up cost
+cache-latents: images/s of the stage on demo://digits (tiny VAE; generated in memory), on the same images as PNG
+files in an image folder (files opened and decoded by the stage's data workers, `data.num_workers` 2, and in-process
+with 0 workers), and on PNG files whose captions are all distinct (each one made unique by its index, as in COCO:
+the stage cannot share text-encoder passes between samples), against the bare VAE encode of the same batches (the
+same images, already decoded to tensors in memory), and against the bare VAE + text-encoder passes (the model work
+the stage has to do; one text-encoder pass per distinct caption of a batch). The stage is run at two sizes (N/2 and N images) so its fixed start-up cost
 (building the teacher, loading the dataset, finishing the manifest) can be separated from its per-image cost:
   end-to-end ratio = (N / stage seconds) / bare images/s
   marginal ratio   = (N/2 / (stage(N) - stage(N/2)) seconds) / bare images/s   (steady state: does the data path
@@ -70,8 +72,8 @@ def main(argv=None) -> dict:
 
         counter = iter(range(10**6))
 
-        def stage_cache(limit, dataset=None):
-            sets = [f"data.dataset={dataset}"] if dataset else []
+        def stage_cache(limit, dataset=None, workers=2):
+            sets = ([f"data.dataset={dataset}"] if dataset else []) + [f"data.num_workers={workers}"]
             return lambda: cache_latents(config(limit, extra=sets), work / f"lat-{next(counter)}")
 
         # The bare passes: the same images decoded once, up front, as the stage's batches.
@@ -86,21 +88,24 @@ def main(argv=None) -> dict:
 
         # The same images as PNG files in an image folder with captions.jsonl: the stage then opens and decodes
         # files (demo://digits is generated in memory, so it has no I/O to hide).
-        folder = work / "png"
-        folder.mkdir()
-        with open(folder / "captions.jsonl", "w") as f:
-            for i, s in enumerate(samples):
-                s.image.save(folder / f"{i:05d}.png")
-                f.write(json.dumps({"file": f"{i:05d}.png", "caption": s.caption}) + "\n")
+        folder, unique_folder = work / "png", work / "png-unique"
+        for root, unique in ((folder, False), (unique_folder, True)):
+            root.mkdir()
+            with open(root / "captions.jsonl", "w") as f:
+                for i, s in enumerate(samples):
+                    s.image.save(root / f"{i:05d}.png")
+                    caption = f"{s.caption} number {i}" if unique else s.caption
+                    f.write(json.dumps({"file": f"{i:05d}.png", "caption": caption}) + "\n")
+        unique_captions = [f"{s.caption} number {i}" for i, s in enumerate(samples)]
 
         def bare_vae():
             for imgs, _ in batches:
                 encode_images(pipe.vae, imgs)
 
-        def bare_vae_text():
-            for imgs, caps in batches:
+        def bare_vae_text(unique=False):
+            for i, (imgs, caps) in enumerate(batches):
                 encode_images(pipe.vae, imgs)
-                encode_prompts(pipe, caps, res)
+                encode_prompts(pipe, unique_captions[i * args.batch:(i + 1) * args.batch] if unique else caps, res)
 
         # teacher-rollouts reads its prompts from a latent cache: one, made once
         cache_latents(config(n_big), work / "cache")
@@ -125,7 +130,12 @@ def main(argv=None) -> dict:
             "cache_latents_N": stage_cache(n_big), "cache_latents_N/2": stage_cache(n_small),
             "cache_latents_png_N": stage_cache(n_big, str(folder)),
             "cache_latents_png_N/2": stage_cache(n_small, str(folder)),
+            "cache_latents_png_0_workers_N": stage_cache(n_big, str(folder), 0),
+            "cache_latents_png_0_workers_N/2": stage_cache(n_small, str(folder), 0),
+            "cache_latents_png_unique_N": stage_cache(n_big, str(unique_folder)),
+            "cache_latents_png_unique_N/2": stage_cache(n_small, str(unique_folder)),
             "bare_vae_encode": bare_vae, "bare_vae_and_text_encode": bare_vae_text,
+            "bare_vae_and_text_encode_unique": lambda: bare_vae_text(unique=True),
             "teacher_rollouts_R": stage_rollouts(r_big), "teacher_rollouts_R/2": stage_rollouts(r_small),
             "bare_teacher_unet": bare_unet,
         }
@@ -152,10 +162,20 @@ def main(argv=None) -> dict:
         cache["meets_target_marginal"] = (None if cache["ratio_marginal_vs_bare_vae"] is None
                                           else cache["ratio_marginal_vs_bare_vae"] >= TARGET)
         cache["meets_target_end_to_end"] = cache["ratio_end_to_end_vs_bare_vae"] >= TARGET
-        png = split(med["cache_latents_png_N"], med["cache_latents_png_N/2"], n_big, n_small)
-        png.update(ratio_end_to_end_vs_bare_vae=common.ratio(png["end_to_end_items_per_second"], bare_vae_ips),
-                   ratio_marginal_vs_bare_vae=common.ratio(png["marginal_items_per_second"], bare_vae_ips),
-                   ratio_marginal_vs_bare_vae_and_text=common.ratio(png["marginal_items_per_second"], bare_all_ips))
+        bare_unique_ips = n_big / med["bare_vae_and_text_encode_unique"]
+
+        def folder_case(name, bare_text_ips):
+            case = split(med[f"{name}_N"], med[f"{name}_N/2"], n_big, n_small)
+            case.update(
+                ratio_end_to_end_vs_bare_vae=common.ratio(case["end_to_end_items_per_second"], bare_vae_ips),
+                ratio_marginal_vs_bare_vae=common.ratio(case["marginal_items_per_second"], bare_vae_ips),
+                ratio_marginal_vs_bare_vae_and_text=common.ratio(case["marginal_items_per_second"], bare_text_ips))
+            return case
+
+        png = folder_case("cache_latents_png", bare_all_ips)
+        png_in_process = folder_case("cache_latents_png_0_workers", bare_all_ips)
+        unique = folder_case("cache_latents_png_unique", bare_unique_ips)
+        unique["bare_vae_and_text_images_per_second"] = bare_unique_ips
         roll = split(med["teacher_rollouts_R"], med["teacher_rollouts_R/2"], r_big, r_small)
         bare_unet_sps = r_big / med["bare_teacher_unet"]
         roll.update(bare_unet_samples_per_second=bare_unet_sps,
@@ -174,6 +194,16 @@ def main(argv=None) -> dict:
              png["ratio_end_to_end_vs_bare_vae"]],
             ["cache-latents, PNG folder (marginal)", png["marginal_items_per_second"], bare_vae_ips,
              png["ratio_marginal_vs_bare_vae"]],
+            ["cache-latents, PNG folder, no workers (end to end)", png_in_process["end_to_end_items_per_second"],
+             bare_vae_ips, png_in_process["ratio_end_to_end_vs_bare_vae"]],
+            ["cache-latents, PNG folder, no workers (marginal)", png_in_process["marginal_items_per_second"],
+             bare_vae_ips, png_in_process["ratio_marginal_vs_bare_vae"]],
+            ["cache-latents, PNG folder, distinct captions (end to end)", unique["end_to_end_items_per_second"],
+             bare_vae_ips, unique["ratio_end_to_end_vs_bare_vae"]],
+            ["cache-latents, PNG folder, distinct captions (marginal)", unique["marginal_items_per_second"],
+             bare_vae_ips, unique["ratio_marginal_vs_bare_vae"]],
+            ["cache-latents, distinct captions (marginal) vs bare VAE + text encoder",
+             unique["marginal_items_per_second"], bare_unique_ips, unique["ratio_marginal_vs_bare_vae_and_text"]],
             ["teacher-rollouts (end to end)", roll["end_to_end_items_per_second"], bare_unet_sps,
              roll["ratio_end_to_end_vs_bare_unet"]],
             ["teacher-rollouts (marginal)", roll["marginal_items_per_second"], bare_unet_sps,
@@ -203,8 +233,9 @@ def main(argv=None) -> dict:
             "settings": {"images": n_big, "batch": args.batch, "rollouts": r_big, "rollout_batch": args.rollout_batch,
                          "teacher_steps": args.teacher_steps, "reps": args.reps, "threads": threads,
                          "dataset": "demo://digits", "teacher": "tiny://sd15", "quick": args.quick,
-                         "data_num_workers": 0},
-            "cache_latents": cache, "cache_latents_png_folder": png, "teacher_rollouts": roll, "times": times, "target": TARGET,
+                         "data_num_workers": 2},
+            "cache_latents": cache, "cache_latents_png_folder": png, "cache_latents_png_folder_no_workers": png_in_process,
+            "cache_latents_png_distinct_captions": unique, "teacher_rollouts": roll, "times": times, "target": TARGET,
             "table_markdown": common.table(headers, rows),
         }
         if profile:

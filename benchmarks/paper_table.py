@@ -34,12 +34,29 @@ from ddil_core.stages.evaluate import adherence, model_metrics, prompt_class, re
 from ddil_core.stages.sample import generate
 from ddil_core.stages.teacher_rollouts import teacher_rollouts
 
-OBJECTIVES = {  # per-objective settings for the digits teacher (guidance 3); comments say where a value is ours
-    "pd": ["objective.name=pd", "objective.pd.teacher_steps=8"],
-    "lcm": ["objective.name=lcm", "objective.lcm.w_min=2", "objective.lcm.w_max=4"],  # ours: around the teacher's 3
-    "dmd2": ["objective.name=dmd2", "objective.dmd2.real_guidance_scale=3", "objective.dmd2.dfake_gen_update_ratio=5",
-             "objective.dmd2.timesteps=[999,749,499,249]"],
-}
+OBJECTIVES = ("pd", "lcm", "dmd2")
+
+
+def objective_overrides(objective: str, guidance: float) -> list[str]:
+    """Per-objective settings for a digits teacher guided at `guidance`; comments say where a value is ours."""
+    return {
+        "pd": ["objective.name=pd", "objective.pd.teacher_steps=8"],
+        # ours: LCM's guidance range around the teacher's scale
+        "lcm": ["objective.name=lcm", f"objective.lcm.w_min={max(1.0, guidance - 1)}",
+                f"objective.lcm.w_max={guidance + 1}"],
+        "dmd2": ["objective.name=dmd2", f"objective.dmd2.real_guidance_scale={guidance}",
+                 "objective.dmd2.dfake_gen_update_ratio=5", "objective.dmd2.timesteps=[999,749,499,249]"],
+    }[objective]
+
+
+def demo_guidance(demo: Path) -> float:
+    """The guidance the demo teacher was measured at (prepare-demo's recipe, demo.guidance_scale)."""
+    import yaml
+
+    recipe = demo / "resolved_config.yaml"
+    if recipe.exists():
+        return float((yaml.safe_load(recipe.read_text()).get("demo") or {}).get("guidance_scale", 2.0))
+    return 2.0
 VARIANTS = {
     "baseline": ["ddil.priors.forward=1", "ddil.priors.teacher=0", "ddil.priors.student=0", "ddil.reflection.mode=off"],
     "+DDIL": ["ddil.priors.forward=0.5", "ddil.priors.teacher=0.25", "ddil.priors.student=0.25",
@@ -58,10 +75,10 @@ def prepare_quick_demo(out: Path) -> None:
     prepare_demo(config, out)
 
 
-def base_overrides(demo: Path, steps: int, student_steps: int, quick: bool = False) -> list[str]:
+def base_overrides(demo: Path, steps: int, student_steps: int, guidance: float, quick: bool = False) -> list[str]:
     smoke = ["data.limit=64", "rollouts.num_samples=16"] if quick else []
     return [f"model.teacher={demo / 'teacher'}", f"data.dataset={demo / 'dataset'}", "data.limit=null",
-            f"objective.student_steps={student_steps}", "objective.guidance_scale=3",
+            f"objective.student_steps={student_steps}", f"objective.guidance_scale={guidance}",
             # a 100-step trailing grid passes through every student grid used here (PD/DMD2 and LCM timesteps)
             "rollouts.teacher_steps=100", "rollouts.num_samples=256", "rollouts.batch_size=64",
             f"training.steps={steps}", "training.batch_size=32", "training.lr=1e-4", f"training.log_every={steps}",
@@ -102,13 +119,16 @@ def run(args) -> dict:
         prepare_quick_demo(demo)
     work = Path(args.work or tempfile.mkdtemp(prefix="ddil-table-"))
     extractor = load_extractor(f"classifier:{demo / 'classifier'}")
-    base = load_config("demo", base_overrides(demo, args.steps, args.student_steps[0], args.quick))
+    guidance = args.guidance or demo_guidance(demo)
+    base = load_config("demo", base_overrides(demo, args.steps, args.student_steps[0], guidance, args.quick))
     ref, _, _ = reference_features(base, str(demo / "dataset-eval"), 16, extractor)
     prompts = [f"a handwritten digit {w}" for w in
                ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")]
     teacher = load_pipeline(str(demo / "teacher"))
-    rows = [{"model": f"teacher ({args.teacher_steps} DDIM steps, CFG 3)", "objective": "-", "variant": "reference",
-             "steps": args.teacher_steps, "per_seed": [measure(teacher, extractor, ref, prompts, args.images_per_prompt, args.teacher_steps, 3.0)]}]
+    rows = [{"model": f"teacher ({args.teacher_steps} DDIM steps, CFG {guidance:g})", "objective": "-",
+             "variant": "reference", "steps": args.teacher_steps,
+             "per_seed": [measure(teacher, extractor, ref, prompts, args.images_per_prompt, args.teacher_steps,
+                                  guidance)]}]
     latents, rollouts = work / "latents", work / "rollouts"
     if not (latents / "manifest.json").exists():
         cache_latents(base, latents)
@@ -119,8 +139,9 @@ def run(args) -> dict:
         for student_steps in args.student_steps:
             for objective in args.objectives:
                 for variant in VARIANTS:
-                    overrides = (base_overrides(demo, args.steps, student_steps, args.quick) + OBJECTIVES[objective]
-                                 + VARIANTS[variant] + [f"training.seed={seed}"])
+                    overrides = (base_overrides(demo, args.steps, student_steps, guidance, args.quick)
+                                 + objective_overrides(objective, guidance) + VARIANTS[variant]
+                                 + [f"training.seed={seed}"])
                     if objective == "dmd2":
                         grid = {4: "[999,749,499,249]", 2: "[999,499]", 1: "[999]"}[student_steps]
                         overrides.append(f"objective.dmd2.timesteps={grid}")
@@ -155,7 +176,8 @@ def run(args) -> dict:
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
         "protocol": {"extractor": extractor.name, "reference": "297 held-out digits", "k": 5,
                      "prompts": prompts, "images_per_prompt": args.images_per_prompt, "seeds": args.seeds,
-                     "training_steps": args.steps, "batch_size": 32, "teacher_steps": args.teacher_steps},
+                     "training_steps": args.steps, "batch_size": 32, "teacher_steps": args.teacher_steps,
+                     "guidance_scale": guidance},
         "rows": rows,
     }
 
@@ -207,6 +229,7 @@ def main(argv=None) -> None:
     parser.add_argument("--student-steps", nargs="+", type=int, default=[4])
     parser.add_argument("--images-per-prompt", type=int, default=30)
     parser.add_argument("--teacher-steps", type=int, default=50)
+    parser.add_argument("--guidance", type=float, help="the teacher's CFG scale (default: the demo's own)")
     parser.add_argument("--out", default="docs/results")
     parser.add_argument("--quick", action="store_true", help="CI smoke: 1 seed, 3 steps, few images")
     parser.add_argument("--partial", help="also write the results so far to this JSON file after every run")

@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from ddil_core.models import placement
+
 log = logging.getLogger(__name__)
 Cond = dict[str, torch.Tensor]
 
@@ -60,7 +62,7 @@ def encode_prompts(pipe, prompts: list[str], resolution: int, names: Optional[li
 
 
 def _encode_distinct(pipe, prompts: list[str], resolution: int, labels: Optional[list[str]]) -> Cond:
-    device = pipe.unet.device
+    device = placement(pipe.unet)[0]
     if getattr(pipe, "text_encoder_2", None) is None:
         enc = pipe.text_encoder
         ids, lengths = _tokenize(pipe.tokenizer, prompts)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ddil_core.models import placement
+
 
 def _stats(vae, like: torch.Tensor):
     cfg = vae.config
@@ -20,7 +22,7 @@ def _stats(vae, like: torch.Tensor):
 @torch.no_grad()
 def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] images -> diffusion latents (the posterior mean; deterministic, so caches are reproducible)."""
-    moments = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mean
+    moments = vae.encode(images.to(*placement(vae))).latent_dist.mean
     shift, inv_scale = _stats(vae, moments)
     return (moments - shift) / inv_scale
 
@@ -29,5 +31,5 @@ def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """Diffusion latents -> images in [0, 1] ([B, 3, H, W] float32)."""
     shift, inv_scale = _stats(vae, latents)
-    images = vae.decode((latents * inv_scale + shift).to(vae.dtype)).sample
+    images = vae.decode((latents * inv_scale + shift).to(placement(vae)[1])).sample
     return (images.float() / 2 + 0.5).clamp(0, 1)

@@ -15,6 +15,7 @@ from PIL import Image
 from ddil_core.math.schedule import NoiseSchedule, ddim_prev_timestep, ddim_timesteps
 from ddil_core.math.guidance_embedding import guidance_scale_embedding
 from ddil_core.method.rollouts import consistency_sample, ddim_sample
+from ddil_core.models import placement
 from ddil_core.models.conditioning import encode_prompts, encode_unconditional
 from ddil_core.models.denoiser import Denoiser
 from ddil_core.models.latents import decode_latents
@@ -42,15 +43,15 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance_sc
     shape = (pipe.unet.config.in_channels, side, side)
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
-    device = pipe.unet.device
-    x = noise.to(device, pipe.unet.dtype)
+    device, dtype = placement(pipe.unet)
+    x = noise.to(device, dtype)
     cond = encode_prompts(pipe, prompts, res)
     denoiser = Denoiser(pipe.unet, schedule)
     w_dim = pipe.unet.config.time_cond_proj_dim
     timestep_cond = None
     if w_dim is not None:
         w = torch.full((len(prompts),), guidance_scale - 1.0)
-        timestep_cond = guidance_scale_embedding(w, w_dim).to(device, pipe.unet.dtype)
+        timestep_cond = guidance_scale_embedding(w, w_dim).to(device, dtype)
     guided = guidance_scale > 1.0 and w_dim is None
     uncond = encode_unconditional(pipe, res) if guided else None
     w = guidance_scale if guided else 1.0

@@ -11,10 +11,12 @@ class EMA:
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module) -> None:
-        for k, v in module.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].lerp_(v.detach().float(), 1.0 - self.decay)
-            else:
+        live = module.state_dict()
+        floats = [k for k, v in live.items() if v.dtype.is_floating_point]
+        # one fused call over all tensors instead of a kernel (or a CPU loop iteration) per tensor
+        torch._foreach_lerp_([self.shadow[k] for k in floats], [live[k].float() for k in floats], 1.0 - self.decay)
+        for k, v in live.items():
+            if not v.dtype.is_floating_point:
                 self.shadow[k].copy_(v)
 
     def copy_to(self, module: torch.nn.Module) -> None:

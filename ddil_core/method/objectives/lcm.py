@@ -143,8 +143,9 @@ class LatentConsistencyDistillation(Objective):
     @torch.no_grad()
     def after_update(self, step: int) -> None:
         """The target network tracks the student (EMA, decay 0.95 in the reference script)."""
-        for p_t, p_s in zip(self.target.parameters(), self.student.parameters()):
-            p_t.lerp_(p_s.detach().to(p_t.dtype), 1.0 - self.cfg.ema_decay)
+        target = list(self.target.parameters())
+        source = [p_s.detach().to(p_t.dtype) for p_t, p_s in zip(target, self.student.parameters())]
+        torch._foreach_lerp_(target, source, 1.0 - self.cfg.ema_decay)  # one fused call over all tensors
 
     def student_scheduler(self):
         from diffusers import LCMScheduler
