@@ -172,3 +172,16 @@ def test_train_log_shows_sources_in_proportion_and_the_cost_split(tmp_path):
         assert src in record["loss"]["pd"]
     assert set(record["seconds_split"]) >= {"rollout", "teacher", "student", "optimizer"}
     assert record["buffer"]["size"] > 0 and record["fresh_student_rollouts"] < record["source_count"]["student"]
+
+
+def test_interval_loss_means_per_source():
+    """The loop accumulates per-source sums on the device and logs sample-weighted means per interval."""
+    from ddil_core.method.objectives.base import interval_means, per_source_sums
+
+    v1, s1 = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0, 0, 2, 2])
+    v2, s2 = torch.tensor([5.0, 7.0]), torch.tensor([0, 1])
+    a, b = per_source_sums(v1, s1), per_source_sums(v2, s2)
+    means = interval_means(a[0] + b[0], a[1] + b[1])
+    assert means == {"all": 22 / 6, "forward": 8 / 3, "teacher": 7.0, "student": 3.5}
+    bad = per_source_sums(torch.tensor([float("nan"), 1.0]), torch.tensor([1, 0]))
+    assert interval_means(*bad) == {"forward": 1.0}  # a non-finite mean is left out, the others stay

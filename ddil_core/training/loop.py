@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
 import time
@@ -24,7 +23,7 @@ import torch
 
 from ddil_core.config import Config
 from ddil_core.method.mixture import SOURCES, DDILMixture, scheduled_priors
-from ddil_core.method.objectives.base import Objective, per_source_means
+from ddil_core.method.objectives.base import Objective, interval_means, per_source_sums
 from ddil_core.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ddil_core.training.ema import EMA
 
@@ -230,7 +229,8 @@ class Trainer:
         with acc.autocast():
             out = self.objective.loss(batch, self.step, self.generator)
         t2 = time.perf_counter()
-        finite = all(torch.isfinite(v).all() for v in out.losses.values())
+        # one host sync for all losses (a GPU would otherwise wait once per loss)
+        finite = bool(torch.stack([torch.isfinite(v).all() for v in out.losses.values()]).all())
         if self.world > 1:  # skip on every rank or on none
             flag = torch.tensor([float(finite)], device=self.accelerator.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
@@ -266,9 +266,11 @@ class Trainer:
         iv["samples"] += batch.x_t.shape[0] * self.world
         iv["counts"] += self.mixture.last_counts
         iv["fresh"] += self.mixture.last_fresh
-        for term, values in out.per_sample.items():
-            for src, v in per_source_means(values.float(), batch.source.cpu()).items():
-                iv["loss"].setdefault(term, {}).setdefault(src, []).append(v)
+        source = batch.source.to(next(iter(out.per_sample.values())).device) if out.per_sample else None
+        for term, values in out.per_sample.items():  # per-source sums and counts stay on the device until logged
+            sums, counts = per_source_sums(values.detach().float(), source)
+            acc_sums, acc_counts = iv["loss"].get(term, (0.0, 0.0))
+            iv["loss"][term] = (acc_sums + sums, acc_counts + counts)
         for key, v in {"rollout": t1 - t0, **out.timings, "optimizer": t3 - t2}.items():
             iv["time"][key] = iv["time"].get(key, 0.0) + v
 
@@ -285,8 +287,7 @@ class Trainer:
             "step": self.step,
             "stage": getattr(self.objective, "stage", 0),
             "student_steps": self.objective.grid().num_steps,
-            "loss": {term: {src: sum(v) / len(v) for src, v in by_src.items() if all(math.isfinite(x) for x in v)}
-                     for term, by_src in iv["loss"].items()},
+            "loss": {term: interval_means(*sums_counts) for term, sums_counts in iv["loss"].items()},
             "priors": dict(zip(SOURCES, scheduled_priors(self.config.ddil, self.step - 1).tolist())),
             "source_share": dict(zip(SOURCES, (counts / counts.sum()).tolist())),
             "source_count": dict(zip(SOURCES, iv["counts"].tolist())),

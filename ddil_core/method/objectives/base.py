@@ -6,6 +6,7 @@ losses, one per optimiser. The training loop does the rest (optimisers, clipping
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -97,11 +98,21 @@ class Objective:
         pass
 
 
-def per_source_means(values: torch.Tensor, source: torch.Tensor) -> dict[str, float]:
-    """Mean of a [B] tensor overall and for each DDIL source present in the batch."""
-    out = {"all": float(values.mean())}
-    for i, name in enumerate(SOURCES):
-        mask = source == i
-        if mask.any():
-            out[name] = float(values[mask].mean())
+def per_source_sums(values: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums and counts of a [B] tensor for all samples and per DDIL source, [1 + len(SOURCES)] each, on the
+    values' device: accumulated over a logging interval without a host sync per step."""
+    sums = torch.zeros(1 + len(SOURCES), dtype=values.dtype, device=values.device)
+    counts = torch.zeros_like(sums)
+    sums[0], counts[0] = values.sum(), values.numel()
+    sums[1:].index_add_(0, source, values)
+    counts[1:].index_add_(0, source, torch.ones_like(values))
+    return sums, counts
+
+
+def interval_means(sums: torch.Tensor, counts: torch.Tensor) -> dict[str, float]:
+    """Sample-weighted means of an interval ("all" and each source present); a non-finite mean is left out."""
+    out = {}
+    for name, total, n in zip(("all", *SOURCES), sums.tolist(), counts.tolist()):
+        if n > 0 and math.isfinite(total / n):
+            out[name] = total / n
     return out
