@@ -62,13 +62,25 @@ def digits_split(split: str = "train"):
     return images[chosen], digits.target[chosen], chosen
 
 
-def _digits(split: str, size: int = 16) -> Iterator[Sample]:
+def _digit_loaders(split: str, size: int = 16) -> Iterator[tuple[str, Callable[[], Sample]]]:
+    """(key, load) per digit: the split is upscaled in one tensor op, and `load` makes one sample's image (so a data
+    worker converts only the digits it loads)."""
     images, labels, ids = digits_split(split)
-    t = torch.from_numpy(images)[:, None]
-    up = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
-    for img, label, i in zip(up, labels, ids):
-        arr = (img[0].numpy() * 255).round().astype(np.uint8)
-        yield Sample(f"digits-{int(i):04d}", Image.fromarray(arr, mode="L").convert("RGB"), digit_caption(label))
+    up = torch.nn.functional.interpolate(torch.from_numpy(images)[:, None], size=(size, size), mode="bilinear",
+                                         align_corners=False).clamp(0, 1)
+    pixels = (up[:, 0].numpy() * 255).round().astype(np.uint8)
+
+    def load(row: int) -> Sample:
+        return Sample(f"digits-{int(ids[row]):04d}", Image.fromarray(pixels[row], mode="L").convert("RGB"),
+                      digit_caption(labels[row]))
+
+    for row, i in enumerate(ids):
+        yield f"digits-{int(i):04d}", (lambda row=row: load(row))
+
+
+def _digits(split: str, size: int = 16) -> Iterator[Sample]:
+    for _key, load in _digit_loaders(split, size):
+        yield load()
 
 
 def _open(fs, path: str) -> bytes:
@@ -238,7 +250,7 @@ def list_samples(uri: str, images: Optional[str] = None, resolution: int = 16) -
     `load()` reads and decodes one sample (raising DatasetError naming the file when it is bad)."""
     if uri.startswith("demo://digits"):
         split = "eval" if uri.rstrip("/").endswith("eval") else "train"
-        return ((s.key, (lambda s=s: s)) for s in _digits(split, resolution))
+        return _digit_loaders(split, resolution)
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(uri)
