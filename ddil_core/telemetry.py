@@ -13,7 +13,9 @@ Basic auth can also come from the environment (``DDIL_PUSHGATEWAY_USERNAME`` / `
 This module imports nothing else from ddil_core; its only dependency is prometheus-client (tqdm is used for
 the terminal progress bar when it happens to be installed).
 
-Metric names (all gauges; grouping labels job, run_id, stage are added by the Pushgateway):
+Metric names (all gauges; grouping labels job, run_id, stage are added by the Pushgateway). A stage exposes a gauge
+only once it has set it (cache-latents shows progress, not a buffer size of 0); the checkpoint gauges are NaN until
+a checkpoint is written.
 
 ================================================  ==========================================================
 ddil_train_step                                   last logged optimiser step
@@ -159,9 +161,9 @@ class StageTelemetry:
         self._last_checkpoint: Optional[float] = None  # unix time
 
         r = self.registry
-        self.train_step = Gauge("ddil_train_step", "Last logged optimiser step.", registry=r)
+        self.train_step = Gauge("ddil_train_step", "Last logged optimiser step.", registry=None)
         self.train_step_seconds = Gauge(
-            "ddil_train_step_seconds", "Seconds per optimiser update over the last logging interval.", registry=r
+            "ddil_train_step_seconds", "Seconds per optimiser update over the last logging interval.", registry=None
         )
         self.loss = Gauge(
             "ddil_loss", "Training loss of the last logging interval.", ["objective", "term", "source"], registry=r
@@ -169,16 +171,16 @@ class StageTelemetry:
         self.source_share = Gauge(
             "ddil_source_share", "Share of training states drawn from each source.", ["source"], registry=r
         )
-        self.buffer_size = Gauge("ddil_buffer_size", "Replay buffer size in states.", registry=r)
+        self.buffer_size = Gauge("ddil_buffer_size", "Replay buffer size in states.", registry=None)
         self.buffer_mean_age = Gauge(
-            "ddil_buffer_mean_age_steps", "Mean age of replay buffer entries in optimiser steps.", registry=r
+            "ddil_buffer_mean_age_steps", "Mean age of replay buffer entries in optimiser steps.", registry=None
         )
-        self.samples_per_second = Gauge("ddil_samples_per_second", "Training samples per second.", registry=r)
-        self.gpu_memory = Gauge("ddil_gpu_memory_bytes", "Accelerator memory in use, bytes.", registry=r)
+        self.samples_per_second = Gauge("ddil_samples_per_second", "Training samples per second.", registry=None)
+        self.gpu_memory = Gauge("ddil_gpu_memory_bytes", "Accelerator memory in use, bytes.", registry=None)
         self.nonfinite_skips = Gauge(
             "ddil_nonfinite_skips_total",
             "Running count of updates skipped for non-finite loss or gradients (restored on resume).",
-            registry=r,
+            registry=None,
         )
         self.checkpoint_age = Gauge(
             "ddil_checkpoint_age_seconds", "Seconds since the last checkpoint was written (NaN before).", registry=r
@@ -201,16 +203,18 @@ class StageTelemetry:
         )
         self.items_processed = Gauge(
             "ddil_items_processed_total", "Items processed by a batch stage (images cached, rollouts made).",
-            registry=r,
+            registry=None,
         )
-        self.progress_ratio = Gauge("ddil_progress_ratio", "Fraction of the stage's items done, 0 to 1.", registry=r)
-        # Registered only when the stage ends, so a running stage does not report success 0.
+        self.progress_ratio = Gauge("ddil_progress_ratio", "Fraction of the stage's items done, 0 to 1.", registry=None)
+        # The gauges above without labels are registered when first set (`_use`), so a stage exposes only what it
+        # reports (no zeros for a buffer that cache-latents never had). Registered only when the stage ends, so a
+        # running stage does not report success 0:
         self.stage_success = Gauge("ddil_stage_success", "1 if the stage succeeded, 0 if it failed.", registry=None)
         self.stage_last_success = Gauge(
             "ddil_stage_last_success_timestamp_seconds", "Unix time of the last successful end of the stage.",
             registry=None,
         )
-        self._end_registered: set = set()
+        self._registered: set = set()
 
         self._httpd = None
         self._http_thread = None
@@ -289,7 +293,7 @@ class StageTelemetry:
         if s is None:
             s = _number(record.get("step"))
         if s is not None:
-            self.train_step.set(s)
+            self._use(self.train_step).set(s)
         for key, gauge in (
             ("seconds_per_update", self.train_step_seconds),
             ("samples_per_second", self.samples_per_second),
@@ -298,7 +302,7 @@ class StageTelemetry:
         ):
             v = _number(record.get(key))
             if v is not None:
-                gauge.set(v)
+                self._use(gauge).set(v)
 
         losses = record.get("loss")
         if isinstance(losses, Mapping):
@@ -321,11 +325,11 @@ class StageTelemetry:
         if isinstance(buf, Mapping):
             v = _number(buf.get("size"))
             if v is not None:
-                self.buffer_size.set(v)
+                self._use(self.buffer_size).set(v)
             age = buf.get("mean_age", buf.get("mean_age_steps"))
             v = _number(age)
             if v is not None:
-                self.buffer_mean_age.set(v)
+                self._use(self.buffer_mean_age).set(v)
 
     @staticmethod
     def _loss_entries(entry: Any) -> Iterator[Tuple[str, str, float]]:
@@ -362,9 +366,9 @@ class StageTelemetry:
             d = _number(done)
             t = _number(total)
             if d is not None:
-                self.items_processed.set(d)
+                self._use(self.items_processed).set(d)
                 if t is not None and t > 0:
-                    self.progress_ratio.set(min(max(d / t, 0.0), 1.0))
+                    self._use(self.progress_ratio).set(min(max(d / t, 0.0), 1.0))
         except Exception as exc:  # pragma: no cover - defensive
             self._warn_once("record", "telemetry: bad progress values (%s); skipped", exc)
         self.push()
@@ -446,10 +450,15 @@ class StageTelemetry:
         return True
 
     # ------------------------------------------------------------------ stage lifecycle
-    def _register_end_metric(self, gauge: Gauge) -> None:
-        if id(gauge) not in self._end_registered:
+    def _use(self, gauge: Gauge) -> Gauge:
+        """The gauge, registered in this stage's registry the first time it is used."""
+        if id(gauge) not in self._registered:
             self.registry.register(gauge)
-            self._end_registered.add(id(gauge))
+            self._registered.add(id(gauge))
+        return gauge
+
+    def _register_end_metric(self, gauge: Gauge) -> None:
+        self._use(gauge)
 
     def start(self) -> "StageTelemetry":
         """Mark the stage start (``__enter__`` calls it)."""

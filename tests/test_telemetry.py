@@ -259,3 +259,19 @@ def test_push_timeout_is_short(caplog):
         assert tel.push(force=True) is False
         assert time.monotonic() - t0 < 2.0
     assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1
+
+
+def test_a_stage_exposes_only_the_gauges_it_sets():
+    """A batch stage reports progress, not a zero train step or buffer size it never had; distill the reverse."""
+    batch = StageTelemetry("cache-latents", _run_id(), None)
+    batch.progress(5, 10)
+    assert batch.registry.get_sample_value("ddil_items_processed_total") == 5
+    assert batch.registry.get_sample_value("ddil_progress_ratio") == 0.5
+    for name in ("ddil_train_step", "ddil_buffer_size", "ddil_samples_per_second", "ddil_nonfinite_skips_total"):
+        assert batch.registry.get_sample_value(name) is None, name
+    train = StageTelemetry("distill", _run_id(), None)
+    train.log_train(3, {"buffer": {"size": 7, "mean_age": 1.5}, "samples_per_second": 2.0})
+    assert train.registry.get_sample_value("ddil_train_step") == 3
+    assert train.registry.get_sample_value("ddil_buffer_size") == 7
+    assert train.registry.get_sample_value("ddil_items_processed_total") is None
+    assert train.registry.get_sample_value("ddil_gpu_memory_bytes") is None  # no accelerator reported
