@@ -47,6 +47,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--teacher-steps", type=int, default=8)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="cProfile one cache-latents run and print the top")
+    parser.add_argument("--resolution", type=int, help="image side (model.resolution; default: the teacher's 16 px); "
+                        "with it, only cache-latents is measured and the result is named cache_throughput_<N>px")
     args = parser.parse_args(argv)
     if args.quick:
         args.images, args.batch, args.rollouts, args.rollout_batch, args.teacher_steps, args.reps = 64, 16, 16, 8, 4, 1
@@ -65,7 +67,8 @@ def main(argv=None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="ddil-cache-bench-"))
     try:
         def config(limit, rollouts=r_big, extra=()):
-            return common.tiny_config(f"data.limit={limit}", f"data.batch_size={args.batch}", "data.shard_size=256",
+            sizes = [f"model.resolution={args.resolution}"] if args.resolution else []
+            return common.tiny_config(*sizes, f"data.limit={limit}", f"data.batch_size={args.batch}", "data.shard_size=256",
                                       f"rollouts.num_samples={rollouts}", f"rollouts.batch_size={args.rollout_batch}",
                                       f"rollouts.teacher_steps={args.teacher_steps}", "rollouts.shard_size=256",
                                       *extra)
@@ -80,7 +83,7 @@ def main(argv=None) -> dict:
         pipe = load_pipeline("tiny://sd15")
         pipe.vae.eval().requires_grad_(False)
         pipe.text_encoder.eval().requires_grad_(False)
-        res = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        res = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
         samples = list(iter_samples("demo://digits", limit=n_big, resolution=res))
         images = torch.stack([image_to_tensor(s.image, res) for s in samples])
         captions = [s.caption for s in samples]
@@ -108,7 +111,9 @@ def main(argv=None) -> dict:
                 encode_prompts(pipe, unique_captions[i * args.batch:(i + 1) * args.batch] if unique else caps, res)
 
         # teacher-rollouts reads its prompts from a latent cache: one, made once
-        cache_latents(config(n_big), work / "cache")
+        with_rollouts = not args.resolution
+        if with_rollouts:
+            cache_latents(config(n_big), work / "cache")
         rcounter = iter(range(10**6))
 
         def stage_rollouts(count):
@@ -136,9 +141,10 @@ def main(argv=None) -> dict:
             "cache_latents_png_unique_N/2": stage_cache(n_small, str(unique_folder)),
             "bare_vae_encode": bare_vae, "bare_vae_and_text_encode": bare_vae_text,
             "bare_vae_and_text_encode_unique": lambda: bare_vae_text(unique=True),
-            "teacher_rollouts_R": stage_rollouts(r_big), "teacher_rollouts_R/2": stage_rollouts(r_small),
-            "bare_teacher_unet": bare_unet,
         }
+        if with_rollouts:
+            cases.update({"teacher_rollouts_R": stage_rollouts(r_big), "teacher_rollouts_R/2": stage_rollouts(r_small),
+                          "bare_teacher_unet": bare_unet})
         with torch.no_grad():
             times = common.interleaved(cases, args.reps, warmup=0 if args.quick else 1)
             for p in work.glob("lat-*"):
@@ -176,12 +182,14 @@ def main(argv=None) -> dict:
         png_in_process = folder_case("cache_latents_png_0_workers", bare_all_ips)
         unique = folder_case("cache_latents_png_unique", bare_unique_ips)
         unique["bare_vae_and_text_images_per_second"] = bare_unique_ips
-        roll = split(med["teacher_rollouts_R"], med["teacher_rollouts_R/2"], r_big, r_small)
-        bare_unet_sps = r_big / med["bare_teacher_unet"]
-        roll.update(bare_unet_samples_per_second=bare_unet_sps,
-                    unet_evaluations_per_sample=2 * args.teacher_steps,
-                    ratio_end_to_end_vs_bare_unet=common.ratio(roll["end_to_end_items_per_second"], bare_unet_sps),
-                    ratio_marginal_vs_bare_unet=common.ratio(roll["marginal_items_per_second"], bare_unet_sps))
+        roll = None
+        if with_rollouts:
+            roll = split(med["teacher_rollouts_R"], med["teacher_rollouts_R/2"], r_big, r_small)
+            bare_unet_sps = r_big / med["bare_teacher_unet"]
+            roll.update(bare_unet_samples_per_second=bare_unet_sps,
+                        unet_evaluations_per_sample=2 * args.teacher_steps,
+                        ratio_end_to_end_vs_bare_unet=common.ratio(roll["end_to_end_items_per_second"], bare_unet_sps),
+                        ratio_marginal_vs_bare_unet=common.ratio(roll["marginal_items_per_second"], bare_unet_sps))
 
         rows = [
             ["cache-latents (end to end)", cache["end_to_end_items_per_second"], bare_vae_ips,
@@ -204,15 +212,16 @@ def main(argv=None) -> dict:
              bare_vae_ips, unique["ratio_marginal_vs_bare_vae"]],
             ["cache-latents, distinct captions (marginal) vs bare VAE + text encoder",
              unique["marginal_items_per_second"], bare_unique_ips, unique["ratio_marginal_vs_bare_vae_and_text"]],
-            ["teacher-rollouts (end to end)", roll["end_to_end_items_per_second"], bare_unet_sps,
-             roll["ratio_end_to_end_vs_bare_unet"]],
-            ["teacher-rollouts (marginal)", roll["marginal_items_per_second"], bare_unet_sps,
-             roll["ratio_marginal_vs_bare_unet"]],
         ]
+        if roll is not None:
+            rows += [["teacher-rollouts (end to end)", roll["end_to_end_items_per_second"], bare_unet_sps,
+                      roll["ratio_end_to_end_vs_bare_unet"]],
+                     ["teacher-rollouts (marginal)", roll["marginal_items_per_second"], bare_unet_sps,
+                      roll["ratio_marginal_vs_bare_unet"]]]
         headers = ["stage", "stage items/s", "bare passes items/s", "ratio"]
         print(common.table(headers, rows))
-        print(f"fixed start-up cost: cache-latents {cache['fixed_seconds']:.2f} s, "
-              f"teacher-rollouts {roll['fixed_seconds']:.2f} s")
+        print(f"fixed start-up cost: cache-latents {cache['fixed_seconds']:.2f} s"
+              + (f", teacher-rollouts {roll['fixed_seconds']:.2f} s" if roll else ""))
 
         profile = None
         if args.profile:
@@ -233,14 +242,15 @@ def main(argv=None) -> dict:
             "settings": {"images": n_big, "batch": args.batch, "rollouts": r_big, "rollout_batch": args.rollout_batch,
                          "teacher_steps": args.teacher_steps, "reps": args.reps, "threads": threads,
                          "dataset": "demo://digits", "teacher": "tiny://sd15", "quick": args.quick,
-                         "data_num_workers": 2},
+                         "data_num_workers": 2, "resolution": res},
             "cache_latents": cache, "cache_latents_png_folder": png, "cache_latents_png_folder_no_workers": png_in_process,
             "cache_latents_png_distinct_captions": unique, "teacher_rollouts": roll, "times": times, "target": TARGET,
             "table_markdown": common.table(headers, rows),
         }
         if profile:
             result["profile_top"] = profile
-        common.write_results("cache_throughput", result, args.out, args.update_docs)
+        name = f"cache_throughput_{args.resolution}px" if args.resolution else "cache_throughput"
+        common.write_results(name, result, args.out, args.update_docs)
         return result
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -113,3 +113,21 @@ def test_repeated_prompts_are_encoded_once_with_the_same_result(family, caplog):
         alone = encode_prompts(pipe, [prompt], 16)
         for k in cond:
             torch.testing.assert_close(cond[k][i: i + 1], alone[k], rtol=1e-5, atol=1e-5)
+
+
+def test_embedding_cache_encodes_each_caption_once_across_batches():
+    from ddil_core.models.conditioning import EmbeddingCache
+    from ddil_core.models.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("sd15")
+    batches = [["a digit one", "a digit two", "a digit one"], ["a digit two", "a digit three"], ["a digit one"]]
+    for budget, want_calls in ((256 << 20, [2, 1]), (1, [2, 2, 1])):  # a budget of 1 byte caches nothing
+        cache, calls = EmbeddingCache(budget), []
+        hook = pipe.text_encoder.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+        got = [cache.encode(pipe, batch, 16) for batch in batches]
+        hook.remove()
+        assert calls == want_calls
+        for batch, cond in zip(batches, got):
+            torch.testing.assert_close(cond["encoder_hidden_states"],
+                                       encode_prompts(pipe, batch, 16)["encoder_hidden_states"], rtol=1e-5, atol=1e-5)
+        assert cache.bytes <= budget

@@ -25,7 +25,7 @@ from ddil_core.config import Config
 from ddil_core.data.datasets import SkipReport
 from ddil_core.data.loader import load_samples
 from ddil_core.data.shards import ResumableStaging, ShardWriter, disk_full_is_clear
-from ddil_core.models.conditioning import encode_prompts, encode_unconditional
+from ddil_core.models.conditioning import EmbeddingCache, encode_unconditional
 from ddil_core.models.latents import encode_images
 from ddil_core.stages.common import load_teacher, stage_run, write_resolved_config
 from ddil_core.training.loop import Preempted, _StopFlag
@@ -112,10 +112,11 @@ def _encode_all(config: Config, teacher, staging: ResumableStaging, telemetry, s
     digests: list[str] = []
     state = {"digest": hashlib.sha256(), "count": 0, "reused": 0}
     images, batch_captions, batch_keys = [], [], []
+    embeddings = EmbeddingCache()  # repeated captions (class labels) run the text encoders once
 
     def encode_batch():
         lat = encode_images(pipe.vae, torch.stack(images)).half()
-        cond = encode_prompts(pipe, batch_captions, res, names=batch_keys)
+        cond = embeddings.encode(pipe, batch_captions, res, names=batch_keys)
         writer.add({"latents": lat, **{f"cond.{k}": v.half() for k, v in cond.items()}})
         abs_values.append(_bound_samples(lat))
         images.clear()
