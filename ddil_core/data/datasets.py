@@ -267,20 +267,32 @@ def list_samples(uri: str, images: Optional[str] = None, resolution: int = 16) -
 
 def _iter_samples(uri: str, images: Optional[str], policy: str, limit: Optional[int], skips: Optional[SkipReport],
                   resolution: int) -> Iterator[Sample]:
+    def loaded():
+        for _key, make in list_samples(uri, images, resolution):
+            try:
+                yield make()
+            except DatasetError as exc:
+                yield exc
+
+    yield from good_samples(loaded(), uri, policy, limit, skips)
+
+
+def good_samples(results: Iterator, uri: str, policy: str, limit: Optional[int],
+                 skips: Optional[SkipReport]) -> Iterator:
+    """The bad-sample policy over `results` (each a loaded sample, or the DatasetError that made it bad, in dataset
+    order): policy fail raises the first error, skip counts it; stops after `limit` good samples, pulling no more."""
     count = 0
-    for _key, make in list_samples(uri, images, resolution):
-        if limit is not None and count >= limit:
-            break
-        try:
-            sample = make()
-        except DatasetError as exc:
+    for result in results if limit is None or limit > 0 else ():
+        if isinstance(result, DatasetError):
             if policy != "skip":
-                raise
+                raise result
             if skips is not None:
-                skips.add(str(exc))
+                skips.add(str(result))
             continue
         count += 1
-        yield sample
+        yield result
+        if limit is not None and count >= limit:
+            break
     if count == 0:
         raise DatasetError(f"{uri}: the dataset has no usable samples")
 

@@ -18,7 +18,8 @@ from typing import Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ddil_core.data.datasets import DatasetError, SkipReport, image_to_tensor, list_samples, storage_error
+from ddil_core.data.datasets import (DatasetError, SkipReport, good_samples, image_to_tensor, list_samples,
+                                     storage_error)
 
 
 @dataclass
@@ -93,25 +94,23 @@ def load_samples(uri: str, images: Optional[str] = None, policy: str = "fail", l
                            worker_init_fn=_ignore_stop_signals, multiprocessing_context="fork")
     else:
         items = chunks
-    count = 0
-    for expected, (c, entries, images_) in enumerate(items):
+    yield from good_samples(_in_order(items), uri, policy, limit, skips)
+
+
+def _in_order(items) -> Iterator[LoadedSample | DatasetError]:
+    """The chunks' entries in dataset order: each good sample, or the DatasetError of a bad one."""
+    for expected, (c, entries, images) in enumerate(items):
         if c is None:
             raise entries
         if c != expected:  # the round-robin over workers must return chunks in order
             raise RuntimeError(f"data loader: chunk {c} arrived in place of chunk {expected}")
         good = 0
         for entry in entries:
-            if limit is not None and count >= limit:
-                return
-            if isinstance(entry, DatasetError) and policy == "skip":
-                if skips is not None:
-                    skips.add(str(entry))
-                continue
-            if isinstance(entry, BaseException):
+            if isinstance(entry, DatasetError):
+                yield entry
+            elif isinstance(entry, BaseException):
                 raise entry
-            key, caption, digest = entry
-            count += 1
-            yield LoadedSample(key, caption, images_[good], digest)
-            good += 1
-    if count == 0:
-        raise DatasetError(f"{uri}: the dataset has no usable samples")
+            else:
+                key, caption, digest = entry
+                yield LoadedSample(key, caption, images[good], digest)
+                good += 1
