@@ -6,6 +6,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -74,6 +77,29 @@ def test_demo_digits_through_workers():
     reference = list(iter_samples("demo://digits", limit=40))
     assert [s.key for s in loaded] == [s.key for s in reference]
     assert all(torch.equal(a.image, image_to_tensor(b.image, 16)) for a, b in zip(loaded, reference))
+
+
+_LEAK = """
+from ddil_core.data.loader import load_samples
+samples = load_samples("demo://digits", limit=400, num_workers=2, chunk=16)
+next(samples)
+held = [samples]
+held.append(held)  # a reference cycle, as a traceback kept by an error handler makes: never collected before exit
+print("exiting", flush=True)
+"""
+
+
+def test_a_loader_never_closed_does_not_hang_interpreter_exit(tmp_path):
+    """At exit multiprocessing SIGTERMs daemon workers and joins them; a worker ignoring SIGTERM hung this forever
+    (a CI run timed out after the suite passed). The timeout is a hang detector, not a speed limit."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        done = subprocess.run([sys.executable, "-c", _LEAK], capture_output=True, text=True, timeout=120, env=env,
+                              cwd=tmp_path)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the interpreter did not exit: a data worker outlived it")
+    assert done.returncode == 0, done.stderr
+    assert "exiting" in done.stdout
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])

@@ -11,6 +11,7 @@ tars are read whole by every worker, which decodes only its own chunks.)
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -77,11 +78,14 @@ class _Chunks(IterableDataset):
         return DatasetError(message) if message is not None else exc
 
 
-def _ignore_stop_signals(_worker_id: int) -> None:
-    # The main process handles SIGTERM/SIGINT (a preempted pod keeps its partial cache) and closes the workers;
-    # a worker killed by the same signal would turn that into a DataLoader error.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def _worker_signals(_worker_id: int) -> None:
+    # A group-wide Ctrl-C or SIGTERM is the main process's to handle (a preempted pod keeps its partial cache and
+    # closes the workers); a worker killed by it would race that with a DataLoader error. So SIGINT is ignored and
+    # SIGTERM ends the worker with exit code 0, which the DataLoader does not report as a failure. SIGTERM must still
+    # end it: it is how multiprocessing stops daemon workers at interpreter exit (a loader never closed, e.g. one
+    # held by a traceback), and an ignored SIGTERM there hangs the exit forever.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: os._exit(0))
 
 
 def load_samples(uri: str, images: Optional[str] = None, policy: str = "fail", limit: Optional[int] = None,
@@ -91,7 +95,7 @@ def load_samples(uri: str, images: Optional[str] = None, policy: str = "fail", l
     chunks = _Chunks(uri, images, resolution, chunk)
     if num_workers > 0:
         items = DataLoader(chunks, batch_size=None, num_workers=num_workers, prefetch_factor=4,
-                           worker_init_fn=_ignore_stop_signals, multiprocessing_context="fork")
+                           worker_init_fn=_worker_signals, multiprocessing_context="fork")
     else:
         items = chunks
     yield from good_samples(_in_order(items), uri, policy, limit, skips)
