@@ -161,7 +161,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def preempt(signum, frame):  # anywhere outside a loop that checkpoints: stop cleanly (staging removed, exit 143)
         raise Preempted(f"stopped by signal {signum}")
 
-    signal.signal(signal.SIGTERM, preempt)
+    previous = signal.signal(signal.SIGTERM, preempt)  # put back on return: main() called in-process leaves no trace
     try:
         args.func(args)
     except Preempted as exc:
@@ -179,6 +179,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"ddil {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -112,3 +112,21 @@ def test_missing_dataset_is_named(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "dataset not found" in err and "no-such-folder" in err
     _assert_clean(tmp_path, out)
+
+
+def test_main_puts_back_the_callers_sigterm_handler(tmp_path):
+    """main() handles SIGTERM while a stage runs; called in-process (a notebook, a test, a KFP component) it must not
+    leave that handler behind, or a later SIGTERM raises Preempted in whatever code runs then."""
+    import signal
+
+    def mine(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        code = main(["cache-latents", "--config", "tiny", "--dataset", str(tmp_path / "missing"),
+                     "--out", str(tmp_path / "out")])
+        assert code == EXIT_BAD_INPUT
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, before)
