@@ -2,6 +2,7 @@
 import torch
 
 from ddil_core.math.ddim import ddim_step
+from ddil_core.method.draws import SampleDraws
 from ddil_core.method.mixture import StateBatch
 from ddil_core.method.objectives.base import ObjectiveContext
 from ddil_core.method.objectives.pd import ProgressiveDistillation, stage_steps
@@ -53,7 +54,7 @@ def test_loss_is_zero_when_the_student_predicts_the_target():
     a, s = pd.ctx.schedule.alpha_sigma(batch.t, like=batch.x_t)
     eps_for_target = (batch.x_t - a * x_tgt) / s
     pd.student_denoiser.output = lambda x, t, c: eps_for_target
-    out = pd.loss(batch, 0, torch.Generator())
+    out = pd.loss(batch, 0, SampleDraws.whole(torch.Generator(), batch.x_t.shape[0]))
     assert float(out.losses["student"]) < 1e-8
 
 

@@ -6,7 +6,7 @@ draw comes from one explicit generator whose state is checkpointed with the weig
 
 Several processes (`accelerate launch` / torchrun; gloo on CPU, NCCL on GPUs): every rank draws the same global
 batch of DDIL states from the same generator (so all ranks agree on the student-rollout step count and hold the
-same replay buffer), trains on its slice, and gradients are averaged across ranks before each optimiser step, so
+same replay buffer), trains on its slice (the objective's per-sample draws too: method/draws.py), and gradients are averaged across ranks before each optimiser step, so
 the update equals the single-process update on the global batch. Rank 0 alone writes logs and checkpoints.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import torch
 
 from ddil_core.config import Config
+from ddil_core.method.draws import SampleDraws
 from ddil_core.method.mixture import SOURCES, DDILMixture, scheduled_priors
 from ddil_core.method.objectives.base import Objective, interval_means, per_source_sums
 from ddil_core.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -221,13 +222,15 @@ class Trainer:
     def train_step(self) -> None:
         acc, iv = self.accelerator, self._interval
         t0 = time.perf_counter()
-        batch = self.mixture.sample(self.step, self.config.training.batch_size, self.generator)
+        total = self.config.training.batch_size
+        batch = self.mixture.sample(self.step, total, self.generator)
+        start, stop = self.rank * total // self.world, (self.rank + 1) * total // self.world
         if self.world > 1:
-            per_rank = batch.x_t.shape[0] // self.world
-            batch = batch.slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+            batch = batch.slice(start, stop)
+        draws = SampleDraws(self.generator, start, stop, total)
         t1 = time.perf_counter()
         with acc.autocast():
-            out = self.objective.loss(batch, self.step, self.generator)
+            out = self.objective.loss(batch, self.step, draws)
         t2 = time.perf_counter()
         # one host sync for all losses (a GPU would otherwise wait once per loss)
         finite = bool(torch.stack([torch.isfinite(v).all() for v in out.losses.values()]).all())

@@ -14,6 +14,7 @@ import torch
 
 from ddil_core.config import Config
 from ddil_core.math.schedule import NoiseSchedule
+from ddil_core.method.draws import SampleDraws
 from ddil_core.method.grid import StudentGrid
 from ddil_core.method.mixture import SOURCES, StateBatch
 from ddil_core.method.rollouts import NO_REFLECTION, Reflection
@@ -67,7 +68,9 @@ class Objective:
         """Where forward-diffused states are drawn; None: the student grid."""
         return None
 
-    def loss(self, batch: StateBatch, step: int, generator: torch.Generator) -> LossOutput:
+    def loss(self, batch: StateBatch, step: int, draws: SampleDraws) -> LossOutput:
+        """Losses on a batch of states; per-sample random numbers come from `draws` (the same on any number of
+        processes)."""
         raise NotImplementedError
 
     def lr_for(self, name: str) -> float | None:

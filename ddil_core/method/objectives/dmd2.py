@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ddil_core.math.parameterization import to_x0_eps
+from ddil_core.method.draws import SampleDraws
 from ddil_core.method.grid import StudentGrid
 from ddil_core.method.mixture import StateBatch
 from ddil_core.method.objectives.base import LossOutput, Objective, ObjectiveContext
@@ -123,8 +124,8 @@ class DistributionMatchingDistillation(Objective):
     def is_generator_step(self, step: int) -> bool:
         return step % self.cfg.dfake_gen_update_ratio == 0
 
-    def loss(self, batch: StateBatch, step: int, generator: torch.Generator) -> LossOutput:
-        sched, cond, n = self.ctx.schedule, batch.cond, batch.x_t.shape[0]
+    def loss(self, batch: StateBatch, step: int, draws: SampleDraws) -> LossOutput:
+        sched, cond = self.ctx.schedule, batch.cond
         losses, per_sample, timings = {}, {}, {"teacher": 0.0, "student": 0.0}
         gen_step = self.is_generator_step(step)
         t0 = time.perf_counter()
@@ -134,8 +135,8 @@ class DistributionMatchingDistillation(Objective):
 
         if gen_step:
             t0 = time.perf_counter()
-            t_dm = torch.randint(self.cfg.min_step, self.cfg.max_step + 1, (n,), generator=generator).to(x.device)
-            noise = torch.randn(x.shape, generator=generator).to(x)
+            t_dm = draws.randint(self.cfg.min_step, self.cfg.max_step + 1).to(x.device)
+            noise = draws.randn(*x.shape[1:]).to(x)
             x_t = sched.add_noise(x.detach(), noise, t_dm)
             with torch.no_grad():
                 a, s = sched.alpha_sigma(t_dm, like=x_t)
@@ -156,8 +157,8 @@ class DistributionMatchingDistillation(Objective):
 
         t0 = time.perf_counter()
         x_fake = x.detach()
-        t_f = torch.randint(0, self.T, (n,), generator=generator).to(x.device)
-        noise_f = torch.randn(x.shape, generator=generator).to(x)
+        t_f = draws.randint(0, self.T).to(x.device)
+        noise_f = draws.randn(*x.shape[1:]).to(x)
         x_t_f = sched.add_noise(x_fake, noise_f, t_f)
         out = self.fake_denoiser.output(x_t_f, t_f, cond)
         a, s = sched.alpha_sigma(t_f, like=x_t_f)

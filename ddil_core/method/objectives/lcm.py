@@ -21,6 +21,7 @@ import torch
 from ddil_core.math.consistency import consistency_function
 from ddil_core.math.guidance_embedding import guidance_scale_embedding
 from ddil_core.math.parameterization import to_x0_eps
+from ddil_core.method.draws import SampleDraws
 from ddil_core.method.grid import StudentGrid
 from ddil_core.method.mixture import StateBatch
 from ddil_core.method.objectives.base import LossOutput, Objective, ObjectiveContext
@@ -124,9 +125,9 @@ class LatentConsistencyDistillation(Objective):
         a_p, s_p = sched.alpha_sigma(t_prev, like=x)
         return self.consistency(self.target_denoiser, a_p * x0 + s_p * eps, t_prev, cond, w_emb)
 
-    def loss(self, batch: StateBatch, step: int, generator: torch.Generator) -> LossOutput:
+    def loss(self, batch: StateBatch, step: int, draws: SampleDraws) -> LossOutput:
         x, t, cond = batch.x_t, batch.t, batch.cond
-        w = self.cfg.w_min + (self.cfg.w_max - self.cfg.w_min) * torch.rand(x.shape[0], generator=generator)
+        w = self.cfg.w_min + (self.cfg.w_max - self.cfg.w_min) * draws.rand()
         w_emb = self.w_embedding(w)
         t0 = time.perf_counter()
         target = self.targets(x, t, cond, w, w_emb)

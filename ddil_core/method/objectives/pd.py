@@ -17,6 +17,7 @@ import torch
 
 from ddil_core.math.ddim import ddim_step
 from ddil_core.math.parameterization import to_x0_eps
+from ddil_core.method.draws import SampleDraws
 from ddil_core.method.grid import StudentGrid
 from ddil_core.method.mixture import StateBatch
 from ddil_core.method.objectives.base import LossOutput, Objective, ObjectiveContext
@@ -117,7 +118,7 @@ class ProgressiveDistillation(Objective):
         a2, s2 = self.ctx.schedule.alpha_sigma(batch.t - self.T // n, like=batch.x_t)
         return pd_target(batch.x_t, x_t2, a, s, a2, s2)
 
-    def loss(self, batch: StateBatch, step: int, generator: torch.Generator) -> LossOutput:
+    def loss(self, batch: StateBatch, step: int, draws: SampleDraws) -> LossOutput:
         t0 = time.perf_counter()
         x_tgt = self.targets(batch)
         t1 = time.perf_counter()
