@@ -6,8 +6,9 @@ draw comes from one explicit generator whose state is checkpointed with the weig
 
 Several processes (`accelerate launch` / torchrun; gloo on CPU, NCCL on GPUs): every rank draws the same global
 batch of DDIL states from the same generator (so all ranks agree on the student-rollout step count and hold the
-same replay buffer), trains on its slice (the objective's per-sample draws too: method/draws.py), and gradients are averaged across ranks before each optimiser step, so
-the update equals the single-process update on the global batch. Rank 0 alone writes logs and checkpoints.
+same replay buffer), trains on its slice (the objective's per-sample draws too: method/draws.py), and gradients are
+averaged across ranks before each optimiser step, so the update equals the single-process update on the global
+batch. Rank 0 alone writes logs and checkpoints.
 """
 from __future__ import annotations
 
@@ -225,8 +226,7 @@ class Trainer:
         total = self.config.training.batch_size
         batch = self.mixture.sample(self.step, total, self.generator)
         start, stop = self.rank * total // self.world, (self.rank + 1) * total // self.world
-        if self.world > 1:
-            batch = batch.slice(start, stop)
+        batch = batch.slice(start, stop)  # this rank's rows (all of them on one process)
         draws = SampleDraws(self.generator, start, stop, total)
         t1 = time.perf_counter()
         with acc.autocast():
