@@ -1,5 +1,6 @@
 """Bad input gets a clear one-line error naming the culprit, exit code 2, and no partial output."""
 import json
+import signal
 
 import pytest
 from PIL import Image
@@ -117,8 +118,6 @@ def test_missing_dataset_is_named(tmp_path, capsys):
 def test_main_puts_back_the_callers_sigterm_handler(tmp_path):
     """main() handles SIGTERM while a stage runs; called in-process (a notebook, a test, a KFP component) it must not
     leave that handler behind, or a later SIGTERM raises Preempted in whatever code runs then."""
-    import signal
-
     def mine(signum, frame):
         pass
 
