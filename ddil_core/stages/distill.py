@@ -1,8 +1,8 @@
 """Stage distill: train the few-step student with DDIL over the chosen base objective.
 
 Writes DIR/student/ (a diffusers pipeline of the teacher's class with the student's UNet and scheduler),
-DIR/checkpoints/ (resumable), DIR/buffer/ (the replay buffer as shards), DIR/train_log.jsonl and
-DIR/resolved_config.yaml. Rerunning on an existing DIR resumes from its newest checkpoint.
+DIR/checkpoints/ (resumable), DIR/buffer/ (the replay buffer as shards; empty without a buffer),
+DIR/train_log.jsonl and DIR/resolved_config.yaml. Rerunning on an existing DIR resumes from its newest checkpoint.
 """
 from __future__ import annotations
 
@@ -115,6 +115,8 @@ def _distill(config, latents, rollouts, out, on_log, on_checkpoint) -> Path:
     save_student_pipeline(teacher.pipe, student, objective.student_scheduler(), out / "student", info)
     if buffer is not None:
         buffer.save(out / "buffer")
+    else:  # no replay buffer in this run: an empty folder, so the stage writes the same outputs (dvc.yaml outs)
+        (out / "buffer").mkdir(exist_ok=True)
     log.info("student written to %s", out / "student")
     trainer.accelerator.wait_for_everyone()
     return out / "student"
