@@ -176,7 +176,8 @@ def _encode_all(config: Config, teacher, staging: ResumableStaging, telemetry, s
     (staging.folder / "keys.json").write_text(json.dumps(keys))
     manifest = writer.finish(
         teacher=config.model.teacher, family=teacher.family, vae_id=teacher.vae_id(), resolution=res,
-        dataset=dcfg.dataset, latent_bounds=bounds.tolist(), latent_bound_percentile=dcfg.latent_bound_percentile,
+        dataset=dcfg.dataset, dataset_sha256=hashlib.sha256("".join(digests).encode()).hexdigest(),  # lineage
+        latent_bounds=bounds.tolist(), latent_bound_percentile=dcfg.latent_bound_percentile,
         skipped=skips.skipped, skip_reasons=skips.reasons,
     )
     return manifest, skips

@@ -20,6 +20,7 @@ from ddil_core.method.objectives import ObjectiveContext, build_objective
 from ddil_core.method.rollouts import teacher_interval_step
 from ddil_core.models.denoiser import Denoiser
 from ddil_core.models.pipeline_io import save_student_pipeline
+from ddil_core.registry.lineage import training_lineage
 from ddil_core.stages.common import (is_main_process, load_teacher, read_latent_cache, stage_run,
                                      write_resolved_config)
 from ddil_core.training.loop import Trainer
@@ -111,7 +112,7 @@ def _distill(config, latents, rollouts, out, on_log, on_checkpoint) -> Path:
     if trainer.ema is not None:
         trainer.ema.copy_to(student)
     info = {**objective.student_info(), "teacher": config.model.teacher, "steps_trained": trainer.step,
-            "priors": vars(config.ddil.priors)}
+            "priors": vars(config.ddil.priors), "lineage": training_lineage(config, latents, rollouts)}
     save_student_pipeline(teacher.pipe, student, objective.student_scheduler(), out / "student", info)
     if buffer is not None:
         buffer.save(out / "buffer")

@@ -43,12 +43,14 @@ def read_metrics(path: str | Path) -> dict:
     return metrics
 
 
-def register(config: Config, student: str, metrics_path: str | Path, registry: Optional[str] = None) -> dict:
-    """Gate, then register; returns the registry entry ({"name", "version", "path", ...}).
+def register(config: Config, student: str, metrics_path: str | Path, registry: Optional[str] = None,
+             model_uri: Optional[str] = None) -> dict:
+    """Gate, then register; returns the registry entry ({"name", "version", "path", ...}). `model_uri`: where the
+    same student is stored for serving (a KFP artifact URI), when `student` is a local copy.
 
     Raises FileNotFoundError / MetricsError for a missing or bad metrics file and GateError when a gate fails.
     """
     metrics = read_metrics(metrics_path)
-    entry = register_student(config, str(student), metrics, registry)
+    entry = register_student(config, str(student), metrics, registry, model_uri=model_uri)
     log.info("registered %s version %s", entry.get("name"), entry.get("version"))
     return entry
