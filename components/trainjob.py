@@ -26,11 +26,14 @@ def distill_job_name(run_id: str) -> str:
     return "ddil-distill-" + hashlib.sha256(str(run_id).encode()).hexdigest()[:10]
 
 
-def distill_job_args(config_path: str, latents: str, rollouts: str, out: str, metrics_port: int = 9100) -> list:
+def distill_job_args(config_path: str, latents: str, rollouts: str, out: str, metrics_port: int = 9100,
+                     run_id: str = "") -> list:
     """The `ddil` command line every node runs (after `accelerate launch ... -m ddil_core.cli`)."""
     args = ["distill", f"--config={config_path}", f"--latents={latents}", f"--rollouts={rollouts}", f"--out={out}"]
     if metrics_port:
         args.append(f"--set=telemetry.metrics_port={int(metrics_port)}")  # rank 0 serves /metrics (PodMonitor)
+    if run_id:
+        args.append(f"--set=telemetry.run_id='{run_id}'")  # the pipeline run's id: one Pushgateway group per run
     return args
 
 
@@ -332,7 +335,7 @@ def launch_trainjob(
     from ddil_core.config import dump_config
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped task still deletes its job (finally)
-    config = stage_config(recipe, overrides)
+    config = stage_config(recipe, overrides, run_id)
     accelerate_launch_script(training_operator)  # validates the operator before anything is staged
     if not namespace:
         path = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
@@ -350,7 +353,7 @@ def launch_trainjob(
         copy_folder(shard.path, os.path.join(root, "rollouts", f"shard-{index:04d}"))
     out = os.path.join(root, "distill")  # kept between attempts: a retried task resumes from its checkpoints
     args = distill_job_args(config_path, os.path.join(root, "latents"), os.path.join(root, "rollouts"), out,
-                            metrics_port)
+                            metrics_port, run_id)
     if training_operator == "v2":
         manifest = trainjob_manifest(name, namespace, image, num_nodes, gpu_count, gpu_type, args, runtime)
     else:

@@ -99,7 +99,8 @@ def test_pipeline_parameters():
         "teacher": "STRING", "dataset": "STRING", "recipe": "STRING", "overrides": "LIST", "objective": "STRING",
         "student_steps": "NUMBER_INTEGER", "prior_forward": "NUMBER_DOUBLE", "prior_teacher": "NUMBER_DOUBLE",
         "prior_student": "NUMBER_DOUBLE", "num_shards": "NUMBER_INTEGER", "gpu_type": "STRING",
-        "gpu_count": "NUMBER_INTEGER", "registry_uri": "STRING", "kubeflow_registry_address": "STRING",
+        "gpu_count": "NUMBER_INTEGER", "gpu_task_cpu": "STRING", "gpu_task_memory": "STRING",
+        "checkpoint_root": "STRING", "registry_uri": "STRING", "kubeflow_registry_address": "STRING",
         "fid_factor": "NUMBER_DOUBLE", "min_coverage": "NUMBER_DOUBLE", "min_adherence": "NUMBER_DOUBLE",
         "pushgateway": "STRING", "multi_node": "BOOLEAN", "num_nodes": "NUMBER_INTEGER",
         "training_operator": "STRING",
@@ -180,19 +181,70 @@ def test_caching_and_retries():
     def caching(task):
         return bool(task.get("cachingOptions", {}).get("enableCache"))
 
-    for stage, cached, retried in (("cache-latents", True, True), ("teacher-rollouts", True, True),
-                                   ("distill", False, False), ("launch-trainjob", False, False),
-                                   ("evaluate", True, True), ("register", False, True),
-                                   ("resolve-config", False, False), ("check-gates", False, False)):
+    for stage, cached, retries in (("cache-latents", True, 2), ("teacher-rollouts", True, 2),
+                                   ("distill", False, 3), ("launch-trainjob", False, 0),
+                                   ("evaluate", True, 2), ("register", False, 2),
+                                   ("resolve-config", False, 0), ("check-gates", False, 0)):
         tasks = _tasks_of(spec, stage)
         assert tasks, stage
         for name, task in tasks:
             assert caching(task) is cached, f"{name}: caching should be {cached}"
-            if retried:
-                assert task["retryPolicy"]["maxRetryCount"] == 2, name
+            if retries:
+                assert task["retryPolicy"]["maxRetryCount"] == retries, name
                 assert task["retryPolicy"]["backoffDuration"] == "60s", name
             else:
                 assert "retryPolicy" not in task, name
+
+
+def test_gpu_tasks_have_cpu_memory_requests_limits_and_a_deadline():
+    """Every GPU task asks for CPU and memory (requests = limits, from the gpu_task_cpu / gpu_task_memory
+    parameters: no BestEffort pod evicted first under node pressure) and has a pod deadline; distill retries and
+    checkpoints on the ddil-data volume (checkpoint_root's default)."""
+    spec, platform = _docs()
+    k8s = platform["deploymentSpec"]["executors"]
+    cpu = "{{$.inputs.parameters['pipelinechannel--gpu_task_cpu']}}"
+    memory = "{{$.inputs.parameters['pipelinechannel--gpu_task_memory']}}"
+    for stage in GPU_EXECUTORS:
+        for name, executor in _executors(spec, stage).items():
+            res = executor["container"]["resources"]
+            assert (res["resourceCpuRequest"], res["resourceCpuLimit"]) == (cpu, cpu), name
+            assert (res["resourceMemoryRequest"], res["resourceMemoryLimit"]) == (memory, memory), name
+            assert int(k8s[name]["activeDeadlineSeconds"]) >= 3600, name
+    assert int(k8s["exec-distill"]["activeDeadlineSeconds"]) == 7 * 24 * 3600
+    assert int(k8s["exec-launch-trainjob"]["activeDeadlineSeconds"]) > 7 * 24 * 3600  # outlives the job's timeout
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["gpu_task_cpu"]["defaultValue"] == "8" and params["gpu_task_memory"]["defaultValue"] == "64Gi"
+    assert params["checkpoint_root"]["defaultValue"] == "/data/ddil-runs"
+    mounts = {(m["pvcNameParameter"]["runtimeValue"]["constant"], m["mountPath"])
+              for m in k8s["exec-distill"]["pvcMount"]}
+    assert ("ddil-data", "/data") in mounts
+    for name, task in _tasks_of(spec, "distill"):
+        assert task["inputs"]["parameters"]["checkpoint_root"]["componentInputParameter"].endswith("checkpoint_root")
+
+
+def test_every_stage_gets_the_run_id_and_the_telemetry_settings():
+    """One run id for every stage (KFP's run id placeholder), and $DDIL_PUSHGATEWAY / $DDIL_METRICS_PORT from the
+    ddil-settings ConfigMap (k8s/base) in every stage that pushes or serves metrics; the distill pod carries the
+    labels the PodMonitor selects."""
+    spec, platform = _docs()
+    k8s = platform["deploymentSpec"]["executors"]
+    for stage in ("cache-latents", "teacher-rollouts", "distill", "launch-trainjob", "evaluate", "register"):
+        tasks = _tasks_of(spec, stage)
+        assert tasks, stage
+        for name, task in tasks:
+            assert task["inputs"]["parameters"]["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+        for name in _executors(spec, stage):
+            (cm,) = k8s[name]["configMapAsEnv"]
+            assert cm["configMapName"] == "ddil-settings" and cm["optional"] is True, name
+            assert {(k["configMapKey"], k["envVar"]) for k in cm["keyToEnv"]} == {
+                ("DDIL_PUSHGATEWAY", "DDIL_PUSHGATEWAY"), ("DDIL_METRICS_PORT", "DDIL_METRICS_PORT")}, name
+    base = yaml.safe_load((ROOT / "k8s" / "base" / "kustomization.yaml").read_text())
+    literals = [item.split("=")[0] for cm in base["configMapGenerator"] if cm["name"] == "ddil-settings"
+                for item in cm["literals"]]
+    assert {"DDIL_PUSHGATEWAY", "DDIL_METRICS_PORT"} <= set(literals)
+    podmonitor = yaml.safe_load((ROOT / "k8s" / "components" / "prometheus-operator" / "podmonitor.yaml").read_text())
+    labels = k8s["exec-distill"]["podMetadata"]["labels"]
+    assert podmonitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
 
 def test_fan_out_collect_and_conditions():

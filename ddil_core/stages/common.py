@@ -19,17 +19,11 @@ from ddil_core.data.shards import ShardError, load_shards
 from ddil_core.math.schedule import NoiseSchedule
 from ddil_core.models.conditioning import Cond
 from ddil_core.models.pipeline_io import family_of, load_pipeline
+from ddil_core.stages.run_telemetry import stage_telemetry, telemetry_settings  # noqa: F401 (re-exported)
 from ddil_core.telemetry import StageTelemetry
 
 log = logging.getLogger(__name__)
 RESOLVED = "resolved_config.yaml"
-
-
-def stage_telemetry(config: Config, stage: str, out: Path, serve: bool = False) -> StageTelemetry:
-    """Prometheus telemetry of one stage; the run id is telemetry.run_id, $DDIL_RUN_ID, or the run folder's name."""
-    t = config.telemetry
-    run_id = t.run_id or os.environ.get("DDIL_RUN_ID") or Path(out).resolve().parent.name or "ddil"
-    return StageTelemetry(stage, run_id, t.pushgateway, t.push_interval_s, t.metrics_port if serve else None)
 
 
 def is_main_process() -> bool:

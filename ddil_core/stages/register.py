@@ -14,6 +14,7 @@ from typing import Optional
 from ddil_core.config import Config
 from ddil_core.data.datasets import DatasetError
 from ddil_core.registry import GateError, register_student
+from ddil_core.stages.run_telemetry import stage_telemetry
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,9 @@ def register(config: Config, student: str, metrics_path: str | Path, registry: O
 
     Raises FileNotFoundError / MetricsError for a missing or bad metrics file and GateError when a gate fails.
     """
-    metrics = read_metrics(metrics_path)
-    entry = register_student(config, str(student), metrics, registry, model_uri=model_uri)
+    # pushed like every stage (ddil_stage_success 0 when a gate or the registry refuses)
+    with stage_telemetry(config, "register", Path(registry or config.registry.uri or "registry")):
+        metrics = read_metrics(metrics_path)
+        entry = register_student(config, str(student), metrics, registry, model_uri=model_uri)
     log.info("registered %s version %s", entry.get("name"), entry.get("version"))
     return entry
