@@ -801,8 +801,12 @@ LOCAL_RUN_OVERRIDES = [
 
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory):
+    """The checked-in YAML run by kfp's local runner; its stages push to a real Pushgateway named, as in the
+    cluster, by $DDIL_PUSHGATEWAY (the ddil-settings ConfigMap) rather than by a pipeline parameter."""
     from kfp import components as kfp_components
     from kfp import local
+
+    from tests.pushgateway import start_pushgateway
 
     root = tmp_path_factory.mktemp("kfp-local")
     warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*", category=RuntimeWarning)
@@ -810,12 +814,29 @@ def local_run(tmp_path_factory):
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root / "pipeline-root"),
                raise_on_error=True)
     pipeline = kfp_components.load_component_from_file(str(PIPELINE_YAML))  # the checked-in YAML itself
-    start = time.monotonic()
-    pipeline(teacher="tiny://sd15", dataset="demo://digits", recipe="tiny", overrides=LOCAL_RUN_OVERRIDES,
-             num_shards=2, registry_uri=str(root / "registry"), fid_factor=1000.0, min_coverage=0.0)
-    elapsed = time.monotonic() - start
+    saved = {k: os.environ.get(k) for k in ("DDIL_PUSHGATEWAY", "DDIL_RUN_ID", "DDIL_KFP_RUN_ID")}
+    with start_pushgateway() as gateway:
+        os.environ["DDIL_PUSHGATEWAY"] = gateway  # the task subprocesses inherit it
+        for key in ("DDIL_RUN_ID", "DDIL_KFP_RUN_ID"):
+            os.environ.pop(key, None)
+        try:
+            start = time.monotonic()
+            pipeline(teacher="tiny://sd15", dataset="demo://digits", recipe="tiny", overrides=LOCAL_RUN_OVERRIDES,
+                     num_shards=2, registry_uri=str(root / "registry"), fid_factor=1000.0, min_coverage=0.0,
+                     checkpoint_root=str(root / "durable"))
+            elapsed = time.monotonic() - start
+            from tests.pushgateway import read_metrics
+
+            pushed = read_metrics(gateway)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
     [run_dir] = (root / "pipeline-root").iterdir()
-    yield SimpleNamespace(dir=run_dir, registry=root / "registry", elapsed=elapsed)
+    yield SimpleNamespace(dir=run_dir, registry=root / "registry", elapsed=elapsed, pushed=pushed,
+                          durable=root / "durable")
     from kfp.local import config as local_config
 
     local_config.LocalExecutionConfig.instance = None  # later tests get components that do not run on call
@@ -888,6 +909,58 @@ def test_local_run_registers_the_student_when_the_gates_pass(local_run):
     assert (Path(entry["path"]) / "model_index.json").is_file()
 
 
+def _pushed_groups(text: str) -> dict:
+    """{stage: {run ids}} of the ddil_stage_success series a Pushgateway holds."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    groups: dict = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "ddil_stage_success" and sample.labels.get("job") == "ddil":
+                groups.setdefault(sample.labels["stage"], {})[sample.labels["run_id"]] = sample.value
+    return groups
+
+
+@pytest.mark.slow
+def test_local_run_every_stage_pushes_under_the_one_run_id(local_run):
+    """Every stage of the run pushed to the Pushgateway ($DDIL_PUSHGATEWAY) under the run's id (KFP's run id
+    placeholder), the id the lineage of the registered student names too."""
+    groups = _pushed_groups(local_run.pushed)
+    assert set(groups) == {"cache-latents", "teacher-rollouts", "distill", "evaluate", "register"}, groups
+    run_ids = {run_id for by_run in groups.values() for run_id in by_run}
+    assert len(run_ids) == 1, groups
+    (run_id,) = run_ids
+    assert all(by_run[run_id] == 1.0 for by_run in groups.values()), groups  # every stage succeeded
+    assert run_id not in ("", "ddil", "distill") and "{{" not in run_id
+    entry = json.loads(Path(_artifact(_executor_output(local_run.dir, "register"), "registration")["uri"]).read_text())
+    assert entry["lineage"]["kfp_run_id"] == entry["lineage"]["run_id"] == run_id
+
+
+@pytest.mark.slow
+def test_local_run_records_the_lineage_in_the_registry_and_the_artifacts(local_run):
+    """The registered version names the code (git SHA), the data (dataset hash), the caches (latent-cache and
+    rollouts hashes) and the KFP run that made it; the student Model artifact and the registration carry the same."""
+    from ddil_core.registry.model_card import git_commit
+
+    registration = _artifact(_executor_output(local_run.dir, "register"), "registration")
+    entry = json.loads(Path(registration["uri"]).read_text())
+    lineage = entry["lineage"]
+    latents = _artifact(_executor_output(local_run.dir, "cache-latents"), "latents")
+    cache_manifest = Path(latents["uri"]) / "manifest.json"
+    import hashlib
+
+    assert lineage["git_sha"] == git_commit()
+    assert lineage["dataset"] == "demo://digits" and lineage["dataset_sha256"] == latents["metadata"]["dataset_sha256"]
+    assert lineage["latent_cache_sha256"] == hashlib.sha256(cache_manifest.read_bytes()).hexdigest()
+    assert len(lineage["rollouts_sha256"]) == 64
+    student = _artifact(_executor_output(local_run.dir, "distill"), "student")["metadata"]
+    for key in ("git_sha", "dataset_sha256", "latent_cache_sha256", "rollouts_sha256", "kfp_run_id"):
+        assert student[key] == lineage[key] == registration["metadata"][key], key
+    card = (Path(entry["path"]) / "README.md").read_text()
+    assert "## Lineage" in card and lineage["kfp_run_id"] in card
+    assert not any(local_run.durable.iterdir()), "distill removes its checkpoints once the student is out"
+
+
 @pytest.mark.slow
 def test_distill_runs_accelerate_launch_when_the_pod_has_several_gpus(local_run, tmp_path, monkeypatch):
     """gpu_count > 1: the distill component runs `accelerate launch --multi_gpu -m ddil_core.cli distill ...`
@@ -911,8 +984,11 @@ exec "{sys.executable}" -m "$@"
                                          "rollouts")) for i in range(2)]
     student = SimpleNamespace(path=str(tmp_path / "student"), metadata={})
     training_log = SimpleNamespace(path=str(tmp_path / "training_log"), metadata={})
-    distill.python_func(recipe="tiny", overrides=LOCAL_RUN_OVERRIDES, latents=latents, rollouts=rollouts,
-                        student=student, training_log=training_log)
+    for key in ("DDIL_RUN_ID", "DDIL_KFP_RUN_ID"):  # the component sets them in this process: undone after the test
+        monkeypatch.setenv(key, "")
+    distill.python_func(recipe="tiny", overrides=LOCAL_RUN_OVERRIDES, run_id="accelerate-run", latents=latents,
+                        rollouts=rollouts, student=student, training_log=training_log,
+                        checkpoint_root=str(tmp_path / "durable"))
     args = record.read_text().splitlines()
     assert args[:9] == ["launch", "--num_machines", "1", "--num_processes", "2", "--multi_gpu", "-m",
                         "ddil_core.cli", "distill"]
