@@ -7,7 +7,9 @@
 - `kfp --endpoint URL run create|submit ...` and `kfp pipeline create|create-version` against a local stub of
   the KFP v2beta1 API (tests/kfp_api_stub.py; the real API server needs a cluster);
 - the multi-node launcher: the TrainJob / PyTorchJob manifests (cross-checked with k8s/training/) and the
-  create / wait / log / delete logic against a fake Kubernetes client.
+  create / wait / log / delete logic (the Kubeflow SDK's TrainerClient, the kubernetes watch API) against a stub of
+  the Kubernetes API (tests/kube_api_stub.py) that validates jobs against the Trainer CRDs;
+- the distill task's one run id, telemetry settings, retries, CPU/memory requests and limits and deadlines.
 """
 from __future__ import annotations
 
@@ -590,193 +592,200 @@ def test_launch_script_rejects_an_unknown_operator():
         accelerate_launch_script("v3")
 
 
-class FakeApiError(Exception):
-    def __init__(self, status):
-        super().__init__(f"({status})")
-        self.status = status
+# The launcher's job handling against a stub of the Kubernetes API (tests/kube_api_stub.py): the Kubeflow SDK's
+# TrainerClient and the kubernetes client speak HTTP to it, jobs are validated against the Trainer CRDs on create.
+
+def _trainer(stub):
+    from kubeflow.common.types import KubernetesBackendConfig
+    from kubeflow.trainer import TrainerClient
+
+    return TrainerClient(KubernetesBackendConfig(namespace="ddil", client_configuration=stub.configuration()))
 
 
-class FakeCluster:
-    """CustomObjectsApi + CoreV1Api doubles: a job whose status follows `states` on successive reads."""
+def _core(stub):
+    from kubernetes import client
 
-    def __init__(self, states, logs=None, exists=False, fail_get_at=None):
-        self.states = list(states)
-        self.logs = logs or {}
-        self.exists = exists
-        self.fail_get_at = fail_get_at
-        self.calls = []
-        self.gets = 0
-        self.created = None
-
-    # CustomObjectsApi
-    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
-        self.calls.append(("create", group, version, namespace, plural, body["metadata"]["name"]))
-        if self.exists:
-            raise FakeApiError(409)
-        self.exists = True
-        self.created = body
-
-    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
-        self.calls.append(("get", name))
-        if not self.exists:
-            raise FakeApiError(404)
-        self.gets += 1
-        if self.fail_get_at == self.gets:
-            raise KeyboardInterrupt
-        conditions = self.states.pop(0) if len(self.states) > 1 else self.states[0]
-        return {"metadata": {"name": name}, "status": {"conditions": conditions}}
-
-    def delete_namespaced_custom_object(self, group, version, namespace, plural, name, propagation_policy=None):
-        self.calls.append(("delete", name, propagation_policy))
-        if not self.exists:
-            raise FakeApiError(404)
-        self.exists = False
-
-    # CoreV1Api
-    def list_namespaced_pod(self, namespace, label_selector=None):
-        self.calls.append(("pods", label_selector))
-        pods = [SimpleNamespace(metadata=SimpleNamespace(name=n)) for n in self.logs]
-        return SimpleNamespace(items=pods)
-
-    def read_namespaced_pod_log(self, name, namespace, timestamps=False, since_seconds=None):
-        assert timestamps  # the launcher dedupes by timestamp
-        reads = self.logs[name]  # successive reads: each a list of lines (the last one repeats)
-        return "\n".join(reads.pop(0) if len(reads) > 1 else reads[0])
+    api = client.ApiClient(stub.configuration())
+    return client.CustomObjectsApi(api), client.CoreV1Api(api)
 
 
-RUNNING = [{"type": "Created", "status": "True"}]
-COMPLETE = [{"type": "Created", "status": "True"}, {"type": "Complete", "status": "True", "reason": "JobsCompleted",
-                                                    "message": "all nodes finished"}]
-FAILED = [{"type": "Created", "status": "True"}, {"type": "Failed", "status": "True", "reason": "JobFailed",
-                                                  "message": "node-0 exited with 2"}]
-
-
-def _run(cluster, manifest, **kw):
-    from components.trainjob import run_training_job
-
-    lines, clock = [], iter(range(0, 10_000, 30))
-    result = run_training_job(cluster, cluster, manifest, poll_seconds=30, log=lines.append,
-                              sleep=lambda s: None, clock=lambda: next(clock), **kw)
-    return result, lines
-
-
-def _trainjob():
+def _trainjob(**kw):
     from components.trainjob import trainjob_manifest
 
-    return trainjob_manifest("ddil-distill-abc", "ddil", "img:1", 2, 8, "nvidia.com/gpu", _job_args())
+    return trainjob_manifest("ddil-distill-abc", "ddil", "img:1", 2, 8, "nvidia.com/gpu", _job_args(), **kw)
 
 
-def test_run_training_job_succeeds_streams_logs_once_and_deletes_the_job():
-    logs = {"ddil-distill-abc-node-0-0-x": [
-        ["2026-11-24T10:00:00.1Z step 1", "2026-11-24T10:00:00.12Z step 2"],
-        ["2026-11-24T10:00:00.12Z step 2", "2026-11-24T10:00:01Z step 3"]]}
-    cluster = FakeCluster([RUNNING, RUNNING, COMPLETE], logs=logs)
-    job, lines = _run(cluster, _trainjob())
-    assert job["status"]["conditions"] == COMPLETE
-    assert cluster.calls[0] == ("create", "trainer.kubeflow.org", "v1alpha1", "ddil", "trainjobs", "ddil-distill-abc")
-    assert cluster.calls[-1] == ("delete", "ddil-distill-abc", "Background") and not cluster.exists
-    assert ("pods", "jobset.sigs.k8s.io/jobset-name=ddil-distill-abc") in cluster.calls
-    streamed = [line for line in lines if line.startswith("[ddil-distill-abc-node")]
-    assert streamed == ["[ddil-distill-abc-node-0-0-x] step 1", "[ddil-distill-abc-node-0-0-x] step 2",
-                        "[ddil-distill-abc-node-0-0-x] step 3"]
+def _pytorchjob():
+    from components.trainjob import pytorchjob_manifest
+
+    return pytorchjob_manifest("ddil-distill-abc", "ddil", "img:1", 2, 1, "nvidia.com/gpu", _job_args())
+
+
+def test_trainjob_runs_through_the_trainer_client_streams_rank0_and_is_deleted():
+    from components.trainjob import run_trainjob
+    from tests.kube_api_stub import KubeApiStub, condition
+
+    script = [[], [condition("Complete", "JobsCompleted", "all nodes finished")]]
+    with KubeApiStub(script, logs=["step 1", "step 2"], step_s=2.5) as stub:
+        lines = []
+        run_trainjob(_trainer(stub), _trainjob(), poll_seconds=1, timeout_seconds=60, log=lines.append)
+        calls = stub.requests
+    assert ("POST", "/apis/trainer.kubeflow.org/v1alpha1/namespaces/ddil/trainjobs") in calls
+    assert ("GET", "/apis/trainer.kubeflow.org/v1alpha1/namespaces/ddil/trainingruntimes/ddil-torch-distributed") \
+        in calls  # the SDK reads the job's runtime
+    assert any(path.endswith("/log") and "-node-0-0-" in path for _, path in calls)
+    assert stub.deletions == [("ddil-distill-abc", None)] and not stub.objects.keys() - {
+        k for k in stub.objects if k[0] == "trainingruntimes"}
+    streamed = [line.split("] ", 1)[1] for line in lines if line.startswith("[ddil-distill-abc-node-0-0-")]
+    assert streamed == ["step 1", "step 2"], lines  # rank 0's log, once
     assert any("succeeded" in line for line in lines)
 
 
-def test_run_training_job_fails_the_task_when_the_job_fails_and_still_deletes_it():
-    cluster = FakeCluster([RUNNING, FAILED])
-    with pytest.raises(RuntimeError, match="failed: JobFailed: node-0 exited with 2"):
-        _run(cluster, _trainjob())
-    assert cluster.calls[-1][0] == "delete" and not cluster.exists
+def test_trainjob_failure_names_the_reason_and_the_job_is_deleted():
+    from components.trainjob import run_trainjob
+    from tests.kube_api_stub import KubeApiStub, condition
+
+    with KubeApiStub([[], [condition("Failed", "JobFailed", "node-0 exited with 2")]], step_s=0.5) as stub:
+        with pytest.raises(RuntimeError, match="failed: JobFailed: node-0 exited with 2"):
+            run_trainjob(_trainer(stub), _trainjob(), poll_seconds=1, timeout_seconds=60, log=lambda _: None)
+    assert [name for name, _ in stub.deletions] == ["ddil-distill-abc"]
 
 
-def test_run_training_job_times_out_and_deletes():
-    cluster = FakeCluster([RUNNING])
-    with pytest.raises(TimeoutError):
-        _run(cluster, _trainjob(), timeout_seconds=100)
-    assert cluster.calls[-1][0] == "delete" and not cluster.exists
+def test_trainjob_timeout_and_interruption_delete_the_job():
+    from components.trainjob import run_trainjob
+    from tests.kube_api_stub import KubeApiStub
+
+    with KubeApiStub([[]]) as stub:
+        with pytest.raises(TimeoutError):
+            run_trainjob(_trainer(stub), _trainjob(), poll_seconds=1, timeout_seconds=3, log=lambda _: None)
+        assert len(stub.deletions) == 1
+
+        def interrupted(line):
+            if line.startswith("created"):
+                raise KeyboardInterrupt  # as a stopped task's SIGTERM (sys.exit) does
+
+        with pytest.raises(KeyboardInterrupt):
+            run_trainjob(_trainer(stub), _trainjob(), poll_seconds=1, timeout_seconds=60, log=interrupted)
+        assert len(stub.deletions) == 2
 
 
-def test_run_training_job_deletes_on_interruption():
-    cluster = FakeCluster([RUNNING], fail_get_at=2)
-    with pytest.raises(KeyboardInterrupt):
-        _run(cluster, _trainjob())
-    assert cluster.calls[-1][0] == "delete" and not cluster.exists
+def test_an_invalid_trainjob_is_refused_by_the_api_and_nothing_is_left():
+    """The stub's strict CRD validation stands in for the API server's: a field Trainer v2.3 does not know fails."""
+    from kubernetes.client.exceptions import ApiException
+
+    from components.trainjob import run_trainjob
+    from tests.kube_api_stub import KubeApiStub
+
+    bad = _trainjob()
+    bad["spec"]["trainer"]["numProcPerNode"] = "auto"
+    with KubeApiStub([[]]) as stub:
+        with pytest.raises(ApiException) as info:
+            run_trainjob(_trainer(stub), bad, poll_seconds=1, timeout_seconds=60, log=lambda _: None)
+    assert info.value.status == 422 and "numProcPerNode" in stub.rejected[0]["message"]
+    assert stub.deletions == []
 
 
-def test_run_training_job_replaces_a_job_left_by_an_earlier_attempt():
-    from components.trainjob import pytorchjob_manifest
+def test_pytorchjob_is_watched_to_success_with_the_master_log():
+    from components.trainjob import run_pytorchjob
+    from tests.kube_api_stub import KubeApiStub, condition
 
-    cluster = FakeCluster([[{"type": "Running", "status": "True"}], [{"type": "Succeeded", "status": "True"}]],
-                          exists=True)
-    manifest = pytorchjob_manifest("ddil-distill-abc", "ddil", "img:1", 2, 1, "nvidia.com/gpu", _job_args())
-    original_create = cluster.create_namespaced_custom_object
-    attempts = []
+    script = [[condition("Created")], [condition("Created"), condition("Running")],
+              [condition("Created"), condition("Succeeded", "PyTorchJobSucceeded", "done")]]
+    with KubeApiStub(script, logs=["epoch 1"], step_s=0.7) as stub:
+        lines = []
+        custom, core = _core(stub)
+        job = run_pytorchjob(custom, core, _pytorchjob(), poll_seconds=0.2, timeout_seconds=60, log=lines.append)
+        calls = stub.requests
+    assert job["status"]["conditions"][-1]["type"] == "Succeeded"
+    assert ("GET", "/apis/kubeflow.org/v1/namespaces/ddil/pytorchjobs") in calls  # the watch
+    assert any(line.startswith("[ddil-distill-abc-master-0@") and line.endswith("] epoch 1") for line in lines), lines
+    assert stub.deletions == [("ddil-distill-abc", "Background")]
 
-    def create(*args):
-        attempts.append(cluster.exists)
-        return original_create(*args)
 
-    cluster.create_namespaced_custom_object = create
-    _, lines = _run(cluster, manifest)
-    assert attempts == [True, False]  # 409, deleted, created again
-    assert ("pods", "training.kubeflow.org/job-name=ddil-distill-abc") in cluster.calls
+def test_pytorchjob_failure_and_a_job_left_by_an_earlier_attempt():
+    import time as _time
+
+    from components.trainjob import run_pytorchjob
+    from tests.kube_api_stub import KubeApiStub, condition
+
+    with KubeApiStub([[condition("Created")], [condition("Failed", "PyTorchJobFailed", "master exited 2")]],
+                     step_s=0.5) as stub:
+        left = _pytorchjob()
+        left["metadata"].update(uid="old", creationTimestamp="2026-12-01T09:00:00Z")
+        key = ("pytorchjobs", "ddil", "ddil-distill-abc")
+        stub.objects[key], stub.created_at[key] = left, _time.monotonic()
+        lines = []
+        custom, core = _core(stub)
+        with pytest.raises(RuntimeError, match="failed: PyTorchJobFailed: master exited 2"):
+            run_pytorchjob(custom, core, _pytorchjob(), poll_seconds=0.2, timeout_seconds=60, log=lines.append)
     assert any("replacing" in line for line in lines)
-    assert cluster.calls[-1][0] == "delete" and not cluster.exists
+    # the earlier attempt's job deleted in the foreground (its pods gone before the new one), the new one at the end
+    assert stub.deletions == [("ddil-distill-abc", "Foreground"), ("ddil-distill-abc", "Background")]
 
 
 @pytest.mark.parametrize("operator, kind", [("v2", "TrainJob"), ("v1", "PyTorchJob")])
 def test_launch_trainjob_component_stages_runs_and_returns_the_student(tmp_path, monkeypatch, operator, kind):
-    """The component body with a fake cluster whose job 'trains' by writing a student into its --out folder."""
+    """The component body against the API stub, whose job 'trains' by writing a student into its --out folder."""
+    import signal
+
     import kubernetes
 
     from components import launch_trainjob
+    from tests.kube_api_stub import KubeApiStub, condition
 
-    class TrainingCluster(FakeCluster):
-        def create_namespaced_custom_object(self, group, version, namespace, plural, body):
-            super().create_namespaced_custom_object(group, version, namespace, plural, body)
-            spec = body["spec"]
-            if kind == "TrainJob":
-                args = spec["trainer"]["args"]
-            else:
-                args = spec["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["args"]
-            opts = dict(a[2:].split("=", 1) for a in args[1:] if a.startswith("--") and "=" in a)
-            assert Path(opts["latents"], "manifest.json").is_file()
-            assert sorted(p.name for p in Path(opts["rollouts"]).iterdir()) == ["shard-0000", "shard-0001"]
-            assert yaml.safe_load(Path(opts["config"]).read_text())["training"]["steps"] == 3
-            student_dir = Path(opts["out"], "student")
-            student_dir.mkdir(parents=True)
-            (student_dir / "model_index.json").write_text("{}")
-            (student_dir / "ddil_student.json").write_text(json.dumps({"num_inference_steps": 2}))
-            Path(opts["out"], "train_log.jsonl").write_text('{"step": 1}\n')
+    def train(body):
+        spec = body["spec"]
+        if kind == "TrainJob":
+            args = spec["trainer"]["args"]
+        else:
+            args = spec["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["args"]
+        opts = dict(a[2:].split("=", 1) for a in args[1:] if a.startswith("--") and "=" in a)
+        assert Path(opts["latents"], "manifest.json").is_file()
+        assert sorted(p.name for p in Path(opts["rollouts"]).iterdir()) == ["shard-0000", "shard-0001"]
+        assert yaml.safe_load(Path(opts["config"]).read_text())["training"]["steps"] == 3
+        assert "--set=telemetry.run_id='run-1'" in args  # the run's id: the Pushgateway group of every node
+        student_dir = Path(opts["out"], "student")
+        student_dir.mkdir(parents=True)
+        (student_dir / "model_index.json").write_text("{}")
+        (student_dir / "ddil_student.json").write_text(json.dumps({"num_inference_steps": 2}))
+        Path(opts["out"], "train_log.jsonl").write_text('{"step": 1}\n')
 
-    cluster = TrainingCluster([COMPLETE] if kind == "TrainJob" else [[{"type": "Succeeded", "status": "True"}]])
-    monkeypatch.setattr(kubernetes.config, "load_incluster_config", lambda: None)
-    monkeypatch.setattr(kubernetes.client, "CustomObjectsApi", lambda *a: cluster)
-    monkeypatch.setattr(kubernetes.client, "CoreV1Api", lambda *a: cluster)
+    done = condition("Complete") if kind == "TrainJob" else condition("Succeeded")
+    with KubeApiStub([[], [done]], step_s=0.5) as stub:
+        stub.on_create = train
+        monkeypatch.setattr(kubernetes.config, "load_incluster_config",
+                            lambda: kubernetes.client.Configuration.set_default(stub.configuration()))
 
-    def folder(name, files):
-        path = tmp_path / "inputs" / name
-        path.mkdir(parents=True)
-        for f in files:
-            (path / f).write_text("x")
-        return SimpleNamespace(path=str(path))
+        def folder(name, files):
+            path = tmp_path / "inputs" / name
+            path.mkdir(parents=True)
+            for f in files:
+                (path / f).write_text("x")
+            return SimpleNamespace(path=str(path))
 
-    student = SimpleNamespace(path=str(tmp_path / "out" / "student"), metadata={})
-    training_log = SimpleNamespace(path=str(tmp_path / "out" / "training_log"), metadata={})
-    shared = tmp_path / "data" / "ddil-runs"
-    import signal
-
-    monkeypatch.setattr(signal, "signal", lambda *a: None)  # the component's SIGTERM handler, not in pytest
-    launch_trainjob.python_func(
-        recipe="tiny", overrides=["training.steps=3"], latents=folder("latents", ["manifest.json"]),
-        rollouts=[folder("r0", ["manifest.json"]), folder("r1", ["manifest.json"])], num_nodes=2,
-        gpu_type="nvidia.com/gpu", gpu_count=8, training_operator=operator, run_id="run-1", student=student,
-        training_log=training_log, image="img:1", namespace="ddil", shared_root=str(shared), poll_seconds=0)
+        student = SimpleNamespace(path=str(tmp_path / "out" / "student"), metadata={})
+        training_log = SimpleNamespace(path=str(tmp_path / "out" / "training_log"), metadata={})
+        shared = tmp_path / "data" / "ddil-runs"
+        monkeypatch.setattr(signal, "signal", lambda *a: None)  # the component's SIGTERM handler, not in pytest
+        for key in ("DDIL_RUN_ID", "DDIL_KFP_RUN_ID"):
+            monkeypatch.setenv(key, "")  # the component sets them in this process
+        launch_trainjob.python_func(
+            recipe="tiny", overrides=["training.steps=3"], latents=folder("latents", ["manifest.json"]),
+            rollouts=[folder("r0", ["manifest.json"]), folder("r1", ["manifest.json"])], num_nodes=2,
+            gpu_type="nvidia.com/gpu", gpu_count=8, training_operator=operator, run_id="run-1", student=student,
+            training_log=training_log, image="img:1", namespace="ddil", shared_root=str(shared), poll_seconds=1)
+        kinds = {key[0] for key in stub.objects}
     assert (Path(student.path) / "model_index.json").is_file()
     assert (Path(training_log.path) / "train_log.jsonl").is_file()
     assert student.metadata["steps"] == 2 and student.metadata["training_job"].startswith(f"{kind}/ddil-distill-")
-    assert cluster.created["kind"] == kind and cluster.calls[-1][0] == "delete"
+    assert len(stub.deletions) == 1 and kinds == {"trainingruntimes"}, "the job is deleted at the end"
     assert list(shared.iterdir()) == [], "the staged job folder is removed after success"
+
+
+COMPLETE = [{"type": "Created", "status": "True"}, {"type": "Complete", "status": "True", "reason": "JobsCompleted",
+                                                    "message": "all nodes finished"}]
+FAILED = [{"type": "Created", "status": "True"}, {"type": "Failed", "status": "True", "reason": "JobFailed",
+                                                  "message": "node-0 exited with 2"}]
 
 
 def test_job_state_reads_both_operators():
