@@ -92,3 +92,43 @@ def test_vendored_schemas_name_their_release():
             data = json.loads((crd_validate.SCHEMAS / name).read_text())
             assert data["kind"] == kind and data["source"]["tag"] == version
             assert len(data["source"]["commit"]) == 40 and data["source"]["path"].endswith(".yaml")
+
+
+def _fields_lost(obj: dict, model) -> list[str]:
+    """Paths of `obj` that a round trip through a generated model drops (fields the model does not know)."""
+    back = model.from_dict(obj).to_dict()
+    lost = []
+
+    def walk(a, b, path):
+        if isinstance(a, dict):
+            for key, value in a.items():
+                if not isinstance(b, dict) or key not in b:
+                    lost.append(f"{path}.{key}".lstrip("."))
+                else:
+                    walk(value, b[key], f"{path}.{key}")
+        elif isinstance(a, list) and isinstance(b, list):
+            for i, (x, y) in enumerate(zip(a, b)):
+                walk(x, y, f"{path}[{i}]")
+        elif a != b:
+            lost.append(f"{path.lstrip('.')} ({a!r} read as {b!r})")
+
+    walk(obj, back, "")
+    return lost
+
+
+def test_the_kubeflow_sdk_models_of_trainer_v2_3_know_every_field_we_set():
+    """A second, independent check at v2.3.0: the Kubeflow SDK's generated API models (kubeflow-trainer-api 2.3.0,
+    the version kubeflow==0.5.0 installs from PyPI) read every field of the shipped and created Trainer objects."""
+    from importlib.metadata import version
+
+    from kubeflow_trainer_api import models
+
+    assert version("kubeflow-trainer-api") == "2.3.0"
+    job_model, runtime_model = models.TrainerV1alpha1TrainJob, models.TrainerV1alpha1TrainingRuntime
+    assert _fields_lost(yaml.safe_load((TRAINING / "trainjob.yaml").read_text()), job_model) == []
+    runtime = yaml.safe_load((TRAINING / "trainingruntime.yaml").read_text())
+    assert _fields_lost(runtime, runtime_model) == []
+    for num_nodes, gpus in [(1, 0), (4, 8)]:
+        assert _fields_lost(_created("TrainJob", num_nodes, gpus), job_model) == []
+    runtime["spec"]["mlPolicy"]["torch"]["numProcPerNode"] = "auto"  # the field removed in v2.2.0
+    assert _fields_lost(runtime, runtime_model) == ["spec.mlPolicy.torch.numProcPerNode"]
