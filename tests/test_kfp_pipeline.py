@@ -621,6 +621,23 @@ def _pytorchjob():
     return pytorchjob_manifest("ddil-distill-abc", "ddil", "img:1", 2, 1, "nvidia.com/gpu", _job_args())
 
 
+def _used_beyond_the_role(requests: list) -> list:
+    """The API requests (in the ddil namespace) that the ddil-pipeline Role of k8s/base/rbac.yaml does not allow."""
+    role = next(d for d in yaml.safe_load_all((ROOT / "k8s" / "base" / "rbac.yaml").read_text()) if d["kind"] == "Role")
+    allowed = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+               for v in rule["verbs"]}
+    missing = []
+    for method, path in requests:
+        m = re.fullmatch(r"/(?:api/v1|apis/([^/]+)/[^/]+)/namespaces/([^/]+)/([^/]+)(/[^/]+)?(/log)?", path)
+        if not m or m.group(2) != "ddil":
+            continue  # the SDK's version check reads kubeflow-system and only warns when refused
+        group, resource = m.group(1) or "", m.group(3) + ("/log" if m.group(5) else "")
+        verb = {"POST": "create", "DELETE": "delete"}.get(method, "get" if m.group(4) else "list")
+        if (group, resource, verb) not in allowed:
+            missing.append((group, resource, verb))
+    return missing
+
+
 def test_trainjob_runs_through_the_trainer_client_streams_rank0_and_is_deleted():
     from components.trainjob import run_trainjob
     from tests.kube_api_stub import KubeApiStub, condition
@@ -639,6 +656,7 @@ def test_trainjob_runs_through_the_trainer_client_streams_rank0_and_is_deleted()
     streamed = [line.split("] ", 1)[1] for line in lines if line.startswith("[ddil-distill-abc-node-0-0-")]
     assert streamed == ["step 1", "step 2"], lines  # rank 0's log, once
     assert any("succeeded" in line for line in lines)
+    assert _used_beyond_the_role(calls) == [], "the launcher's service account (ddil-pipeline) may do all this"
 
 
 def test_trainjob_failure_names_the_reason_and_the_job_is_deleted():
@@ -700,6 +718,7 @@ def test_pytorchjob_is_watched_to_success_with_the_master_log():
     assert ("GET", "/apis/kubeflow.org/v1/namespaces/ddil/pytorchjobs") in calls  # the watch
     assert any(line.startswith("[ddil-distill-abc-master-0@") and line.endswith("] epoch 1") for line in lines), lines
     assert stub.deletions == [("ddil-distill-abc", "Background")]
+    assert _used_beyond_the_role(calls) == []
 
 
 def test_pytorchjob_failure_and_a_job_left_by_an_earlier_attempt():
