@@ -152,3 +152,37 @@ def test_sigtermed_distill_resumes_from_s3_to_the_uninterrupted_weights(tiny_dat
     _assert_same_weights(_weights(out), reference)
     assert _steps_logged(out) == list(range(1, 41))
     assert s3.list_objects_v2(Bucket="ddil-checkpoints", Prefix=f"ddil-runs/{RUN}/").get("KeyCount") == 0
+
+
+def test_the_s3_mirror_holds_complete_checkpoints_only(tmp_path, s3_server):  # noqa: F811
+    """push uploads a checkpoint's manifest last and deletes retired ones; pull takes only checkpoints whose
+    manifest is on the mirror (a push cut short by a kill leaves none) and verifies nothing half-downloaded stays."""
+    import boto3
+
+    from ddil_core.training import durable
+    from ddil_core.training.checkpoint import latest_checkpoint, save_checkpoint, verify_checkpoint
+
+    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    s3.create_bucket(Bucket="mirror")
+    prefix = "s3://mirror/runs/r1/distill"
+    out = tmp_path / "pod-1"
+    weights = {"model_student": {"w": torch.arange(6.0)}}
+    for step in (2, 4, 6):  # keep=2: step 2 is retired locally when 6 is written
+        save_checkpoint(out / "checkpoints", step, weights, {"step": step}, {}, keep=2)
+        (out / "train_log.jsonl").write_text("".join(f'{{"step": {i}}}\n' for i in range(1, step + 1)))
+        durable.push(out, prefix)
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="mirror")["Contents"])
+    assert not any("/step-0000002/" in k for k in keys), "a retired checkpoint is deleted from the mirror"
+    assert "runs/r1/distill/checkpoints/step-0000006/manifest.json" in keys
+
+    # a kill while pushing step 8: its files but no manifest reached S3
+    s3.put_object(Bucket="mirror", Key="runs/r1/distill/checkpoints/step-0000008/state.json", Body=b"{}")
+    fresh = tmp_path / "pod-2"  # the retry, on a node with an empty disk
+    assert durable.pull(prefix, fresh) == ["step-0000004", "step-0000006"]
+    assert latest_checkpoint(fresh / "checkpoints").name == "step-0000006"
+    verify_checkpoint(fresh / "checkpoints" / "step-0000006")  # every file's sha256 as written
+    assert (fresh / "train_log.jsonl").read_text().count("\n") == 6
+    assert not [p for p in (fresh / "checkpoints").iterdir() if p.name.startswith(".")], "no staging left"
+    assert durable.pull(prefix, fresh) == []  # nothing new
+    durable.remove(prefix)
+    assert s3.list_objects_v2(Bucket="mirror").get("KeyCount") == 0
