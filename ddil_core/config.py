@@ -251,8 +251,10 @@ class DemoConfig:
     eval_images_per_digit: int = 30
     vae_max_seconds: Optional[float] = None
     teacher_max_seconds: Optional[float] = None
-    adapt_threads: bool = True  # switch to one thread while the CPU is shared (demo/progress.py: ThreadTuner);
-    #                             false keeps torch's thread count, for bit-reproducible runs
+    threads: int = 1  # torch threads of every phase: fixed, so the same code and seed rebuild the same teacher
+    #                   bit for bit (one thread is also the fastest on a shared 2-core CPU: demo-facts.md)
+    adapt_threads: bool = False  # instead switch between one thread and all cores by measured speed
+    #                              (demo/progress.py: ThreadTuner); not bit-reproducible
 
 
 @dataclass
@@ -473,7 +475,7 @@ def validate(config: Config, source: str = "config") -> None:
         problems.append(f"data.num_workers = {config.data.num_workers} must be 0 (read in-process) or more")
     d = config.demo
     for name in ("vae_steps", "vae_batch_size", "classifier_steps", "teacher_steps", "teacher_batch_size",
-                 "eval_steps", "eval_images_per_digit"):
+                 "eval_steps", "eval_images_per_digit", "threads"):
         if getattr(d, name) < 1:
             problems.append(f"demo.{name} = {getattr(d, name)} must be at least 1")
     for name in ("vae_lr", "teacher_lr", "min_snr_gamma"):
