@@ -124,20 +124,25 @@ class LCMConfig:
 
 @dataclass
 class DMD2Config:
-    """Distribution matching distillation v2 (Yin et al. 2024)."""
+    """Distribution matching distillation v2 (Yin et al. 2024; code: tianweiy/DMD2). Defaults are the reference's
+    unless marked; DMD2's backward simulation is DDIL's student-backward source (ddil.priors.student)."""
 
     # The generator's grid; None: DMD2's range(999, 0, -(1000 // N)) for N = objective.student_steps ([999, 749,
     # 499, 249] at 4, [999, 499] at 2, [999] at 1). Given timesteps must be a grid LCMScheduler samples for some
     # original_inference_steps, so the saved scheduler reproduces them from num_inference_steps alone.
     timesteps: Optional[list[int]] = None
-    real_guidance_scale: float = 1.75
-    fake_lr: Optional[float] = None  # None: training.lr
-    dfake_gen_update_ratio: int = 10
-    min_step: int = 20
+    real_guidance_scale: float = 1.75  # CFG of the real score in the DM gradient (SD 1.5 recipe; SDXL: 8)
+    generator_lr: Optional[float] = None  # None: training.lr (DMD2: the generator's and the fake score's are equal)
+    fake_lr: Optional[float] = None  # the fake score's and GAN head's; None: training.lr
+    dfake_gen_update_ratio: int = 10  # two time-scale update: fake score steps per generator step (SDXL: 5)
+    min_step: int = 20  # DM gradient timesteps t ~ U{min_step..max_step} (0.02 and 0.98 of T)
     max_step: int = 980
-    gan: bool = False
-    gan_gen_weight: float = 5e-3
-    gan_disc_weight: float = 1e-2
+    gan: bool = True  # GAN head on the fake score's bottleneck (on in every final DMD2 recipe)
+    gan_gen_weight: float = 5e-3  # generator's softplus(-D(fake)) (SDXL recipes; SD 1.5 stage 2: 1e-3)
+    gan_disc_weight: float = 1e-2  # discriminator's softplus(D(fake)) + softplus(-D(real))
+    regression_weight: float = 0.0  # DMD (v1)'s regression on the teacher's noise-image pairs; 0: off, as in DMD2
+    regression_loss: Literal["l2", "huber"] = "l2"  # DMD used LPIPS on images, which needs downloaded weights: ours
+    #                                                 is in latent space (huber: pseudo-Huber, c = 1e-3 as LCM)
 
 
 @dataclass

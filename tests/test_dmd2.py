@@ -129,3 +129,72 @@ def test_timesteps_no_scheduler_can_reproduce_are_refused():
     with pytest.raises(ConfigError, match="objective.dmd2.timesteps"):
         _objective("objective.dmd2.timesteps=[999,700,400,100]")
     assert _objective("objective.dmd2.timesteps=[999,759,499,259]").original_steps == 50
+
+
+def _grads(module):
+    return {n for n, p in module.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+
+
+def test_each_loss_reaches_only_its_own_network():
+    """The generator's losses (DM, GAN, regression) train G alone; the fake score's (denoising, discriminator)
+    train the fake UNet and the head alone (DMD2 freezes the guidance model during the generator's turn)."""
+    obj = _objective("objective.dmd2.regression_weight=0.25")
+    batch = _batch(obj)
+    from ddil_core.method.mixture import TeacherPairs
+
+    batch.pairs = TeacherPairs(torch.randn(4, 4, 8, 8), torch.full((4,), 499), batch.cond, torch.randn(4, 4, 8, 8))
+    out = obj.loss(batch, step=0, draws=SampleDraws.whole(torch.Generator().manual_seed(0), 4))
+    assert {"dm", "gan_g", "regression", "fake", "gan_d"} <= set(out.per_sample)
+    out.losses["student"].backward(retain_graph=True)
+    assert _grads(obj.student) and not _grads(obj.fake)
+    obj.student.zero_grad(set_to_none=True)
+    out.losses["fake"].backward()
+    assert not _grads(obj.student)
+    fake = _grads(obj.fake)
+    assert any(n.startswith("head.") for n in fake) and any(n.startswith("unet.") for n in fake)
+
+
+def test_regression_term_alone_pulls_g_toward_the_teachers_image():
+    """Only the regression term: its gradient is that of ||G(x_t) - x0_teacher||^2 at the pair's state."""
+    from ddil_core.method.mixture import TeacherPairs
+
+    obj = _objective("objective.dmd2.regression_weight=1", "objective.dmd2.gan=false")
+    x_t, x0 = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    cond = {"encoder_hidden_states": torch.randn(2, 16, 32)}
+    reg = obj.regression(TeacherPairs(x_t, torch.tensor([999, 249]), cond, x0))
+    g_x0, _ = obj.x0(obj.generator_denoiser, x_t, torch.tensor([999, 249]), cond)
+    assert torch.allclose(reg, (g_x0 - x0).pow(2).flatten(1).mean(1), atol=1e-6)
+
+
+def test_regression_pairs_are_the_teachers_own_noise_image_pairs(tmp_path, tiny_data):
+    """A pair's state is a point of a precomputed teacher rollout (at t = 999 the rollout's own starting noise,
+    seed rollouts.seed + i) and its target is the image that same rollout ended at, with the rollout's prompt."""
+    from safetensors.torch import load_file
+
+    from ddil_core.method.grid import StudentGrid
+    from ddil_core.method.mixture import DDILMixture, TrainingData
+    from ddil_core.stages.common import load_teacher, read_latent_cache
+    from ddil_core.stages.distill import read_rollouts
+
+    latents, rollouts = tiny_data["sd15"]
+    config = tiny_config("sd15", "objective.name=dmd2")
+    cache = read_latent_cache(latents, load_teacher(config))
+    data = TrainingData(cache.latents, cache.cond)
+    data.rollout_states, data.rollout_timesteps, data.rollout_ref, data.rollout_x0 = read_rollouts([rollouts], 64)
+    grid = StudentGrid.from_timesteps([999, 499])
+    mixture = DDILMixture(config.ddil, data, NoiseSchedule.from_config(SCHED, set_alpha_to_one=True), grid,
+                          lambda x, k, c, g: x, teacher_pairs=True)
+    pairs = mixture.sample(0, 32, torch.Generator().manual_seed(0)).pairs
+    shard = load_file(str(next(rollouts.glob("*.safetensors"))))
+    seeds = torch.cat([load_file(str(f))["seed"] for f in sorted(rollouts.glob("*.safetensors"))])
+    for i in range(32):
+        r = int((data.rollout_x0.float() - pairs.x0[i]).flatten(1).abs().sum(1).argmin())
+        assert torch.equal(pairs.x0[i], data.rollout_x0[r].float())
+        assert torch.equal(pairs.cond["encoder_hidden_states"][i],
+                           data.cond["encoder_hidden_states"][data.rollout_ref[r]].float())
+        k = list(data.rollout_timesteps.tolist()).index(int(pairs.t[i]))
+        assert torch.equal(pairs.x_t[i], data.rollout_states[r, k].float())
+        if int(pairs.t[i]) == 999:  # the rollout's starting noise
+            noise = torch.randn(pairs.x_t.shape[1:], generator=torch.Generator().manual_seed(int(seeds[r])))
+            assert torch.equal(pairs.x_t[i], noise.half().float())
+    assert set(pairs.t.tolist()) == {999, 499} and "states" in shard

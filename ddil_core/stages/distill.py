@@ -27,8 +27,10 @@ from ddil_core.training.loop import Trainer
 log = logging.getLogger(__name__)
 
 
-def read_rollouts(folders: Sequence[Path], cache_count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Teacher rollouts from one or more folders (the shards of a fan-out), or from a folder of such folders."""
+def read_rollouts(folders: Sequence[Path], cache_count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                      torch.Tensor]:
+    """Teacher rollouts (states, timesteps, prompt refs, final images) from one or more folders (the shards of a
+    fan-out), or from a folder of such folders."""
     dirs: list[Path] = []
     for folder in map(Path, folders):
         if (folder / "manifest.json").exists():
@@ -38,7 +40,7 @@ def read_rollouts(folders: Sequence[Path], cache_count: int) -> tuple[torch.Tens
             if not sub:
                 raise ShardError(f"{folder}: no teacher rollouts here (no manifest.json)")
             dirs.extend(sub)
-    states, refs, timesteps = [], [], None
+    states, refs, finals, timesteps = [], [], [], None
     for folder in dirs:
         tensors, manifest = load_shards(folder, kind="rollouts")
         if manifest.get("latents_count") != cache_count:
@@ -50,7 +52,8 @@ def read_rollouts(folders: Sequence[Path], cache_count: int) -> tuple[torch.Tens
         timesteps = ts
         states.append(tensors["states"])
         refs.append(tensors["ref"])
-    return torch.cat(states), timesteps, torch.cat(refs)
+        finals.append(tensors["x0"])
+    return torch.cat(states), timesteps, torch.cat(refs), torch.cat(finals)
 
 
 def objective_context(config: Config, teacher, cache, device: torch.device | str = "cpu") -> ObjectiveContext:
@@ -90,13 +93,15 @@ def _distill(config, latents, rollouts, out, on_log, on_checkpoint) -> Path:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher = load_teacher(config, device)
     cache = read_latent_cache(Path(latents), teacher)
-    data = TrainingData(cache.latents, cache.cond)
-    if rollouts and config.ddil.priors.teacher > 0 and config.ddil.teacher_mode == "precomputed":
-        data.rollout_states, data.rollout_timesteps, data.rollout_ref = read_rollouts(rollouts, cache.latents.shape[0])
     if config.model.dtype != "float32":  # a half-precision frozen teacher saves memory on GPUs
         teacher.unet.to(getattr(torch, config.model.dtype))
     ctx = objective_context(config, teacher, cache, device)
     objective = build_objective(config.objective.name, ctx)
+    data = TrainingData(cache.latents, cache.cond)
+    wants_pairs = objective.needs_teacher_pairs
+    if rollouts and (wants_pairs or (config.ddil.priors.teacher > 0 and config.ddil.teacher_mode == "precomputed")):
+        data.rollout_states, data.rollout_timesteps, data.rollout_ref, data.rollout_x0 = read_rollouts(
+            rollouts, cache.latents.shape[0])
     bcfg = config.ddil.buffer
     buffer = ReplayBuffer(bcfg.capacity, bcfg.eviction) if bcfg.enabled and config.ddil.priors.student > 0 else None
     teacher_step = None
@@ -107,7 +112,7 @@ def _distill(config, latents, rollouts, out, on_log, on_checkpoint) -> Path:
             guidance if guidance is not None else config.objective.guidance_scale, ctx.reflection("teacher_rollouts"))
     mixture = DDILMixture(config.ddil, data, teacher.train_schedule, objective.grid(), objective.student_step,
                           buffer, device, forward_timesteps=objective.forward_timesteps(), teacher_step=teacher_step,
-                          pure_noise_first_step=objective.pure_noise_first_step)
+                          pure_noise_first_step=objective.pure_noise_first_step, teacher_pairs=wants_pairs)
     trainer = Trainer(config, objective, mixture, out, on_log=on_log, on_checkpoint=on_checkpoint)
     trainer.resume()
     trainer.train()

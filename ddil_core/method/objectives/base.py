@@ -49,6 +49,7 @@ class LossOutput:
 class Objective:
     name = "base"
     pure_noise_first_step = False  # True: a forward state at the grid's first timestep is pure noise (mixture.py)
+    needs_teacher_pairs = False  # True: every batch carries teacher noise-image pairs (mixture.TeacherPairs)
 
     def trainable(self) -> dict[str, torch.nn.Module]:
         """Networks with an optimiser each; 'student' is the one written as the student pipeline."""

@@ -13,12 +13,15 @@ Networks: the frozen teacher (real score), a trainable fake score initialised fr
 - GAN (optional): G adds softplus(-D(fake)) x gan_gen_weight; the fake score adds
   (softplus(D(fake)) + softplus(-D(real))) x gan_disc_weight, D = a strided conv head on the fake UNet's bottleneck,
   each call on its input diffused to its own t ~ U{0..T-1}; real samples are real latents with their own captions.
+- Regression (optional, DMD v1): G adds regression_weight x ||G(x_t) - x0_teacher||^2 on pairs of a state of the
+  teacher's own trajectory and the image it ended at (the precomputed teacher rollouts).
 - The generator's input at its first grid step is pure noise (sd_unified_model.py), whatever the DDIL source.
 - Sampling (DMD2's multistep generator): x0 = G(x_t, t_k), re-noised with fresh noise to t_{k+1}. The saved
   LCMScheduler does exactly this (c_skip ~ 1e-8 at t >= 249) on the trained grid from num_inference_steps alone.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -34,6 +37,7 @@ from ddil_core.config import ConfigError
 from ddil_core.method.grid import StudentGrid, lcm_original_steps_for, lcm_scheduler_timesteps
 from ddil_core.method.mixture import StateBatch
 from ddil_core.method.objectives.base import LossOutput, Objective, ObjectiveContext, student_scheduler_config
+from ddil_core.method.objectives.lcm import pseudo_huber
 from ddil_core.models.denoiser import Denoiser
 
 
@@ -72,6 +76,19 @@ class BottleneckClassifier(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.net(features).flatten(1).mean(1)  # [B]: the map is 1x1 for square latents
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """No gradient for the module's parameters inside the block (it still flows through to its inputs)."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 class _Bottleneck(Exception):
@@ -152,7 +169,11 @@ class DistributionMatchingDistillation(Objective):
         return {"student": self.student, "fake": self.fake}
 
     def lr_for(self, name):
-        return self.cfg.fake_lr if name == "fake" else None
+        return self.cfg.fake_lr if name == "fake" else self.cfg.generator_lr
+
+    @property
+    def needs_teacher_pairs(self) -> bool:
+        return self.cfg.regression_weight > 0
 
     def grid(self) -> StudentGrid:
         return self._grid
@@ -176,6 +197,16 @@ class DistributionMatchingDistillation(Objective):
 
     def is_generator_step(self, step: int) -> bool:
         return step % self.cfg.dfake_gen_update_ratio == 0
+
+    def regression(self, pairs) -> torch.Tensor:
+        """DMD (v1)'s regression loss, per sample: G at a state of the teacher's own deterministic trajectory against
+        the image that trajectory ended at (tianweiy/DMD2 main/train_sd_ode.py; in latent space, see the config)."""
+        if pairs is None:
+            raise ValueError("objective.dmd2.regression_weight > 0 needs teacher pairs in the batch")
+        x, _ = self.x0(self.generator_denoiser, pairs.x_t, pairs.t, pairs.cond)
+        if self.cfg.regression_loss == "huber":
+            return pseudo_huber(x, pairs.x0, 1e-3)
+        return (x.float() - pairs.x0.float()).pow(2).flatten(1).mean(1)
 
     def gan_logits(self, x0: torch.Tensor, cond, draws: SampleDraws) -> torch.Tensor:
         """D on x0 diffused to a timestep and noise of its own (DMD2 compute_cls_logits, --diffusion_gan: every call
@@ -207,10 +238,15 @@ class DistributionMatchingDistillation(Objective):
             dm = distribution_matching_loss(x, distribution_matching_grad(x.detach(), x0_real, x0_fake))
             per_sample["dm"] = dm.detach()
             gen_loss = dm.mean()
-            if self.cfg.gan:  # gradient flows through x into G; what reaches D is discarded (the loop steps G only)
-                gan_g = F.softplus(-self.gan_logits(x, cond, draws))
+            if self.cfg.gan:  # gradient flows through D's input into G only (DMD2 freezes the guidance model here)
+                with frozen(self.fake):
+                    gan_g = F.softplus(-self.gan_logits(x, cond, draws))
                 per_sample["gan_g"] = gan_g.detach()
                 gen_loss = gen_loss + self.cfg.gan_gen_weight * gan_g.mean()
+            if self.cfg.regression_weight > 0:
+                reg = self.regression(batch.pairs)
+                per_sample["regression"] = reg.detach()
+                gen_loss = gen_loss + self.cfg.regression_weight * reg.mean()
             losses["student"] = gen_loss
             timings["teacher"] += time.perf_counter() - t0
 
