@@ -253,9 +253,12 @@ def test_malformed_bodies_are_4xx(server):
     good_request_succeeds(server)
 
 
-def test_sigterm_stops_the_server_cleanly(server):
+def test_sigterm_stops_the_server_cleanly_and_client_errors_were_one_line_each(server):
     assert server.stop() == 0
-    assert "Shutting down" in server.log.read_text()
+    log = server.log.read_text()
+    assert "Shutting down" in log
+    assert "INFO kserve: ModelNotReady: " in log and "INFO kserve: InvalidInput: instances[0].steps: " in log
+    assert "Traceback" not in log, "a bad request or a readiness probe is not a server error"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from ddil_core.serving.source import ModelSource, load_student, resolve_source
 _argv, sys.argv = sys.argv, sys.argv[:1]  # kserve.model_server parses sys.argv when imported: keep ddil's flags out
 try:
     import kserve
-    from kserve.errors import InferenceError, InvalidInput
+    from kserve.errors import InferenceError, InvalidInput, ModelNotFound, ModelNotReady
 finally:
     sys.argv = _argv
 
@@ -41,6 +41,19 @@ DEFAULT_NAME = "ddil-student"
 DEFAULT_HTTP_PORT = 8080  # KServe's, and the port an InferenceService routes to
 DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_MAX_STEPS = 50
+
+
+class _ClientErrorsInOneLine(logging.Filter):
+    """KServe logs every error answer with its traceback at ERROR level; a bad request (400), an unknown model
+    (404) or a readiness probe while the student loads (503) is not a server fault: one INFO line each."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, (InvalidInput, ModelNotReady, ModelNotFound)):
+            record.msg, record.args = f"{type(exc).__name__}: {exc}", ()
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
 
 
 def pick_device(device: str = "auto") -> str:
@@ -174,6 +187,9 @@ def serve(model: str, name: Optional[str] = None, http_port: int = DEFAULT_HTTP_
     predictor = StudentPredictor(name, source, max_batch_size=max_batch_size, max_steps=max_steps,
                                  max_size=max_size, batch_wait_ms=batch_wait_ms, device=device, dtype=dtype)
     server = kserve.ModelServer(http_port=http_port, enable_grpc=False, workers=1)
+    kserve_log = logging.getLogger("kserve")
+    if not any(isinstance(f, _ClientErrorsInOneLine) for f in kserve_log.filters):
+        kserve_log.addFilter(_ClientErrorsInOneLine())
     server.register_model(predictor)  # not ready: registered here, not through start(), which requires ready models
     threading.Thread(target=_load_or_stop, args=(predictor, server), name="ddil-load", daemon=True).start()
     log.info("serving %s on port %d: POST /v1/models/%s:predict, /v2/models/%s/infer", name, http_port, name, name)
