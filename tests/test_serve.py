@@ -152,22 +152,33 @@ def metric(server, name: str, **labels) -> float:
     return 0.0
 
 
+def wait_for_metric(server, name: str, value: float, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while metric(server, name, model=NAME) != value:
+        assert time.monotonic() < deadline, f"{name} never reached {value}"
+        time.sleep(0.02)
+
+
 def test_concurrent_requests_share_a_batch_and_get_their_own_images(server):
     """A long request (3 images of 50 steps at 32 px, about a second here) holds the generator while 4 one-image
-    requests arrive: they queue, and run as one batch of 4 when it is done. Each still gets the image it would
-    get alone."""
+    requests arrive: they queue (the server's gauges show it), and run as one batch of 4 when it is done. Each
+    still gets the image it would get alone."""
     prompts = [f"a handwritten digit {w}" for w in ("zero", "three", "five", "nine")]
     alone = [v1(server, {"instances": [{"prompt": p, "seed": i}]}).json()["predictions"][0] for i, p in
              enumerate(prompts)]
     before = metric(server, "ddil_serve_batches_total", model=NAME, size=MAX_BATCH)
     with concurrent.futures.ThreadPoolExecutor(len(prompts) + 1) as pool:
         slow = pool.submit(v1, server, {"instances": ["a large dog"] * (MAX_BATCH - 1),
-                                              "parameters": {"steps": 50, "width": 32}})
-        time.sleep(0.5)  # the long batch is generating now
+                                        "parameters": {"steps": 50, "width": 32}})
+        wait_for_metric(server, "ddil_serve_running_images", MAX_BATCH - 1)  # the long batch is generating
         together = [pool.submit(v1, server, {"instances": [{"prompt": p, "seed": i}]}) for i, p in
                     enumerate(prompts)]
+        wait_for_metric(server, "ddil_serve_queued_images", len(prompts))  # all 4 arrived while it ran
+        assert metric(server, "ddil_serve_running_images", model=NAME) == MAX_BATCH - 1
         results = [f.result() for f in together]
         assert slow.result().status_code == 200
+    assert metric(server, "ddil_serve_queued_images", model=NAME) == 0
+    assert metric(server, "ddil_serve_running_images", model=NAME) == 0
     for response, single in zip(results, alone):
         assert response.status_code == 200, response.text
         got = pixels(base64.b64decode(response.json()["predictions"][0]["image"]["b64"]))

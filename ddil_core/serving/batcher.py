@@ -36,6 +36,12 @@ class Batcher:
         self._wakeup: Optional[asyncio.Event] = None
         self._worker: Optional[asyncio.Task] = None
         self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddil-generate")
+        self.running = 0  # items in the batch being generated (0: idle)
+
+    @property
+    def queued(self) -> int:
+        """Items waiting for a batch."""
+        return sum(1 for p in self._queue if not p.future.done())
 
     async def submit(self, items: Sequence) -> list:
         """The results of `items`, in order, once the batches holding them have run."""
@@ -90,6 +96,7 @@ class Batcher:
                 batch = self._take(head.key)
                 if not batch:
                     continue
+                self.running = len(batch)
                 try:
                     results = await loop.run_in_executor(self._thread, self._run, [p.item for p in batch])
                 except Exception as exc:  # noqa: BLE001 - fails this batch's requests, not the server
@@ -97,6 +104,8 @@ class Batcher:
                         if not pending.future.done():
                             pending.future.set_exception(exc)
                     continue
+                finally:
+                    self.running = 0
                 for pending, result in zip(batch, results):
                     if not pending.future.done():
                         pending.future.set_result(result)

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Optional
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from ddil_core.serving.batcher import Batcher
 from ddil_core.serving.generate import default_guidance, default_steps, png_bytes, student_images
@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 # Served at GET /metrics by the ModelServer (prometheus_client's default registry), beside KServe's own latencies.
 BATCHES = Counter("ddil_serve_batches", "Batches generated, by their number of images", ["model", "size"])
 IMAGES = Counter("ddil_serve_images", "Images generated", ["model"])
+QUEUED = Gauge("ddil_serve_queued_images", "Images of accepted requests waiting for a batch", ["model"])
+RUNNING = Gauge("ddil_serve_running_images", "Images in the batch being generated (0: idle)", ["model"])
 
 DEFAULT_NAME = "ddil-student"
 DEFAULT_HTTP_PORT = 8080  # KServe's, and the port an InferenceService routes to
@@ -94,6 +96,8 @@ class StudentPredictor(kserve.Model):
         self.student = student
         self.batcher = Batcher(self._generate, key=lambda inst: inst.batch_key, max_batch_size=self.max_batch_size,
                                max_wait_s=self.batch_wait_ms / 1000.0)
+        QUEUED.labels(self.name).set_function(lambda: self.batcher.queued)
+        RUNNING.labels(self.name).set_function(lambda: self.batcher.running)
         self.ready = True
         log.info("%s ready: %s (%s), %d steps, guidance %s, %d px (max %d), batches of up to %d", self.name,
                  self.source.uri, info.get("scheduler") or type(pipe.scheduler).__name__, steps,
