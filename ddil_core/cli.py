@@ -198,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="default: the student's recommended steps, else 50")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance", type=float, default=None, help="default: the student's, else 7.5")
-    p.add_argument("--scheduler", choices=["ddim", "student"], default="ddim")
+    p.add_argument("--scheduler", choices=["auto", "student", "ddim"], default="auto",
+                   help="auto (default): a student's own saved scheduler (the sampler it was trained with), a "
+                        "teacher's DDIM; student: the folder's own scheduler; ddim: DDIM on the folder's config")
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_sample)

@@ -36,12 +36,14 @@ class StateBatch:
     source: torch.Tensor  # [B] 0 forward, 1 teacher, 2 student
     x0_real: torch.Tensor  # [B, C, H, W] the batch's real latents (DMD2's GAN uses them; never the states)
     noise: torch.Tensor  # [B, C, H, W] fresh noise for objectives that need one per sample
+    cond_real: Cond  # the real latents' own captions (a teacher or student state carries its rollout's prompt)
 
     def slice(self, start: int, end: int) -> "StateBatch":
         """Samples [start, end): one rank's share of a global batch."""
         return StateBatch(self.x_t[start:end], self.k[start:end], self.t[start:end],
                           {key: v[start:end] for key, v in self.cond.items()}, self.source[start:end],
-                          self.x0_real[start:end], self.noise[start:end])
+                          self.x0_real[start:end], self.noise[start:end],
+                          {key: v[start:end] for key, v in self.cond_real.items()})
 
 
 @dataclass
@@ -75,16 +77,20 @@ class DDILMixture:
     def __init__(self, config: DDILConfig, data: TrainingData, schedule: NoiseSchedule, grid: StudentGrid,
                  student_step: Callable, buffer: Optional[ReplayBuffer] = None,
                  device: torch.device | str = "cpu", shared_int: Callable[[int], int] = lambda v: v,
-                 forward_timesteps: Optional[torch.Tensor] = None, teacher_step: Optional[Callable] = None):
+                 forward_timesteps: Optional[torch.Tensor] = None, teacher_step: Optional[Callable] = None,
+                 pure_noise_first_step: bool = False):
         """`student_step(x, k, cond, generator)` is one no-grad step k of the current student on its grid;
-        `teacher_step(x, k, cond)` takes the teacher over the same grid interval (its own finer DDIM steps; only
-        the online teacher modes need it). `shared_int` makes a value agree across ranks (rank 0's wins) so every
+        `teacher_step(x, grid, k, cond)` takes the teacher over interval k of the current grid (its own finer DDIM
+        steps; only the online teacher modes need it). `shared_int` makes a value agree across ranks (rank 0's wins) so every
         rank rolls out for the same number of steps. `forward_timesteps`: where forward-diffused states are drawn
-        (default: the student grid; LCM draws over its whole solver grid)."""
+        (default: the student grid; LCM draws over its whole solver grid). `pure_noise_first_step`: a forward state at
+        the grid's first timestep is pure noise, what the student's sampler starts from (DMD2's generator: tianweiy/DMD2
+        main/sd_unified_model.py feeds pure noise at its conditioning timestep), not a noised image."""
         self.config, self.data, self.schedule, self.grid = config, data, schedule, grid
         self.student_step, self.buffer, self.device, self.shared_int = student_step, buffer, device, shared_int
         self.teacher_step = teacher_step
         self.forward_timesteps = forward_timesteps
+        self.pure_noise_first_step = pure_noise_first_step
         if config.teacher_mode != "precomputed" and config.priors.teacher > 0 and teacher_step is None:
             raise ValueError(f"ddil.teacher_mode = {config.teacher_mode} needs the teacher's interval step")
         if config.teacher_mode == "precomputed" and config.priors.teacher > 0 and data.rollout_states is None:
@@ -113,10 +119,14 @@ class DDILMixture:
         noise = torch.randn(batch_size, *self.data.latents.shape[1:], generator=g)
         x0_real = self.data.latents[idx].float()
         cond = {key: v.float() for key, v in index_cond(self.data.cond, idx).items()}  # caches hold fp16
+        cond_real = {key: v.clone() for key, v in cond.items()}
 
         # forward: q(x_t | x0) at the drawn timestep
         t = forward_t[k]
         x_t = self.schedule.add_noise(x0_real, noise, t)
+        if self.pure_noise_first_step:
+            first = t == grid_t[0]
+            x_t[first] = noise[first]
 
         # teacher backward: the teacher's reverse process stopped at a student grid timestep
         is_teacher = source == TEACHER
@@ -149,7 +159,7 @@ class DDILMixture:
                 cond[key][is_student] = self.data.cond[key][refs].to(cond[key].dtype)
         self.last_counts = torch.bincount(source, minlength=3)
         return StateBatch(x_t.to(dev), k.to(dev), t.to(dev), {kk: v.to(dev) for kk, v in cond.items()},
-                          source.to(dev), x0_real.to(dev), noise.to(dev))
+                          source.to(dev), x0_real.to(dev), noise.to(dev), {kk: v.to(dev) for kk, v in cond_real.items()})
 
     def _teacher_plan(self, j: int, g: torch.Generator) -> list[bool]:
         """Which of the first j grid intervals the teacher takes (the student takes the rest)."""
@@ -163,7 +173,7 @@ class DDILMixture:
         cond = {key: v.to(self.device, torch.float32) for key, v in index_cond(self.data.cond, prompt_idx).items()}
         with torch.no_grad():
             for i, by_teacher in enumerate(teacher_takes):
-                x = self.teacher_step(x, i, cond) if by_teacher else self.student_step(x, i, cond, g)
+                x = self.teacher_step(x, self.grid, i, cond) if by_teacher else self.student_step(x, i, cond, g)
         return x.cpu()
 
     def _student_states(self, step, j, prompt_idx, n_student, g):

@@ -53,6 +53,18 @@ def read_rollouts(folders: Sequence[Path], cache_count: int) -> tuple[torch.Tens
     return torch.cat(states), timesteps, torch.cat(refs)
 
 
+def objective_context(config: Config, teacher, cache, device: torch.device | str = "cpu") -> ObjectiveContext:
+    """What an objective needs from the stage: the frozen teacher, its schedules, the unconditional embedding and
+    the latent cache's reflection bounds."""
+    return ObjectiveContext(
+        config=config, teacher_unet=teacher.unet, schedule=teacher.train_schedule,
+        teacher_scheduler_config=dict(teacher.pipe.scheduler.config),
+        uncond={k: v.to(device, torch.float32) for k, v in cache.uncond.items()},
+        reflection_bound=cache.bounds, device=torch.device(device), family=teacher.family,
+        latent_side=teacher.latent_shape[-1],
+    )
+
+
 def distill(config: Config, latents: str | Path, rollouts: Sequence[str | Path], out: str | Path,
             on_log: Optional[Callable[[dict], None]] = None, on_checkpoint: Optional[Callable[[], None]] = None) -> Path:
     out = Path(out)
@@ -83,24 +95,19 @@ def _distill(config, latents, rollouts, out, on_log, on_checkpoint) -> Path:
         data.rollout_states, data.rollout_timesteps, data.rollout_ref = read_rollouts(rollouts, cache.latents.shape[0])
     if config.model.dtype != "float32":  # a half-precision frozen teacher saves memory on GPUs
         teacher.unet.to(getattr(torch, config.model.dtype))
-    ctx = ObjectiveContext(
-        config=config, teacher_unet=teacher.unet, schedule=teacher.train_schedule,
-        teacher_scheduler_config=dict(teacher.pipe.scheduler.config),
-        uncond={k: v.to(device, torch.float32) for k, v in cache.uncond.items()},
-        reflection_bound=cache.bounds, device=device,
-    )
+    ctx = objective_context(config, teacher, cache, device)
     objective = build_objective(config.objective.name, ctx)
     bcfg = config.ddil.buffer
     buffer = ReplayBuffer(bcfg.capacity, bcfg.eviction) if bcfg.enabled and config.ddil.priors.student > 0 else None
     teacher_step = None
     if config.ddil.teacher_mode != "precomputed":  # online teacher-then-student or per-step mixed rollouts
-        grid = objective.grid()
+        guidance = config.rollouts.guidance_scale
         teacher_step = teacher_interval_step(
-            Denoiser(teacher.unet, teacher.train_schedule), grid,
-            max(1, config.rollouts.teacher_steps // grid.num_steps), ctx.uncond,
-            config.rollouts.guidance_scale or config.objective.guidance_scale, ctx.reflection("teacher_rollouts"))
+            Denoiser(teacher.unet, teacher.train_schedule), config.rollouts.teacher_steps, ctx.uncond,
+            guidance if guidance is not None else config.objective.guidance_scale, ctx.reflection("teacher_rollouts"))
     mixture = DDILMixture(config.ddil, data, teacher.train_schedule, objective.grid(), objective.student_step,
-                          buffer, device, forward_timesteps=objective.forward_timesteps(), teacher_step=teacher_step)
+                          buffer, device, forward_timesteps=objective.forward_timesteps(), teacher_step=teacher_step,
+                          pure_noise_first_step=objective.pure_noise_first_step)
     trainer = Trainer(config, objective, mixture, out, on_log=on_log, on_checkpoint=on_checkpoint)
     trainer.resume()
     trainer.train()
