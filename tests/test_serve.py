@@ -3,14 +3,15 @@
 The student is distilled here (tiny://sd15 teacher, objective lcm: an LCMScheduler student with its own
 timesteps) and served from a real S3 server (moto, its own process). That S3 server is paused (SIGSTOP) while
 `ddil serve` starts, so the test sees the server live but the model not ready, then resumes it and sees the
-model become ready. Every image is checked against `ddil sample --scheduler student` for the same prompt, seed,
-steps and guidance; every bad request gets a 4xx naming its field, and the server answers the next good request.
+model become ready. Every image is checked against `ddil sample` (which samples a student with its own
+scheduler) for the same prompt, seed, steps and guidance; every bad request gets a 4xx naming its field, and the server answers the next good request.
 """
 from __future__ import annotations
 
 import base64
 import concurrent.futures
 import io
+import json
 import re
 import time
 
@@ -75,9 +76,10 @@ def pixels(png: bytes) -> np.ndarray:
 
 
 def ddil_sample(student, tmp_path, prompt, seed, *extra) -> bytes:
+    """The PNG of `ddil sample` with its defaults (a student samples with its own scheduler)."""
     out = tmp_path / f"sample-{seed}-{len(extra)}.png"
-    code = main(["sample", "--model", str(student), "--prompt", prompt, "--seed", str(seed), "--scheduler", "student",
-                 "--out", str(out), *extra])
+    code = main(["sample", "--model", str(student), "--prompt", prompt, "--seed", str(seed), "--out", str(out),
+                 *extra])
     assert code == 0
     return out.read_bytes()
 
@@ -103,8 +105,10 @@ def test_v1_image_equals_ddil_sample(server, lcm_student, tmp_path):
     response = v1(server, {"instances": [{"prompt": prompt, "seed": 7}]})
     assert response.status_code == 200, response.text
     [prediction] = response.json()["predictions"]
+    info = json.loads((lcm_student / "ddil_student.json").read_text())
     assert {k: prediction[k] for k in ("seed", "steps", "guidance", "width", "height")} == {
-        "seed": 7, "steps": 2, "guidance": 10.0, "width": 16, "height": 16}  # the student's recommendation
+        "seed": 7, "steps": info["num_inference_steps"], "guidance": info["guidance_scale"], "width": 16,
+        "height": 16}  # the student's recommendation
     served = base64.b64decode(prediction["image"]["b64"])
     expected = ddil_sample(lcm_student, tmp_path, prompt, 7)
     assert served[:8] == b"\x89PNG\r\n\x1a\n"

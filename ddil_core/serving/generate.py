@@ -1,11 +1,11 @@
-"""The served images: what `ddil sample --scheduler student` computes, for a batch of prompts and seeds.
+"""The served images: what `ddil sample` computes, for a batch of prompts and seeds.
 
-One function on top of ddil_core/stages/sample.py's `generate`, with the arguments `sample()` derives from the
-student's ddil_student.json: its recommended steps and guidance when a request gives none, its own scheduler
-(LCMScheduler students run multistep consistency sampling, DDIM students DDIM) on its scheduler config, and its
-recorded timesteps when the steps are its recommended count. A served image therefore equals the PNG of
-`ddil sample --model STUDENT --scheduler student --prompt P --seed S [--steps N] [--guidance W]` for the same
-arguments (tests/test_serve.py checks it pixel for pixel).
+One function on top of ddil_core/stages/sample.py's `generate`, with the arguments `sample()` derives: the
+student's recommended steps and guidance from its ddil_student.json when a request gives none, and the scheduler
+`student_sampling` picks (a student's own saved scheduler, stepped as diffusers steps it; a folder without
+ddil_student.json, a teacher, with DDIM). A served image therefore equals the PNG of
+`ddil sample --model STUDENT --prompt P --seed S [--steps N] [--guidance W]` for the same arguments
+(tests/test_serve.py checks it byte for byte).
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from ddil_core.stages.sample import DEFAULT_GUIDANCE, generate, to_pil
+from ddil_core.stages.sample import (DEFAULT_GUIDANCE, check_trained_grid, generate, sampling_scheduler,
+                                     student_sampling, to_pil)
 
 DEFAULT_STEPS = 50  # `ddil sample` on a folder without ddil_student.json
 
@@ -27,18 +28,22 @@ def default_guidance(info: Optional[dict]) -> float:
     return float(info["guidance_scale"]) if info and info.get("guidance_scale") is not None else DEFAULT_GUIDANCE
 
 
+def check_student(pipe, info: Optional[dict], where: str) -> None:
+    """What `ddil sample` refuses at the recommended steps (a saved scheduler off the trained grid), at load."""
+    kind, trained = student_sampling(pipe, info)
+    check_trained_grid(sampling_scheduler(pipe, kind), default_steps(info), trained, where)
+
+
 def student_images(pipe, info: Optional[dict], prompts: list[str], seeds: list[int], steps: Optional[int] = None,
                    guidance_scale: Optional[float] = None, resolution: Optional[int] = None) -> torch.Tensor:
     """Images [B, 3, H, W] in [0, 1], one CPU generator per seed (as `ddil sample`), square of side `resolution`
-    (None: the pipeline's native size)."""
+    (None: the pipeline's native size). `info`: ddil_student.json, None for a folder without one."""
     steps = default_steps(info) if steps is None else int(steps)
     guidance_scale = default_guidance(info) if guidance_scale is None else float(guidance_scale)
-    timesteps = None
-    if info and info.get("timesteps") and len(info["timesteps"]) == steps:
-        timesteps = list(info["timesteps"])  # the student's own grid (LCM, DMD2), as `sample --scheduler student`
+    kind, _ = student_sampling(pipe, info)
+    scheduler = sampling_scheduler(pipe, kind)  # a fresh one per batch: set_timesteps keeps state in it
     with torch.no_grad():
-        return generate(pipe, list(prompts), list(seeds), steps, guidance_scale, dict(pipe.scheduler.config),
-                        resolution=resolution, timesteps=timesteps, sampler=None)
+        return generate(pipe, list(prompts), list(seeds), steps, guidance_scale, scheduler, resolution=resolution)
 
 
 def png_bytes(image: torch.Tensor) -> bytes:

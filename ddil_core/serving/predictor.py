@@ -20,7 +20,7 @@ from typing import Optional
 from prometheus_client import Counter, Gauge
 
 from ddil_core.serving.batcher import Batcher
-from ddil_core.serving.generate import default_guidance, default_steps, png_bytes, student_images
+from ddil_core.serving.generate import check_student, default_guidance, default_steps, png_bytes, student_images
 from ddil_core.serving.protocol import SIZE_MULTIPLE, BadRequest, Limits, parse_v1, parse_v2, v1_response, v2_response
 from ddil_core.serving.source import ModelSource, load_student, resolve_source
 
@@ -87,6 +87,7 @@ class StudentPredictor(kserve.Model):
     def load(self) -> bool:
         student = load_student(self.source, pick_device(self.device), self.dtype)
         pipe, info = student.pipe, student.info
+        check_student(pipe, info, self.source.uri)  # as `ddil sample` would refuse it
         native = pipe.unet.config.sample_size * pipe.vae_scale_factor
         steps = default_steps(info)
         self.limits = Limits(
@@ -100,7 +101,7 @@ class StudentPredictor(kserve.Model):
         RUNNING.labels(self.name).set_function(lambda: self.batcher.running)
         self.ready = True
         log.info("%s ready: %s (%s), %d steps, guidance %s, %d px (max %d), batches of up to %d", self.name,
-                 self.source.uri, info.get("scheduler") or type(pipe.scheduler).__name__, steps,
+                 self.source.uri, type(pipe.scheduler).__name__ if info else "DDIM (no ddil_student.json)", steps,
                  self.limits.default_guidance, native, self.limits.max_size, self.max_batch_size)
         return True
 

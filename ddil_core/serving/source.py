@@ -113,7 +113,7 @@ def resolve_source(uri: str, registry: Optional[str] = None, kubeflow_registry: 
 @dataclass
 class LoadedStudent:
     pipe: object
-    info: dict  # ddil_student.json ({} for a plain diffusers folder)
+    info: Optional[dict]  # ddil_student.json (None for a folder without one: a teacher, sampled with DDIM)
     folder: Path
 
 
@@ -124,4 +124,4 @@ def load_student(source: ModelSource, device: Optional[str] = None, dtype: Optio
     if device:
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    return LoadedStudent(pipe, read_student_info(folder) or {}, folder)
+    return LoadedStudent(pipe, read_student_info(folder), folder)
