@@ -186,7 +186,8 @@ def test_registry_uris_resolve_in_a_local_registry(tmp_path):
     assert resolve_source("registry://digits/v2", registry=root).location == two["path"]
     latest = resolve_source("registry://digits", registry=root)
     assert latest.location == "s3://bucket/runs/3/student" and latest.registry_entry["version"] == remote["version"]
-    with pytest.raises(ModelError, match=r"registry://digits/9: model 'digits' has no version 9.*versions: \[1, 2, 3\]"):
+    missing = r"registry://digits/9: model 'digits' has no version 9.*versions: \[1, 2, 3\]"
+    with pytest.raises(ModelError, match=missing):
         resolve_source("registry://digits/9", registry=root)
     with pytest.raises(ModelError, match="no model named 'cats'"):
         resolve_source("registry://cats/1", registry=root)
