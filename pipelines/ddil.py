@@ -14,6 +14,7 @@ Graph (task: inputs):
         evaluate:       recipe, overrides, student        [GPU] -> metrics, report, report_html, evaluation
         check-gates:    recipe, overrides, evaluation -> bool
         if passed: register: recipe, overrides, student, evaluation                      [CPU] -> registration
+            if deploy: deploy: student, registration, gpu_type   [CPU; applies a KServe InferenceService] -> URL
     else ("multi-node"):
         the same fan-out; launch-trainjob (CPU pod that runs the distill as a TrainJob / PyTorchJob on num_nodes
         nodes) instead of distill; then the same evaluate, check-gates and register.
@@ -50,6 +51,7 @@ from components import (
     shard_indices,
     teacher_rollouts,
 )
+from components.deploy import deploy as deploy_student  # `deploy` is also the pipeline's parameter
 
 PIPELINE_NAME = "ddil"
 PIPELINE_YAML = Path(__file__).resolve().with_name("ddil.yaml")
@@ -104,8 +106,8 @@ def _teacher_rollouts(recipe, overrides, latents, shards, num_shards, gpu_type, 
     return task
 
 
-def _evaluate_and_register(recipe, overrides, student, gpu_type, gpu_count) -> None:
-    """evaluate (GPU) -> check-gates -> register behind dsl.If on the gates (CPU only)."""
+def _evaluate_and_register(recipe, overrides, student, gpu_type, gpu_count, deploy) -> None:
+    """evaluate (GPU) -> check-gates -> register behind dsl.If on the gates (CPU only) -> deploy (when asked)."""
     ev = evaluate(recipe=recipe, overrides=overrides, student=student)
     _io_retry(_gpu_stage(ev, gpu_type, gpu_count))
     gates = check_gates(recipe=recipe, overrides=overrides, evaluation=ev.outputs["evaluation"])
@@ -114,6 +116,10 @@ def _evaluate_and_register(recipe, overrides, student, gpu_type, gpu_count) -> N
         reg = register(recipe=recipe, overrides=overrides, student=student, evaluation=ev.outputs["evaluation"])
         _credentials(_io_retry(reg))
         reg.set_caching_options(False)  # registering is a side effect: never skipped as "cached"
+        with dsl.If(deploy == True, name="deploy-enabled"):  # noqa: E712
+            served = deploy_student(student=student, registration=reg.outputs["registration"], gpu_type=gpu_type,
+                                    image=DDIL_IMAGE)
+            served.set_caching_options(False)  # applies the InferenceService: a side effect, as register
 
 
 @dsl.pipeline(
@@ -144,9 +150,12 @@ def ddil_pipeline(
     multi_node: bool = False,
     num_nodes: int = 2,
     training_operator: str = "v2",
+    deploy: bool = False,
 ):
     """Parameters "" (strings) and -1 (numbers) keep the recipe's value; `overrides` sets any config key
-    (["training.steps=2000", ...]); the named parameters are applied after it."""
+    (["training.steps=2000", ...]); the named parameters are applied after it. `deploy` (off by default: it
+    changes what a live endpoint serves, and needs KServe on the cluster) serves a student that passed the gates
+    with KServe (components/deploy.py, k8s/serving/)."""
     config = resolve_config(
         recipe=recipe, overrides=overrides, teacher=teacher, dataset=dataset, objective=objective,
         student_steps=student_steps, prior_forward=prior_forward, prior_teacher=prior_teacher,
@@ -167,7 +176,7 @@ def ddil_pipeline(
                         rollouts=dsl.Collected(rollouts.outputs["rollouts"]))
         _credentials(_gpu_stage(train, gpu_type, gpu_count))
         train.set_caching_options(False)
-        _evaluate_and_register(recipe, merged, train.outputs["student"], gpu_type, gpu_count)
+        _evaluate_and_register(recipe, merged, train.outputs["student"], gpu_type, gpu_count, deploy)
 
     with dsl.Else(name="multi-node"):
         rollouts = _teacher_rollouts(recipe, merged, latents, shards.output, num_shards, gpu_type, gpu_count)
@@ -179,7 +188,7 @@ def ddil_pipeline(
         job.set_caching_options(False)
         kubernetes.mount_pvc(job, pvc_name=DATA_PVC, mount_path=DATA_MOUNT)
         _credentials(job)
-        _evaluate_and_register(recipe, merged, job.outputs["student"], gpu_type, gpu_count)
+        _evaluate_and_register(recipe, merged, job.outputs["student"], gpu_type, gpu_count, deploy)
 
 
 def compile_pipeline(path: os.PathLike | str = PIPELINE_YAML) -> Path:

@@ -224,7 +224,8 @@ def test_rbac(overlay):
     assert rules[(("trainer.kubeflow.org",), ("trainjobs",))] == job_verbs
     assert rules[(("kubeflow.org",), ("pytorchjobs",))] == job_verbs
     assert rules[(("",), ("pods", "pods/log"))] == {"get", "list"}
-    assert len(rules) == 3, "the pipeline role grants nothing beyond the distill jobs and their pods"
+    assert rules[(("serving.kserve.io",), ("inferenceservices",))] == {"create", "get", "update"}  # deploy
+    assert len(rules) == 4, "the pipeline role grants nothing beyond the distill jobs, their pods and deploy"
     binding = one(docs, "RoleBinding", "ddil-pipeline")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "ddil-pipeline"}
     assert {"kind": "ServiceAccount", "name": "ddil-pipeline", "namespace": "ddil"} in binding["subjects"]

@@ -27,7 +27,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINE_YAML = ROOT / "pipelines" / "ddil.yaml"
 GPU_EXECUTORS = ("cache-latents", "teacher-rollouts", "distill", "evaluate")
-CPU_EXECUTORS = ("resolve-config", "shard-indices", "check-gates", "register", "launch-trainjob")
+CPU_EXECUTORS = ("resolve-config", "shard-indices", "check-gates", "register", "launch-trainjob", "deploy")
 
 
 def _docs():
@@ -102,11 +102,12 @@ def test_pipeline_parameters():
         "gpu_count": "NUMBER_INTEGER", "registry_uri": "STRING", "kubeflow_registry_address": "STRING",
         "fid_factor": "NUMBER_DOUBLE", "min_coverage": "NUMBER_DOUBLE", "min_adherence": "NUMBER_DOUBLE",
         "pushgateway": "STRING", "multi_node": "BOOLEAN", "num_nodes": "NUMBER_INTEGER",
-        "training_operator": "STRING",
+        "training_operator": "STRING", "deploy": "BOOLEAN",
     }
     assert {k: v["parameterType"] for k, v in params.items()} == expected
     assert all("defaultValue" in v for v in params.values()), "every parameter has a default (no optional inputs)"
     assert params["recipe"]["defaultValue"] == "tiny" and params["multi_node"]["defaultValue"] is False
+    assert params["deploy"]["defaultValue"] is False  # serving is opt-in (tests/test_deploy.py)
     assert spec["pipelineInfo"]["name"] == "ddil"
 
 
