@@ -8,7 +8,7 @@ RECIPE ?= tiny
 
 install:
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[pipelines,registry,test]'
+	$(PIP) install -q -c constraints.txt -e '.[pipelines,registry,serve,test]'
 	bash .ci/install-services.sh
 
 test: install

@@ -45,7 +45,7 @@ def objective_overrides(objective: str, guidance: float) -> list[str]:
         "lcm": ["objective.name=lcm", f"objective.lcm.w_min={max(1.0, guidance - 1)}",
                 f"objective.lcm.w_max={guidance + 1}"],
         "dmd2": ["objective.name=dmd2", f"objective.dmd2.real_guidance_scale={guidance}",
-                 "objective.dmd2.dfake_gen_update_ratio=5", "objective.dmd2.timesteps=[999,749,499,249]"],
+                 "objective.dmd2.dfake_gen_update_ratio=5"],
     }[objective]
 
 
@@ -61,8 +61,10 @@ VARIANTS = {
     "baseline": ["ddil.priors.forward=1", "ddil.priors.teacher=0", "ddil.priors.student=0", "ddil.reflection.mode=off"],
     "+DDIL": ["ddil.priors.forward=0.5", "ddil.priors.teacher=0.25", "ddil.priors.student=0.25",
               "ddil.reflection.mode=off"],
+    # static per-channel bounds of the latent cache on the teacher's side: an SD 1.5-family student cannot carry a
+    # static reflection of its own rollouts in plain diffusers (ddil_core/method/rollouts.py, scheduler_kwargs)
     "+DDIL +reflection": ["ddil.priors.forward=0.5", "ddil.priors.teacher=0.25", "ddil.priors.student=0.25",
-                          "ddil.reflection.mode=static"],
+                          "ddil.reflection.mode=static", "ddil.reflection.apply_to=[teacher_targets,teacher_rollouts]"],
 }
 METRICS = ("fid", "precision", "recall", "density", "coverage", "adherence", "diversity", "seconds_per_update")
 
@@ -85,12 +87,14 @@ def base_overrides(demo: Path, steps: int, student_steps: int, guidance: float, 
             f"training.checkpoint_every={steps}", "training.ema.enabled=false"] + smoke
 
 
-def measure(pipe, extractor, ref, prompts, per_prompt, steps, guidance, timesteps=None):
+def measure(pipe, extractor, ref, prompts, per_prompt, steps, guidance, scheduler="own"):
+    """Metrics of `pipe` sampled as plain diffusers samples it: a student with its own saved scheduler ("own"),
+    the teacher with DDIM ("ddim")."""
     seeds = [1000 + j for j in range(per_prompt)]
     feats, predicted = [], []
     with torch.no_grad():
         for prompt in prompts:  # prompt-major, as model_metrics expects
-            images = generate(pipe, [prompt] * per_prompt, seeds, steps, guidance, timesteps=timesteps)
+            images = generate(pipe, [prompt] * per_prompt, seeds, steps, guidance, scheduler)
             feats.append(extractor.features(images))
             predicted.append(extractor.classify(images))
     wanted = [prompt_class(p) for p in prompts for _ in range(per_prompt)]
@@ -128,7 +132,7 @@ def run(args) -> dict:
     rows = [{"model": f"teacher ({args.teacher_steps} DDIM steps, CFG {guidance:g})", "objective": "-",
              "variant": "reference", "steps": args.teacher_steps,
              "per_seed": [measure(teacher, extractor, ref, prompts, args.images_per_prompt, args.teacher_steps,
-                                  guidance)]}]
+                                  guidance, "ddim")]}]
     latents, rollouts = work / "latents", work / "rollouts"
     if not (latents / "manifest.json").exists():
         cache_latents(base, latents)
@@ -142,9 +146,6 @@ def run(args) -> dict:
                     overrides = (base_overrides(demo, args.steps, student_steps, guidance, args.quick)
                                  + objective_overrides(objective, guidance) + VARIANTS[variant]
                                  + [f"training.seed={seed}"])
-                    if objective == "dmd2":
-                        grid = {4: "[999,749,499,249]", 2: "[999,499]", 1: "[999]"}[student_steps]
-                        overrides.append(f"objective.dmd2.timesteps={grid}")
                     if objective == "pd":
                         overrides.append(f"objective.pd.teacher_steps={2 * student_steps}")
                     config = load_config("demo", overrides)
@@ -154,7 +155,7 @@ def run(args) -> dict:
                     info = read_student_info(student)
                     pipe = load_pipeline(str(student))
                     metrics = measure(pipe, extractor, ref, prompts, args.images_per_prompt,
-                                      info["num_inference_steps"], info["guidance_scale"], info.get("timesteps"))
+                                      info["num_inference_steps"], info["guidance_scale"])
                     metrics["seconds_per_update"] = log[-1]["seconds_per_update"]
                     row = table.setdefault((student_steps, objective, variant), {
                         "model": f"{objective} {variant}", "objective": objective, "variant": variant,

@@ -59,7 +59,12 @@ def main(argv=None) -> dict:
     latents = torch.randn(args.batch, pipe.unet.config.in_channels, side, side)
 
     def case(steps, guidance, sampler="ddim"):
-        return lambda: generate(pipe, prompts, seeds, steps, guidance, sampler=sampler)
+        from diffusers import LCMScheduler
+
+        def run():
+            scheduler = LCMScheduler.from_config(pipe.scheduler.config) if sampler == "consistency" else sampler
+            return generate(pipe, prompts, seeds, steps, guidance, scheduler)
+        return run
 
     def fixed():  # what every generate() call pays besides the UNet: prompt (and empty prompt) encoding, VAE decode
         encode_prompts(pipe, prompts, res)

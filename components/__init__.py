@@ -6,6 +6,7 @@ and calls one stage function.
 """
 from components.common import DDIL_IMAGE, DEFAULT_IMAGE
 from components.config import pipeline_overrides, resolve_config, shard_indices
+from components.deploy import deploy
 from components.stages import cache_latents, check_gates, distill, evaluate, register, teacher_rollouts
 from components.trainjob import launch_trainjob
 
@@ -14,6 +15,7 @@ __all__ = [
     "DEFAULT_IMAGE",
     "cache_latents",
     "check_gates",
+    "deploy",
     "distill",
     "evaluate",
     "launch_trainjob",

@@ -88,6 +88,63 @@ def cmd_sample(args):
     print(f"image -> {out}")
 
 
+def cmd_serve(args):
+    from ddil_core.serving.predictor import serve  # needs the `serve` extra (kserve)
+
+    serve(args.model, name=args.name, http_port=args.http_port, max_batch_size=args.max_batch_size,
+          batch_wait_ms=args.batch_wait_ms, max_steps=args.max_steps, max_size=args.max_size, device=args.device,
+          dtype=args.dtype, registry=args.registry, kubeflow_registry=args.kubeflow_registry)
+
+
+def _checked(kind, check, what):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    return parse
+
+
+_PORT = _checked(int, lambda v: 0 < v < 65536, "a port number")
+_POSITIVE = _checked(int, lambda v: v >= 1, "a positive integer")
+_MILLISECONDS = _checked(float, lambda v: v >= 0, "a number of milliseconds >= 0")
+_SIDE = _checked(int, lambda v: v >= 8 and v % 8 == 0, "a positive multiple of 8")
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve a student over KServe's v1 and v2 protocols",
+                       description="serve a student with KServe's ModelServer: POST /v1/models/NAME:predict and "
+                                   "/v2/models/NAME/infer answer PNG images (base64); readiness at "
+                                   "/v1/models/NAME and /v2/models/NAME/ready (503 until the model is loaded)")
+    p.add_argument("--model", required=True,
+                   help="the student: a pipeline folder, s3://bucket/path, or registry://NAME/VERSION "
+                        "(VERSION a number, vN or latest)")
+    p.add_argument("--name", default=None,
+                   help="model name in the endpoint paths (default: the registry model name, else ddil-student)")
+    p.add_argument("--http-port", type=_PORT, default=8080, help="HTTP port (default: 8080, KServe's)")
+    p.add_argument("--max-batch-size", type=_POSITIVE, default=8,
+                   help="most images per request and per generated batch; concurrent requests with the same "
+                        "steps, guidance and size are batched together up to it (default: 8)")
+    p.add_argument("--batch-wait-ms", type=_MILLISECONDS, default=0.0,
+                   help="how long a batch that is not full waits for more requests (default: 0, no wait)")
+    p.add_argument("--max-steps", type=_POSITIVE, default=50,
+                   help="largest steps a request may ask for (default: 50, at least the recommended steps)")
+    p.add_argument("--max-size", type=_SIDE, default=None,
+                   help="largest image side in pixels, a multiple of 8 (default: twice the native size)")
+    p.add_argument("--device", default="auto",
+                   help="torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="cast the pipeline to this dtype (default: as saved)")
+    p.add_argument("--registry", default=None,
+                   help="local registry folder for registry:// models (default: registry.uri of the defaults)")
+    p.add_argument("--kubeflow-registry", default=None, metavar="HOST[:PORT]",
+                   help="resolve registry:// models in this Kubeflow Model Registry instead (port default 8080)")
+    p.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddil", description="DDIL diffusion distillation stages")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -141,10 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="default: the student's recommended steps, else 50")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance", type=float, default=None, help="default: the student's, else 7.5")
-    p.add_argument("--scheduler", choices=["ddim", "student"], default="ddim")
+    p.add_argument("--scheduler", choices=["auto", "student", "ddim"], default="auto",
+                   help="auto (default): a student's own saved scheduler (the sampler it was trained with), a "
+                        "teacher's DDIM; student: the folder's own scheduler; ddim: DDIM on the folder's config")
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_sample)
+    _add_serve(sub)
     return parser
 
 

@@ -67,11 +67,16 @@ class BufferConfig:
 
 @dataclass
 class ReflectionConfig:
-    """Reflected diffusion by thresholding x0 estimates (method.md section 2)."""
+    """Reflected diffusion by thresholding x0 estimates (method.md section 2; ddil_core/math/reflection.py).
+
+    Student rollouts use the reflection the student's saved scheduler applies in plain diffusers (one scalar static
+    bound, or dynamic thresholding); a setting it cannot express is refused when distill starts."""
 
     mode: Literal["off", "static", "dynamic"] = "off"
-    percentile: float = 0.995  # dynamic: per-sample quantile of |x0|
+    percentile: float = 0.995  # dynamic: per-sample quantile p of |x0| (diffusers' dynamic_thresholding_ratio)
     bound: Optional[float] = None  # static: one bound for all channels; None: per-channel bounds of the latent cache
+    #                                (student rollouts: the largest of them)
+    max_value: Optional[float] = None  # dynamic: cap of s (diffusers' sample_max_value); None: largest cache bound
     apply_to: list[str] = field(default_factory=lambda: ["teacher_targets", "teacher_rollouts", "student_rollouts"])
 
 
@@ -101,11 +106,16 @@ class PDConfig:
 
 @dataclass
 class LCMConfig:
-    """Latent consistency distillation (Luo et al. 2023)."""
+    """Latent consistency distillation (Luo et al. 2023).
+
+    w_min, w_max are in the Imagen form (eps_u + w (eps_c - eps_u), the guidance_scale users pass; the student
+    embeds w - 1). diffusers' train_lcm_distill_sd_wds.py draws w ~ U[5, 15] in the LCM form (eps_c + w (eps_c -
+    eps_u)) despite its help text, which is Imagen U[6, 16]: our defaults, equal to its targets (tests/test_objectives.py).
+    """
 
     num_ddim_timesteps: int = 50
-    w_min: float = 5.0
-    w_max: float = 15.0
+    w_min: float = 6.0
+    w_max: float = 16.0
     ema_decay: float = 0.95
     loss: Literal["huber", "l2"] = "huber"
     huber_c: float = 0.001
@@ -114,17 +124,25 @@ class LCMConfig:
 
 @dataclass
 class DMD2Config:
-    """Distribution matching distillation v2 (Yin et al. 2024)."""
+    """Distribution matching distillation v2 (Yin et al. 2024; code: tianweiy/DMD2). Defaults are the reference's
+    unless marked; DMD2's backward simulation is DDIL's student-backward source (ddil.priors.student)."""
 
-    timesteps: list[int] = field(default_factory=lambda: [999, 749, 499, 249])
-    real_guidance_scale: float = 1.75
-    fake_lr: Optional[float] = None  # None: training.lr
-    dfake_gen_update_ratio: int = 10
-    min_step: int = 20
+    # The generator's grid; None: DMD2's range(999, 0, -(1000 // N)) for N = objective.student_steps ([999, 749,
+    # 499, 249] at 4, [999, 499] at 2, [999] at 1). Given timesteps must be a grid LCMScheduler samples for some
+    # original_inference_steps, so the saved scheduler reproduces them from num_inference_steps alone.
+    timesteps: Optional[list[int]] = None
+    real_guidance_scale: float = 1.75  # CFG of the real score in the DM gradient (SD 1.5 recipe; SDXL: 8)
+    generator_lr: Optional[float] = None  # None: training.lr (DMD2: the generator's and the fake score's are equal)
+    fake_lr: Optional[float] = None  # the fake score's and GAN head's; None: training.lr
+    dfake_gen_update_ratio: int = 10  # two time-scale update: fake score steps per generator step (SDXL: 5)
+    min_step: int = 20  # DM gradient timesteps t ~ U{min_step..max_step} (0.02 and 0.98 of T)
     max_step: int = 980
-    gan: bool = False
-    gan_gen_weight: float = 5e-3
-    gan_disc_weight: float = 1e-2
+    gan: bool = True  # GAN head on the fake score's bottleneck (on in every final DMD2 recipe)
+    gan_gen_weight: float = 5e-3  # generator's softplus(-D(fake)) (SDXL recipes; SD 1.5 stage 2: 1e-3)
+    gan_disc_weight: float = 1e-2  # discriminator's softplus(D(fake)) + softplus(-D(real))
+    regression_weight: float = 0.0  # DMD (v1)'s regression on the teacher's noise-image pairs; 0: off, as in DMD2
+    regression_loss: Literal["l2", "huber"] = "l2"  # DMD used LPIPS on images, which needs downloaded weights: ours
+    #                                                 is in latent space (huber: pseudo-Huber, c = 1e-3 as LCM)
 
 
 @dataclass
@@ -238,8 +256,10 @@ class DemoConfig:
     eval_images_per_digit: int = 30
     vae_max_seconds: Optional[float] = None
     teacher_max_seconds: Optional[float] = None
-    adapt_threads: bool = True  # switch to one thread while the CPU is shared (demo/progress.py: ThreadTuner);
-    #                             false keeps torch's thread count, for bit-reproducible runs
+    threads: int = 1  # torch threads of every phase: fixed, so the same code and seed rebuild the same teacher
+    #                   bit for bit (one thread is also the fastest on a shared 2-core CPU: demo-facts.md)
+    adapt_threads: bool = False  # instead switch between one thread and all cores by measured speed
+    #                              (demo/progress.py: ThreadTuner); not bit-reproducible
 
 
 @dataclass
@@ -419,7 +439,7 @@ def validate(config: Config, source: str = "config") -> None:
             problems.append(
                 f"objective.pd.teacher_steps = {t} must be the student's steps ({o.student_steps}) times a power of 2"
             )
-    if o.name == "dmd2" and len(o.dmd2.timesteps) != o.student_steps:
+    if o.name == "dmd2" and o.dmd2.timesteps is not None and len(o.dmd2.timesteps) != o.student_steps:
         problems.append(
             f"objective.dmd2.timesteps has {len(o.dmd2.timesteps)} entries but objective.student_steps = {o.student_steps}"
         )
@@ -444,6 +464,8 @@ def validate(config: Config, source: str = "config") -> None:
         problems.append(f"ddil.reflection.percentile = {refl.percentile} must be in (0, 1]")
     if refl.bound is not None and refl.bound <= 0:
         problems.append(f"ddil.reflection.bound = {refl.bound} must be positive")
+    if refl.max_value is not None and refl.max_value < 1:
+        problems.append(f"ddil.reflection.max_value = {refl.max_value} must be at least 1 (s is floored at 1)")
     t = config.training
     for name in ("steps", "batch_size", "checkpoint_every", "log_every", "max_nonfinite_in_a_row"):
         if getattr(t, name) < 1:
@@ -458,7 +480,7 @@ def validate(config: Config, source: str = "config") -> None:
         problems.append(f"data.num_workers = {config.data.num_workers} must be 0 (read in-process) or more")
     d = config.demo
     for name in ("vae_steps", "vae_batch_size", "classifier_steps", "teacher_steps", "teacher_batch_size",
-                 "eval_steps", "eval_images_per_digit"):
+                 "eval_steps", "eval_images_per_digit", "threads"):
         if getattr(d, name) < 1:
             problems.append(f"demo.{name} = {getattr(d, name)} must be at least 1")
     for name in ("vae_lr", "teacher_lr", "min_snr_gamma"):

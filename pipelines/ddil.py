@@ -14,6 +14,7 @@ Graph (task: inputs):
         evaluate:       recipe, overrides, student        [GPU] -> metrics, report, report_html, evaluation
         check-gates:    recipe, overrides, evaluation -> bool
         if passed: register: recipe, overrides, student, evaluation                      [CPU] -> registration
+            if deploy: deploy: student, registration, gpu_type   [CPU; applies a KServe InferenceService] -> URL
     else ("multi-node"):
         the same fan-out; launch-trainjob (CPU pod that runs the distill as a TrainJob / PyTorchJob on num_nodes
         nodes) instead of distill; then the same evaluate, check-gates and register.
@@ -50,6 +51,7 @@ from components import (
     shard_indices,
     teacher_rollouts,
 )
+from components.deploy import deploy as deploy_student  # `deploy` is also the pipeline's parameter
 
 PIPELINE_NAME = "ddil"
 PIPELINE_YAML = Path(__file__).resolve().with_name("ddil.yaml")
@@ -125,8 +127,8 @@ def _teacher_rollouts(recipe, overrides, latents, shards, num_shards, resources)
     return task
 
 
-def _evaluate_and_register(recipe, overrides, student, resources) -> None:
-    """evaluate (GPU) -> check-gates -> register behind dsl.If on the gates (CPU only)."""
+def _evaluate_and_register(recipe, overrides, student, resources, deploy) -> None:
+    """evaluate (GPU) -> check-gates -> register behind dsl.If on the gates (CPU only) -> deploy (when asked)."""
     ev = evaluate(recipe=recipe, overrides=overrides, run_id=RUN_ID, student=student)
     _io_retry(_gpu_stage(ev, *resources))
     gates = check_gates(recipe=recipe, overrides=overrides, evaluation=ev.outputs["evaluation"])
@@ -137,6 +139,10 @@ def _evaluate_and_register(recipe, overrides, student, resources) -> None:
         _credentials(_io_retry(reg))
         _settings(reg)
         reg.set_caching_options(False)  # registering is a side effect: never skipped as "cached"
+        with dsl.If(deploy == True, name="deploy-enabled"):  # noqa: E712
+            served = deploy_student(student=student, registration=reg.outputs["registration"],
+                                    gpu_type=resources[0], image=DDIL_IMAGE)
+            served.set_caching_options(False)  # applies the InferenceService: a side effect, as register
 
 
 @dsl.pipeline(
@@ -170,9 +176,12 @@ def ddil_pipeline(
     multi_node: bool = False,
     num_nodes: int = 2,
     training_operator: str = "v2",
+    deploy: bool = False,
 ):
     """Parameters "" (strings) and -1 (numbers) keep the recipe's value; `overrides` sets any config key
-    (["training.steps=2000", ...]); the named parameters are applied after it."""
+    (["training.steps=2000", ...]); the named parameters are applied after it. `deploy` (off by default: it
+    changes what a live endpoint serves, and needs KServe on the cluster) serves a student that passed the gates
+    with KServe (components/deploy.py, k8s/serving/)."""
     config = resolve_config(
         recipe=recipe, overrides=overrides, teacher=teacher, dataset=dataset, objective=objective,
         student_steps=student_steps, prior_forward=prior_forward, prior_teacher=prior_teacher,
@@ -198,7 +207,7 @@ def ddil_pipeline(
         kubernetes.mount_pvc(train, pvc_name=DATA_PVC, mount_path=DATA_MOUNT)  # checkpoint_root's default
         for key, value in DISTILL_POD_LABELS.items():
             kubernetes.add_pod_label(train, label_key=key, label_value=value)
-        _evaluate_and_register(recipe, merged, train.outputs["student"], resources)
+        _evaluate_and_register(recipe, merged, train.outputs["student"], resources, deploy)
 
     with dsl.Else(name="multi-node"):
         rollouts = _teacher_rollouts(recipe, merged, latents, shards.output, num_shards, resources)
@@ -212,7 +221,7 @@ def ddil_pipeline(
         kubernetes.set_timeout(job, TIMEOUTS["launch-trainjob"])
         _credentials(job)
         _settings(job)
-        _evaluate_and_register(recipe, merged, job.outputs["student"], resources)
+        _evaluate_and_register(recipe, merged, job.outputs["student"], resources, deploy)
 
 
 def compile_pipeline(path: os.PathLike | str = PIPELINE_YAML) -> Path:

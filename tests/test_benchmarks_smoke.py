@@ -2,7 +2,8 @@
 
 Only the shape of the results is checked, never timing values: the point is that the scripts do not rot as the
 pipeline changes. gpu_unets runs its tiny configs on the CPU here. About 35 s of CPU time in all (2 cores; the
-scaling test launches 2 processes with torchrun).
+scaling test launches 2 processes with torchrun), plus about 25 s for serve_load (a tiny LCM student and one
+`ddil serve` process).
 """
 import json
 import logging
@@ -11,7 +12,7 @@ import warnings
 
 import pytest
 
-from benchmarks import cache_throughput, ddil_overhead, gpu_unets, scaling, student_speedup
+from benchmarks import cache_throughput, ddil_overhead, gpu_unets, scaling, serve_load, student_speedup
 from benchmarks.common import build_data
 
 COMMON_KEYS = {"benchmark", "command", "machine", "settings", "table_markdown"}
@@ -129,3 +130,13 @@ def test_scaling_launches_two_processes(tmp_path, bench_data):
     assert {"nprocs", "global_batch", "seconds_per_update", "samples_per_second", "speedup_vs_reference",
             "command"} <= set(run)
     assert "torch.distributed.run" in run["command"]
+
+
+def test_serve_load_runs_the_real_server(tmp_path, bench_data):
+    serve_load.main(["--quick", "--batch-sizes", "2", "--data", str(bench_data), "--out", str(tmp_path / "l.json")])
+    data = _written(tmp_path / "l.json", "serve_load")
+    assert set(data["cases"]) == {"batch_2"}
+    for case in data["cases"].values():
+        assert case["failed_requests"] == 0 and case["requests"] == 4 and case["server_exit_code"] == 0
+        assert {"p50", "p95", "p99"} == set(case["latency_seconds"])
+        assert case["images_per_second"]["median"] > 0 and case["mean_batch_formed"] >= 1

@@ -130,8 +130,7 @@ def test_adherence_is_the_classifier_accuracy_on_the_prompted_digit(evaluated, d
     _, m = evaluated
     pipe = load_pipeline(str(demo / "student"))
     with torch.no_grad():
-        images = generate(pipe, [p for p in PROMPTS for _ in (0, 1)], [0, 1] * 4, 2, 1.0,
-                          dict(pipe.scheduler.config))
+        images = generate(pipe, [p for p in PROMPTS for _ in (0, 1)], [0, 1] * 4, 2, 1.0)
     predicted = load_extractor(f"classifier:{demo / 'classifier'}").classify(images)
     wanted = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
     assert m["models"]["student"]["adherence"] == pytest.approx(float((predicted == wanted).double().mean()))
@@ -198,14 +197,15 @@ def test_lcm_student_with_guidance_embedding_counts_one_pass_per_step(tmp_path):
     distill recorded, guidance as an embedding, so NFE = steps even at guidance 3."""
     from diffusers import LCMScheduler
 
-    from ddil_core.method.objectives.lcm import add_guidance_conditioning, lcm_timesteps
+    from ddil_core.method.grid import lcm_scheduler_timesteps
+    from ddil_core.method.objectives.lcm import add_guidance_conditioning
     from ddil_core.models.pipeline_io import save_student_pipeline
     from ddil_core.models.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline("sd15")
     cfg = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
     cfg.update(original_inference_steps=50, timestep_spacing="leading", steps_offset=0, set_alpha_to_one=True)
-    timesteps = lcm_timesteps(1000, 2)
+    timesteps = lcm_scheduler_timesteps(1000, 2, 50)
     info = {"objective": "lcm", "num_inference_steps": 2, "guidance_scale": 3.0, "scheduler": "LCMScheduler",
             "timesteps": timesteps}
     save_student_pipeline(pipe, add_guidance_conditioning(pipe.unet, 32), LCMScheduler.from_config(cfg),
@@ -219,7 +219,7 @@ def test_lcm_student_with_guidance_embedding_counts_one_pass_per_step(tmp_path):
     student, p = m["models"]["student"], m["protocol"]
     assert (student["steps"], student["guidance_scale"], student["nfe_per_image"]) == (2, 3.0, 2)
     assert m["models"]["teacher"]["nfe_per_image"] == 4  # 2 steps, CFG at the tiny recipe's guidance 2
-    assert p["timesteps"] == {"student": timesteps}
+    assert p["timesteps"]["student"] == timesteps
     assert p["scheduler"]["student"]["sampler"].startswith("multistep consistency")
     assert p["scheduler"]["teacher"]["sampler"].startswith("DDIM")
     assert p["guidance_mode"]["student"].startswith("embedded")

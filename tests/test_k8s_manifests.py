@@ -225,7 +225,8 @@ def test_rbac(overlay):
     assert rules[(("kubeflow.org",), ("pytorchjobs",))] == job_verbs
     assert rules[(("",), ("pods", "pods/log"))] == {"get", "list"}
     assert rules[(("trainer.kubeflow.org",), ("trainingruntimes",))] == {"get"}  # TrainerClient reads the runtime
-    assert len(rules) == 4, "the pipeline role grants nothing beyond the distill jobs, their runtime and pods"
+    assert rules[(("serving.kserve.io",), ("inferenceservices",))] == {"create", "get", "update"}  # deploy
+    assert len(rules) == 5, "the pipeline role grants nothing beyond the distill jobs, their runtime and pods, deploy"
     binding = one(docs, "RoleBinding", "ddil-pipeline")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "ddil-pipeline"}
     assert {"kind": "ServiceAccount", "name": "ddil-pipeline", "namespace": "ddil"} in binding["subjects"]

@@ -8,7 +8,7 @@
   the KFP v2beta1 API (tests/kfp_api_stub.py; the real API server needs a cluster);
 - the multi-node launcher: the TrainJob / PyTorchJob manifests (cross-checked with k8s/training/) and the
   create / wait / log / delete logic (the Kubeflow SDK's TrainerClient, the kubernetes watch API) against a stub of
-  the Kubernetes API (tests/kube_api_stub.py) that validates jobs against the Trainer CRDs;
+  the Kubernetes API (tests/kube_training_stub.py) that validates jobs against the Trainer CRDs;
 - the distill task's one run id, telemetry settings, retries, CPU/memory requests and limits and deadlines.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINE_YAML = ROOT / "pipelines" / "ddil.yaml"
 GPU_EXECUTORS = ("cache-latents", "teacher-rollouts", "distill", "evaluate")
-CPU_EXECUTORS = ("resolve-config", "shard-indices", "check-gates", "register", "launch-trainjob")
+CPU_EXECUTORS = ("resolve-config", "shard-indices", "check-gates", "register", "launch-trainjob", "deploy")
 
 
 def _docs():
@@ -105,11 +105,12 @@ def test_pipeline_parameters():
         "checkpoint_root": "STRING", "registry_uri": "STRING", "kubeflow_registry_address": "STRING",
         "fid_factor": "NUMBER_DOUBLE", "min_coverage": "NUMBER_DOUBLE", "min_adherence": "NUMBER_DOUBLE",
         "pushgateway": "STRING", "multi_node": "BOOLEAN", "num_nodes": "NUMBER_INTEGER",
-        "training_operator": "STRING",
+        "training_operator": "STRING", "deploy": "BOOLEAN",
     }
     assert {k: v["parameterType"] for k, v in params.items()} == expected
     assert all("defaultValue" in v for v in params.values()), "every parameter has a default (no optional inputs)"
     assert params["recipe"]["defaultValue"] == "tiny" and params["multi_node"]["defaultValue"] is False
+    assert params["deploy"]["defaultValue"] is False  # serving is opt-in (tests/test_deploy.py)
     assert spec["pipelineInfo"]["name"] == "ddil"
 
 
@@ -592,7 +593,7 @@ def test_launch_script_rejects_an_unknown_operator():
         accelerate_launch_script("v3")
 
 
-# The launcher's job handling against a stub of the Kubernetes API (tests/kube_api_stub.py): the Kubeflow SDK's
+# The launcher's job handling against a stub of the Kubernetes API (tests/kube_training_stub.py): the Kubeflow SDK's
 # TrainerClient and the kubernetes client speak HTTP to it, jobs are validated against the Trainer CRDs on create.
 
 def _trainer(stub):
@@ -640,7 +641,7 @@ def _used_beyond_the_role(requests: list) -> list:
 
 def test_trainjob_runs_through_the_trainer_client_streams_rank0_and_is_deleted():
     from components.trainjob import run_trainjob
-    from tests.kube_api_stub import KubeApiStub, condition
+    from tests.kube_training_stub import KubeApiStub, condition
 
     script = [[], [condition("Complete", "JobsCompleted", "all nodes finished")]]
     with KubeApiStub(script, logs=["step 1", "step 2"], step_s=2.5) as stub:
@@ -661,7 +662,7 @@ def test_trainjob_runs_through_the_trainer_client_streams_rank0_and_is_deleted()
 
 def test_trainjob_failure_names_the_reason_and_the_job_is_deleted():
     from components.trainjob import run_trainjob
-    from tests.kube_api_stub import KubeApiStub, condition
+    from tests.kube_training_stub import KubeApiStub, condition
 
     with KubeApiStub([[], [condition("Failed", "JobFailed", "node-0 exited with 2")]], step_s=0.5) as stub:
         with pytest.raises(RuntimeError, match="failed: JobFailed: node-0 exited with 2"):
@@ -671,7 +672,7 @@ def test_trainjob_failure_names_the_reason_and_the_job_is_deleted():
 
 def test_trainjob_timeout_and_interruption_delete_the_job():
     from components.trainjob import run_trainjob
-    from tests.kube_api_stub import KubeApiStub
+    from tests.kube_training_stub import KubeApiStub
 
     with KubeApiStub([[]]) as stub:
         with pytest.raises(TimeoutError):
@@ -692,7 +693,7 @@ def test_an_invalid_trainjob_is_refused_by_the_api_and_nothing_is_left():
     from kubernetes.client.exceptions import ApiException
 
     from components.trainjob import run_trainjob
-    from tests.kube_api_stub import KubeApiStub
+    from tests.kube_training_stub import KubeApiStub
 
     bad = _trainjob()
     bad["spec"]["trainer"]["numProcPerNode"] = "auto"
@@ -705,7 +706,7 @@ def test_an_invalid_trainjob_is_refused_by_the_api_and_nothing_is_left():
 
 def test_pytorchjob_is_watched_to_success_with_the_master_log():
     from components.trainjob import run_pytorchjob
-    from tests.kube_api_stub import KubeApiStub, condition
+    from tests.kube_training_stub import KubeApiStub, condition
 
     script = [[condition("Created")], [condition("Created"), condition("Running")],
               [condition("Created"), condition("Succeeded", "PyTorchJobSucceeded", "done")]]
@@ -725,7 +726,7 @@ def test_pytorchjob_failure_and_a_job_left_by_an_earlier_attempt():
     import time as _time
 
     from components.trainjob import run_pytorchjob
-    from tests.kube_api_stub import KubeApiStub, condition
+    from tests.kube_training_stub import KubeApiStub, condition
 
     with KubeApiStub([[condition("Created")], [condition("Failed", "PyTorchJobFailed", "master exited 2")]],
                      step_s=0.5) as stub:
@@ -750,7 +751,7 @@ def test_launch_trainjob_component_stages_runs_and_returns_the_student(tmp_path,
     import kubernetes
 
     from components import launch_trainjob
-    from tests.kube_api_stub import KubeApiStub, condition
+    from tests.kube_training_stub import KubeApiStub, condition
 
     def train(body):
         spec = body["spec"]

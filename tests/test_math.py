@@ -68,10 +68,29 @@ def test_thresholding_leaves_in_bound_values_and_recomputes_eps():
     x_t = a * x0 + s * torch.randn_like(x0)
     x0_r, eps_r = reflect(x_t, x0, a, s, "static", bound)
     assert torch.allclose(a * x0_r + s * eps_r, x_t, atol=1e-6)  # the reflected pair explains the same state
-    dyn = threshold_x0(x0, "dynamic", percentile=0.9)
-    small = x0.abs() <= 1.0  # the dynamic threshold is never below 1
-    assert torch.equal(dyn[small], x0[small]) and (dyn.abs() < x0.abs()).any()
     assert torch.equal(threshold_x0(x0, "off"), x0)
+
+
+@pytest.mark.parametrize("percentile, max_value", [(0.9, 2.5), (0.995, 1.0), (0.5, 10.0)])
+def test_dynamic_thresholding_is_diffusers_threshold_sample(percentile, max_value):
+    """Ours against the reference formula re-implemented from diffusers schedulers/scheduling_ddpm.py
+    (_threshold_sample: quantile of |x| per sample, s floored at 1 and capped at sample_max_value, clamp to [-s, s],
+    divide by s) and against the scheduler's own method."""
+    import numpy as np
+    from diffusers import DDIMScheduler, LCMScheduler
+
+    torch.manual_seed(1)
+    x0 = torch.randn(3, 4, 8, 8) * torch.tensor([0.5, 2.0, 4.0]).reshape(-1, 1, 1, 1)
+    ours = threshold_x0(x0, "dynamic", percentile=percentile, max_value=max_value)
+
+    b, c, *rest = x0.shape
+    flat = x0.reshape(b, c * int(np.prod(rest)))
+    ref_s = torch.clamp(torch.quantile(flat.abs(), percentile, dim=1), min=1, max=max_value).unsqueeze(1)
+    reference = (torch.clamp(flat, -ref_s, ref_s) / ref_s).reshape(x0.shape)
+    assert torch.allclose(ours, reference, atol=1e-6)
+    for cls in (DDIMScheduler, LCMScheduler):
+        scheduler = cls(thresholding=True, dynamic_thresholding_ratio=percentile, sample_max_value=max_value)
+        assert torch.allclose(ours, scheduler._threshold_sample(x0.clone()), atol=1e-6)
 
 
 def test_consistency_boundary_values():

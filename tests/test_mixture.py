@@ -107,3 +107,89 @@ def test_reservoir_buffer_keeps_a_uniform_sample():
         kept[buf.k] += 1
     # each of the 100 items is kept with probability 10/100: 30 times in 300 runs on average
     assert kept.min() > 10 and kept.max() < 55 and abs(kept.mean() - 30) < 1e-9
+
+
+def test_real_latents_keep_their_own_captions_whatever_the_source():
+    """A teacher or student state carries its rollout's prompt; the batch's real latents (DMD2's GAN "real"
+    samples) keep the captions they were cached with (tianweiy/DMD2 sd_guidance.py, the real-image branch)."""
+    data = _data(0)
+    batch = _mixture(data, (0.2, 0.4, 0.4)).sample(0, 32, torch.Generator().manual_seed(3))
+    rows = torch.cdist(batch.x0_real.flatten(1), data.latents.flatten(1)).argmin(1)  # each real latent's cache row
+    assert torch.equal(batch.x0_real, data.latents[rows])
+    assert torch.equal(batch.cond_real["encoder_hidden_states"], data.cond["encoder_hidden_states"][rows])
+    other = batch.source != 0
+    assert other.any() and not torch.equal(batch.cond["encoder_hidden_states"][other],
+                                           batch.cond_real["encoder_hidden_states"][other])
+
+
+def test_pure_noise_at_the_first_grid_step_when_the_objective_asks():
+    """DMD2 feeds its generator pure noise at t = 999 (sd_unified_model.py): a forward state there holds none of the
+    image (a_999 x0 would be 6.8% of it); the other timesteps stay noised images."""
+    data = _data(0, with_rollouts=False)
+    config = load_config(None, ["ddil.priors.forward=1", "ddil.priors.teacher=0", "ddil.priors.student=0"]).ddil
+    grid = StudentGrid.ddim_trailing(1000, 4)
+    mixture = DDILMixture(config, data, SCHED, grid, _student_step, pure_noise_first_step=True)
+    batch = mixture.sample(0, 64, torch.Generator().manual_seed(0))
+    first = batch.t == 999
+    assert first.any() and (~first).any()
+    assert torch.equal(batch.x_t[first], batch.noise[first])
+    a, s = SCHED.alpha_sigma(batch.t, like=batch.x_t)
+    assert torch.allclose(batch.x_t[~first], (a * batch.x0_real + s * batch.noise)[~first], atol=1e-6)
+
+
+def test_dmd2_asks_for_pure_noise_and_distill_passes_it_on(monkeypatch, tmp_path, tiny_data):
+    from ddil_core.method import mixture as mixture_module
+    from ddil_core.method.objectives.dmd2 import DistributionMatchingDistillation
+    from ddil_core.stages import distill as distill_module
+    from tests.conftest import tiny_config
+
+    assert DistributionMatchingDistillation.pure_noise_first_step
+    seen = {}
+    original = mixture_module.DDILMixture.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.update(kwargs)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(mixture_module.DDILMixture, "__init__", spy)
+    latents, rollouts = tiny_data["sd15"]
+    config = tiny_config("sd15", "objective.name=dmd2", "training.steps=1", "training.checkpoint_every=1")
+    distill_module.distill(config, latents, [rollouts], tmp_path / "run")
+    assert seen["pure_noise_first_step"] is True
+
+
+def test_online_teacher_follows_the_current_grid_after_a_pd_hand_off(monkeypatch):
+    """teacher_mode mixed/bernoulli: after PD halves the grid (8 -> 4 steps here), the teacher's rollout must end at
+    the new grid's timestep that labels the state, not at the first stage's."""
+    from ddil_core.method import rollouts
+    from ddil_core.models.denoiser import Denoiser
+    from ddil_core.models.tiny import tiny_unet
+
+    calls = []
+    real_sample = rollouts.ddim_sample
+
+    def recording(denoiser, x, ts, prev, *args, **kwargs):
+        calls.append((ts.tolist(), prev.tolist()))
+        return real_sample(denoiser, x, ts, prev, *args, **kwargs)
+
+    monkeypatch.setattr(rollouts, "ddim_sample", recording)
+    torch.manual_seed(0)
+    unet = tiny_unet("sd15").eval().requires_grad_(False)
+    uncond = {"encoder_hidden_states": torch.zeros(1, 5, 32)}
+    data = TrainingData(torch.randn(8, 4, 8, 8), {"encoder_hidden_states": torch.randn(8, 5, 32)})
+    teacher_step = rollouts.teacher_interval_step(Denoiser(unet, SCHED), 16, uncond, 2.0)
+    config = load_config(None, ["ddil.priors.forward=0", "ddil.priors.teacher=1", "ddil.priors.student=0",
+                                "ddil.teacher_mode=mixed", "ddil.mixed_teacher_steps=8"]).ddil
+    mixture = DDILMixture(config, data, SCHED, StudentGrid.ddim_trailing(1000, 8), _student_step,
+                          teacher_step=teacher_step)
+    mixture.set_grid(StudentGrid.ddim_trailing(1000, 4))  # the PD hand-off
+    g = torch.Generator().manual_seed(5)
+    for _ in range(6):
+        calls.clear()
+        batch = mixture.sample(0, 4, g)
+        label = int(batch.t[0])
+        if label == 999:  # j = 0: pure noise, no teacher step
+            assert not calls
+            continue
+        assert calls[-1][1][-1] == label  # the last teacher DDIM step lands on the state's label
+        assert len(calls[0][0]) == 16 // 4  # the teacher's resolution: rollouts.teacher_steps / student steps

@@ -61,6 +61,62 @@ def test_lcm_target_matches_a_hand_computed_case():
     assert torch.allclose(ours, expected, atol=1e-5)
 
 
+def test_lcm_targets_equal_the_diffusers_script_at_its_lcm_form_guidance():
+    """Parity with diffusers examples/consistency_distillation/train_lcm_distill_sd_wds.py (steps 5-8 of its
+    training loop): the script draws w' ~ U[5, 15] in the LCM form, embeds w' and guides the teacher as
+    cond + w' (cond - uncond); ours at the Imagen w = w' + 1 (our default range U[6, 16]) gives the same targets."""
+    torch.manual_seed(0)
+    config = tiny_config("sd15", "objective.name=lcm")
+    assert (config.objective.lcm.w_min, config.objective.lcm.w_max) == (6.0, 16.0)
+    schedule = NoiseSchedule.from_config(SCHED, set_alpha_to_one=True)
+    teacher = tiny_unet("sd15").eval().requires_grad_(False)
+    uncond = {"encoder_hidden_states": torch.randn(1, 16, 32)}
+    lcm = LatentConsistencyDistillation(ObjectiveContext(config, teacher, schedule, SCHED, uncond))
+    with torch.no_grad():  # a target network that differs from the teacher, so the embedding matters
+        for p in lcm.target.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    x, t = torch.randn(3, 4, 8, 8), torch.tensor([999, 519, 19])
+    cond = {"encoder_hidden_states": torch.randn(3, 16, 32)}
+    w_lcm = torch.tensor([5.0, 9.5, 15.0])
+
+    # --- the script, re-implemented from its file
+    def guidance_scale_embedding(w, embedding_dim=512):  # the script's helper
+        w = w * 1000.0
+        half_dim = embedding_dim // 2
+        emb = torch.log(torch.tensor(10000.0)) / (half_dim - 1)
+        emb = torch.exp(torch.arange(half_dim, dtype=torch.float32) * -emb)
+        emb = w.to(torch.float32)[:, None] * emb[None, :]
+        return torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+
+    alphas = schedule.alphas_cumprod
+    ddim_timesteps = (torch.arange(1, 51) * 20).round().long() - 1
+    ddim_alpha_prev = torch.cat([alphas[:1], alphas[ddim_timesteps[:-1]]])
+    index = (t + 1) // 20 - 1
+    w_embedding = guidance_scale_embedding(w_lcm, embedding_dim=config.objective.lcm.time_cond_proj_dim)
+    w = w_lcm.reshape(-1, 1, 1, 1)
+    a_t, s_t = alphas[t].sqrt().reshape(-1, 1, 1, 1), (1 - alphas[t]).sqrt().reshape(-1, 1, 1, 1)
+    with torch.no_grad():
+        cond_out = teacher(x, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+        uncond_out = teacher(x, t, encoder_hidden_states=uncond["encoder_hidden_states"].expand(3, -1, -1)).sample
+        cond_x0, uncond_x0 = (x - s_t * cond_out) / a_t, (x - s_t * uncond_out) / a_t
+        pred_x0 = cond_x0 + w * (cond_x0 - uncond_x0)
+        pred_noise = cond_out + w * (cond_out - uncond_out)
+        a_prev = ddim_alpha_prev[index].reshape(-1, 1, 1, 1)
+        x_prev = a_prev.sqrt() * pred_x0 + (1 - a_prev).sqrt() * pred_noise
+        timesteps = (t - 20).clamp(min=0)
+        target_out = lcm.target(x_prev, timesteps, timestep_cond=w_embedding,
+                                encoder_hidden_states=cond["encoder_hidden_states"]).sample
+        a_p = alphas[timesteps].sqrt().reshape(-1, 1, 1, 1)
+        target_x0 = (x_prev - (1 - alphas[timesteps]).sqrt().reshape(-1, 1, 1, 1) * target_out) / a_p
+        scaled = (timesteps.float() / 0.1).reshape(-1, 1, 1, 1)  # scalings_for_boundary_conditions, factor 10
+        c_skip, c_out = 0.25 / (scaled**2 + 0.25), scaled / (scaled**2 + 0.25) ** 0.5
+        script = c_skip * x_prev + c_out * target_x0
+
+    w_ours = w_lcm + 1.0  # Imagen form
+    ours = lcm.targets(x, t, cond, w_ours, lcm.w_embedding(w_ours))
+    assert torch.allclose(ours, script, atol=1e-5, rtol=1e-5)
+
+
 def test_added_guidance_conditioning_starts_as_the_original():
     torch.manual_seed(0)
     unet = tiny_unet("sd15").eval()
@@ -116,15 +172,14 @@ def test_objective_end_to_end_baseline_ddil_and_resume(tmp_path, family, objecti
     for student in (baseline, ddil):
         info = json.loads((student / "ddil_student.json").read_text())
         pipe = DiffusionPipeline.from_pretrained(str(student))
-        kwargs = {"timesteps": info["timesteps"]} if objective == "dmd2" else {}
         image = pipe("a handwritten digit two", num_inference_steps=info["num_inference_steps"],
                      guidance_scale=info["guidance_scale"], height=16, width=16, output_type="np",
-                     generator=torch.Generator().manual_seed(0), **kwargs).images
+                     generator=torch.Generator().manual_seed(0)).images
         assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
         assert type(pipe.scheduler).__name__ == ("DDIMScheduler" if objective == "pd" else "LCMScheduler")
         # our sampler (ddil sample / evaluate) reproduces the diffusers pipeline with the student's scheduler
         ours = generate(pipe, ["a handwritten digit two"], [0], info["num_inference_steps"], info["guidance_scale"],
-                        resolution=16, timesteps=kwargs.get("timesteps"))
+                        resolution=16)
         assert np.abs(ours[0].permute(1, 2, 0).numpy() - image[0]).max() < 1e-5
 
     def preempt(record):

@@ -27,7 +27,7 @@ def _batch(pd, k):
     x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     t = grid.timesteps[torch.full((3,), k)]
     cond = {"encoder_hidden_states": torch.randn(3, 16, 32, generator=torch.Generator().manual_seed(3))}
-    return StateBatch(x, torch.full((3,), k), t, cond, torch.zeros(3, dtype=torch.long), x, x)
+    return StateBatch(x, torch.full((3,), k), t, cond, torch.zeros(3, dtype=torch.long), x, x, cond)
 
 
 def test_target_is_two_teacher_steps_collapsed_into_one():

@@ -31,6 +31,11 @@ class StudentGrid:
         ts = tuple(int(t) for t in timesteps)
         return cls(ts, ts[1:] + (-1,))
 
+    @classmethod
+    def lcm(cls, num_train_timesteps: int, num_steps: int, original_steps: int) -> "StudentGrid":
+        """The grid LCMScheduler(original_inference_steps=original_steps).set_timesteps(num_steps) samples on."""
+        return cls.from_timesteps(lcm_scheduler_timesteps(num_train_timesteps, num_steps, original_steps))
+
     @property
     def num_steps(self) -> int:
         return len(self.steps)
@@ -55,3 +60,24 @@ class StudentGrid:
                 )
             pos.append(int(hits[0]))
         return torch.tensor(pos)
+
+
+def lcm_scheduler_timesteps(num_train_timesteps: int, num_steps: int, original_steps: int) -> list[int]:
+    """diffusers' LCMScheduler inference timesteps for `num_steps` from its `original_steps`-step training grid."""
+    from diffusers import LCMScheduler
+
+    scheduler = LCMScheduler(num_train_timesteps=num_train_timesteps, original_inference_steps=original_steps)
+    scheduler.set_timesteps(num_steps)
+    return [int(t) for t in scheduler.timesteps.tolist()]
+
+
+def lcm_original_steps_for(timesteps: list[int], num_train_timesteps: int) -> int | None:
+    """The original_inference_steps M for which LCMScheduler samples exactly `timesteps` when asked for
+    len(timesteps) steps (so a saved scheduler reproduces them from num_inference_steps alone); None if no M does.
+    Its first timestep is M * (T // M) - 1 (the top of the scheduler's M-step grid), which leaves few candidates."""
+    n, top = len(timesteps), int(timesteps[0])
+    for m in range(n, num_train_timesteps + 1):
+        if m * (num_train_timesteps // m) - 1 == top and \
+                lcm_scheduler_timesteps(num_train_timesteps, n, m) == [int(t) for t in timesteps]:
+            return m
+    return None

@@ -28,6 +28,26 @@ FORWARD, TEACHER, STUDENT = 0, 1, 2
 
 
 @dataclass
+class TeacherPairs:
+    """DMD (v1)'s regression pairs: a state on the teacher's own deterministic trajectory (pure noise at its first
+    step) and the image that trajectory ended at, with the rollout's prompt (tianweiy/DMD2 main/train_sd_ode.py,
+    --denoising: one trajectory point per sample)."""
+
+    x_t: torch.Tensor  # [B, C, H, W]
+    t: torch.Tensor  # [B] a student grid timestep
+    cond: Cond
+    x0: torch.Tensor  # [B, C, H, W] the teacher's final sample
+
+    def slice(self, start: int, end: int) -> "TeacherPairs":
+        return TeacherPairs(self.x_t[start:end], self.t[start:end], {k: v[start:end] for k, v in self.cond.items()},
+                            self.x0[start:end])
+
+    def to(self, device) -> "TeacherPairs":
+        return TeacherPairs(self.x_t.to(device), self.t.to(device), {k: v.to(device) for k, v in self.cond.items()},
+                            self.x0.to(device))
+
+
+@dataclass
 class StateBatch:
     x_t: torch.Tensor  # [B, C, H, W]
     k: torch.Tensor  # [B] index of a forward state's timestep in the forward grid (bookkeeping only)
@@ -36,12 +56,16 @@ class StateBatch:
     source: torch.Tensor  # [B] 0 forward, 1 teacher, 2 student
     x0_real: torch.Tensor  # [B, C, H, W] the batch's real latents (DMD2's GAN uses them; never the states)
     noise: torch.Tensor  # [B, C, H, W] fresh noise for objectives that need one per sample
+    cond_real: Cond  # the real latents' own captions (a teacher or student state carries its rollout's prompt)
+    pairs: Optional[TeacherPairs] = None  # teacher noise-image pairs, for objectives with a regression loss
 
     def slice(self, start: int, end: int) -> "StateBatch":
         """Samples [start, end): one rank's share of a global batch."""
         return StateBatch(self.x_t[start:end], self.k[start:end], self.t[start:end],
                           {key: v[start:end] for key, v in self.cond.items()}, self.source[start:end],
-                          self.x0_real[start:end], self.noise[start:end])
+                          self.x0_real[start:end], self.noise[start:end],
+                          {key: v[start:end] for key, v in self.cond_real.items()},
+                          self.pairs.slice(start, end) if self.pairs is not None else None)
 
 
 @dataclass
@@ -53,6 +77,7 @@ class TrainingData:
     rollout_states: Optional[torch.Tensor] = None  # [R, K, C, H, W] teacher states at rollout_timesteps
     rollout_timesteps: Optional[torch.Tensor] = None  # [K]
     rollout_ref: Optional[torch.Tensor] = None  # [R] index of each rollout's prompt in `cond`
+    rollout_x0: Optional[torch.Tensor] = None  # [R, C, H, W] the image each rollout ended at
 
 
 def scheduled_priors(config: DDILConfig, step: int) -> torch.Tensor:
@@ -75,22 +100,31 @@ class DDILMixture:
     def __init__(self, config: DDILConfig, data: TrainingData, schedule: NoiseSchedule, grid: StudentGrid,
                  student_step: Callable, buffer: Optional[ReplayBuffer] = None,
                  device: torch.device | str = "cpu", shared_int: Callable[[int], int] = lambda v: v,
-                 forward_timesteps: Optional[torch.Tensor] = None, teacher_step: Optional[Callable] = None):
+                 forward_timesteps: Optional[torch.Tensor] = None, teacher_step: Optional[Callable] = None,
+                 pure_noise_first_step: bool = False, teacher_pairs: bool = False):
         """`student_step(x, k, cond, generator)` is one no-grad step k of the current student on its grid;
-        `teacher_step(x, k, cond)` takes the teacher over the same grid interval (its own finer DDIM steps; only
-        the online teacher modes need it). `shared_int` makes a value agree across ranks (rank 0's wins) so every
+        `teacher_step(x, grid, k, cond)` takes the teacher over interval k of the current grid (its own finer DDIM
+        steps; only the online teacher modes need it). `shared_int` makes a value agree across ranks (rank 0's wins) so every
         rank rolls out for the same number of steps. `forward_timesteps`: where forward-diffused states are drawn
-        (default: the student grid; LCM draws over its whole solver grid)."""
+        (default: the student grid; LCM draws over its whole solver grid). `pure_noise_first_step`: a forward state at
+        the grid's first timestep is pure noise, what the student's sampler starts from (DMD2's generator: tianweiy/DMD2
+        main/sd_unified_model.py feeds pure noise at its conditioning timestep), not a noised image. `teacher_pairs`:
+        every batch also carries as many TeacherPairs drawn from the precomputed rollouts (DMD's regression loss)."""
         self.config, self.data, self.schedule, self.grid = config, data, schedule, grid
         self.student_step, self.buffer, self.device, self.shared_int = student_step, buffer, device, shared_int
         self.teacher_step = teacher_step
         self.forward_timesteps = forward_timesteps
+        self.pure_noise_first_step = pure_noise_first_step
+        self.teacher_pairs = teacher_pairs
+        if teacher_pairs and (data.rollout_states is None or data.rollout_x0 is None):
+            raise ValueError("a regression loss on teacher pairs needs teacher rollouts (run teacher-rollouts, "
+                             "pass --rollouts)")
         if config.teacher_mode != "precomputed" and config.priors.teacher > 0 and teacher_step is None:
             raise ValueError(f"ddil.teacher_mode = {config.teacher_mode} needs the teacher's interval step")
         if config.teacher_mode == "precomputed" and config.priors.teacher > 0 and data.rollout_states is None:
             raise ValueError("ddil.priors.teacher > 0 needs teacher rollouts (run teacher-rollouts, pass --rollouts)")
         self.rollout_pos = None
-        if data.rollout_states is not None and config.teacher_mode == "precomputed":
+        if data.rollout_states is not None and (config.teacher_mode == "precomputed" or teacher_pairs):
             self.rollout_pos = grid.position_in(data.rollout_timesteps)
         self.last_counts = torch.zeros(3, dtype=torch.long)
         self.last_fresh = 0
@@ -113,14 +147,18 @@ class DDILMixture:
         noise = torch.randn(batch_size, *self.data.latents.shape[1:], generator=g)
         x0_real = self.data.latents[idx].float()
         cond = {key: v.float() for key, v in index_cond(self.data.cond, idx).items()}  # caches hold fp16
+        cond_real = {key: v.clone() for key, v in cond.items()}
 
         # forward: q(x_t | x0) at the drawn timestep
         t = forward_t[k]
         x_t = self.schedule.add_noise(x0_real, noise, t)
+        if self.pure_noise_first_step:
+            first = t == grid_t[0]
+            x_t[first] = noise[first]
 
         # teacher backward: the teacher's reverse process stopped at a student grid timestep
         is_teacher = source == TEACHER
-        if self.rollout_pos is not None:  # precomputed offline
+        if self.rollout_pos is not None and self.config.teacher_mode == "precomputed":  # precomputed offline
             r = torch.randint(self.data.rollout_states.shape[0], (batch_size,), generator=g)
             k_t = torch.randint(n_grid, (batch_size,), generator=g)
             if is_teacher.any():
@@ -148,8 +186,18 @@ class DDILMixture:
             for key in cond:
                 cond[key][is_student] = self.data.cond[key][refs].to(cond[key].dtype)
         self.last_counts = torch.bincount(source, minlength=3)
+        pairs = self._teacher_pairs(batch_size, g).to(dev) if self.teacher_pairs else None
         return StateBatch(x_t.to(dev), k.to(dev), t.to(dev), {kk: v.to(dev) for kk, v in cond.items()},
-                          source.to(dev), x0_real.to(dev), noise.to(dev))
+                          source.to(dev), x0_real.to(dev), noise.to(dev), {kk: v.to(dev) for kk, v in cond_real.items()},
+                          pairs)
+
+    def _teacher_pairs(self, n: int, g: torch.Generator) -> TeacherPairs:
+        """n (state on a teacher rollout at a student grid timestep, the rollout's final image) pairs."""
+        r = torch.randint(self.data.rollout_states.shape[0], (n,), generator=g)
+        k = torch.randint(self.grid.num_steps, (n,), generator=g)
+        x_t = self.data.rollout_states[r, self.rollout_pos[k]].float()
+        cond = {key: v[self.data.rollout_ref[r]].float() for key, v in self.data.cond.items()}
+        return TeacherPairs(x_t, self.grid.timesteps[k], cond, self.data.rollout_x0[r].float())
 
     def _teacher_plan(self, j: int, g: torch.Generator) -> list[bool]:
         """Which of the first j grid intervals the teacher takes (the student takes the rest)."""
@@ -163,7 +211,7 @@ class DDILMixture:
         cond = {key: v.to(self.device, torch.float32) for key, v in index_cond(self.data.cond, prompt_idx).items()}
         with torch.no_grad():
             for i, by_teacher in enumerate(teacher_takes):
-                x = self.teacher_step(x, i, cond) if by_teacher else self.student_step(x, i, cond, g)
+                x = self.teacher_step(x, self.grid, i, cond) if by_teacher else self.student_step(x, i, cond, g)
         return x.cpu()
 
     def _student_states(self, step, j, prompt_idx, n_student, g):

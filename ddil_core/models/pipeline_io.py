@@ -85,6 +85,11 @@ def _download_s3(uri: str) -> Path:
     return target
 
 
+def fetch_model(uri: str) -> Path:
+    """The local folder of a model folder or s3:// URI (downloaded once into $DDIL_CACHE, as load_pipeline does)."""
+    return _download_s3(uri) if uri.startswith("s3://") else Path(uri)
+
+
 def load_pipeline(uri: str, family: str = "auto", allow_pickle: bool = False, dtype=None):
     """A diffusers pipeline from tiny://sd15|sdxl, a local folder, s3://bucket/path or a hub id."""
     import torch

@@ -169,8 +169,11 @@ def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix, obj)]
 
 
-def _usage(model_path: str, steps: Optional[int]) -> str:
+def _usage(model_path: str, steps: Optional[int], guidance: Optional[float]) -> str:
+    """The two lines that sample the student exactly as it was trained and evaluated: its saved scheduler, its
+    recommended steps and its guidance (diffusers' default 7.5 would add CFG on top of distilled guidance)."""
     step_arg = f", num_inference_steps={steps}" if steps else ""
+    guidance_arg = f", guidance_scale={guidance:g}" if guidance is not None else ""
     lines = ["```python", "from diffusers import DiffusionPipeline", ""]
     if model_path.startswith("file://"):
         model_path = model_path[len("file://") :]
@@ -179,7 +182,7 @@ def _usage(model_path: str, steps: Optional[int]) -> str:
         model_path = "./student"
     lines += [
         f'pipe = DiffusionPipeline.from_pretrained("{model_path}")',
-        f'image = pipe("a photo of a cat"{step_arg}).images[0]',
+        f'image = pipe("a photo of a cat"{step_arg}{guidance_arg}).images[0]',
         'image.save("sample.png")',
         "```",
     ]
@@ -222,6 +225,7 @@ def render_model_card(
 
     student = (metrics.get("models") or {}).get("student") or {}
     steps = student.get("steps") if isinstance(student.get("steps"), int) else None
+    guidance = student.get("guidance_scale") if isinstance(student.get("guidance_scale"), (int, float)) else None
     objective = teacher = None
     if config:
         steps = steps or (config.get("objective") or {}).get("student_steps")
@@ -246,7 +250,8 @@ def render_model_card(
         summary += f" from the teacher `{redact_string(str(teacher))}`"
     summary += "."
     if steps:
-        summary += f" It samples in {steps} steps."
+        summary += f" It samples in {steps} steps"
+        summary += f" at guidance scale {guidance:g}." if guidance is not None else "."
     out += [summary, "", "## Evaluation", "", metrics_table(metrics)]
     if gates:
         out += ["## Quality gates", "", _gates_section(gates)]
@@ -279,6 +284,6 @@ def render_model_card(
         "",
         "## Usage",
         "",
-        _usage(path, steps),
+        _usage(path, steps, guidance),
     ]
     return "\n".join(out)

@@ -28,8 +28,10 @@ from ddil_core.training.loop import Trainer
 log = logging.getLogger(__name__)
 
 
-def read_rollouts(folders: Sequence[Path], cache_count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Teacher rollouts from one or more folders (the shards of a fan-out), or from a folder of such folders."""
+def read_rollouts(folders: Sequence[Path], cache_count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                      torch.Tensor]:
+    """Teacher rollouts (states, timesteps, prompt refs, final images) from one or more folders (the shards of a
+    fan-out), or from a folder of such folders."""
     dirs: list[Path] = []
     for folder in map(Path, folders):
         if (folder / "manifest.json").exists():
@@ -39,7 +41,7 @@ def read_rollouts(folders: Sequence[Path], cache_count: int) -> tuple[torch.Tens
             if not sub:
                 raise ShardError(f"{folder}: no teacher rollouts here (no manifest.json)")
             dirs.extend(sub)
-    states, refs, timesteps = [], [], None
+    states, refs, finals, timesteps = [], [], [], None
     for folder in dirs:
         tensors, manifest = load_shards(folder, kind="rollouts")
         if manifest.get("latents_count") != cache_count:
@@ -51,7 +53,20 @@ def read_rollouts(folders: Sequence[Path], cache_count: int) -> tuple[torch.Tens
         timesteps = ts
         states.append(tensors["states"])
         refs.append(tensors["ref"])
-    return torch.cat(states), timesteps, torch.cat(refs)
+        finals.append(tensors["x0"])
+    return torch.cat(states), timesteps, torch.cat(refs), torch.cat(finals)
+
+
+def objective_context(config: Config, teacher, cache, device: torch.device | str = "cpu") -> ObjectiveContext:
+    """What an objective needs from the stage: the frozen teacher, its schedules, the unconditional embedding and
+    the latent cache's reflection bounds."""
+    return ObjectiveContext(
+        config=config, teacher_unet=teacher.unet, schedule=teacher.train_schedule,
+        teacher_scheduler_config=dict(teacher.pipe.scheduler.config),
+        uncond={k: v.to(device, torch.float32) for k, v in cache.uncond.items()},
+        reflection_bound=cache.bounds, device=torch.device(device), family=teacher.family,
+        latent_side=teacher.latent_shape[-1],
+    )
 
 
 def distill(config: Config, latents: str | Path, rollouts: Sequence[str | Path], out: str | Path,
@@ -79,29 +94,26 @@ def _distill(config, latents, rollouts, out, on_log, on_checkpoint) -> Path:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher = load_teacher(config, device)
     cache = read_latent_cache(Path(latents), teacher)
-    data = TrainingData(cache.latents, cache.cond)
-    if rollouts and config.ddil.priors.teacher > 0 and config.ddil.teacher_mode == "precomputed":
-        data.rollout_states, data.rollout_timesteps, data.rollout_ref = read_rollouts(rollouts, cache.latents.shape[0])
     if config.model.dtype != "float32":  # a half-precision frozen teacher saves memory on GPUs
         teacher.unet.to(getattr(torch, config.model.dtype))
-    ctx = ObjectiveContext(
-        config=config, teacher_unet=teacher.unet, schedule=teacher.train_schedule,
-        teacher_scheduler_config=dict(teacher.pipe.scheduler.config),
-        uncond={k: v.to(device, torch.float32) for k, v in cache.uncond.items()},
-        reflection_bound=cache.bounds, device=device,
-    )
+    ctx = objective_context(config, teacher, cache, device)
     objective = build_objective(config.objective.name, ctx)
+    data = TrainingData(cache.latents, cache.cond)
+    wants_pairs = objective.needs_teacher_pairs
+    if rollouts and (wants_pairs or (config.ddil.priors.teacher > 0 and config.ddil.teacher_mode == "precomputed")):
+        data.rollout_states, data.rollout_timesteps, data.rollout_ref, data.rollout_x0 = read_rollouts(
+            rollouts, cache.latents.shape[0])
     bcfg = config.ddil.buffer
     buffer = ReplayBuffer(bcfg.capacity, bcfg.eviction) if bcfg.enabled and config.ddil.priors.student > 0 else None
     teacher_step = None
     if config.ddil.teacher_mode != "precomputed":  # online teacher-then-student or per-step mixed rollouts
-        grid = objective.grid()
+        guidance = config.rollouts.guidance_scale
         teacher_step = teacher_interval_step(
-            Denoiser(teacher.unet, teacher.train_schedule), grid,
-            max(1, config.rollouts.teacher_steps // grid.num_steps), ctx.uncond,
-            config.rollouts.guidance_scale or config.objective.guidance_scale, ctx.reflection("teacher_rollouts"))
+            Denoiser(teacher.unet, teacher.train_schedule), config.rollouts.teacher_steps, ctx.uncond,
+            guidance if guidance is not None else config.objective.guidance_scale, ctx.reflection("teacher_rollouts"))
     mixture = DDILMixture(config.ddil, data, teacher.train_schedule, objective.grid(), objective.student_step,
-                          buffer, device, forward_timesteps=objective.forward_timesteps(), teacher_step=teacher_step)
+                          buffer, device, forward_timesteps=objective.forward_timesteps(), teacher_step=teacher_step,
+                          pure_noise_first_step=objective.pure_noise_first_step, teacher_pairs=wants_pairs)
     trainer = Trainer(config, objective, mixture, out, on_log=on_log, on_checkpoint=on_checkpoint)
     trainer.resume()
     trainer.train()

@@ -1,9 +1,10 @@
 """Stage evaluate: the student against its teacher (and an optional baseline student), under one recorded protocol.
 
 Every model generates the same fixed prompts with the same seeds (seed evaluation.seed + j for the j-th image of
-each prompt) with our deterministic DDIM sampler: the student and baseline at their own recommended steps and
-guidance (ddil_student.json) and at each of evaluation.student_steps, the teacher at evaluation.teacher_steps with
-the teacher's guidance. Images are embedded by one feature extractor (metrics/extractors.py) and compared with
+each prompt): the student and baseline with the scheduler saved in their folders (what plain diffusers samples, and
+what their rollouts ran in training) at their own recommended steps and guidance (ddil_student.json) and at each of
+evaluation.student_steps, the teacher with deterministic DDIM at evaluation.teacher_steps with the teacher's
+guidance. Images are embedded by one feature extractor (metrics/extractors.py) and compared with
 reference images of the dataset's evaluation split:
 
 - FID: float64 Fréchet distance of the feature Gaussians (metrics/fid.py), with torchmetrics' value on the same
@@ -49,7 +50,7 @@ from ddil_core.metrics.report import plot_quality_vs_steps, save_grid, write_rep
 from ddil_core.models.pipeline_io import ModelError, check_model_folder, load_pipeline, read_student_info
 from ddil_core.models.tiny import DIGIT_WORDS
 from ddil_core.stages.common import write_resolved_config
-from ddil_core.stages.sample import generate
+from ddil_core.stages.sample import check_trained_grid, generate, sampling_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -186,25 +187,21 @@ def _prepare(pipe, device: torch.device, dtype: str):
     return pipe
 
 
-def _sampler_kwargs(pipe, role: str, steps: int, info: Optional[dict]) -> dict:
-    """How sample.generate runs this model: the teacher always as DDIM on its scheduler config; a student with its
-    own scheduler (DDIM, or multistep consistency for an LCMScheduler) and, at its own step count, the exact
-    timesteps distill recorded (as `ddil sample --scheduler student`)."""
-    is_lcm = type(pipe.scheduler).__name__ == "LCMScheduler"
-    kwargs: dict = {}
+def _sampling(pipe, role: str, steps: int, info: Optional[dict], where: str) -> str:
+    """How sample.generate runs this model: the teacher as DDIM on its scheduler config; a student with the
+    scheduler saved in its folder (what plain diffusers runs), checked to sample the grid it was trained on."""
     if role == "teacher":
-        if is_lcm:
-            kwargs["sampler"] = "ddim"
-        return kwargs
-    if info and info.get("timesteps") and len(info["timesteps"]) == steps:
-        kwargs["timesteps"] = [int(t) for t in info["timesteps"]]
-    return kwargs
+        return "ddim"
+    check_trained_grid(sampling_scheduler(pipe, "own"), steps, (info or {}).get("timesteps"), where)
+    return "own"
 
 
 def _scheduler_record(cfg: dict, source: str, class_name: Optional[str], consistency: bool) -> dict:
     return {
         "sampler": ("multistep consistency (LCMScheduler)" if consistency else "DDIM, eta 0")
-        + " in ddil_core.stages.sample.generate",
+        + f", diffusers {class_name}.step in ddil_core.stages.sample.generate",
+        "thresholding": cfg.get("thresholding", False),
+        "clip_sample": cfg.get("clip_sample", False),
         "config_of": source,
         "config_class": class_name or cfg.get("_class_name"),
         "timestep_spacing": cfg.get("timestep_spacing", "leading"),
@@ -216,9 +213,9 @@ def _scheduler_record(cfg: dict, source: str, class_name: Optional[str], consist
 
 
 @torch.no_grad()
-def _sample_and_embed(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, sched_cfg: dict,
+def _sample_and_embed(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, sampling: str,
                       resolution: int, batch_size: int, device: torch.device, extractor: Extractor,
-                      classify: bool, grid_rows: int, sampler_kwargs: Optional[dict] = None):
+                      classify: bool, grid_rows: int):
     """Generate all prompts x seeds (prompt-major) in batches, embedding each batch as it comes (so memory does not
     grow with the number of images). Returns features [N, D], predicted classes [N] or None, the images of the
     first `grid_rows` prompts, and the measured seconds per image (generation only, after an untimed warm-up)."""
@@ -226,15 +223,13 @@ def _sample_and_embed(pipe, prompts: list[str], seeds: list[int], steps: int, gu
     flat_seeds = [s for _ in prompts for s in seeds]
     keep = grid_rows * len(seeds)
     # Warm-up at the timed batch shape (kernel selection, allocator, caches), one step, not timed.
-    kw = dict(sampler_kwargs or {})
-    warm_kw = {k: v for k, v in kw.items() if k != "timesteps"}
-    generate(pipe, flat_prompts[:batch_size], flat_seeds[:batch_size], 1, guidance, sched_cfg, resolution, **warm_kw)
+    generate(pipe, flat_prompts[:batch_size], flat_seeds[:batch_size], 1, guidance, sampling, resolution)
     feats, predicted, grid, seconds = [], [], [], 0.0
     for i in range(0, len(flat_prompts), batch_size):
         _sync(device)
         start = time.perf_counter()
         images = generate(pipe, flat_prompts[i:i + batch_size], flat_seeds[i:i + batch_size], steps, guidance,
-                          sched_cfg, resolution, **kw)
+                          sampling, resolution)
         _sync(device)
         seconds += time.perf_counter() - start
         feats.append(extractor.features(images))
@@ -388,22 +383,25 @@ def _evaluate(config: Config, student: str, teacher: str, tmp: Path, baseline: O
 
     runs: list[Run] = []
 
-    def run_model(pipe, key: str, family: str, steps: int, guidance: float, info: Optional[dict]) -> None:
-        sched_cfg = dict(pipe.scheduler.config)
-        kwargs = _sampler_kwargs(pipe, family, steps, info)
-        consistency = type(pipe.scheduler).__name__ == "LCMScheduler" and kwargs.get("sampler") != "ddim"
+    def run_model(pipe, key: str, family: str, steps: int, guidance: float, info: Optional[dict], where: str) -> None:
+        sampling = _sampling(pipe, family, steps, info, where)
+        scheduler = sampling_scheduler(pipe, sampling)
+        sched_cfg = dict(scheduler.config)
+        scheduler.set_timesteps(steps)
+        timesteps = [int(t) for t in scheduler.timesteps.tolist()]
+        consistency = type(scheduler).__name__ == "LCMScheduler"
         embedded = pipe.unet.config.get("time_cond_proj_dim") is not None
         log.info("evaluate: %s, %d steps, guidance %g: %d images", key, steps, guidance,
                  len(prompt_list) * len(seeds))
         feats, predicted, images, seconds = _sample_and_embed(
-            pipe, prompt_list, seeds, steps, guidance, sched_cfg, resolution, ev.batch_size, device, extractor,
-            wanted is not None, GRID_MAX_ROWS, kwargs)
+            pipe, prompt_list, seeds, steps, guidance, sampling, resolution, ev.batch_size, device, extractor,
+            wanted is not None, GRID_MAX_ROWS)
         run = Run(key, family, steps, guidance,
-                  _scheduler_record(sched_cfg, family, type(pipe.scheduler).__name__, consistency),
+                  _scheduler_record(sched_cfg, family, type(scheduler).__name__, consistency),
                   seconds, feats, predicted)
         run.nfe = nfe_per_image(steps, guidance, embedded)
         run.guidance_mode = guidance_mode(guidance, embedded)
-        run.timesteps = kwargs.get("timesteps")
+        run.timesteps = timesteps
         grid_images, zoom = _grid_images(images)
         run.grid = _grid_name(key)
         save_grid(grid_images, tmp / run.grid, ncols=len(seeds), upscale=zoom)
@@ -412,7 +410,7 @@ def _evaluate(config: Config, student: str, teacher: str, tmp: Path, baseline: O
     def extra_steps(own: int) -> list[int]:
         return sorted({n for n in ev.student_steps if n != own})
 
-    run_model(teacher_pipe, "teacher", "teacher", ev.teacher_steps, teacher_guidance, None)
+    run_model(teacher_pipe, "teacher", "teacher", ev.teacher_steps, teacher_guidance, None, teacher)
     del teacher_pipe
     _free(device)
 
@@ -421,9 +419,9 @@ def _evaluate(config: Config, student: str, teacher: str, tmp: Path, baseline: O
         todo.append(("baseline", baseline, baseline_settings))
     for role, folder, (steps, guidance, info) in todo:
         pipe = _prepare(load_pipeline(folder, "auto", config.model.allow_pickle), device, config.model.dtype)
-        run_model(pipe, role, role, steps, guidance, info)
+        run_model(pipe, role, role, steps, guidance, info, folder)
         for n in extra_steps(steps):
-            run_model(pipe, f"{role}@{n}", role, n, guidance, info)
+            run_model(pipe, f"{role}@{n}", role, n, guidance, info, folder)
         del pipe
         _free(device)
 

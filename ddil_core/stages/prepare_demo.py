@@ -104,6 +104,14 @@ def measure_teacher(pipe, classifier, reference_features: torch.Tensor, steps: i
 
 
 def prepare_demo(config: Config, out: str | Path) -> dict:
+    d = config.demo
+    with torch_threads(d.threads):
+        log.info("prepare-demo: %d torch thread%s (demo.threads%s)", d.threads, "" if d.threads == 1 else "s",
+                 "; adapted to the CPU's load" if d.adapt_threads else ": a fixed count rebuilds the same teacher")
+        return _prepare_demo(config, out)
+
+
+def _prepare_demo(config: Config, out: str | Path) -> dict:
     from diffusers import StableDiffusionPipeline
 
     d = config.demo

@@ -1,10 +1,16 @@
-"""Stage sample: one image from a teacher or student pipeline with our own sampler (the math layer).
+"""Stage sample: images from a teacher or student pipeline, stepped by the diffusers scheduler the folder ships.
 
-`--scheduler ddim` runs DDIM on the pipeline's scheduler config, reproducing diffusers' pipeline output for the same
-prompt, seed, steps and guidance; `--scheduler student` runs the student's own scheduler as written by distill.
+One sampler for a student everywhere: `ddil sample`, evaluate and the benchmarks step the scheduler saved in the
+student's folder (diffusers' own `scheduler.step`, thresholding included), with the recommended steps and guidance
+of its ddil_student.json, which is exactly what `DiffusionPipeline.from_pretrained(folder)(prompt,
+num_inference_steps=N, guidance_scale=W)` runs, and what the student's own rollouts ran in training (tested per
+objective and reflection). A folder without ddil_student.json (a teacher) is sampled with deterministic DDIM on its
+scheduler config; `--scheduler ddim` asks for that on a student too.
 """
 from __future__ import annotations
 
+import inspect
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -12,62 +18,88 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ddil_core.math.schedule import NoiseSchedule, ddim_prev_timestep, ddim_timesteps
 from ddil_core.math.guidance_embedding import guidance_scale_embedding
-from ddil_core.method.rollouts import consistency_sample, ddim_sample
 from ddil_core.models import placement
 from ddil_core.models.conditioning import encode_prompts, encode_unconditional
 from ddil_core.models.denoiser import Denoiser
 from ddil_core.models.latents import decode_latents
-from ddil_core.models.pipeline_io import load_pipeline, read_student_info
+from ddil_core.models.pipeline_io import ModelError, load_pipeline, read_student_info
+from ddil_core.math.schedule import NoiseSchedule
 
 DEFAULT_GUIDANCE = 7.5  # diffusers' default for SD pipelines
+SCHEDULERS = ("auto", "student", "ddim")
 
 
-def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float,
-             scheduler_config: Optional[dict] = None, resolution: Optional[int] = None,
-             timesteps: Optional[list[int]] = None, sampler: Optional[str] = None) -> torch.Tensor:
-    """Images [B, 3, H, W] in [0, 1], one CPU generator per seed (as diffusers' pipelines with a CPU generator).
+def sampling_scheduler(pipe, kind: str = "own"):
+    """A fresh scheduler to sample `pipe` with: "own", the folder's saved scheduler (a student's trained sampler);
+    "ddim", DDIMScheduler on the folder's scheduler config (as `DDIMScheduler.from_config(pipe.scheduler.config)`)."""
+    from diffusers import DDIMScheduler
 
-    DDIM-family schedulers run deterministic DDIM with classifier-free guidance when guidance_scale > 1.
-    An LCMScheduler (LCM and DMD2 students) runs multistep consistency sampling; a UNet with guidance
-    conditioning (LCM) gets the scale as an embedding of w - 1 instead of CFG, as StableDiffusionPipeline does.
-    `sampler` ("ddim" or "consistency") defaults to the pipeline's own scheduler class.
+    if kind == "ddim":
+        return DDIMScheduler.from_config(pipe.scheduler.config)
+    if kind == "own":
+        return type(pipe.scheduler).from_config(pipe.scheduler.config)
+    raise ValueError(f"unknown sampling scheduler '{kind}' (own or ddim)")
+
+
+def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float, scheduler="own",
+             resolution: Optional[int] = None) -> torch.Tensor:
+    """Images [B, 3, H, W] in [0, 1], one CPU generator per seed, as a diffusers pipeline called with
+    `generator=[torch.Generator().manual_seed(s) for s in seeds]`.
+
+    `scheduler` (a diffusers scheduler, or "own" / "ddim" for sampling_scheduler) is stepped as the pipelines step it:
+    its thresholding or clipping, its timesteps and its noise draws are diffusers' own. Classifier-free guidance in one
+    batched pass when guidance_scale > 1; a UNet with guidance conditioning (LCM students) gets the scale as an
+    embedding of w - 1 instead, as StableDiffusionPipeline does.
     """
-    if sampler is None:
-        sampler = "consistency" if type(pipe.scheduler).__name__ == "LCMScheduler" else "ddim"
-    cfg = dict(scheduler_config or pipe.scheduler.config)
-    schedule = NoiseSchedule.from_config(cfg)
+    scheduler = sampling_scheduler(pipe, scheduler) if isinstance(scheduler, str) else scheduler
     res = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     side = res // pipe.vae_scale_factor
-    shape = (pipe.unet.config.in_channels, side, side)
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
+    noise = torch.stack([torch.randn((pipe.unet.config.in_channels, side, side), generator=g) for g in generators])
     device, dtype = placement(pipe.unet)
-    x = noise.to(device, dtype)
     cond = encode_prompts(pipe, prompts, res)
-    denoiser = Denoiser(pipe.unet, schedule)
     w_dim = pipe.unet.config.time_cond_proj_dim
     timestep_cond = None
     if w_dim is not None:
-        w = torch.full((len(prompts),), guidance_scale - 1.0)
-        timestep_cond = guidance_scale_embedding(w, w_dim).to(device, dtype)
+        timestep_cond = guidance_scale_embedding(torch.full((len(prompts),), guidance_scale - 1.0), w_dim).to(device,
+                                                                                                                dtype)
     guided = guidance_scale > 1.0 and w_dim is None
     uncond = encode_unconditional(pipe, res) if guided else None
-    w = guidance_scale if guided else 1.0
-    if sampler == "consistency":
-        from diffusers import LCMScheduler
+    denoiser = Denoiser(pipe.unet, NoiseSchedule.from_config(dict(scheduler.config)))
+    scheduler.set_timesteps(steps)
+    accepts = set(inspect.signature(scheduler.step).parameters)
+    step_kwargs = {k: v for k, v in (("eta", 0.0), ("generator", generators)) if k in accepts}
+    x = noise.to(device, dtype) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        x_in = scheduler.scale_model_input(x, t)
+        tt = torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
+        out = denoiser.output(x_in, tt, cond, uncond, guidance_scale if guided else 1.0, timestep_cond)
+        x = scheduler.step(out, t, x, **step_kwargs, return_dict=False)[0]
+    return decode_latents(pipe.vae, x)
 
-        scheduler = LCMScheduler.from_config(cfg)
-        scheduler.set_timesteps(num_inference_steps=None if timesteps else steps, timesteps=timesteps)
-        latents = consistency_sample(denoiser, x, scheduler.timesteps.tolist(), cond, generators, uncond, w,
-                                     timestep_cond)
-    else:
-        T = schedule.num_train_timesteps
-        ts = ddim_timesteps(T, steps, cfg.get("timestep_spacing", "leading"), cfg.get("steps_offset", 0))
-        latents = ddim_sample(denoiser, x, ts, ddim_prev_timestep(ts, T, steps), cond, uncond, w,
-                              timestep_cond=timestep_cond)
-    return decode_latents(pipe.vae, latents)
+
+def student_sampling(pipe, info: Optional[dict], scheduler: str = "auto") -> tuple[str, Optional[list[int]]]:
+    """("own" or "ddim", the trained timesteps to expect) for a folder: a student (it has ddil_student.json) samples
+    with its own scheduler unless `scheduler` is "ddim"; a teacher with DDIM."""
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown --scheduler '{scheduler}' ({', '.join(SCHEDULERS)})")
+    if scheduler == "ddim" or (info is None and scheduler == "auto"):
+        return "ddim", None
+    return "own", (info or {}).get("timesteps")
+
+
+def check_trained_grid(scheduler, steps: int, expected: Optional[list[int]], where: str) -> None:
+    """The saved scheduler must sample the grid the student was trained on (a student written before the saved
+    scheduler carried its grid would silently sample another one)."""
+    if not expected or len(expected) != steps:
+        return
+    probe = type(scheduler).from_config(scheduler.config)
+    probe.set_timesteps(steps)
+    got = [int(t) for t in probe.timesteps.tolist()]
+    if got != [int(t) for t in expected]:
+        raise ModelError(f"{where}: its scheduler samples timesteps {got} at {steps} steps, but the student was "
+                         f"trained on {list(expected)} (ddil_student.json); re-run distill to rewrite the folder")
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -76,24 +108,22 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 
 
 def sample(model: str, prompt: str, steps: Optional[int], seed: int, out: str | Path,
-           guidance_scale: Optional[float] = None, scheduler: str = "ddim", allow_pickle: bool = False) -> Path:
+           guidance_scale: Optional[float] = None, scheduler: str = "auto", allow_pickle: bool = False) -> Path:
+    if steps is not None and steps < 1:
+        raise ValueError(f"--steps {steps} must be at least 1")
+    if guidance_scale is not None and not math.isfinite(guidance_scale):
+        raise ValueError(f"--guidance {guidance_scale} must be a finite number")
     pipe = load_pipeline(model, allow_pickle=allow_pickle)
     info = read_student_info(Path(model)) if Path(model).is_dir() else None
     if steps is None:
         steps = info["num_inference_steps"] if info else 50
     if guidance_scale is None:
         guidance_scale = info["guidance_scale"] if info else DEFAULT_GUIDANCE
-    if scheduler not in ("ddim", "student"):
-        raise ValueError(f"unknown --scheduler '{scheduler}' (ddim or student)")
-    # ddim: the folder's scheduler config (any class) run as DDIM with its betas, spacing and offsets, exactly as
-    # DDIMScheduler.from_config(pipe.scheduler.config) would; student: the scheduler distill wrote (DDIM or LCM).
-    cfg = dict(pipe.scheduler.config)
-    timesteps = None
-    if scheduler == "student" and info and info.get("timesteps") and len(info["timesteps"]) == steps:
-        timesteps = info["timesteps"]
+    kind, trained = student_sampling(pipe, info, scheduler)
+    sched = sampling_scheduler(pipe, kind)
+    check_trained_grid(sched, steps, trained, model)
     with torch.no_grad():
-        image = generate(pipe, [prompt], [seed], steps, guidance_scale, cfg, timesteps=timesteps,
-                         sampler=None if scheduler == "student" else "ddim")[0]
+        image = generate(pipe, [prompt], [seed], steps, guidance_scale, sched)[0]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")

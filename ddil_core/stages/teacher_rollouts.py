@@ -20,7 +20,7 @@ import torch
 from ddil_core.config import Config
 from ddil_core.data.shards import ResumableStaging, ShardWriter, disk_full_is_clear, sha256_file
 from ddil_core.method.grid import StudentGrid
-from ddil_core.method.rollouts import NO_REFLECTION, Reflection, ddim_sample
+from ddil_core.method.rollouts import NO_REFLECTION, ddim_sample, resolve_reflection
 from ddil_core.models.conditioning import index_cond
 from ddil_core.models.denoiser import Denoiser
 from ddil_core.stages.cache_latents import module_fingerprint
@@ -54,10 +54,7 @@ def _teacher_rollouts(config: Config, latents: Path, out: Path, shard: int, num_
     denoiser = Denoiser(teacher.unet, teacher.train_schedule)
     guidance = rcfg.guidance_scale if rcfg.guidance_scale is not None else config.objective.guidance_scale
     refl_cfg = config.ddil.reflection
-    reflection = NO_REFLECTION
-    if refl_cfg.mode != "off" and "teacher_rollouts" in refl_cfg.apply_to:
-        reflection = Reflection(refl_cfg.mode, refl_cfg.bound if refl_cfg.bound is not None else cache.bounds,
-                                refl_cfg.percentile)
+    reflection = resolve_reflection(refl_cfg, "teacher_rollouts", cache.bounds, teacher.family)
     refs = rollout_prompt_refs(rcfg.num_samples, cache.latents.shape[0], rcfg.seed)
     mine = torch.arange(rcfg.num_samples)[shard::num_shards]
     fingerprint = {  # everything a rollout depends on besides its id

@@ -17,7 +17,7 @@ from ddil_core.math.schedule import NoiseSchedule
 from ddil_core.method.draws import SampleDraws
 from ddil_core.method.grid import StudentGrid
 from ddil_core.method.mixture import SOURCES, StateBatch
-from ddil_core.method.rollouts import NO_REFLECTION, Reflection
+from ddil_core.method.rollouts import Reflection, resolve_reflection
 from ddil_core.models.conditioning import Cond
 
 
@@ -30,16 +30,13 @@ class ObjectiveContext:
     uncond: Cond  # batch-1 unconditional embedding for CFG
     reflection_bound: Optional[torch.Tensor] = None  # per-channel static bound from the latent cache
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    family: str = "sd15"  # the student pipeline's family: which reflections its saved scheduler can express
+    latent_side: Optional[int] = None  # side of the training latents; None: the UNet's sample_size
 
     def reflection(self, where: str) -> Reflection:
-        r = self.config.ddil.reflection
-        if r.mode == "off" or where not in r.apply_to:
-            return NO_REFLECTION
-        bound = r.bound if r.bound is not None else self.reflection_bound
-        if r.mode == "static" and bound is None:
-            raise ValueError("ddil.reflection.mode = static needs ddil.reflection.bound or a latent cache with bounds")
-        return Reflection(r.mode, bound if not isinstance(bound, torch.Tensor) else bound.to(self.device),
-                          r.percentile)
+        """The reflection applied at `where` (teacher_targets, teacher_rollouts, student_rollouts, critic)."""
+        bounds = None if self.reflection_bound is None else self.reflection_bound.to(self.device)
+        return resolve_reflection(self.config.ddil.reflection, where, bounds, self.family)
 
 
 @dataclass
@@ -51,6 +48,8 @@ class LossOutput:
 
 class Objective:
     name = "base"
+    pure_noise_first_step = False  # True: a forward state at the grid's first timestep is pure noise (mixture.py)
+    needs_teacher_pairs = False  # True: every batch carries teacher noise-image pairs (mixture.TeacherPairs)
 
     def trainable(self) -> dict[str, torch.nn.Module]:
         """Networks with an optimiser each; 'student' is the one written as the student pipeline."""
@@ -99,6 +98,16 @@ class Objective:
 
     def load_extra_state(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
         pass
+
+
+def student_scheduler_config(teacher_config: dict, reflection: Reflection, family: str, **sampler) -> dict:
+    """The student's scheduler config: the teacher's noise schedule and prediction type, the student's sampler
+    settings, and the reflection its rollouts used in training, so that plain diffusers loading the saved folder
+    samples exactly as the student's own rollouts did (method.md section 2)."""
+    cfg = {k: v for k, v in teacher_config.items() if not k.startswith("_")}
+    cfg.update(sampler)
+    cfg.update(reflection.scheduler_kwargs(family))
+    return cfg
 
 
 def per_source_sums(values: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,7 +5,8 @@ examples/consistency_distillation/train_lcm_distill_sd_wds.py), with its online 
   one guided DDIM step to t_n.
 - Guidance w ~ U[w_min, w_max] (Imagen convention, the scale users pass as guidance_scale) is embedded, as w - 1
   the way StableDiffusionPipeline embeds it at inference, into the student's timestep_cond
-  (guidance_scale_embedding); a teacher without time_cond_proj gets the layer added, zero-initialised.
+  (guidance_scale_embedding); a teacher without time_cond_proj gets the layer added, zero-initialised. The script
+  draws the LCM form w' = w - 1 ~ U[5, 15] and embeds w'; our default U[6, 16] gives the same targets.
 - f(x, t) = c_skip(t) x + c_out(t) x0_hat(x, t, w); prediction f_student(x_{t_{n+k}}), target f_EMA(x_{t_n}) from
   an EMA copy of the student (decay 0.95); pseudo-Huber loss sqrt(d^2 + c^2) - c, c = 0.001 (or L2).
 - The student samples with multistep consistency sampling (diffusers' LCMScheduler): at each of its timesteps it
@@ -24,7 +25,7 @@ from ddil_core.math.parameterization import to_x0_eps
 from ddil_core.method.draws import SampleDraws
 from ddil_core.method.grid import StudentGrid
 from ddil_core.method.mixture import StateBatch
-from ddil_core.method.objectives.base import LossOutput, Objective, ObjectiveContext
+from ddil_core.method.objectives.base import LossOutput, Objective, ObjectiveContext, student_scheduler_config
 from ddil_core.models.denoiser import Denoiser
 
 
@@ -50,15 +51,6 @@ def pseudo_huber(pred: torch.Tensor, target: torch.Tensor, c: float) -> torch.Te
     return (torch.sqrt((pred.float() - target.float()) ** 2 + c**2) - c).flatten(1).mean(1)
 
 
-def lcm_timesteps(num_train_timesteps: int, num_steps: int, original_steps: int = 50) -> list[int]:
-    """The LCMScheduler's inference timesteps for `num_steps` (from its `original_steps`-step training grid)."""
-    from diffusers import LCMScheduler
-
-    scheduler = LCMScheduler(num_train_timesteps=num_train_timesteps, original_inference_steps=original_steps)
-    scheduler.set_timesteps(num_steps)
-    return scheduler.timesteps.tolist()
-
-
 class LatentConsistencyDistillation(Objective):
     name = "lcm"
 
@@ -74,8 +66,7 @@ class LatentConsistencyDistillation(Objective):
         self.target = copy.deepcopy(self.student).eval().requires_grad_(False)  # the EMA target network
         self.student_denoiser = Denoiser(self.student, ctx.schedule)
         self.target_denoiser = Denoiser(self.target, ctx.schedule)
-        self._grid = StudentGrid.from_timesteps(lcm_timesteps(self.T, ctx.config.objective.student_steps,
-                                                              self.cfg.num_ddim_timesteps))
+        self._grid = StudentGrid.lcm(self.T, ctx.config.objective.student_steps, self.cfg.num_ddim_timesteps)
         self.refl_targets = ctx.reflection("teacher_targets")
         self.refl_rollouts = ctx.reflection("student_rollouts")
         self.sampling_guidance = (self.cfg.w_min + self.cfg.w_max) / 2
@@ -105,8 +96,8 @@ class LatentConsistencyDistillation(Objective):
         w = torch.full((x.shape[0],), self.sampling_guidance)
         out = self.student_denoiser.output(x, t, cond, timestep_cond=self.w_embedding(w))
         a, s = self.ctx.schedule.alpha_sigma(t, like=x)
-        x0, eps = to_x0_eps(out, x, a, s, self.ctx.schedule.prediction_type)
-        x0, _ = self.refl_rollouts(x, x0, eps, a, s)
+        x0, _ = to_x0_eps(out, x, a, s, self.ctx.schedule.prediction_type)
+        x0 = self.refl_rollouts.threshold(x0)  # LCMScheduler.step thresholds x0 before the boundary scalings
         denoised = consistency_function(x, x0, t)
         t_next = self._grid.next_steps[k]
         if t_next < 0:
@@ -151,15 +142,15 @@ class LatentConsistencyDistillation(Objective):
     def student_scheduler(self):
         from diffusers import LCMScheduler
 
-        cfg = {k: v for k, v in self.ctx.teacher_scheduler_config.items() if not k.startswith("_")}
-        cfg.update(original_inference_steps=self.cfg.num_ddim_timesteps, timestep_spacing="leading",
-                   steps_offset=1, set_alpha_to_one=True, clip_sample=False, thresholding=False)
-        return LCMScheduler.from_config(cfg)
+        return LCMScheduler.from_config(student_scheduler_config(
+            self.ctx.teacher_scheduler_config, self.refl_rollouts, self.ctx.family,
+            original_inference_steps=self.cfg.num_ddim_timesteps, timestep_spacing="leading", steps_offset=1,
+            set_alpha_to_one=True))
 
     def student_info(self) -> dict:
         return {"objective": "lcm", "num_inference_steps": self._grid.num_steps,
                 "guidance_scale": self.sampling_guidance, "scheduler": "LCMScheduler",
-                "timesteps": list(self._grid.steps)}
+                "timesteps": list(self._grid.steps), "reflection": self.refl_rollouts.describe()}
 
     def extra_state(self):
         return {}, {f"target.{k}": v for k, v in self.target.state_dict().items()}

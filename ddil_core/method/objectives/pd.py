@@ -20,7 +20,7 @@ from ddil_core.math.parameterization import to_x0_eps
 from ddil_core.method.draws import SampleDraws
 from ddil_core.method.grid import StudentGrid
 from ddil_core.method.mixture import StateBatch
-from ddil_core.method.objectives.base import LossOutput, Objective, ObjectiveContext
+from ddil_core.method.objectives.base import LossOutput, Objective, ObjectiveContext, student_scheduler_config
 from ddil_core.models.denoiser import Denoiser
 
 
@@ -92,8 +92,7 @@ class ProgressiveDistillation(Objective):
         t = torch.full((x.shape[0],), int(grid.timesteps[k]), device=x.device, dtype=torch.long)
         t_next = torch.full_like(t, int(grid.prev_timesteps[k]))
         x0, eps = self.student_denoiser.x0_eps(x, t, cond)
-        a, s = self.ctx.schedule.alpha_sigma(t, like=x)
-        x0, eps = self.refl_rollouts(x, x0, eps, a, s)
+        x0 = self.refl_rollouts.threshold(x0)  # DDIMScheduler.step thresholds x0 and keeps the network's eps
         a2, s2 = self.ctx.schedule.alpha_sigma(t_next, like=x)
         return ddim_step(x0, eps, a2, s2)
 
@@ -134,16 +133,15 @@ class ProgressiveDistillation(Objective):
     def student_scheduler(self):
         from diffusers import DDIMScheduler
 
-        cfg = dict(self.ctx.teacher_scheduler_config)
-        for key in list(cfg):
-            if key.startswith("_"):
-                cfg.pop(key)
-        cfg.update(timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False, thresholding=False)
-        return DDIMScheduler.from_config(cfg)
+        return DDIMScheduler.from_config(student_scheduler_config(
+            self.ctx.teacher_scheduler_config, self.refl_rollouts, self.ctx.family, timestep_spacing="trailing",
+            set_alpha_to_one=True))
 
     def student_info(self) -> dict:
         return {"objective": "pd", "num_inference_steps": self.stages[-1], "guidance_scale": 1.0,
-                "scheduler": "DDIMScheduler", "timestep_spacing": "trailing"}
+                "scheduler": "DDIMScheduler", "timestep_spacing": "trailing",
+                "timesteps": list(StudentGrid.ddim_trailing(self.T, self.stages[-1]).steps),
+                "reflection": self.refl_rollouts.describe()}
 
     def extra_state(self):
         tensors = {}
