@@ -103,7 +103,8 @@ def errors(obj: dict, version: str) -> list[str]:
     except Exception as exc:  # noqa: BLE001 - kubernetes_validate raises its own ValidationError types
         found.append(f"metadata: {getattr(exc, 'message', exc)}")
     name = (obj.get("metadata") or {}).get("name", "")
-    if not (re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*", name) and len(name) <= 253):
+    subdomain = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+    if not (re.fullmatch(subdomain, name) and len(name) <= 253):
         found.append(f"metadata.name: {name!r} is not a valid object name (DNS-1123 subdomain)")
     if kind == "TrainJob" and not (re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 63):
         found.append(f"metadata.name: {name!r} is not a valid TrainJob name (DNS-1035 label, at most 63 characters)")

@@ -231,7 +231,8 @@ class KubeApiStub:
         if problems:
             status = {"reason": "Invalid", "message": "; ".join(problems)}
             self.rejected.append(status)
-            return h._status(422, "Invalid", f"{KINDS[plural]}.{obj.get('apiVersion')} is invalid: " + status["message"])
+            what = f"{KINDS[plural]}.{obj.get('apiVersion')}"
+            return h._status(422, "Invalid", f"{what} is invalid: " + status["message"])
         key = (plural, namespace, obj["metadata"]["name"])
         with self.lock:
             if key in self.objects:

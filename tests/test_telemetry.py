@@ -277,7 +277,8 @@ def test_a_stage_exposes_only_the_gauges_it_sets():
     assert train.registry.get_sample_value("ddil_gpu_memory_bytes") is None  # no accelerator reported
 
 
-def test_stage_telemetry_honours_the_cluster_settings_in_the_environment(pushgateway, monkeypatch, tmp_path):  # noqa: F811
+def test_stage_telemetry_honours_the_cluster_settings_in_the_environment(pushgateway,  # noqa: F811
+                                                                         monkeypatch, tmp_path):
     """$DDIL_PUSHGATEWAY, $DDIL_METRICS_PORT and $DDIL_RUN_ID (the ddil-settings ConfigMap and the KFP components
     set them) take effect when the config leaves telemetry.* unset; the config wins when it sets them."""
     from ddil_core.config import Config
