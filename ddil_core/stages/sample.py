@@ -5,6 +5,7 @@ prompt, seed, steps and guidance; `--scheduler student` runs the student's own s
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -96,7 +97,11 @@ def sample(model: str, prompt: str, steps: Optional[int], seed: int, out: str | 
                          sampler=None if scheduler == "student" else "ddim")[0]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    to_pil(image).save(tmp, format="PNG")
-    tmp.replace(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        to_pil(image).save(tmp, format="PNG")
+        tmp.replace(out)
+    except BaseException:  # a full disk, a folder in the way: no temporary file is left behind
+        tmp.unlink(missing_ok=True)
+        raise
     return out
