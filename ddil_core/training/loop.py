@@ -94,6 +94,7 @@ class Trainer:
         self.optimizers = {name: make_optimizer(m, config, objective.lr_for(name)) for name, m in self.modules.items()}
         self.ema = EMA(self.modules["student"], config.training.ema.decay) if config.training.ema.enabled else None
         self.step = 0
+        self.student_updates = 0  # steps whose update reached the student (DMD2 updates it every few steps only)
         self.nonfinite_total = 0
         self.nonfinite_in_a_row = 0
         self._interval = self._new_interval()
@@ -141,7 +142,7 @@ class Trainer:
             self.accelerator.wait_for_everyone()
             return None
         tensors, extra_json = self._state_tensors()
-        state = {"step": self.step, "nonfinite_total": self.nonfinite_total,
+        state = {"step": self.step, "nonfinite_total": self.nonfinite_total, "student_updates": self.student_updates,
                  "nonfinite_in_a_row": self.nonfinite_in_a_row, "objective": extra_json}
         pickled = {name: opt.state_dict() for name, opt in self.optimizers.items()}
         buffer = self.mixture.buffer
@@ -172,6 +173,7 @@ class Trainer:
             self.mixture.buffer.load(ckpt / "buffer")
         self.step = state["step"]
         self.nonfinite_total, self.nonfinite_in_a_row = state["nonfinite_total"], state["nonfinite_in_a_row"]
+        self.student_updates = state.get("student_updates", self.step - self.nonfinite_total)  # older checkpoints
         self._truncate_log(self.step)
         log.info("resumed from %s at step %d", ckpt, self.step)
         return True
@@ -250,6 +252,7 @@ class Trainer:
                 self.optimizers[name].step()
             for opt in self.optimizers.values():
                 opt.zero_grad(set_to_none=True)
+            self.student_updates += int("student" in out.losses)
             self.objective.after_update(self.step)
             if self.ema is not None:
                 self.ema.update(self.modules["student"])
