@@ -44,11 +44,23 @@ def read_metrics(path: str | Path) -> dict:
 
 
 def register(config: Config, student: str, metrics_path: str | Path, registry: Optional[str] = None) -> dict:
-    """Gate, then register; returns the registry entry ({"name", "version", "path", ...}).
+    """Check that the inputs belong together, gate, then register; returns the registry entry ({"name", "version",
+    "path", ...}).
 
-    Raises FileNotFoundError / MetricsError for a missing or bad metrics file and GateError when a gate fails.
+    Raises FileNotFoundError / MetricsError for a missing or bad metrics file, ModelError when the student folder is
+    unusable or the metrics were made for another student, ConfigError when the config is not the one that made the
+    student (its model card would mislabel it), and GateError when a gate fails.
     """
+    from ddil_core.models.pipeline_io import ModelError, check_model_folder
+    from ddil_core.stages.provenance import check_config_of, check_metrics_belong, student_info
+
     metrics = read_metrics(metrics_path)
+    if "://" not in str(student):
+        if not Path(student).is_dir():
+            raise ModelError(f"student not found: {student} (a student folder written by distill)")
+        check_model_folder(Path(student), config.model.allow_pickle)
+    check_metrics_belong(metrics, Path(metrics_path), str(student))
+    check_config_of(config, str(student), student_info(student))
     entry = register_student(config, str(student), metrics, registry)
     log.info("registered %s version %s", entry.get("name"), entry.get("version"))
     return entry
