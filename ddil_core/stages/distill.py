@@ -124,7 +124,7 @@ def _distill(config, latents, rollouts, out, on_log, on_checkpoint, replace_prev
     trainer.accelerator.wait_for_everyone()
     try:
         return _train_and_publish(config, objective, trainer, teacher, cache, buffer, out)
-    except BaseException:
+    except Exception:  # an error (not an interruption, which keeps its state like a SIGKILL would)
         if created and trainer.is_main and latest_checkpoint(out / "checkpoints") is None:
             shutil.rmtree(out, ignore_errors=True)  # nothing to resume from: leave no folder behind
         raise
