@@ -132,17 +132,26 @@ def cmd_register(args):
 def cmd_sample(args):
     from pathlib import Path
 
-    from ddil_core.stages.outputs import check_out_path
+    from ddil_core.data.shards import disk_full_is_clear
+    from ddil_core.stages.outputs import check_out_path, missing_folders, probe_writable, remove_if_empty
     from ddil_core.stages.provenance import check_sampling_steps, student_info
     from ddil_core.stages.sample import sample
 
-    # Before the model is loaded: the image path, the student's record, the step count its scheduler can run.
+    # Before the model is loaded: the image path (and that it can be written), the student's record, the step
+    # count its scheduler can run.
     check_out_path(Path(args.out), "file", [args.model])
+    probe_writable(Path(args.out))
     if Path(args.model).is_dir():
         info = student_info(args.model)
         check_sampling_steps(args.model, "model", [args.steps or (info["num_inference_steps"] if info else 50)])
-    out = sample(args.model, args.prompt, args.steps, args.seed, args.out, args.guidance, args.scheduler,
-                 args.allow_pickle)
+    created = missing_folders(Path(args.out).parent)
+    try:
+        with disk_full_is_clear(Path(args.out)):
+            out = sample(args.model, args.prompt, args.steps, args.seed, args.out, args.guidance, args.scheduler,
+                         args.allow_pickle)
+    except BaseException:
+        remove_if_empty(created)  # nothing of a failed run stays, not even the folders made for the image
+        raise
     print(f"image -> {out}")
 
 

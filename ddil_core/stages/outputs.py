@@ -60,6 +60,21 @@ def check_out_path(out: Path, kind: str = "folder", inputs: Iterable = ()) -> No
             raise OutputError(f"{out}: overlaps the input {uri}; write the output to its own folder")
 
 
+def probe_writable(out: Path) -> None:
+    """Prove that a file can be created beside `out` (in its nearest existing folder) before any work; for a stage
+    with no lock file to be the probe (`ddil sample`)."""
+    import os
+    import tempfile
+
+    folder = next(p for p in (Path(out).absolute().parent, *Path(out).absolute().parents) if p.exists())
+    try:
+        fd, name = tempfile.mkstemp(prefix=".ddil-probe-", dir=folder)
+    except OSError as exc:
+        raise location_error(Path(out), exc) from None
+    os.close(fd)
+    os.unlink(name)
+
+
 def missing_folders(out: Path) -> list[Path]:
     """The folders on the way to `out` (itself included) that do not exist yet, deepest first."""
     missing = []
