@@ -220,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's allocators (CPU: RuntimeError "can't allocate memory"; CUDA: torch.OutOfMemoryError) and MemoryError."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc) or "out of memory" in str(exc))
+
+
 def os_error_line(exc: OSError) -> str:
     """'PATH: what the OS said' (both paths of a rename), in one line."""
     paths = [str(p) for p in (exc.filename, getattr(exc, "filename2", None)) if p]
@@ -263,9 +270,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"ddil {args.command}: error: {os_error_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception as exc:
-        if not is_disk_full(exc):  # a full disk reported by a writer that raises no OSError (safetensors, torch)
+        if is_disk_full(exc):  # a full disk reported by a writer that raises no OSError (safetensors, torch)
+            print(f"ddil {args.command}: error: {one_line(exc)}: no space left on device", file=sys.stderr)
+        elif is_out_of_memory(exc):  # the config asks for more memory than the machine has
+            print(f"ddil {args.command}: error: out of memory ({one_line(exc)[:240]}); lower the batch sizes "
+                  "(data, rollouts, training, evaluation), ddil.buffer.capacity or model.resolution", file=sys.stderr)
+        else:
             raise
-        print(f"ddil {args.command}: error: {one_line(exc)}: no space left on device", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"ddil {args.command}: interrupted", file=sys.stderr)

@@ -60,11 +60,11 @@ LEARNING_RATE = Range(0.0, 1.0, low_open=True)  # AdamW moves each weight by abo
 INT64 = 2**63
 
 RANGES: dict[str, Range] = {
-    "model.resolution": Range(8),  # pixels; the teacher's VAE and UNet factors are checked once it is loaded
+    "model.resolution": Range(8, 4096),  # pixels; the teacher's VAE factor is checked once it is loaded
     "data.limit": COUNT,
     "data.shard_size": COUNT,
     "data.batch_size": COUNT,
-    "data.num_workers": NATURAL,
+    "data.num_workers": Range(0, 256),  # processes
     "data.latent_bound_percentile": FRACTION,
     "ddil.priors.forward": PROBABILITY,
     "ddil.priors.teacher": PROBABILITY,
@@ -127,7 +127,7 @@ RANGES: dict[str, Range] = {
     "registry.gates.fid_factor": POSITIVE,
     "registry.gates.min_coverage": PROBABILITY,
     "registry.gates.min_adherence": PROBABILITY,
-    "telemetry.push_interval_s": POSITIVE,
+    "telemetry.push_interval_s": NON_NEGATIVE,  # 0: push at every update
     "telemetry.metrics_port": Range(0, 65535),  # 0: any free port
     "demo.seed": SEED,
     "demo.vae_steps": COUNT,
@@ -217,6 +217,11 @@ def relation_problems(config: Any) -> list[str]:
     if o.name == "dmd2" and any(a <= b for a, b in zip(ts, ts[1:])):
         problems.append(f"objective.dmd2.timesteps = {ts} must be strictly decreasing (the generator steps from "
                         "high noise to low)")
+    dtype, mp = config.model.dtype, config.training.mixed_precision
+    wanted = {"float16": "fp16", "bfloat16": "bf16"}.get(dtype)
+    if wanted is not None and mp != wanted:
+        problems.append(f"model.dtype = {dtype} needs training.mixed_precision = {wanted} (the frozen {dtype} teacher "
+                        f"takes float32 inputs only under autocast), got {mp}")
     return problems
 
 

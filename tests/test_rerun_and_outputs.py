@@ -78,6 +78,38 @@ def test_distill_restart_starts_over_with_the_new_config(tiny_data, finished, tm
     assert json.loads((out / "student" / "ddil_student.json").read_text())["steps_trained"] == 2
 
 
+def test_distill_resume_may_train_longer_but_not_shorter(tiny_data, finished, tmp_path, capsys):
+    """training.steps may grow on a resume (train longer): the run continues from its checkpoint. A total below the
+    newest checkpoint would publish a student of more steps than its config says: refused."""
+    out = _copy(finished, tmp_path)
+    before = snapshot(out)
+    code, err = run(capsys, *_distill_args(tiny_data, out, "training.steps=2"))
+    assert_fails(code, err, f"{out}: its newest checkpoint (step-0000004) is beyond the 2 steps this config trains")
+    assert_untouched(out, before)
+    code, err = run(capsys, *_distill_args(tiny_data, out, "training.steps=6"))
+    assert code == 0, err
+    assert snapshot(out / "checkpoints" / "step-0000004") == {k[len("checkpoints/step-0000004/"):]: v
+                                                             for k, v in before.items()
+                                                             if k.startswith("checkpoints/step-0000004/")}
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000004", "step-0000006"]
+    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # resumed at 4: the first four lines are the finished run's
+    assert json.loads((out / "student" / "ddil_student.json").read_text())["steps_trained"] == 6
+
+
+def test_a_resume_that_changes_the_pd_stage_split_is_refused(tiny_data, tmp_path, capsys):
+    """PD over two stages splits training.steps between them: changing it on a resume would move the hand-off of
+    the checkpointed run, so it is named (as the effective objective.pd.steps_per_stage)."""
+    out = tmp_path / "run"
+    sets = ("objective.pd.teacher_steps=8", "objective.student_steps=2", "rollouts.teacher_steps=4")
+    code, err = run(capsys, *_distill_args(tiny_data, out, "training.steps=4", *sets))
+    assert code == 0, err
+    before = snapshot(out)
+    code, err = run(capsys, *_distill_args(tiny_data, out, "training.steps=8", *sets))
+    assert_fails(code, err, "objective.pd.steps_per_stage: 2 -> 4")
+    assert_untouched(out, before)
+
+
 def test_restart_with_bad_input_keeps_the_old_run(tiny_data, finished, tmp_path, capsys):
     """--restart discards the old run only once the new run's inputs are validated."""
     out = _copy(finished, tmp_path)

@@ -20,8 +20,9 @@ from ddil_core.data.shards import ShardError, disk_full_is_clear, load_shards, r
 from ddil_core.math.schedule import NoiseSchedule
 from ddil_core.models.conditioning import Cond
 from ddil_core.models.pipeline_io import ModelError, family_of, load_pipeline
-from ddil_core.stages.outputs import (RESOLVED, OutputError, check_out_path, check_rerun, location_error,
-                                     missing_folders, remove_if_empty, write_resolved_config)
+from ddil_core.stages.outputs import (RESOLVED, OutputError, check_out_path, check_rerun, config_differences,
+                                     location_error, missing_folders, recorded_config, remove_if_empty,
+                                     write_resolved_config)
 from ddil_core.telemetry import StageTelemetry
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class StageRun:
 
 @contextlib.contextmanager
 def stage_run(config: Config, stage: str, out: Path, serve: bool = False, restart: bool = False,
-              inputs: tuple = ()):
+              inputs: tuple = (), **rerun):
     """What every stage does around its work, in this order, before any of it: the output path is checked (a
     folder that can be made, apart from the inputs; outputs.py), the rerun rule is applied against what the folder
     records, one writer per output folder (the lock beside it, which also proves the location writable), and
@@ -66,7 +67,7 @@ def stage_run(config: Config, stage: str, out: Path, serve: bool = False, restar
     multi-process launch takes the lock and reports (every rank checks)."""
     out = Path(out)
     check_out_path(out, "folder", inputs)
-    replace = check_rerun(out, config, stage, restart)
+    replace = check_rerun(out, config, stage, restart, **rerun)  # rerun: may_differ, effective (outputs.py)
     if not is_main_process():
         with StageTelemetry(stage, "ddil", None) as quiet:
             yield StageRun(quiet, replace)
@@ -193,14 +194,24 @@ def cache_digest(manifest: dict) -> str:
     return hashlib.sha256(json.dumps([e["sha256"] for e in manifest["shards"]]).encode()).hexdigest()[:16]
 
 
-def read_latent_cache(folder: Path, teacher: Optional[Teacher] = None) -> LatentCache:
+def read_latent_cache(folder: Path, teacher: Optional[Teacher] = None, config: Optional[Config] = None) -> LatentCache:
     """A latent cache, checked against what cache-latents recorded (every shard's sha256, count and shapes; the
-    captions, the unconditional embedding) and, given a teacher, against the teacher (VAE, text encoders,
-    resolution, family, latent shape). Non-finite latents or embeddings are refused: they would poison training."""
+    captions, the unconditional embedding), given a teacher against the teacher (VAE, text encoders, resolution,
+    family, latent shape), and given a config against the data.* it was made with (so the config a later stage
+    records is the one that made its data). Non-finite latents or embeddings are refused: they would poison
+    training."""
     folder = Path(folder)
     manifest = read_manifest(folder, kind="latents")
     if teacher is not None:
         check_cache_matches(manifest, teacher, folder)
+    if config is not None:
+        recorded = recorded_config(folder)
+        if recorded is None:
+            raise ShardError(f"{folder / RESOLVED}: missing or unreadable (the latent cache is incomplete)")
+        diffs = config_differences(recorded, config, sections=("data",))
+        if diffs:
+            raise ShardError(f"{folder}: the latent cache was made with other data settings than this config ("
+                             + "; ".join(d.replace(" -> ", " (cache) vs ", 1) + " (config)" for d in diffs[:6]) + ")")
     tensors, manifest = load_shards(folder, kind="latents")
     if "latents" not in tensors:
         raise ShardError(f"{folder}: the shards hold no 'latents' tensor (is this a latent cache?)")

@@ -49,7 +49,8 @@ def distill(config: Config, latents: str | Path, rollouts: Sequence[str | Path],
     without it such a rerun is refused naming the keys that differ. The same config resumes."""
     out = Path(out)
     inputs = (config.model.teacher, latents, *rollouts)
-    with stage_run(config, "distill", out, serve=True, restart=restart, inputs=inputs) as run:
+    with stage_run(config, "distill", out, serve=True, restart=restart, inputs=inputs,
+                   may_differ=("training.steps",), effective=effective_plan) as run:
 
         def log_record(record):
             run.log_train(record["step"], record)
@@ -64,12 +65,35 @@ def distill(config: Config, latents: str | Path, rollouts: Sequence[str | Path],
         return _distill(config, Path(latents), rollouts, out, log_record, checkpoint_written, run.replace_previous)
 
 
+def effective_plan(config: dict) -> dict:
+    """A config dict with PD's steps_per_stage resolved as PD resolves it (training.steps split over the stages), so
+    a resume that changes training.steps is refused exactly when it moves a stage hand-off of the checkpointed run
+    (with one stage there is no hand-off: its length is the run's, free to grow)."""
+    import copy
+
+    from ddil_core.method.objectives.pd import stage_steps
+
+    try:
+        o = config["objective"]
+        if o["name"] == "pd":
+            n = len(stage_steps(int(o["pd"]["teacher_steps"]), int(o["student_steps"])))
+            config = copy.deepcopy(config)
+            pd = config["objective"]["pd"]
+            if n <= 1:  # one stage: its length is the run's length, which may grow like training.steps
+                pd["steps_per_stage"] = None
+            elif pd["steps_per_stage"] is None:
+                pd["steps_per_stage"] = max(1, int(config["training"]["steps"]) // n)
+    except (KeyError, TypeError, ValueError):  # an unreadable record: compared as it is
+        pass
+    return config
+
+
 def _distill(config, latents, rollouts, out, on_log, on_checkpoint, replace_previous=False) -> Path:
     # Everything is checked before OUT is touched: the teacher, the latent cache, the rollouts and the grids.
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher = load_teacher(config, device, stage="distill")
     T = teacher.schedule.num_train_timesteps
-    cache = read_latent_cache(Path(latents), teacher)
+    cache = read_latent_cache(Path(latents), teacher, config)
     data = TrainingData(cache.latents, cache.cond)
     ddil = config.ddil
     uses_rollouts = ddil.priors.teacher > 0 and ddil.teacher_mode == "precomputed"
@@ -86,6 +110,9 @@ def _distill(config, latents, rollouts, out, on_log, on_checkpoint, replace_prev
     if refl.mode == "static" and refl.bound is None and cache.bounds is None:
         raise ConfigError(f"ddil.reflection.mode = static needs ddil.reflection.bound, or a latent cache with bounds "
                           f"({latents} records none)")
+    if config.model.dtype == "float16" and device.type != "cuda":
+        raise ConfigError("model.dtype = float16 needs a GPU (autocast on a CPU runs bfloat16 only); use bfloat16 "
+                          "or float32 here")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if config.training.batch_size % world:
         raise ConfigError(f"training.batch_size = {config.training.batch_size} must be divisible by the {world} "
@@ -113,6 +140,10 @@ def _distill(config, latents, rollouts, out, on_log, on_checkpoint, replace_prev
                           buffer, device, forward_timesteps=objective.forward_timesteps(), teacher_step=teacher_step)
     trainer = Trainer(config, objective, mixture, out, on_log=on_log, on_checkpoint=on_checkpoint)
 
+    done = latest_checkpoint(out / "checkpoints") if not replace_previous else None
+    if done is not None and int(done.name.split("-")[-1]) > objective.total_steps():
+        raise ConfigError(f"{out}: its newest checkpoint ({done.name}) is beyond the {objective.total_steps()} steps "
+                          "this config trains; raise training.steps, or pass --restart to start over")
     # Inputs are good: now OUT is made (or, on --restart, an earlier run of another config is discarded first).
     if replace_previous and trainer.is_main:
         log.warning("distill: --restart: removing the earlier run in %s", out)

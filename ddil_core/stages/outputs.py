@@ -17,7 +17,7 @@ from __future__ import annotations
 import errno
 import logging
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import yaml
 
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 RESOLVED = "resolved_config.yaml"
 HEADER = "# ddil {stage}: the resolved config of this output (a rerun into this folder must match it, or --restart)"
 # Keys a rerun (a distill resume, a rebuild of a cache) may change: they do not change what the stage writes.
+# distill also lets training.steps change (resume to train longer), comparing the derived PD split instead.
 RERUN_MAY_DIFFER = ("telemetry.", "data.num_workers", "training.wall_clock_limit_s")
 # Files the DVC pipeline or an editor may leave in an output folder: not outputs of another tool.
 HARMLESS = {".gitignore", ".DS_Store"}
@@ -122,15 +123,32 @@ def flatten_config(data, prefix: str = "") -> dict:
     return out
 
 
-def config_differences(recorded: dict, config: Config) -> list[str]:
-    """'key: recorded -> now' for every key that differs (RERUN_MAY_DIFFER left out)."""
-    old, new = flatten_config(recorded), flatten_config(resolved_dict(config))
+def config_differences(recorded: dict, config: Config, sections: Optional[tuple] = None, may_differ: tuple = (),
+                       effective: Optional[Callable[[dict], dict]] = None) -> list[str]:
+    """'key: recorded -> now' for every key that differs (RERUN_MAY_DIFFER and `may_differ` left out; only
+    `sections` if given); `effective` maps a config dict to the values the stage will really use (a default
+    derived from other keys) before the comparison."""
+    effective = effective or (lambda d: d)
+    old, new = flatten_config(effective(recorded)), flatten_config(effective(resolved_dict(config)))
+    skip = RERUN_MAY_DIFFER + tuple(may_differ)
     diffs = []
     for key in sorted(set(old) | set(new)):
-        if key.startswith(RERUN_MAY_DIFFER) or old.get(key, "(absent)") == new.get(key, "(absent)"):
+        if key.startswith(skip) or old.get(key, "(absent)") == new.get(key, "(absent)"):
+            continue
+        if sections is not None and key.split(".", 1)[0] not in sections:
             continue
         diffs.append(f"{key}: {old.get(key, '(absent)')!r} -> {new.get(key, '(absent)')!r}")
     return diffs
+
+
+def recorded_config(folder: Path) -> Optional[dict]:
+    """The resolved config an output folder records, or None when it has none (or it is unreadable)."""
+    path = Path(folder) / RESOLVED
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def recorded_stage(path: Path) -> Optional[str]:
@@ -139,9 +157,11 @@ def recorded_stage(path: Path) -> Optional[str]:
     return first[len(prefix):].split(":", 1)[0] if first.startswith(prefix) else None
 
 
-def check_rerun(out: Path, config: Config, stage: str, restart: bool = False) -> bool:
+def check_rerun(out: Path, config: Config, stage: str, restart: bool = False, may_differ: tuple = (),
+                effective: Optional[Callable[[dict], dict]] = None) -> bool:
     """The rerun rule. Returns True when `out` holds an earlier output of this stage to discard before writing
-    (--restart and a different config); False when there is nothing there, or it may be resumed or replaced."""
+    (--restart and a different config); False when there is nothing there, or it may be resumed or replaced.
+    `may_differ` and `effective`: as config_differences (distill lets training.steps grow: train longer)."""
     out = Path(out)
     if not out.is_dir():
         return False
@@ -164,7 +184,7 @@ def check_rerun(out: Path, config: Config, stage: str, restart: bool = False) ->
             return True
         raise OutputError(f"{path}: unreadable, so this rerun cannot be checked against it; pass --restart to "
                           "start over")
-    diffs = config_differences(recorded, config)
+    diffs = config_differences(recorded, config, may_differ=may_differ, effective=effective)
     if not diffs:
         return False
     if restart:

@@ -54,6 +54,12 @@ def register(config: Config, student: str, metrics_path: str | Path, registry: O
     from ddil_core.models.pipeline_io import ModelError, check_model_folder
     from ddil_core.stages.provenance import check_config_of, check_metrics_belong, student_info
 
+    from ddil_core.config import ConfigError
+    from ddil_core.registry.local import NAME_PATTERN
+
+    if not NAME_PATTERN.match(config.registry.model_name or ""):
+        raise ConfigError(f"registry.model_name = {config.registry.model_name!r} must be 1-128 letters, digits, '.', "
+                          "'_' or '-', starting with a letter or digit")
     metrics = read_metrics(metrics_path)
     if "://" not in str(student):
         if not Path(student).is_dir():

@@ -53,7 +53,7 @@ def _teacher_rollouts(config: Config, latents: Path, out: Path, shard: int, num_
                       stop, fresh: bool = False) -> dict:
     rcfg = config.rollouts
     teacher = load_teacher(config, stage="teacher-rollouts")
-    cache = read_latent_cache(Path(latents), teacher)
+    cache = read_latent_cache(Path(latents), teacher, config)
     grid = StudentGrid.ddim_trailing(teacher.schedule.num_train_timesteps, rcfg.teacher_steps)
     # Rollouts use the training schedule (final alpha 1), like every student/teacher step during distillation.
     denoiser = Denoiser(teacher.unet, teacher.train_schedule)

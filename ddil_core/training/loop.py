@@ -23,10 +23,11 @@ from typing import Callable, Optional
 import torch
 
 from ddil_core.config import Config
+from ddil_core.data.shards import ShardError
 from ddil_core.method.draws import SampleDraws
 from ddil_core.method.mixture import SOURCES, DDILMixture, scheduled_priors
 from ddil_core.method.objectives.base import Objective, interval_means, per_source_sums
-from ddil_core.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ddil_core.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from ddil_core.training.ema import EMA
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,18 @@ class Trainer:
         if ckpt is None:  # killed before its first checkpoint: start over, log included
             self._truncate_log(0)
             return False
-        tensors, state, pickled = load_checkpoint(ckpt)
+        try:
+            tensors, state, pickled = load_checkpoint(ckpt)  # every file's sha256 against its manifest first
+            self._restore(tensors, state, pickled, ckpt)
+        except (CheckpointError, ShardError):
+            raise
+        except Exception as exc:  # complete, verified files that still do not fit this run
+            raise CheckpointError(f"{ckpt}: does not fit this run ({type(exc).__name__}: {exc}); rerun with "
+                                  "--restart to start over") from None
+        log.info("resumed from %s at step %d", ckpt, self.step)
+        return True
+
+    def _restore(self, tensors: dict, state: dict, pickled: dict, ckpt: Path) -> None:
         self.objective.load_extra_state(state["objective"], tensors.get("objective", {}))
         self.mixture.set_grid(self.objective.grid())
         for name, module in self.modules.items():
@@ -175,8 +187,6 @@ class Trainer:
         self.nonfinite_total, self.nonfinite_in_a_row = state["nonfinite_total"], state["nonfinite_in_a_row"]
         self.student_updates = state.get("student_updates", self.step - self.nonfinite_total)  # older checkpoints
         self._truncate_log(self.step)
-        log.info("resumed from %s at step %d", ckpt, self.step)
-        return True
 
     def _truncate_log(self, step: int) -> None:
         if not self.is_main or not self.log_path.exists():
