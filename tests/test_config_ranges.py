@@ -98,7 +98,7 @@ def test_relations_between_keys(override, message):
 
 
 def test_lcm_student_steps_beyond_its_solver_grid():
-    with pytest.raises(ConfigError, match="objective.student_steps = 60 must be at most objective.lcm.num_ddim_timesteps"):
+    with pytest.raises(ConfigError, match="objective.student_steps = 60 must be at most objective.lcm.num_ddim_ti"):
         load_config("tiny", ["objective.name=lcm", "objective.student_steps=60"])
 
 

@@ -316,3 +316,41 @@ def test_register_accepts_what_belongs_together(evaluated, tmp_path, capsys):
                     "--registry", registry, "--set", "telemetry.run_id=another-run")
     assert code == 0, err
     assert (registry / "index.json").exists() and snapshot(student) == before
+
+
+def test_register_refuses_a_registry_inside_the_student(evaluated, tmp_path, capsys):
+    student, metrics = evaluated
+    before = snapshot(student)
+    code, err = run(capsys, "register", "--config", "tiny", "--student", student, "--metrics", metrics,
+                    "--registry", student / "registry")
+    assert_fails(code, err, f"--registry {student / 'registry'} lies inside the student folder {student}")
+    assert snapshot(student) == before
+
+
+@pytest.mark.parametrize("name", ["bad name", "-leading-dash", ""])
+def test_register_refuses_a_model_name_the_registry_cannot_hold(evaluated, tmp_path, capsys, name):
+    student, metrics = evaluated
+    registry = tmp_path / "registry"
+    code, err = run(capsys, "register", "--config", "tiny", "--student", student, "--metrics", metrics,
+                    "--registry", registry, "--set", f"registry.model_name='{name}'")
+    assert_fails(code, err, f"registry.model_name = {name!r} must be 1-128 letters")
+    assert not registry.exists()
+
+
+@pytest.mark.parametrize("info,named", [
+    ("{not json", "ddil_student.json: unreadable (JSONDecodeError"),
+    ('{"num_inference_steps": 0, "guidance_scale": 1.0}', "expected num_inference_steps (at least 1)"),
+    ('{"num_inference_steps": 2, "guidance_scale": NaN}', "a finite guidance_scale"),
+    ('{"num_inference_steps": 2, "guidance_scale": 1.0, "timesteps": ["999", 499]}', "'timesteps' must be a list"),
+])
+def test_a_student_record_that_is_not_what_distill_writes(evaluated, tmp_path, capsys, info, named):
+    student, _ = evaluated
+    broken = tmp_path / "student"
+    shutil.copytree(student, broken)
+    (broken / "ddil_student.json").write_text(info)
+    for args in (["sample", "--model", broken, "--prompt", "a digit", "--out", tmp_path / "x.png"],
+                 ["evaluate", "--config", "tiny", "--student", broken, "--out", tmp_path / "eval",
+                  "--set", "evaluation.extractor=pixels"]):
+        code, err = run(capsys, *args)
+        assert_fails(code, err, f"{broken / 'ddil_student.json'}", named)
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "eval").exists()

@@ -164,8 +164,8 @@ def test_sample_numbers(tmp_path, capsys, flag, value, named):
 def test_lcm_student_grid_that_the_rollouts_do_not_hold(tiny_data, tmp_path, capsys):
     """LCM with 8 student steps over 4-step rollouts: refused before OUT exists, naming both grids."""
     code, err, out = _distill(capsys, tiny_data, tmp_path, "objective.name=lcm", "objective.student_steps=8")
-    assert_fails(code, err, "objective.student_steps = 8 (lcm)", "not in the teacher rollouts' grid [999, 749, 499, 249]",
-                 "rollouts.teacher_steps = 4")
+    assert_fails(code, err, "objective.student_steps = 8 (lcm)",
+                 "not in the teacher rollouts' grid [999, 749, 499, 249]", "rollouts.teacher_steps = 4")
     assert_untouched(out)
 
 

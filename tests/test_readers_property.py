@@ -34,7 +34,8 @@ JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.f
                                                             inner, max_size=4)),
                     max_leaves=12)
 MANIFEST = st.recursive(
-    st.one_of(st.none(), st.integers(-2, 3), st.text(max_size=4), st.sampled_from(["latents", "a.png", "../x", "0" * 64])),
+    st.one_of(st.none(), st.integers(-2, 3), st.text(max_size=4),
+              st.sampled_from(["latents", "a.png", "../x", "0" * 64])),
     lambda inner: st.one_of(st.lists(inner, max_size=3),
                             st.dictionaries(st.sampled_from(["kind", "count", "shards", "file", "sha256", "shapes"]),
                                             inner, max_size=5)),

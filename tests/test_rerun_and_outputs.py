@@ -374,3 +374,11 @@ def test_a_cache_latents_exit_2_leaves_no_folder_it_made(tmp_path, capsys):
     code, err = run(capsys, "cache-latents", "--config", "tiny", "--dataset", tmp_path / "nowhere", "--out", out)
     assert_fails(code, err, "dataset not found")
     assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_out_of_memory_is_one_line_and_leaves_nothing(tiny_data, tmp_path, capsys):
+    """A replay buffer of 2**51 states (2**54 bytes: beyond any address space, so it fails at once everywhere)."""
+    out = tmp_path / "new" / "run"
+    code, err = run(capsys, *_distill_args(tiny_data, out, "ddil.buffer.capacity=2251799813685248"))
+    assert_fails(code, err, "out of memory", "ddil.buffer.capacity")
+    assert not (tmp_path / "new").exists()

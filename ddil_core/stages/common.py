@@ -112,7 +112,8 @@ class Teacher:
         return module_fingerprint(self.pipe.unet)
 
     def text_encoder_ids(self) -> list[str]:
-        return [module_fingerprint(self.pipe.text_encoder), module_fingerprint(getattr(self.pipe, "text_encoder_2", None))]
+        return [module_fingerprint(self.pipe.text_encoder),
+                module_fingerprint(getattr(self.pipe, "text_encoder_2", None))]
 
     def vae_id(self) -> str:
         """A fingerprint of the VAE (config and weights' first/last tensors) to match caches to teachers."""
@@ -257,7 +258,8 @@ def check_cache_matches(manifest: dict, teacher: Teacher, folder: Path) -> None:
         problems.append(f"its text encoders ({manifest.get('text_encoders')}) are not the teacher's "
                         f"({teacher.text_encoder_ids()})")
     if manifest.get("resolution") != teacher.resolution:
-        problems.append(f"it was cached at resolution {manifest.get('resolution')}, the teacher runs at {teacher.resolution}")
+        problems.append(f"it was cached at resolution {manifest.get('resolution')}, the teacher runs at "
+                        f"{teacher.resolution}")
     if manifest.get("family") != teacher.family:
         problems.append(f"it holds {manifest.get('family')} text embeddings, the teacher is {teacher.family}")
     if problems:

@@ -36,6 +36,10 @@ def student_info(folder) -> Optional[dict]:
             or not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or guidance != guidance
             or guidance in (float("inf"), float("-inf")) or guidance < 0):
         raise ModelError(f"{path}: expected num_inference_steps (at least 1) and a finite guidance_scale (0 or more)")
+    timesteps = info.get("timesteps")
+    if timesteps is not None and (not isinstance(timesteps, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in timesteps)):
+        raise ModelError(f"{path}: 'timesteps' must be a list of non-negative integers, got {timesteps!r}"[:300])
     return info
 
 

@@ -51,15 +51,20 @@ def register(config: Config, student: str, metrics_path: str | Path, registry: O
     unusable or the metrics were made for another student, ConfigError when the config is not the one that made the
     student (its model card would mislabel it), and GateError when a gate fails.
     """
-    from ddil_core.models.pipeline_io import ModelError, check_model_folder
-    from ddil_core.stages.provenance import check_config_of, check_metrics_belong, student_info
-
     from ddil_core.config import ConfigError
+    from ddil_core.models.pipeline_io import ModelError, check_model_folder
     from ddil_core.registry.local import NAME_PATTERN
+    from ddil_core.stages.provenance import check_config_of, check_metrics_belong, student_info
 
     if not NAME_PATTERN.match(config.registry.model_name or ""):
         raise ConfigError(f"registry.model_name = {config.registry.model_name!r} must be 1-128 letters, digits, '.', "
                           "'_' or '-', starting with a letter or digit")
+    target = registry or config.registry.uri
+    if not config.registry.kubeflow_address and "://" not in str(target) and "://" not in str(student):
+        mine, theirs = Path(target).resolve(), Path(student).resolve()
+        if mine == theirs or theirs in mine.parents:
+            raise ModelError(f"--registry {target} lies inside the student folder {student}; registering would "
+                             "change the student it registers")
     metrics = read_metrics(metrics_path)
     if "://" not in str(student):
         if not Path(student).is_dir():
