@@ -59,8 +59,11 @@ def demo_guidance(demo: Path) -> float:
     return 2.0
 VARIANTS = {
     "baseline": ["ddil.priors.forward=1", "ddil.priors.teacher=0", "ddil.priors.student=0", "ddil.reflection.mode=off"],
+    # The variants share one set of teacher rollouts, made with the demo recipe's static reflection; distill refuses a
+    # config that says otherwise, so "+DDIL" states it: reflection applies to those precomputed rollouts only, and no
+    # training step is reflected (the same training as ddil.reflection.mode=off).
     "+DDIL": ["ddil.priors.forward=0.5", "ddil.priors.teacher=0.25", "ddil.priors.student=0.25",
-              "ddil.reflection.mode=off"],
+              "ddil.reflection.mode=static", "ddil.reflection.apply_to=[teacher_rollouts]"],
     "+DDIL +reflection": ["ddil.priors.forward=0.5", "ddil.priors.teacher=0.25", "ddil.priors.student=0.25",
                           "ddil.reflection.mode=static"],
 }
