@@ -74,16 +74,14 @@ def stage_run(config: Config, stage: str, out: Path, serve: bool = False, restar
         return
     created = missing_folders(out)
     try:
-        try:
-            lock = output_lock(out)
-            lock.__enter__()
-        except OSError as exc:
-            raise location_error(out, exc) from None
-        try:
-            with stage_telemetry(config, stage, out, serve) as telemetry, disk_full_is_clear(out):
-                yield StageRun(telemetry, replace)
-        finally:
-            lock.__exit__(None, None, None)
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(output_lock(out))
+            except OSError as exc:  # read-only, full, not a folder: named before any work
+                raise location_error(out, exc) from None
+            telemetry = stack.enter_context(stage_telemetry(config, stage, out, serve))
+            stack.enter_context(disk_full_is_clear(out))
+            yield StageRun(telemetry, replace)
     except BaseException:
         remove_if_empty(created)
         raise

@@ -40,6 +40,12 @@ def read_metrics(path: str | Path) -> dict:
     if not isinstance(metrics, dict) or not isinstance(metrics.get("models"), dict):
         raise MetricsError(f"{path}: not an evaluate metrics file (expected a 'models' mapping with the student's "
                            "metrics)")
+    bad = [name for name, entry in metrics["models"].items() if not isinstance(entry, dict)]
+    if "student" not in metrics["models"] or bad:
+        raise MetricsError(f"{path}: not an evaluate metrics file (models.{bad[0] if bad else 'student'} must be a "
+                           "mapping of metric names to values)")
+    if not isinstance(metrics.get("protocol", {}), dict):
+        raise MetricsError(f"{path}: not an evaluate metrics file ('protocol' must be a mapping)")
     return metrics
 
 
