@@ -354,3 +354,21 @@ def test_a_student_record_that_is_not_what_distill_writes(evaluated, tmp_path, c
         code, err = run(capsys, *args)
         assert_fails(code, err, f"{broken / 'ddil_student.json'}", named)
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "eval").exists()
+
+
+@pytest.mark.parametrize("edit,named", [
+    (lambda m: m["models"].__setitem__("student", [1, 2]), "models.student must be a mapping"),
+    (lambda m: m["models"].pop("student"), "models.student must be a mapping"),
+    (lambda m: m.__setitem__("protocol", ["x"]), "'protocol' must be a mapping"),
+])
+def test_register_refuses_metrics_of_the_wrong_layout(evaluated, tmp_path, capsys, edit, named):
+    student, metrics = evaluated
+    data = json.loads(metrics.read_text())
+    edit(data)
+    broken = tmp_path / "metrics.json"
+    broken.write_text(json.dumps(data))
+    registry = tmp_path / "registry"
+    code, err = run(capsys, "register", "--config", "tiny", "--student", student, "--metrics", broken,
+                    "--registry", registry)
+    assert_fails(code, err, f"{broken}: not an evaluate metrics file", named)
+    assert not registry.exists()
