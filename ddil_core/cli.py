@@ -99,7 +99,7 @@ def cmd_distill(args):
 def cmd_prepare_demo(args):
     from pathlib import Path
 
-    from ddil_core.stages.outputs import check_out_path, check_rerun
+    from ddil_core.stages.outputs import check_out_path, check_rerun, missing_folders, remove_if_empty
     from ddil_core.stages.prepare_demo import DEMO_ENTRIES, SUMMARY, prepare_demo
 
     config = _config(args)
@@ -108,7 +108,12 @@ def cmd_prepare_demo(args):
     products = DEMO_ENTRIES - {SUMMARY, "resolved_config.yaml", ".gitignore"}
     if out.is_dir() and any((out / name).exists() for name in products):  # DVC removes them before a rerun
         check_rerun(out, config, "prepare-demo", args.restart)  # the whole folder is rebuilt when this passes
-    summary = prepare_demo(config, args.out)
+    created = missing_folders(out.parent)
+    try:
+        summary = prepare_demo(config, args.out)
+    except BaseException:
+        remove_if_empty(created)  # prepare-demo removes its staging folder; these are the folders made for it
+        raise
     print(f"demo teacher, dataset and classifier -> {args.out}: {summary}")
 
 
