@@ -91,6 +91,7 @@ def test_the_shipped_recipes_are_valid():
 @pytest.mark.parametrize("override,message", [
     ("objective.lcm.w_min=20", "objective.lcm.w_min = 20.0 must not exceed objective.lcm.w_max = 15.0"),
     ("objective.dmd2.min_step=990", "objective.dmd2.min_step = 990 must not exceed objective.dmd2.max_step = 980"),
+    ("model.dtype=bfloat16", "model.dtype = bfloat16 needs training.mixed_precision = bf16"),
 ])
 def test_relations_between_keys(override, message):
     with pytest.raises(ConfigError, match=message):

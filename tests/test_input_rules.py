@@ -242,6 +242,16 @@ def test_numbers_that_do_not_fit_the_teachers_schedule(tiny_data, tmp_path, caps
     assert_untouched(out)
 
 
+def test_a_float16_teacher_without_a_gpu(tiny_data, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: float16 is allowed")
+    code, err, out = _distill(capsys, tiny_data, tmp_path, "model.dtype=float16", "training.mixed_precision=fp16")
+    assert_fails(code, err, "model.dtype = float16 needs a GPU")
+    assert_untouched(out)
+
+
 def test_evaluation_steps_beyond_the_teachers_schedule(tmp_path, capsys):
     from ddil_core.models.tiny import build_tiny_pipeline
 
