@@ -325,7 +325,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer literal beyond any float
+            raise ConfigError(f"{where}: {value} is not a finite number") from None
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
@@ -360,7 +363,10 @@ def parse_override(item: str) -> dict:
     if "=" not in item:
         raise ConfigError(f"override '{item}' must look like key.path=value")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{item}': the value is not valid YAML ({yaml_error_line(exc)})") from None
     node: dict = {}
     cursor = node
     parts = key.strip().split(".")
@@ -369,6 +375,15 @@ def parse_override(item: str) -> dict:
         cursor = cursor[part]
     cursor[parts[-1]] = value
     return node
+
+
+def yaml_error_line(exc: Exception) -> str:
+    """A YAML parse error in one line: where it is and what is wrong (PyYAML's own text spans several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    what = " ".join(str(getattr(exc, "problem", None) or exc).split())
+    context = getattr(exc, "context", None)
+    return where + what + (f" ({' '.join(str(context).split())})" if context else "")
 
 
 def recipe_path(name_or_path: str) -> Path:
@@ -393,9 +408,13 @@ def load_config(recipe: Optional[str] = None, overrides: Optional[list[str]] = N
         path = recipe_path(recipe)
         source = str(path)
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+            raise ConfigError(f"{path}: not valid YAML ({yaml_error_line(exc)})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a YAML recipe (not valid UTF-8 text)") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: unreadable recipe ({exc.strerror or exc})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(loaded).__name__}")
         data = loaded or {}
@@ -416,7 +435,13 @@ def config_from_dict(data: dict) -> Config:
 
 
 def validate(config: Config, source: str = "config") -> None:
-    problems = []
+    from ddil_core.config_ranges import number_problems, relation_problems
+
+    # Every number finite and in its key's range first: the checks below assume sane values (no 0 divisors).
+    problems = number_problems(config)
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+    problems = relation_problems(config)
     p = config.ddil.priors
     for name in ("forward", "teacher", "student"):
         if getattr(p, name) < 0:
