@@ -259,7 +259,7 @@ class DemoConfig:
     threads: int = 1  # torch threads of every phase: fixed, so the same code and seed rebuild the same teacher
     #                   bit for bit (one thread is also the fastest on a shared 2-core CPU: demo-facts.md)
     adapt_threads: bool = False  # instead switch between one thread and all cores by measured speed
-    #                              (demo/progress.py: ThreadTuner); not bit-reproducible
+    #                              (demo/threads.py: ThreadTuner); not bit-reproducible
 
 
 @dataclass
