@@ -33,7 +33,7 @@ from ddil_core.metrics.extractors import load_extractor  # noqa: E402
 from ddil_core.models.pipeline_io import load_pipeline, read_student_info  # noqa: E402
 from ddil_core.stages.cache_latents import cache_latents  # noqa: E402
 from ddil_core.stages.distill import distill  # noqa: E402
-from ddil_core.stages.evaluate import reference_features  # noqa: E402
+from ddil_core.stages.evaluate_inputs import reference_features  # noqa: E402
 
 GAN_OFF = ["objective.dmd2.gan=false"]
 # What to run: name -> (what it changes, overrides). "old" is the DMD2 of the first paper table (no GAN, the grid

@@ -6,6 +6,7 @@ exits non-zero with one line naming the file, key or value at fault.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import signal
@@ -16,6 +17,7 @@ EXIT_BAD_INPUT = 2
 EXIT_GATE_FAILED = 3
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what Kubernetes expects of a terminated container
 MAX_SEED = 2**63 - 2**32  # as config_ranges.SEED
+LIGHT_COMMANDS = ("register",)  # no torch or diffusers: no thread count to choose, no diffusers to quiet
 
 
 class _Parser(argparse.ArgumentParser):
@@ -114,7 +116,11 @@ def cmd_prepare_demo(args):
     except BaseException:
         remove_if_empty(created)  # prepare-demo removes its staging folder; these are the folders made for it
         raise
-    print(f"demo teacher, dataset and classifier -> {args.out}: {summary}")
+    teacher = summary["teacher"]
+    print(f"demo teacher, dataset and classifier -> {args.out}: teacher {100 * teacher['accuracy']:.1f}% prompted-"
+          f"digit accuracy, FD {teacher['fid']:.1f} at {teacher['steps']} DDIM steps (floor "
+          f"{summary['reference_fid_train_vs_heldout']:.1f}), {summary['timings_s']['total'] / 60:.1f} min; "
+          f"details in {args.out}/summary.json")
 
 
 def cmd_evaluate(args):
@@ -308,6 +314,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("diffusers", "transformers", "accelerate", "urllib3", "botocore", "s3fs", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from ddil_core.console import choose_threads, quiet_libraries
+    from ddil_core.progress import stderr_is_tty
+
+    light = args.command in LIGHT_COMMANDS
+    quiet_libraries(with_diffusers=not light)
+    if not light and args.command != "prepare-demo":  # prepare-demo runs demo.threads and says so itself
+        logging.getLogger("ddil_core").info("%s", choose_threads())
+    with contextlib.ExitStack() as stack:
+        if stderr_is_tty():  # log lines go above the progress bars instead of through them
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            stack.enter_context(logging_redirect_tqdm())
+        return _run(args)
+
+
+def _run(args) -> int:
     from ddil_core.data.shards import is_disk_full
     from ddil_core.errors import BAD_INPUT_ERRORS
     from ddil_core.registry import GateError
