@@ -40,11 +40,11 @@ from ddil_core.data.shards import folder_digest, publish_dir, staging_dir
 from ddil_core.metrics.extractors import Extractor, load_extractor
 from ddil_core.models.pipeline_io import ModelError, check_model_folder, load_pipeline, missing_folder_error
 from ddil_core.stages.common import write_resolved_config
-from ddil_core.stages.evaluate_inputs import (default_prompts, prompt_class, read_prompt_file, reference_features,
-                                              reference_uri)
+from ddil_core.stages.evaluate_inputs import (check_teacher_of, default_prompts, prompt_class, read_prompt_file,
+                                              reference_features, reference_uri)
 from ddil_core.stages.evaluate_results import json_safe, model_metrics, speedups, write_outputs
 from ddil_core.stages.evaluate_sampling import Run, Setup, device, free, prepare, sample_run
-from ddil_core.stages.provenance import check_sampling_steps, check_teacher_of, student_info
+from ddil_core.stages.provenance import check_sampling_steps, student_info
 
 log = logging.getLogger(__name__)
 CROSS_CHECK_MAX_DIM = 1024  # torchmetrics' FID (a D x D non-symmetric eig) on CPU only up to this feature size

@@ -1,5 +1,5 @@
-"""What evaluate measures against: the prompts (and the class each asks for, for adherence) and the reference images
-(their features, streamed)."""
+"""What evaluate measures against: the prompts (and the class each asks for, for adherence), the reference images
+(their features, streamed), and the teacher, checked to be the one the students were distilled from."""
 from __future__ import annotations
 
 import re
@@ -8,10 +8,13 @@ from typing import Optional
 
 import torch
 
-from ddil_core.config import Config
+from ddil_core.config import Config, ConfigError
+from ddil_core.config_ranges import schedule_problems
 from ddil_core.data.datasets import DatasetError, SkipReport, digit_caption, image_to_tensor, iter_samples
 from ddil_core.metrics.extractors import Extractor
+from ddil_core.models.pipeline_io import ModelError
 from ddil_core.models.tiny import DIGIT_WORDS
+from ddil_core.stages.common import check_finite_weights, module_fingerprint
 
 
 def read_prompt_file(path: str) -> list[str]:
@@ -84,3 +87,19 @@ def reference_features(config: Config, uri: str, resolution: int, extractor: Ext
     if batch:
         feats.append(extractor.features(torch.stack(batch)))
     return torch.cat(feats), captions, skips.skipped
+
+
+def check_teacher_of(teacher_pipe, teacher: str, config: Config, students: list) -> None:
+    """Each (role, folder, info) student was distilled from this teacher, and the teacher's schedule fits the
+    evaluation's step counts; its weights are finite."""
+    problems = schedule_problems(config, teacher_pipe.scheduler.config.num_train_timesteps, "evaluate")
+    if problems:
+        raise ConfigError(f"{teacher}: " + "; ".join(problems))
+    check_finite_weights(teacher_pipe, teacher)
+    mine = module_fingerprint(teacher_pipe.unet)
+    for role, folder, info in students:
+        recorded = (info or {}).get("teacher_unet")
+        if folder and recorded is not None and recorded != mine:
+            raise ModelError(f"{folder}: this {role} was distilled from teacher {info.get('teacher')} (UNet "
+                             f"{recorded}), not from --teacher {teacher} (UNet {mine}); evaluate it against its own "
+                             "teacher")
