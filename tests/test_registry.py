@@ -461,7 +461,7 @@ def test_kubeflow_adapter_sends_expected_requests(config, student, stub, tmp_pat
     assert bodies[2]["modelFormatVersion"] == "0.42.1"  # from the student's model_index.json
 
     # what the stub stored is readable back through the adapter
-    from ddil_core.registry.kubeflow import KubeflowRegistry
+    from ddil_core.registry.kubeflow_model_registry import KubeflowRegistry
 
     reg = KubeflowRegistry("127.0.0.1", stub.port, author="reader")
     assert [v["version"] for v in reg.list_versions("ddil-student")] == ["v1", "v2"]
@@ -542,7 +542,7 @@ def test_kubeflow_version_holds_the_lineage_an_s3_uri_and_its_model_source(confi
                                               "modelSourceId", "modelSourceName")} == {
         "modelSourceKind": "kfp", "modelSourceClass": "pipelinerun", "modelSourceGroup": "ml-team",
         "modelSourceId": LINEAGE["kfp_run_id"], "modelSourceName": "ddil-nightly"}
-    from ddil_core.registry.kubeflow import KubeflowRegistry
+    from ddil_core.registry.kubeflow_model_registry import KubeflowRegistry
 
     got = KubeflowRegistry("127.0.0.1", stub.port).get("ddil-student", entry["version"])
     assert got["uri"] == s3 and got["metadata"]["git_sha"] == LINEAGE["git_sha"]
