@@ -76,7 +76,7 @@ RANGES: dict[str, Range] = {
     "ddil.buffer.refresh_fraction": FRACTION,
     "ddil.reflection.percentile": FRACTION,
     "ddil.reflection.bound": POSITIVE,
-    "ddil.reflection.max_value": Range(1),  # dynamic thresholding floors s at 1 (diffusers: sample_max_value)
+    "ddil.reflection.max_value": Range(1.0),  # s is floored at 1 (diffusers' _threshold_sample)
     "objective.student_steps": COUNT,
     "objective.guidance_scale": GUIDANCE,
     "objective.pd.teacher_steps": COUNT,
@@ -149,7 +149,7 @@ RANGES: dict[str, Range] = {
     "demo.eval_images_per_digit": COUNT,
     "demo.vae_max_seconds": POSITIVE,
     "demo.teacher_max_seconds": POSITIVE,
-    "demo.threads": Range(1, 1024),
+    "demo.threads": COUNT,
 }
 
 

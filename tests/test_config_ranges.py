@@ -32,7 +32,7 @@ def _is_list(key: str) -> bool:
     for part in key.split("."):
         tp = typing.get_type_hints(cls)[part]
         cls = tp
-    if typing.get_origin(tp) is typing.Union:  # Optional[list[int]]
+    if typing.get_origin(tp) is typing.Union:  # Optional[list[...]]
         tp = next(a for a in typing.get_args(tp) if a is not type(None))
     return typing.get_origin(tp) is list
 

@@ -288,7 +288,8 @@ def _changed_stages(repo: Path, env: dict) -> dict:
 
 def test_dvc_status_reports_distill_and_evaluate_after_a_ddim_edit(tmp_path):
     """A temporary copy of the project with placeholder data, committed (`dvc commit -f`: dvc.lock of the current
-    code), then an edit to ddil_core/math/ddim.py: `dvc status` names distill and evaluate, not register."""
+    code), then an edit to ddil_core/math/ddim.py: `dvc status` names distill and evaluate, not register (whose
+    checks of the student folder and metrics import no math)."""
     env = _dvc_env()
     repo = _project_copy(tmp_path)
     spec = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
@@ -330,10 +331,10 @@ def test_two_forced_repros_leave_registry_versions_1_and_2(tmp_path):
     repo = _project_copy(tmp_path)
     spec = yaml.safe_load((repo / "dvc.yaml").read_text())
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"register": spec["stages"]["register"]}}))
-    student = repo / "runs" / "demo" / "distill" / "student"  # a whole pipeline folder, as register checks
+    student = repo / "runs" / "demo" / "distill" / "student"  # a plain pipeline folder: register checks it loads
     build_tiny_pipeline("sd15").save_pretrained(str(student), safe_serialization=True)
     metrics = make_metrics(student_fid=30.0, teacher_fid=20.0, coverage=0.8, adherence=0.95)
-    metrics["protocol"]["model_digests"] = {"student": folder_digest(student)}  # made for this folder (evaluate)
+    metrics["protocol"]["model_digests"] = {"student": folder_digest(student)}  # made for this student, as evaluate
     (repo / "runs" / "demo" / "evaluate").mkdir(parents=True)
     (repo / "runs" / "demo" / "evaluate" / "metrics.json").write_text(json.dumps(metrics))
     env["PYTHONPATH"] = str(repo)  # `ddil` runs this copy's ddil_core

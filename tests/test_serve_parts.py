@@ -253,5 +253,5 @@ def test_serve_rejects_a_bad_model_with_exit_2_and_one_line(tmp_path, capsys):
 def test_serve_rejects_bad_flags(flag, value, capsys):
     from ddil_core.cli import main
 
-    assert main(["serve", "--model", "x", flag, value]) == 2  # main returns argparse's exit code (cli.main)
+    assert main(["serve", "--model", "x", flag, value]) == 2  # argparse's exit code, returned (cli.main)
     assert flag in capsys.readouterr().err
