@@ -14,8 +14,14 @@ def free_port() -> int:
 
 @pytest.fixture()
 def s3_server(monkeypatch):
-    """Yields the endpoint URL; boto3/s3fs clients in this process and its children reach it via env vars."""
+    """Yields the endpoint URL; boto3/s3fs clients in this process and its children reach it via env vars.
+
+    fsspec caches filesystem instances by their arguments, not by the environment: an S3FileSystem made for an
+    earlier test's server (now stopped) would be handed out again, so the cache is cleared on the way in and out."""
     from moto.server import ThreadedMotoServer
+    from s3fs import S3FileSystem
+
+    S3FileSystem.clear_instance_cache()  # per class: each filesystem class keeps its own cache
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -30,3 +36,4 @@ def s3_server(monkeypatch):
         yield endpoint
     finally:
         server.stop()
+        S3FileSystem.clear_instance_cache()
