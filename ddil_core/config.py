@@ -122,6 +122,22 @@ class LCMConfig:
     time_cond_proj_dim: int = 256
 
 
+# diffusers examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py: its default LoRA targets (attention,
+# feed-forward, resnet convolutions, resamplers and the time-embedding projections of every block).
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA adapters (peft) on a frozen copy of the teacher instead of training every weight (method/adapters.py)."""
+
+    rank: int = 0  # 0: off, every weight is trained (full fine-tuning)
+    alpha: Optional[float] = None  # LoRA scale alpha / rank; None: alpha = rank (scale 1)
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    save_fused: bool = False  # student only: also write DIR/student-fused/, the adapters fused into a full UNet
+
+
 @dataclass
 class DMD2Config:
     """Distribution matching distillation v2 (Yin et al. 2024; code: tianweiy/DMD2). Defaults are the reference's
@@ -143,6 +159,7 @@ class DMD2Config:
     regression_weight: float = 0.0  # DMD (v1)'s regression on the teacher's noise-image pairs; 0: off, as in DMD2
     regression_loss: Literal["l2", "huber"] = "l2"  # DMD used LPIPS on images, which needs downloaded weights: ours
     #                                                 is in latent space (huber: pseudo-Huber, c = 1e-3 as LCM)
+    fake_lora: LoRAConfig = field(default_factory=LoRAConfig)  # LoRA on the fake score (rank 0: trained fully, as DMD2)
 
 
 @dataclass
@@ -190,6 +207,13 @@ class TrainingConfig:
     seed: int = 0
     max_nonfinite_in_a_row: int = 10
     wall_clock_limit_s: Optional[float] = None  # guard: checkpoint and stop when exceeded
+    # --- memory at scale (docs/performance.md, "what fits where"); all off by default: nothing changes
+    gradient_checkpointing: bool = False  # recompute activations in backward, trainable UNets only (student, fake score)
+    grad_accum_steps: int = 1  # batch_size is the global batch of one update, in grad_accum_steps micro-batches:
+    #                            per-device micro-batch = batch_size / (processes x grad_accum_steps)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # LoRA student (rank > 0); saved for load_lora_weights
+    fsdp: bool = False  # shard the trainable networks over the processes (FSDP2 fully_shard; training/fsdp.py)
+    streaming: bool = False  # read latents, embeddings and rollout states from the shards per batch, not into memory
 
 
 @dataclass
@@ -472,6 +496,14 @@ def validate(config: Config, source: str = "config") -> None:
             problems.append(f"training.{name} = {getattr(t, name)} must be at least 1")
     if t.lr <= 0:
         problems.append(f"training.lr = {t.lr} must be positive")
+    if t.grad_accum_steps < 1:
+        problems.append(f"training.grad_accum_steps = {t.grad_accum_steps} must be at least 1")
+    elif t.batch_size % t.grad_accum_steps:
+        problems.append(f"training.batch_size = {t.batch_size} must be divisible by training.grad_accum_steps = "
+                        f"{t.grad_accum_steps} (batch_size is the global batch of one update)")
+    for where, lora in (("training.lora", t.lora), ("objective.dmd2.fake_lora", o.dmd2.fake_lora)):
+        if lora.rank < 0 or (lora.rank and not lora.target_modules):
+            problems.append(f"{where}: rank = {lora.rank} must be 0 (off) or positive, with target_modules")
     if not 0 <= config.ddil.bernoulli_teacher_p <= 1:
         problems.append(f"ddil.bernoulli_teacher_p = {config.ddil.bernoulli_teacher_p} must be in [0, 1]")
     if config.data.shard_size < 1:

@@ -96,7 +96,7 @@ def load_teacher(config: Config, device: torch.device | str = "cpu") -> Teacher:
 
 @dataclass
 class LatentCache:
-    latents: torch.Tensor  # [N, C, H, W] float16
+    latents: torch.Tensor  # [N, C, H, W] float16 (or ShardRows, streaming)
     cond: Cond  # [N, ...]
     uncond: Cond  # [1, ...]
     captions: list[str]
@@ -108,9 +108,16 @@ class LatentCache:
         return torch.tensor(b, dtype=torch.float32) if b else None
 
 
-def read_latent_cache(folder: Path, teacher: Optional[Teacher] = None) -> LatentCache:
+def read_latent_cache(folder: Path, teacher: Optional[Teacher] = None, streaming: bool = False) -> LatentCache:
+    """The latent cache in memory, or (streaming) as ShardRows read from its shards on demand (data/streaming.py)."""
     folder = Path(folder)
-    tensors, manifest = load_shards(folder, kind="latents")
+    if streaming:
+        from ddil_core.data.streaming import ShardRows, tensor_keys, verified_shards
+
+        files, manifest = verified_shards(folder, "latents")
+        tensors = {key: ShardRows(files, key) for key in tensor_keys(files)}
+    else:
+        tensors, manifest = load_shards(folder, kind="latents")
     if teacher is not None:
         check_cache_matches(manifest, teacher, folder)
     cond = {k[len("cond."):]: v for k, v in tensors.items() if k.startswith("cond.")}

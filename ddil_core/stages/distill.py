@@ -6,20 +6,21 @@ DIR/resolved_config.yaml. Rerunning on an existing DIR resumes from its newest c
 """
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 
-from ddil_core.config import Config
+from ddil_core.config import Config, ConfigError
 from ddil_core.data.shards import ShardError, load_shards
 from ddil_core.method.buffer import ReplayBuffer
 from ddil_core.method.mixture import DDILMixture, TrainingData
 from ddil_core.method.objectives import ObjectiveContext, build_objective
 from ddil_core.method.rollouts import teacher_interval_step
 from ddil_core.models.denoiser import Denoiser
-from ddil_core.models.pipeline_io import save_student_pipeline
+from ddil_core.models.pipeline_io import LORA_WEIGHTS, save_fused_student, save_student_pipeline
 from ddil_core.stages.common import (is_main_process, load_teacher, read_latent_cache, stage_run,
                                      write_resolved_config)
 from ddil_core.training.loop import Trainer
@@ -27,10 +28,10 @@ from ddil_core.training.loop import Trainer
 log = logging.getLogger(__name__)
 
 
-def read_rollouts(folders: Sequence[Path], cache_count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                      torch.Tensor]:
+def read_rollouts(folders: Sequence[Path], cache_count: int, streaming: bool = False) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Teacher rollouts (states, timesteps, prompt refs, final images) from one or more folders (the shards of a
-    fan-out), or from a folder of such folders."""
+    fan-out), or from a folder of such folders; streaming: states and images as ShardRows read on demand."""
     dirs: list[Path] = []
     for folder in map(Path, folders):
         if (folder / "manifest.json").exists():
@@ -40,9 +41,15 @@ def read_rollouts(folders: Sequence[Path], cache_count: int) -> tuple[torch.Tens
             if not sub:
                 raise ShardError(f"{folder}: no teacher rollouts here (no manifest.json)")
             dirs.extend(sub)
-    states, refs, finals, timesteps = [], [], [], None
+    states, refs, finals, timesteps, files = [], [], [], None, []
     for folder in dirs:
-        tensors, manifest = load_shards(folder, kind="rollouts")
+        if streaming:
+            from ddil_core.data.streaming import verified_shards
+
+            shard_files, manifest = verified_shards(folder, "rollouts")
+            files += shard_files
+        else:
+            tensors, manifest = load_shards(folder, kind="rollouts")
         if manifest.get("latents_count") != cache_count:
             raise ShardError(f"{folder}: rollouts were made from a latent cache of {manifest.get('latents_count')} "
                              f"samples, this cache has {cache_count}")
@@ -50,9 +57,14 @@ def read_rollouts(folders: Sequence[Path], cache_count: int) -> tuple[torch.Tens
         if timesteps is not None and not torch.equal(ts, timesteps):
             raise ShardError(f"{folder}: rollout timesteps differ from the other rollout shards")
         timesteps = ts
-        states.append(tensors["states"])
-        refs.append(tensors["ref"])
-        finals.append(tensors["x0"])
+        if not streaming:
+            states.append(tensors["states"])
+            refs.append(tensors["ref"])
+            finals.append(tensors["x0"])
+    if streaming:
+        from ddil_core.data.streaming import ShardRows
+
+        return ShardRows(files, "states"), timesteps, ShardRows(files, "ref").load(), ShardRows(files, "x0")
     return torch.cat(states), timesteps, torch.cat(refs), torch.cat(finals)
 
 
@@ -90,9 +102,13 @@ def _distill(config, latents, rollouts, out, on_log, on_checkpoint) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     if is_main_process():
         write_resolved_config(out, config)
+    if config.model.dtype != "float32" and config.training.mixed_precision == "no":
+        raise ConfigError(f"model.dtype = {config.model.dtype} needs training.mixed_precision = bf16 or fp16: the "
+                          "frozen half-precision networks get their inputs cast by autocast")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher = load_teacher(config, device)
-    cache = read_latent_cache(Path(latents), teacher)
+    streaming = config.training.streaming
+    cache = read_latent_cache(Path(latents), teacher, streaming=streaming)
     if config.model.dtype != "float32":  # a half-precision frozen teacher saves memory on GPUs
         teacher.unet.to(getattr(torch, config.model.dtype))
     ctx = objective_context(config, teacher, cache, device)
@@ -101,7 +117,7 @@ def _distill(config, latents, rollouts, out, on_log, on_checkpoint) -> Path:
     wants_pairs = objective.needs_teacher_pairs
     if rollouts and (wants_pairs or (config.ddil.priors.teacher > 0 and config.ddil.teacher_mode == "precomputed")):
         data.rollout_states, data.rollout_timesteps, data.rollout_ref, data.rollout_x0 = read_rollouts(
-            rollouts, cache.latents.shape[0])
+            rollouts, cache.latents.shape[0], streaming=streaming)
     bcfg = config.ddil.buffer
     buffer = ReplayBuffer(bcfg.capacity, bcfg.eviction) if bcfg.enabled and config.ddil.priors.student > 0 else None
     teacher_step = None
@@ -116,15 +132,24 @@ def _distill(config, latents, rollouts, out, on_log, on_checkpoint) -> Path:
     trainer = Trainer(config, objective, mixture, out, on_log=on_log, on_checkpoint=on_checkpoint)
     trainer.resume()
     trainer.train()
+    full = trainer.full_state("student") if trainer.fsdp else None  # gathered from the shards on every rank
     if not trainer.is_main:
         trainer.accelerator.wait_for_everyone()
         return out / "student"
     student = objective.trainable()["student"]
+    if full is not None:  # an unsharded copy to write (sharded training is full fine-tuning: the teacher's layout)
+        student = copy.deepcopy(teacher.unet).float()
+        student.load_state_dict(full)
     if trainer.ema is not None:
         trainer.ema.copy_to(student)
+    lora = config.training.lora
     info = {**objective.student_info(), "teacher": config.model.teacher, "steps_trained": trainer.step,
             "priors": vars(config.ddil.priors)}
+    if lora.rank:  # the folder is the teacher's pipeline: load the adapters with pipe.load_lora_weights(folder)
+        info["lora"] = {"rank": lora.rank, "alpha": lora.alpha or lora.rank, "weights": LORA_WEIGHTS}
     save_student_pipeline(teacher.pipe, student, objective.student_scheduler(), out / "student", info)
+    if lora.rank and lora.save_fused:
+        save_fused_student(out / "student", out / "student-fused")
     if buffer is not None:
         buffer.save(out / "buffer")
     log.info("student written to %s", out / "student")

@@ -22,7 +22,6 @@ Networks: the frozen teacher (real score), a trainable fake score initialised fr
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import time
 from typing import Optional
@@ -39,6 +38,7 @@ from ddil_core.method.mixture import StateBatch
 from ddil_core.method.objectives.base import LossOutput, Objective, ObjectiveContext, student_scheduler_config
 from ddil_core.method.objectives.lcm import pseudo_huber
 from ddil_core.models.denoiser import Denoiser
+from ddil_core.models.trainable import trainable_copy
 
 
 def distribution_matching_grad(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
@@ -107,6 +107,12 @@ class FakeScore(nn.Module):
         self.unet = unet
         self.head = None
         self._classifying = False
+        # Stop the forward at the bottleneck by an exception (DMD2 classify_forward skips the up blocks). Sharded
+        # training (training/fsdp.py) turns it off: an exception out of a sharded block would skip FSDP's post-forward
+        # hooks, so there the forward runs to the end and the hook only keeps the bottleneck (the up blocks' output
+        # is unused: same logits and gradients, more compute).
+        self.stop_at_bottleneck = True
+        self._features = None
         if gan:
             side = latent_side // 2 ** (len(unet.config.block_out_channels) - 1)  # every down block but the last halves
             self.head = BottleneckClassifier(unet.config.block_out_channels[-1], side)
@@ -114,19 +120,23 @@ class FakeScore(nn.Module):
 
     def _stop_at_bottleneck(self, module, inputs, output):
         if self._classifying:
-            raise _Bottleneck(output)
+            if self.stop_at_bottleneck:
+                raise _Bottleneck(output)
+            self._features = output
 
     def logits(self, denoiser: Denoiser, x_t, t, cond) -> torch.Tensor:
         """D(x_t, t): the UNet's down blocks and mid block only, then the head (DMD2 classify_forward, which returns
         the bottleneck without running the up blocks)."""
-        self._classifying = True
+        self._classifying, self._features = True, None
         try:
             denoiser.output(x_t, t, cond)
-            raise RuntimeError("the fake score UNet never reached its mid block")
+            if self._features is None:
+                raise RuntimeError("the fake score UNet never reached its mid block")
+            features = self._features
         except _Bottleneck as stop:
             features = stop.features
         finally:
-            self._classifying = False
+            self._classifying, self._features = False, None
         return self.head(features)
 
 
@@ -154,9 +164,10 @@ class DistributionMatchingDistillation(Objective):
         self.ctx, self.config, self.cfg = ctx, ctx.config, ctx.config.objective.dmd2
         self.T = ctx.schedule.num_train_timesteps
         self.real = Denoiser(ctx.teacher_unet, ctx.schedule)
-        self.student = copy.deepcopy(ctx.teacher_unet).float().train().requires_grad_(True)
-        self.fake = FakeScore(copy.deepcopy(ctx.teacher_unet).float().train().requires_grad_(True), self.cfg.gan,
-                              ctx.latent_side or ctx.teacher_unet.config.sample_size)
+        t = ctx.config.training
+        self.student = trainable_copy(ctx.teacher_unet, t.lora, t.gradient_checkpointing)
+        self.fake = FakeScore(trainable_copy(ctx.teacher_unet, self.cfg.fake_lora, t.gradient_checkpointing),
+                              self.cfg.gan, ctx.latent_side or ctx.teacher_unet.config.sample_size)
         self.generator_denoiser = Denoiser(self.student, ctx.schedule)
         self.fake_denoiser = Denoiser(self.fake.unet, ctx.schedule)
         self.original_steps, self._grid = dmd2_grid(self.cfg.timesteps, ctx.config.objective.student_steps, self.T)
