@@ -80,15 +80,24 @@ class BottleneckClassifier(nn.Module):
 
 @contextlib.contextmanager
 def frozen(module: nn.Module):
-    """No gradient for the module's parameters inside the block (it still flows through to its inputs)."""
+    """No gradient for the module's parameters inside the block (it still flows through to its inputs).
+
+    Gradient checkpointing is off for its UNets inside the block: a checkpointed segment is recomputed in backward,
+    after the parameters require grad again, and torch refuses a recomputation that saves other tensors than the
+    forward did (DMD2 also toggles checkpointing around such calls, main/sd_unified_model.py)."""
     flags = [(p, p.requires_grad) for p in module.parameters()]
+    checkpointed = [m for m in module.modules() if getattr(m, "is_gradient_checkpointing", False)]
     for p, _ in flags:
         p.requires_grad_(False)
+    for m in checkpointed:
+        m.disable_gradient_checkpointing()
     try:
         yield
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+        for m in checkpointed:
+            m.enable_gradient_checkpointing()
 
 
 class _Bottleneck(Exception):
