@@ -75,9 +75,9 @@ def uses_lora(module: torch.nn.Module) -> bool:
 
 
 def lora_layers(unet) -> dict[str, torch.Tensor]:
-    """The student's LoRA weights in diffusers' format, as save_lora_weights writes them and load_lora_weights reads
-    them (diffusers' LoRA training scripts: convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """The student's LoRA weights as save_lora_weights writes them and load_lora_weights reads them: peft's state
+    dict (lora_A / lora_B keys). Not convert_state_dict_to_diffusers: in diffusers 0.42 it rewrites the attention
+    layers' keys to the old `lora.down` form, which load_lora_weights then skips (a silently partial student)."""
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    return get_peft_model_state_dict(unet)
