@@ -9,7 +9,9 @@ gloo, so tests/test_fsdp.py trains on 2 CPU processes with the same code a GPU n
 
 Units: each down block, the mid block and each up block of a diffusers UNet is its own unit (its parameters are
 gathered only while it runs, and freed after), the UNet itself holds the rest; any other child with parameters
-(DMD2's GAN head) is a unit of its own. Gradients are reduce-scattered (averaged) by FSDP in backward.
+is a unit of its own. Gradients are reduce-scattered (averaged) by FSDP in backward. The objective says which
+networks may be sharded (Objective.shardable: DMD2 with its GAN keeps the fake score whole, see dmd2.py); the others
+are replicated and their gradients averaged by the loop as without FSDP.
 
 Checkpoints keep everything, the optimiser state included (the DMD2 anchor's FSDP checkpoints drop it): model
 tensors are gathered in full (DTensor.full_tensor), optimiser states with torch.distributed.checkpoint's
@@ -49,8 +51,6 @@ def shard(module: torch.nn.Module, mesh) -> None:
     from diffusers import UNet2DConditionModel
     from torch.distributed.fsdp import fully_shard
 
-    if hasattr(module, "stop_at_bottleneck"):  # DMD2's FakeScore: no exception out of a sharded forward
-        module.stop_at_bottleneck = False
     unets = [module] if isinstance(module, UNet2DConditionModel) else [
         m for m in module.children() if isinstance(m, UNet2DConditionModel)]
     for unet in unets:
@@ -58,7 +58,9 @@ def shard(module: torch.nn.Module, mesh) -> None:
             if block is not None:
                 fully_shard(block, mesh=mesh)
         fully_shard(unet, mesh=mesh)
-    for child in module.children():
+    if module in unets:
+        return
+    for child in module.children():  # e.g. DMD2's GAN head beside the fake score's UNet
         if child not in unets and any(True for _ in child.parameters()):
             fully_shard(child, mesh=mesh)
 

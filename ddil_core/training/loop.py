@@ -103,11 +103,13 @@ class Trainer:
         # frozen half-precision networks (model.dtype) need autocast wherever they run, the rollouts included
         self.rollout_autocast = config.model.dtype != "float32"
         self.fsdp = self.world > 1 and fsdp.fsdp_requested(config, self.accelerator)
+        self.sharded: set[str] = set()
         if self.fsdp:
             fsdp.check_supported(config, objective.name, len(getattr(objective, "stages", [0])))
             mesh = fsdp.device_mesh(self.world, self.accelerator.device)
-            for module in self.modules.values():
-                fsdp.shard(module, mesh)
+            self.sharded = set(objective.shardable())
+            for name in self.sharded:
+                fsdp.shard(self.modules[name], mesh)
         self.optimizers = {name: make_optimizer(m, config, objective.lr_for(name)) for name, m in self.modules.items()}
         self.ema = EMA(self.modules["student"], config.training.ema.decay) if config.training.ema.enabled else None
         self.step = 0
@@ -131,7 +133,7 @@ class Trainer:
     def full_state(self, name: str) -> dict:
         """A trainable network's whole state dict (gathered from the shards under FSDP: call on every rank)."""
         state = self.modules[name].state_dict()
-        return fsdp.full_tensors(state) if self.fsdp else state
+        return fsdp.full_tensors(state) if name in self.sharded else state
 
     def _broadcast_int(self, value: int) -> int:
         """Rank 0's value on every rank (e.g. the student-rollout step count of a batch)."""
@@ -150,7 +152,7 @@ class Trainer:
     def _average_gradients(self, module: torch.nn.Module) -> None:
         """All-reduce the gradients of one network as a single flat buffer (mean over ranks)."""
         grads = [p.grad for p in module.parameters() if p.grad is not None]
-        if self.world == 1 or not grads or self.fsdp:  # FSDP has averaged them in backward
+        if self.world == 1 or not grads or any(self.modules[n] is module for n in self.sharded):  # FSDP averaged them
             return
         flat = torch.cat([g.reshape(-1) for g in grads])
         torch.distributed.all_reduce(flat)
@@ -163,7 +165,8 @@ class Trainer:
     def save(self) -> Optional[Path]:
         if self.fsdp:  # gathered on every rank (collectives), written by rank 0
             tensors, extra_json = self._state_tensors()
-            pickled = {name: fsdp.optimizer_state(self.modules[name], opt) for name, opt in self.optimizers.items()}
+            pickled = {name: fsdp.optimizer_state(self.modules[name], opt) if name in self.sharded else opt.state_dict()
+                       for name, opt in self.optimizers.items()}
         if not self.is_main:  # one writer; the others wait so nobody runs ahead of a checkpoint
             self.accelerator.wait_for_everyone()
             return None
@@ -190,7 +193,7 @@ class Trainer:
         self.mixture.set_grid(self.objective.grid())
         for name, module in self.modules.items():
             self.optimizers[name] = make_optimizer(module, self.config, self.objective.lr_for(name))
-            if self.fsdp:  # every rank read the full state: each keeps its shard
+            if name in self.sharded:  # every rank read the full state: each keeps its shard
                 fsdp.load_model(module, tensors[f"model_{name}"])
                 fsdp.load_optimizer(module, self.optimizers[name], pickled[name])
             else:
