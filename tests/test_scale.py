@@ -224,3 +224,24 @@ def test_bad_scale_settings_are_refused(tiny_data, tmp_path):
         load_config("tiny", ["training.lora.rank=-1"])
     with pytest.raises(ConfigError, match="needs training.mixed_precision"):
         _run(tiny_data, tmp_path / "x", "pd", "model.dtype=bfloat16")
+
+
+def test_lcm_adds_its_guidance_embedding_to_a_teacher_loaded_from_a_published_config(tmp_path):
+    """SD 1.5's and SDXL's config.json have no time_cond_proj_dim: diffusers then lists it in the loaded config's
+    _use_default_values, and from_config on that dict silently reset it (no projection, a crash at SD 1.5 scale)."""
+    import json as _json
+
+    from diffusers import UNet2DConditionModel
+
+    from ddil_core.method.objectives.lcm import add_guidance_conditioning
+    from ddil_core.models.tiny import tiny_unet
+
+    tiny_unet("sd15").save_pretrained(tmp_path / "unet")
+    path = tmp_path / "unet" / "config.json"
+    config = _json.loads(path.read_text())
+    del config["time_cond_proj_dim"]
+    path.write_text(_json.dumps(config))
+    loaded = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
+    assert "time_cond_proj_dim" in loaded.config.get("_use_default_values", [])
+    student = add_guidance_conditioning(loaded, 256)
+    assert student.time_embedding.cond_proj is not None and student.config.time_cond_proj_dim == 256

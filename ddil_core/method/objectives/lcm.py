@@ -41,7 +41,9 @@ def add_guidance_conditioning(unet, time_cond_proj_dim: int):
 
     if unet.config.time_cond_proj_dim is not None:
         return copy.deepcopy(unet)
-    config = dict(unet.config)
+    # without diffusers' "_use_default_values" (the keys a loaded config.json lacked, time_cond_proj_dim among them
+    # for SD 1.5 and SDXL): from_config would reset those keys to their defaults, and no projection would be added
+    config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
     config["time_cond_proj_dim"] = time_cond_proj_dim
     student = UNet2DConditionModel.from_config(config)
     missing, unexpected = student.load_state_dict(unet.state_dict(), strict=False)
