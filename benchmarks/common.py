@@ -174,6 +174,12 @@ DATA_OVERRIDES = [
 ]
 
 
+def data_overrides(limit: int = 64, rollouts: int = 16) -> list[str]:
+    """The overrides of build_data's caches: a distill run over them passes them too (distill refuses a latent cache
+    or rollouts made with other data.* or rollouts.* than its config says)."""
+    return [*DATA_OVERRIDES, f"data.limit={limit}", f"rollouts.num_samples={rollouts}"]
+
+
 def build_data(root: Path, limit: int = 64, rollouts: int = 16) -> tuple[Path, Path]:
     """cache-latents + teacher-rollouts of the tiny recipe into `root` (reused when already there)."""
     from ddil_core.stages.cache_latents import cache_latents
@@ -181,7 +187,7 @@ def build_data(root: Path, limit: int = 64, rollouts: int = 16) -> tuple[Path, P
 
     root = Path(root)
     latents, rolls = root / "latents", root / "rollouts"
-    config = tiny_config(*DATA_OVERRIDES, f"data.limit={limit}", f"rollouts.num_samples={rollouts}")
+    config = tiny_config(*data_overrides(limit, rollouts))
     if not (latents / "manifest.json").exists():
         cache_latents(config, latents)
     if not (rolls / "manifest.json").exists():

@@ -51,7 +51,7 @@ def run_variant(objective: str, variant: str, steps: int, latents: Path, rollout
     from ddil_core.stages.distill import distill
 
     config = common.tiny_config(
-        *common.DATA_OVERRIDES, *OBJECTIVES[objective], *VARIANTS[variant], f"training.steps={steps}",
+        *OBJECTIVES[objective], *VARIANTS[variant], f"training.steps={steps}",
         "training.log_every=1", f"training.checkpoint_every={steps}", "training.keep_checkpoints=1", *extra)
     distill(config, latents, [rollouts], out)
     return common.read_log(out), config
@@ -122,7 +122,8 @@ def main(argv=None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="ddil-overhead-"))
     try:
         data = Path(args.data) if args.data else work / "data"
-        latents, rollouts = common.build_data(data, limit=32 if args.quick else 64, rollouts=8 if args.quick else 16)
+        sizes = {"limit": 32 if args.quick else 64, "rollouts": 8 if args.quick else 16}
+        latents, rollouts = common.build_data(data, **sizes)
         kept: dict = {o: {v: [] for v in VARIANTS} for o in objectives}
         per_round: dict = {o: {v: [] for v in VARIANTS} for o in objectives}
         configs = {}
@@ -130,7 +131,8 @@ def main(argv=None) -> dict:
             for objective in common.rotated(objectives, r):
                 for variant in common.rotated(list(VARIANTS), r):
                     out = work / f"round{r}" / objective / variant
-                    records, config = run_variant(objective, variant, args.steps, latents, rollouts, out, args.set)
+                    records, config = run_variant(objective, variant, args.steps, latents, rollouts, out,
+                                                  [*common.data_overrides(**sizes), *args.set])
                     configs[objective] = config
                     records = [x for x in records if x["step"] > args.warmup_steps]
                     kept[objective][variant] += records

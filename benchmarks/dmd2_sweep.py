@@ -27,14 +27,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.paper_table import (VARIANTS, base_overrides, demo_guidance, measure,  # noqa: E402
-                                    objective_overrides)
+                                    objective_overrides, rollouts_for)
 from ddil_core.config import load_config  # noqa: E402
 from ddil_core.metrics.extractors import load_extractor  # noqa: E402
 from ddil_core.models.pipeline_io import load_pipeline, read_student_info  # noqa: E402
 from ddil_core.stages.cache_latents import cache_latents  # noqa: E402
 from ddil_core.stages.distill import distill  # noqa: E402
 from ddil_core.stages.evaluate import reference_features  # noqa: E402
-from ddil_core.stages.teacher_rollouts import teacher_rollouts  # noqa: E402
 
 GAN_OFF = ["objective.dmd2.gan=false"]
 # What to run: name -> (what it changes, overrides). "old" is the DMD2 of the first paper table (no GAN, the grid
@@ -58,10 +57,28 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
                                                                      "training.grad_clip=10"]),
     "no-gan-reg1": ("GAN off, regression 1", GAN_OFF + ["objective.dmd2.regression_weight=1"]),
 }
+# Round 2: on real guidance 1, the lever of round 1 (docs/dmd2-sweep.md).
+RG1 = ["objective.dmd2.real_guidance_scale=1"]
+RECIPES.update({
+    "r1-nogan": ("real guidance 1, GAN off", RG1 + GAN_OFF),
+    "r1-gan-x10": ("real guidance 1, GAN 5e-2 / 1e-1", RG1 + ["objective.dmd2.gan_gen_weight=5e-2",
+                                                           "objective.dmd2.gan_disc_weight=1e-1"]),
+    "r1-lr3e-5": ("real guidance 1, GAN, lr 3e-5", RG1 + ["training.lr=3e-5"]),
+    "r1-lr3e-4": ("real guidance 1, GAN, lr 3e-4", RG1 + ["training.lr=3e-4"]),
+    "r1-ttur2": ("real guidance 1, GAN, TTUR 2", RG1 + ["objective.dmd2.dfake_gen_update_ratio=2"]),
+    "r1-ttur10": ("real guidance 1, GAN, TTUR 10", RG1 + ["objective.dmd2.dfake_gen_update_ratio=10"]),
+    "r1-reg0.25": ("real guidance 1, GAN, regression 0.25", RG1 + ["objective.dmd2.regression_weight=0.25"]),
+    "r1-reg1": ("real guidance 1, GAN, regression 1", RG1 + ["objective.dmd2.regression_weight=1"]),
+    "r1-fake2x": ("real guidance 1, GAN, fake score lr 2e-4", RG1 + ["objective.dmd2.fake_lr=2e-4"]),
+    "r1-optim": ("real guidance 1, GAN, AdamW wd 0.01, clip 10", RG1 + ["training.weight_decay=0.01",
+                                                                      "training.grad_clip=10"]),
+    "r1-ema": ("real guidance 1, GAN, EMA 0.99 of the generator", RG1 + ["training.ema.enabled=true",
+                                                                       "training.ema.decay=0.99"]),
+})
 METRICS = ("fid", "precision", "recall", "density", "coverage", "adherence", "diversity")
 
 
-def run_one(demo: Path, work: Path, latents: Path, rollouts: Path, recipe: str, extra: list[str], variant: str,
+def run_one(demo: Path, work: Path, latents: Path, recipe: str, extra: list[str], variant: str,
             steps: int, student_steps: int, seed: int, guidance: float, extractor, ref, prompts,
             images_per_prompt: int) -> dict:
     overrides = (base_overrides(demo, steps, student_steps, guidance) + objective_overrides("dmd2", guidance)
@@ -69,7 +86,7 @@ def run_one(demo: Path, work: Path, latents: Path, rollouts: Path, recipe: str, 
     config = load_config("demo", overrides)
     out = work / f"{recipe}-{variant.replace(' ', '').replace('+', '_')}-{student_steps}-{steps}-{seed}"
     started = time.perf_counter()
-    student = distill(config, latents, [rollouts], out)
+    student = distill(config, latents, [rollouts_for(config, latents, work)], out)
     seconds = time.perf_counter() - started
     info = read_student_info(student)
     metrics = measure(load_pipeline(str(student)), extractor, ref, prompts, images_per_prompt,
@@ -127,11 +144,9 @@ def main(argv=None) -> None:
     ref, _, _ = reference_features(base, str(demo / "dataset-eval"), 16, extractor)
     prompts = [f"a handwritten digit {w}" for w in
                ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")]
-    latents, rollouts = work / "latents", work / "rollouts"
+    latents = work / "latents"
     if not (latents / "manifest.json").exists():
         cache_latents(base, latents)
-    if not (rollouts / "manifest.json").exists():
-        teacher_rollouts(base, latents, rollouts)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"command": "python benchmarks/dmd2_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -143,7 +158,7 @@ def main(argv=None) -> None:
             for steps in args.steps:
                 for variant in args.variants:
                     for recipe in args.recipes:
-                        row = run_one(demo, work, latents, rollouts, recipe, args.set, variant, steps, student_steps,
+                        row = run_one(demo, work, latents, recipe, args.set, variant, steps, student_steps,
                                       seed, guidance, extractor, ref, prompts, args.images_per_prompt)
                         result["runs"].append(row)
                         result["wall_seconds"] = time.time() - started

@@ -87,6 +87,17 @@ def base_overrides(demo: Path, steps: int, student_steps: int, guidance: float, 
             f"training.checkpoint_every={steps}", "training.ema.enabled=false"] + smoke
 
 
+def rollouts_for(config, latents: Path, work: Path) -> Path:
+    """Teacher rollouts made with `config`'s reflection of teacher rollouts, one set per setting (reused): the
+    "+DDIL +reflection" variant trains on reflected rollouts, the others on plain ones."""
+    refl = config.ddil.reflection
+    reflected = refl.mode != "off" and "teacher_rollouts" in refl.apply_to
+    folder = work / (f"rollouts-reflected-{refl.mode}" if reflected else "rollouts")
+    if not (folder / "manifest.json").exists():
+        teacher_rollouts(config, latents, folder)
+    return folder
+
+
 def measure(pipe, extractor, ref, prompts, per_prompt, steps, guidance, scheduler="own"):
     """Metrics of `pipe` sampled as plain diffusers samples it: a student with its own saved scheduler ("own"),
     the teacher with DDIM ("ddim")."""
@@ -133,11 +144,9 @@ def run(args) -> dict:
              "variant": "reference", "steps": args.teacher_steps,
              "per_seed": [measure(teacher, extractor, ref, prompts, args.images_per_prompt, args.teacher_steps,
                                   guidance, "ddim")]}]
-    latents, rollouts = work / "latents", work / "rollouts"
+    latents = work / "latents"
     if not (latents / "manifest.json").exists():
         cache_latents(base, latents)
-    if not (rollouts / "manifest.json").exists():
-        teacher_rollouts(base, latents, rollouts)
     table = {}  # (steps, objective, variant) -> row; seeds outermost so every row has a first seed early
     for seed in args.seeds:
         for student_steps in args.student_steps:
@@ -150,7 +159,7 @@ def run(args) -> dict:
                         overrides.append(f"objective.pd.teacher_steps={2 * student_steps}")
                     config = load_config("demo", overrides)
                     out = work / f"{objective}-{variant.replace(' ', '').replace('+', '_')}-{student_steps}-{seed}"
-                    student = distill(config, latents, [rollouts], out)
+                    student = distill(config, latents, [rollouts_for(config, latents, work)], out)
                     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
                     info = read_student_info(student)
                     pipe = load_pipeline(str(student))

@@ -48,7 +48,8 @@ def launch_command(launcher: str, nprocs: int, cli_args: list[str]) -> list[str]
 
 
 def run_once(case: dict, args, latents: Path, rollouts: Path, out: Path) -> dict:
-    sets = [*common.DATA_OVERRIDES, f"objective.name={args.objective}", f"training.steps={args.steps}",
+    sets = [*common.data_overrides(**args.data_sizes), f"objective.name={args.objective}",
+            f"training.steps={args.steps}",
             f"training.batch_size={case['global_batch']}", "training.log_every=1",
             f"training.checkpoint_every={args.steps}", "training.keep_checkpoints=1", *args.set]
     if args.objective == "dmd2":
@@ -103,7 +104,8 @@ def main(argv=None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="ddil-scaling-"))
     try:
         data = Path(args.data) if args.data else work / "data"
-        latents, rollouts = common.build_data(data, limit=32 if args.quick else 64, rollouts=8 if args.quick else 16)
+        args.data_sizes = {"limit": 32 if args.quick else 64, "rollouts": 8 if args.quick else 16}
+        latents, rollouts = common.build_data(data, **args.data_sizes)
         runs: dict[str, list[dict]] = {name: [] for name in cases}
         for r in range(args.reps):
             for name in common.rotated(list(cases), r):

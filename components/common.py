@@ -31,14 +31,20 @@ def ddil_component(*helpers):
 # Helpers pasted into component sources (self-contained: imports inside)
 
 
-def stage_config(recipe: str, overrides: list):
+def stage_config(recipe: str, overrides: list, run_id: str = ""):
     """The typed config of a stage: `recipe` is a recipe name ("tiny"), a YAML path, or YAML text; `overrides` are
-    `a.b=c` strings. Validation errors (unknown key, bad value) name the key, as on the command line."""
+    `a.b=c` strings. Validation errors (unknown key, bad value) name the key, as on the command line.
+
+    `run_id` (the KFP run's id, dsl.PIPELINE_JOB_ID_PLACEHOLDER) becomes $DDIL_RUN_ID, the Pushgateway grouping key
+    of every stage of the run (unless the config sets telemetry.run_id), and $DDIL_KFP_RUN_ID, the lineage's run."""
     import logging
     import os
     import tempfile
 
     from ddil_core.config import load_config
+
+    if run_id and "{{" not in run_id:  # an unresolved placeholder is no run id
+        os.environ["DDIL_RUN_ID"] = os.environ["DDIL_KFP_RUN_ID"] = str(run_id)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("diffusers", "transformers", "accelerate", "urllib3", "botocore", "s3fs", "fsspec"):

@@ -13,25 +13,26 @@ from components.common import copy_folder, ddil_component, inline_images, stage_
 
 
 @ddil_component(stage_config)
-def cache_latents(recipe: str, overrides: List[str], latents: Output[Dataset]):
+def cache_latents(recipe: str, overrides: List[str], run_id: str, latents: Output[Dataset]):
     """Encode the dataset with the teacher's VAE and text encoder(s) into fp16 latent shards (a folder)."""
     from ddil_core.stages.cache_latents import cache_latents as run_stage
 
-    config = stage_config(recipe, overrides)
+    config = stage_config(recipe, overrides, run_id)
     manifest = run_stage(config, latents.path)
     latents.metadata.update({"count": manifest["count"], "shards": len(manifest["shards"]),
                              "teacher": config.model.teacher, "dataset": config.data.dataset,
+                             "dataset_sha256": manifest.get("dataset_sha256"),
                              "resolution": manifest.get("resolution"), "skipped": manifest.get("skipped", 0)})
 
 
 @ddil_component(stage_config)
-def teacher_rollouts(recipe: str, overrides: List[str], latents: Input[Dataset], shard: int, num_shards: int,
-                     rollouts: Output[Dataset]):
+def teacher_rollouts(recipe: str, overrides: List[str], run_id: str, latents: Input[Dataset], shard: int,
+                     num_shards: int, rollouts: Output[Dataset]):
     """The teacher's reverse-process states for shard `shard` of `num_shards` (rollout i uses seed + i, so the
     union of the shards does not depend on the sharding)."""
     from ddil_core.stages.teacher_rollouts import teacher_rollouts as run_stage
 
-    config = stage_config(recipe, overrides)
+    config = stage_config(recipe, overrides, run_id)
     manifest = run_stage(config, latents.path, rollouts.path, shard=shard, num_shards=num_shards)
     rollouts.metadata.update({"count": manifest["count"], "shard": shard, "num_shards": num_shards,
                               "timesteps": manifest.get("timesteps")})
@@ -48,48 +49,104 @@ def accelerate_distill_command(num_processes: int, config_path: str, latents: st
     return command + [f"--out={out}"]
 
 
-@ddil_component(stage_config, copy_folder, accelerate_distill_command)
-def distill(recipe: str, overrides: List[str], latents: Input[Dataset], rollouts: Input[List[Dataset]],
-            student: Output[Model], training_log: Output[Artifact]):
+def durable_distill_dir(checkpoint_root: str, run_id: str) -> str:
+    """Where the distill of run `run_id` keeps its checkpoints: <checkpoint_root>/<run id>/distill, a PVC path (the
+    ddil-data volume) or an s3:// prefix. Keyed by the run, so every retry of the task finds the same folder."""
+    import re
+
+    run = str(run_id or "")
+    if not run or "{{" in run:
+        raise ValueError("distill needs the pipeline run id (run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER) to key its "
+                         f"checkpoints, got {run_id!r}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", run):
+        raise ValueError(f"run_id {run_id!r}: not usable as a folder name")
+    if not checkpoint_root:
+        raise ValueError("checkpoint_root is empty: give a PVC path (/data/ddil-runs) or an s3:// prefix")
+    return f"{checkpoint_root.rstrip('/')}/{run}/distill"
+
+
+@ddil_component(stage_config, copy_folder, accelerate_distill_command, durable_distill_dir)
+def distill(recipe: str, overrides: List[str], run_id: str, latents: Input[Dataset], rollouts: Input[List[Dataset]],
+            student: Output[Model], training_log: Output[Artifact], checkpoint_root: str = "/data/ddil-runs"):
     """Train the few-step student in this pod: in-process on one GPU (or the CPU), with `accelerate launch` (DDP)
     when the pod has several GPUs (gpu_count > 1; $DDIL_NUM_PROCESSES overrides the count).
 
-    Checkpoints and the replay buffer go to a work folder ($DDIL_WORK_DIR, else a temporary one); the student (a
-    plain diffusers pipeline folder) and the training log (train_log.jsonl, resolved_config.yaml) are the outputs.
+    Checkpoints survive the pod: they go to <checkpoint_root>/<run id>/distill (durable_distill_dir), on the
+    ddil-data volume (a path) or mirrored to object storage after every checkpoint (an s3:// prefix). A retry of
+    the task (preemption, node loss, OOM kill) resumes there from the last checkpoint to the weights of an
+    uninterrupted run; the folder is removed once the student is out. Outputs: the student (a plain diffusers
+    pipeline folder, lineage in its metadata) and the training log (train_log.jsonl, resolved_config.yaml).
     """
     import json
     import os
     import shutil
     import subprocess
     import tempfile
+    import threading
 
     import torch
     from ddil_core.config import dump_config
     from ddil_core.stages.distill import distill as run_stage
+    from ddil_core.training import durable
 
-    config = stage_config(recipe, overrides)
-    work = tempfile.mkdtemp(prefix="ddil-distill-", dir=os.environ.get("DDIL_WORK_DIR") or None)
-    out = os.path.join(work, "distill")
+    config = stage_config(recipe, overrides, run_id)
+    where = durable_distill_dir(checkpoint_root, run_id)
+    remote = "://" in where
+    scratch = tempfile.mkdtemp(prefix="ddil-distill-", dir=os.environ.get("DDIL_WORK_DIR") or None)
+    if remote:
+        out = os.path.join(scratch, "distill")
+        os.makedirs(out, exist_ok=True)
+        durable.pull(where, out)  # a retry: the checkpoints of the earlier attempts
+    else:
+        out = where
+        os.makedirs(out, exist_ok=True)
+        stale = os.path.join(os.path.dirname(out), ".distill.lock")
+        if os.path.exists(stale):  # KFP starts a retry only after the failed attempt's pod ended: its lock is stale
+            print(f"removing the lock of an earlier attempt: {stale}", flush=True)
+            os.remove(stale)
+
+    def mirror():
+        if remote:
+            durable.push(out, where)
+
     processes = int(os.environ.get("DDIL_NUM_PROCESSES") or torch.cuda.device_count() or 1)
     try:
         if processes > 1:
-            config_path = os.path.join(work, "config.yaml")
+            config_path = os.path.join(scratch, "config.yaml")
             with open(config_path, "w", encoding="utf-8") as handle:
                 handle.write(dump_config(config))
             command = accelerate_distill_command(processes, config_path, latents.path, [r.path for r in rollouts],
                                                  out)
             print("running:", " ".join(command), flush=True)
-            subprocess.run(command, check=True)
+            done = threading.Event()
+
+            def mirror_while_running():  # the ranks run in other processes: mirror what they write meanwhile
+                while not done.wait(30):
+                    mirror()
+
+            watcher = threading.Thread(target=mirror_while_running, daemon=True)
+            watcher.start()
+            try:
+                subprocess.run(command, check=True)
+            finally:
+                done.set()
+                watcher.join()
+                mirror()
             folder = os.path.join(out, "student")
         else:
-            folder = run_stage(config, latents.path, [r.path for r in rollouts], out)
+            folder = run_stage(config, latents.path, [r.path for r in rollouts], out, on_checkpoint=mirror)
         copy_folder(str(folder), student.path)
         os.makedirs(training_log.path, exist_ok=True)
         for name in ("train_log.jsonl", "resolved_config.yaml"):
             if os.path.exists(os.path.join(out, name)):
                 shutil.copy2(os.path.join(out, name), os.path.join(training_log.path, name))
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+    # the student is out: the run's checkpoints are no longer needed
+    if remote:
+        durable.remove(where)
+    else:
+        shutil.rmtree(os.path.dirname(out), ignore_errors=True)
     info_path = os.path.join(student.path, "ddil_student.json")
     info = {}
     if os.path.exists(info_path):
@@ -99,11 +156,11 @@ def distill(recipe: str, overrides: List[str], latents: Input[Dataset], rollouts
                              "steps": info.get("num_inference_steps", config.objective.student_steps),
                              "guidance_scale": info.get("guidance_scale"), "teacher": config.model.teacher,
                              "steps_trained": info.get("steps_trained"), "rollout_shards": len(rollouts),
-                             "processes": processes})
+                             "processes": processes, **(info.get("lineage") or {})})
 
 
 @ddil_component(stage_config, inline_images, student_scalars)
-def evaluate(recipe: str, overrides: List[str], student: Input[Model], metrics: Output[Metrics],
+def evaluate(recipe: str, overrides: List[str], run_id: str, student: Input[Model], metrics: Output[Metrics],
              report: Output[Markdown], report_html: Output[HTML], evaluation: Output[Artifact]):
     """Compare the student with its teacher. `evaluation`: the whole folder (metrics.json, report.md/.html, PNGs);
     `metrics`: the student's scalars (teacher's as teacher_*); `report` / `report_html`: one self-contained file
@@ -113,7 +170,7 @@ def evaluate(recipe: str, overrides: List[str], student: Input[Model], metrics: 
 
     from ddil_core.stages.evaluate import evaluate as run_stage
 
-    config = stage_config(recipe, overrides)
+    config = stage_config(recipe, overrides, run_id)
     result = run_stage(config, student.path, config.model.teacher, evaluation.path)
     with open(os.path.join(evaluation.path, "metrics.json"), encoding="utf-8") as handle:
         result = json.load(handle)  # the file as written (strict JSON) rather than the in-memory dict
@@ -148,22 +205,27 @@ def check_gates(recipe: str, overrides: List[str], evaluation: Input[Artifact]) 
 
 
 @ddil_component(stage_config)
-def register(recipe: str, overrides: List[str], student: Input[Model], evaluation: Input[Artifact],
+def register(recipe: str, overrides: List[str], run_id: str, student: Input[Model], evaluation: Input[Artifact],
              registration: Output[Artifact]):
     """Register the student (local registry folder registry.uri, or the Kubeflow Model Registry when
-    registry.kubeflow_address is set) with its model card; `registration` holds the registry entry as JSON."""
+    registry.kubeflow_address is set) with its model card and lineage; `registration` holds the registry entry as
+    JSON. The Model Registry records the artifact's s3:// URI (KFP's minio:// store seen through its S3 API), not
+    this pod's copy; the lineage (git SHA, data and cache hashes, run id, s3:// URI) is in both and in the
+    registration's metadata."""
     import json
     import os
 
     from ddil_core.stages.register import register as run_stage
 
-    config = stage_config(recipe, overrides)
-    source = student.path
-    if config.registry.kubeflow_address and "://" in (student.uri or "") and not student.uri.startswith("file://"):
-        source = student.uri  # the Model Registry records where the artifact lives, not this pod's copy
-    entry = run_stage(config, source, os.path.join(evaluation.path, "metrics.json"))
+    config = stage_config(recipe, overrides, run_id)
+    uri = student.uri if "://" in (student.uri or "") and not student.uri.startswith("file://") else None
+    entry = run_stage(config, student.path, os.path.join(evaluation.path, "metrics.json"), model_uri=uri)
     with open(registration.path, "w", encoding="utf-8") as handle:
         json.dump(entry, handle, indent=2, default=str)
-    registration.metadata.update({k: entry[k] for k in ("name", "version", "path", "model_uri") if k in entry
+    from ddil_core.registry.lineage import LINEAGE_KEYS
+
+    lineage = entry.get("lineage") or {k: v for k, v in (entry.get("metadata") or {}).items() if k in LINEAGE_KEYS}
+    registration.metadata.update({k: entry[k] for k in ("name", "version", "path", "model_uri", "uri") if k in entry
                                   and isinstance(entry[k], (str, int, float, bool))})
+    registration.metadata.update(lineage)
     print(f"registered {entry.get('name')} version {entry.get('version')}")

@@ -2,15 +2,17 @@
 PyTorchJob created from the pipeline.
 
 The task itself needs no GPU. It stages the latent cache, the rollout shards and the resolved config on the shared
-`ddil-data` volume (mounted at /data here and in every training pod), creates the job with the `kubernetes` client
-(it comes with kfp), follows it (status polling, pod logs copied into the task log), deletes it at the end whatever
-happened, fails when the job failed, and returns the student the job wrote as its Model artifact.
+`ddil-data` volume (mounted at /data here and in every training pod), creates the job, follows it (status, rank 0's
+log copied into the task log), deletes it at the end whatever happened, fails when the job failed, and returns the
+student the job wrote as its Model artifact. A TrainJob is followed, logged and deleted with the Kubeflow SDK's
+TrainerClient (kubeflow==0.5.0); a PyTorchJob, which that SDK does not handle, with the kubernetes watch API. Both
+are created by `create_job` (why: its docstring).
 
 Every node runs `accelerate launch ... -m ddil_core.cli distill ...` (the same command as k8s/training/*.yaml).
 The task's pod needs the service account `ddil-pipeline` (k8s/base/rbac.yaml) to create and watch the jobs.
 
 The functions below are plain and self-contained (imports inside) because they are pasted into the component's
-source (kfp additional_funcs); the tests call them with fake API clients.
+source (kfp additional_funcs); the tests run them against a stub of the Kubernetes API (tests/kube_training_stub.py).
 """
 
 from typing import List
@@ -26,11 +28,14 @@ def distill_job_name(run_id: str) -> str:
     return "ddil-distill-" + hashlib.sha256(str(run_id).encode()).hexdigest()[:10]
 
 
-def distill_job_args(config_path: str, latents: str, rollouts: str, out: str, metrics_port: int = 9100) -> list:
+def distill_job_args(config_path: str, latents: str, rollouts: str, out: str, metrics_port: int = 9100,
+                     run_id: str = "") -> list:
     """The `ddil` command line every node runs (after `accelerate launch ... -m ddil_core.cli`)."""
     args = ["distill", f"--config={config_path}", f"--latents={latents}", f"--rollouts={rollouts}", f"--out={out}"]
     if metrics_port:
         args.append(f"--set=telemetry.metrics_port={int(metrics_port)}")  # rank 0 serves /metrics (PodMonitor)
+    if run_id:
+        args.append(f"--set=telemetry.run_id='{run_id}'")  # the pipeline run's id: one Pushgateway group per run
     return args
 
 
@@ -155,13 +160,6 @@ def job_resource(kind: str) -> tuple:
     return table[kind]
 
 
-def job_pod_selector(kind: str, name: str) -> str:
-    """The label selector of a job's pods (TrainJob: its JobSet; PyTorchJob: the operator's job-name label)."""
-    if kind == "TrainJob":
-        return f"jobset.sigs.k8s.io/jobset-name={name}"
-    return f"training.kubeflow.org/job-name={name}"
-
-
 def job_state(job: dict) -> tuple:
     """('Succeeded' | 'Failed' | 'Running', message) from a TrainJob (Complete/Failed conditions) or a PyTorchJob
     (Succeeded/Failed conditions)."""
@@ -178,129 +176,163 @@ def job_state(job: dict) -> tuple:
     return "Running", str(latest.get("type") or "Pending")
 
 
-def run_training_job(custom_api, core_api, manifest: dict, poll_seconds: float = 30.0,
-                     timeout_seconds: float = 7 * 24 * 3600.0, log=print, sleep=None, clock=None) -> dict:
-    """Create the job, follow it until it completes, copy its pods' logs into `log`, and delete it at the end
-    (success, failure, timeout or interruption). Returns the finished job; raises RuntimeError when it failed and
-    TimeoutError after timeout_seconds. A job left by an earlier attempt of the same task is replaced.
+def create_job(custom_api, manifest: dict, log=print, sleep=None, clock=None) -> None:
+    """Create the job; one left by an earlier attempt of the same task (same name: the run's) is deleted first.
 
-    custom_api: a kubernetes.client.CustomObjectsApi (or a fake with the same methods); core_api: a CoreV1Api
-    (list_namespaced_pod, read_namespaced_pod_log), or None for no logs.
-    """
+    Neither TrainerClient nor the Training Operator's API replaces an existing job, and TrainerClient.train()
+    cannot create this TrainJob: its CustomTrainerContainer has no numProcPerNode, without which the Trainer sets
+    PET_NPROC_PER_NODE=auto on GPU nodes (the launch script needs the number). So the launcher creates its own
+    manifest (tests validate it against the Trainer CRDs) with the SDK's API client."""
     import time
 
-    sleep = sleep or time.sleep
-    clock = clock or time.monotonic
-    kind = manifest["kind"]
-    name = manifest["metadata"]["name"]
-    namespace = manifest["metadata"]["namespace"]
-    group, version, plural = job_resource(kind)
-    selector = job_pod_selector(kind, name)
-    printed = {}  # pod name -> newest log timestamp already copied
-
-    def status_of(exc):
-        return getattr(exc, "status", None)
-
-    def stamp_key(stamp: str) -> str:  # RFC 3339 with trimmed nanoseconds -> fixed width, so strings compare
-        head, _, frac = stamp.rstrip("Z").partition(".")
-        return head + "." + (frac + "000000000")[:9]
-
-    def copy_logs() -> None:
-        if core_api is None:
-            return
-        try:
-            pods = core_api.list_namespaced_pod(namespace, label_selector=selector).items
-        except Exception as exc:  # noqa: BLE001 - logs are best effort
-            log(f"[{name}] cannot list pods: {exc}")
-            return
-        for pod in sorted(pods, key=lambda p: p.metadata.name):
-            pod_name = pod.metadata.name
-            since = None if pod_name not in printed else max(60, int(3 * poll_seconds))
-            try:
-                text = core_api.read_namespaced_pod_log(pod_name, namespace, timestamps=True, since_seconds=since)
-            except Exception:  # noqa: BLE001 - not started yet, or gone
-                continue
-            for line in (text or "").splitlines():
-                stamp, _, rest = line.partition(" ")
-                key = stamp_key(stamp)
-                if key > printed.get(pod_name, ""):
-                    printed[pod_name] = key
-                    log(f"[{pod_name}] {rest}")
-
-    def delete() -> bool:
-        try:
-            custom_api.delete_namespaced_custom_object(group, version, namespace, plural, name,
-                                                       propagation_policy="Background")
-            return True
-        except Exception as exc:
-            if status_of(exc) == 404:
-                return False
-            raise
-
-    def create() -> None:
-        try:
-            custom_api.create_namespaced_custom_object(group, version, namespace, plural, manifest)
-            return
-        except Exception as exc:
-            if status_of(exc) != 409:
-                raise
-        log(f"{kind} {namespace}/{name} exists (an earlier attempt): replacing it")
-        delete()
-        deadline = clock() + 300
-        while True:
-            try:
-                custom_api.get_namespaced_custom_object(group, version, namespace, plural, name)
-            except Exception as exc:
-                if status_of(exc) == 404:
-                    break
-                raise
-            if clock() > deadline:
-                raise TimeoutError(f"{kind} {namespace}/{name} from an earlier attempt is still being deleted")
-            sleep(2)
+    sleep, clock = sleep or time.sleep, clock or time.monotonic
+    group, version, plural = job_resource(manifest["kind"])
+    namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+    try:
         custom_api.create_namespaced_custom_object(group, version, namespace, plural, manifest)
+        return
+    except Exception as exc:  # noqa: BLE001 - kubernetes.client.ApiException
+        if getattr(exc, "status", None) != 409:
+            raise
+    log(f"{manifest['kind']} {namespace}/{name} exists (an earlier attempt): replacing it")
+    custom_api.delete_namespaced_custom_object(group, version, namespace, plural, name,
+                                               propagation_policy="Foreground")
+    deadline = clock() + 300
+    while True:
+        try:
+            custom_api.get_namespaced_custom_object(group, version, namespace, plural, name)
+        except Exception as exc:  # noqa: BLE001
+            if getattr(exc, "status", None) == 404:
+                break
+            raise
+        if clock() > deadline:
+            raise TimeoutError(f"{manifest['kind']} {namespace}/{name} of an earlier attempt is still being deleted")
+        sleep(2)
+    custom_api.create_namespaced_custom_object(group, version, namespace, plural, manifest)
 
+
+def follow_logs(pods, stream, stop, log, wait: float) -> None:
+    """Copy rank 0's log into the task log while the job runs: `pods()` names rank 0's current pod (None while
+    pending), `stream(pod)` yields its lines until it ends. Each pod is followed once (a restarted job's new pod is
+    followed next); errors only cost log lines."""
+    followed = set()
+    while not stop.is_set():
+        try:
+            pod = pods()
+            if pod and pod not in followed:
+                followed.add(pod)
+                for line in stream(pod):
+                    log(f"[{pod}] {line}")
+                    if stop.is_set():
+                        return
+        except Exception as exc:  # noqa: BLE001 - logs are best effort
+            log(f"(logs not available yet: {type(exc).__name__})")
+        stop.wait(wait)
+
+
+def run_trainjob(trainer, manifest: dict, poll_seconds: float = 30.0, timeout_seconds: float = 7 * 24 * 3600.0,
+                 log=print) -> None:
+    """A TrainJob through the Kubeflow SDK's TrainerClient (`trainer`): created (create_job), followed
+    (wait_for_job_status: Complete, or RuntimeError when Failed, TimeoutError after timeout_seconds), rank 0's
+    log streamed (get_job_logs follow), and deleted at the end whatever happened (delete_job)."""
+    import threading
+
+    name, namespace = manifest["metadata"]["name"], manifest["metadata"]["namespace"]
+    group, version, plural = job_resource("TrainJob")
+    api = trainer.backend.custom_api  # the SDK's own client, for what the SDK cannot do (create_job)
+
+    def rank0_pod():
+        steps = {step.name: step for step in trainer.get_job(name).steps}
+        step = steps.get("node-0")
+        return step.pod_name if step is not None and step.status not in (None, "Pending") else None
+
+    stop = threading.Event()
     created = False
     try:
-        create()
+        create_job(api, manifest, log)
         created = True
-        log(f"created {kind} {namespace}/{name}")
-        start = clock()
-        errors = 0
-        while True:
-            try:
-                job = custom_api.get_namespaced_custom_object(group, version, namespace, plural, name)
-                errors = 0
-            except Exception as exc:
-                if status_of(exc) == 404:
-                    raise RuntimeError(f"{kind} {namespace}/{name} disappeared while running") from None
-                errors += 1
-                if errors >= 5:
-                    raise
-                log(f"{kind} {name}: status not available ({exc}); retrying")
-                sleep(poll_seconds)
-                continue
-            copy_logs()
-            state, message = job_state(job)
-            if state == "Succeeded":
-                log(f"{kind} {name} succeeded: {message}")
-                return job
+        log(f"created TrainJob {namespace}/{name}")
+        follower = threading.Thread(target=follow_logs, daemon=True, args=(
+            rank0_pod, lambda pod: trainer.get_job_logs(name, follow=True), stop, log, poll_seconds))
+        follower.start()
+        poll = max(1, int(poll_seconds))
+        try:
+            trainer.wait_for_job_status(name, status={"Complete"}, timeout=max(poll + 1, int(timeout_seconds)),
+                                        polling_interval=poll)
+        except RuntimeError:  # the SDK says "is Failed": say why, from the job's conditions
+            state, message = job_state(api.get_namespaced_custom_object(group, version, namespace, plural, name))
             if state == "Failed":
-                raise RuntimeError(f"{kind} {namespace}/{name} failed: {message}")
-            if clock() - start > timeout_seconds:
-                raise TimeoutError(f"{kind} {namespace}/{name} did not finish within {timeout_seconds:g} s "
-                                   f"(last state {message})")
-            sleep(poll_seconds)
+                raise RuntimeError(f"TrainJob {namespace}/{name} failed: {message}") from None
+            raise
+        log(f"TrainJob {name} succeeded")
     finally:
+        stop.set()
         if created:
             try:
-                if delete():
-                    log(f"deleted {kind} {namespace}/{name}")
+                trainer.delete_job(name)
+                log(f"deleted TrainJob {namespace}/{name}")
             except Exception as exc:  # noqa: BLE001 - never hide the job's own outcome
-                log(f"could not delete {kind} {namespace}/{name}: {exc}")
+                log(f"could not delete TrainJob {namespace}/{name}: {exc}")
+
+
+def run_pytorchjob(custom_api, core_api, manifest: dict, poll_seconds: float = 30.0,
+                   timeout_seconds: float = 7 * 24 * 3600.0, log=print) -> dict:
+    """A Training Operator v1 PyTorchJob (the Kubeflow SDK has no client for it) with the kubernetes watch API:
+    created (create_job), its status watched until Succeeded (returned) or Failed (RuntimeError; TimeoutError after
+    timeout_seconds), the master's log streamed, deleted at the end whatever happened."""
+    import threading
+    import time
+
+    from kubernetes import watch
+
+    name, namespace = manifest["metadata"]["name"], manifest["metadata"]["namespace"]
+    group, version, plural = job_resource("PyTorchJob")
+    master = f"{name}-master-0"  # the operator's name for the Master replica's pod
+
+    def master_pod():
+        pod = core_api.read_namespaced_pod(master, namespace)
+        return f"{master}@{pod.metadata.uid}" if pod.status.phase not in (None, "Pending") else None
+
+    def master_log(_):
+        return watch.Watch().stream(core_api.read_namespaced_pod_log, name=master, namespace=namespace,
+                                    container="pytorch", follow=True)
+
+    stop = threading.Event()
+    created = False
+    try:
+        create_job(custom_api, manifest, log)
+        created = True
+        log(f"created PyTorchJob {namespace}/{name}")
+        threading.Thread(target=follow_logs, daemon=True,
+                         args=(master_pod, master_log, stop, log, poll_seconds)).start()
+        deadline = time.monotonic() + timeout_seconds
+        while time.monotonic() < deadline:
+            window = max(1, int(min(deadline - time.monotonic(), 300)))
+            for event in watch.Watch().stream(custom_api.list_namespaced_custom_object, group, version, namespace,
+                                              plural, field_selector=f"metadata.name={name}", timeout_seconds=window):
+                if event["type"] == "DELETED":
+                    raise RuntimeError(f"PyTorchJob {namespace}/{name} disappeared while running")
+                state, message = job_state(event["object"])
+                if state == "Failed":
+                    raise RuntimeError(f"PyTorchJob {namespace}/{name} failed: {message}")
+                if state == "Succeeded":
+                    log(f"PyTorchJob {name} succeeded: {message}")
+                    return event["object"]
+        raise TimeoutError(f"PyTorchJob {namespace}/{name} did not finish within {timeout_seconds:g} s")
+    finally:
+        stop.set()
+        if created:
+            try:
+                custom_api.delete_namespaced_custom_object(group, version, namespace, plural, name,
+                                                           propagation_policy="Background")
+                log(f"deleted PyTorchJob {namespace}/{name}")
+            except Exception as exc:  # noqa: BLE001 - never hide the job's own outcome
+                log(f"could not delete PyTorchJob {namespace}/{name}: {exc}")
 
 
 @ddil_component(stage_config, copy_folder, distill_job_name, distill_job_args, accelerate_launch_script,
-                trainjob_manifest, pytorchjob_manifest, job_resource, job_pod_selector, job_state, run_training_job)
+                trainjob_manifest, pytorchjob_manifest, job_resource, job_state, create_job, follow_logs,
+                run_trainjob, run_pytorchjob)
 def launch_trainjob(
     recipe: str,
     overrides: List[str],
@@ -332,7 +364,7 @@ def launch_trainjob(
     from ddil_core.config import dump_config
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped task still deletes its job (finally)
-    config = stage_config(recipe, overrides)
+    config = stage_config(recipe, overrides, run_id)
     accelerate_launch_script(training_operator)  # validates the operator before anything is staged
     if not namespace:
         path = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
@@ -350,7 +382,7 @@ def launch_trainjob(
         copy_folder(shard.path, os.path.join(root, "rollouts", f"shard-{index:04d}"))
     out = os.path.join(root, "distill")  # kept between attempts: a retried task resumes from its checkpoints
     args = distill_job_args(config_path, os.path.join(root, "latents"), os.path.join(root, "rollouts"), out,
-                            metrics_port)
+                            metrics_port, run_id)
     if training_operator == "v2":
         manifest = trainjob_manifest(name, namespace, image, num_nodes, gpu_count, gpu_type, args, runtime)
     else:
@@ -361,11 +393,20 @@ def launch_trainjob(
     from kubernetes import config as kube_config
 
     try:
-        kube_config.load_incluster_config()
+        kube_config.load_incluster_config()  # the pod's service account (ddil-pipeline)
     except kube_config.ConfigException:
         kube_config.load_kube_config()
-    run_training_job(kube_client.CustomObjectsApi(), kube_client.CoreV1Api(), manifest,
-                     poll_seconds=poll_seconds, timeout_seconds=timeout_seconds)
+    configuration = kube_client.Configuration.get_default_copy()
+    if training_operator == "v2":
+        from kubeflow.common.types import KubernetesBackendConfig
+        from kubeflow.trainer import TrainerClient
+
+        trainer = TrainerClient(KubernetesBackendConfig(namespace=namespace, client_configuration=configuration))
+        run_trainjob(trainer, manifest, poll_seconds=poll_seconds, timeout_seconds=timeout_seconds)
+    else:
+        api = kube_client.ApiClient(configuration)
+        run_pytorchjob(kube_client.CustomObjectsApi(api), kube_client.CoreV1Api(api), manifest,
+                       poll_seconds=poll_seconds, timeout_seconds=timeout_seconds)
 
     copy_folder(os.path.join(out, "student"), student.path)
     os.makedirs(training_log.path, exist_ok=True)

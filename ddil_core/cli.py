@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 from typing import Optional, Sequence
@@ -14,6 +15,41 @@ from typing import Optional, Sequence
 EXIT_BAD_INPUT = 2
 EXIT_GATE_FAILED = 3
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what Kubernetes expects of a terminated container
+MAX_SEED = 2**63 - 2**32  # as config_ranges.SEED
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors in one line (it prints the usage first, several lines, by default); exit code 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
+def _number(kind, low, high=None, what=""):
+    """An argparse type: `kind` (int or float) in [low, high], finite (so --guidance nan is an error)."""
+    def parse(raw: str):
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{raw!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{raw!r} is not a finite number")
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{raw} must be {what}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+_steps = _number(int, 1, what="at least 1")
+_natural = _number(int, 0, what="0 or more")
+_seed = _number(int, 0, MAX_SEED, what=f"in [0, {MAX_SEED}]")
+_guidance = _number(float, 0.0, what="0 or more (1: no guidance)")
 
 
 def _config(args, **from_flags):
@@ -35,16 +71,20 @@ def cmd_cache_latents(args):
     from ddil_core.stages.cache_latents import cache_latents
 
     config = _config(args, **{"model.teacher": _q(args.teacher), "data.dataset": _q(args.dataset)})
-    manifest = cache_latents(config, args.out)
+    manifest = cache_latents(config, args.out, restart=args.restart)
     print(f"cached {manifest['count']} latents in {len(manifest['shards'])} shards -> {args.out}"
           + (f" ({manifest['skipped']} bad samples skipped)" if manifest["skipped"] else ""))
 
 
 def cmd_teacher_rollouts(args):
+    from ddil_core.config import ConfigError
     from ddil_core.stages.teacher_rollouts import teacher_rollouts
 
+    if args.shard >= args.num_shards:
+        raise ConfigError(f"--shard {args.shard} must be below --num-shards {args.num_shards} (shards 0 .. "
+                          f"{args.num_shards - 1})")
     config = _config(args, **{"model.teacher": _q(args.teacher)})
-    manifest = teacher_rollouts(config, args.latents, args.out, args.shard, args.num_shards)
+    manifest = teacher_rollouts(config, args.latents, args.out, args.shard, args.num_shards, restart=args.restart)
     print(f"wrote {manifest['count']} teacher rollouts (shard {args.shard} of {args.num_shards}) -> {args.out}")
 
 
@@ -52,14 +92,28 @@ def cmd_distill(args):
     from ddil_core.stages.distill import distill
 
     config = _config(args, **{"model.teacher": _q(args.teacher)})
-    student = distill(config, args.latents, args.rollouts or [], args.out)
+    student = distill(config, args.latents, args.rollouts or [], args.out, restart=args.restart)
     print(f"student -> {student}")
 
 
 def cmd_prepare_demo(args):
-    from ddil_core.stages.prepare_demo import prepare_demo
+    from pathlib import Path
 
-    summary = prepare_demo(_config(args), args.out)
+    from ddil_core.stages.outputs import check_out_path, check_rerun, missing_folders, remove_if_empty
+    from ddil_core.stages.prepare_demo import DEMO_ENTRIES, SUMMARY, prepare_demo
+
+    config = _config(args)
+    out = Path(args.out)
+    check_out_path(out, "folder")
+    products = DEMO_ENTRIES - {SUMMARY, "resolved_config.yaml", ".gitignore"}
+    if out.is_dir() and any((out / name).exists() for name in products):  # DVC removes them before a rerun
+        check_rerun(out, config, "prepare-demo", args.restart)  # the whole folder is rebuilt when this passes
+    created = missing_folders(out.parent)
+    try:
+        summary = prepare_demo(config, args.out)
+    except BaseException:
+        remove_if_empty(created)  # prepare-demo removes its staging folder; these are the folders made for it
+        raise
     print(f"demo teacher, dataset and classifier -> {args.out}: {summary}")
 
 
@@ -68,7 +122,7 @@ def cmd_evaluate(args):
 
     config = _config(args, **{"model.teacher": _q(args.teacher)})
     metrics = evaluate(config, args.student, config.model.teacher, args.out, baseline=args.baseline,
-                       prompts=args.prompts, reference=args.reference)
+                       prompts=args.prompts, reference=args.reference, restart=args.restart)
     print(f"metrics -> {args.out}/metrics.json; report -> {args.out}/report.html")
     return metrics
 
@@ -81,10 +135,28 @@ def cmd_register(args):
 
 
 def cmd_sample(args):
+    from pathlib import Path
+
+    from ddil_core.data.shards import disk_full_is_clear
+    from ddil_core.stages.outputs import check_out_path, missing_folders, probe_writable, remove_if_empty
+    from ddil_core.stages.provenance import check_sampling_steps, student_info
     from ddil_core.stages.sample import sample
 
-    out = sample(args.model, args.prompt, args.steps, args.seed, args.out, args.guidance, args.scheduler,
-                 args.allow_pickle)
+    # Before the model is loaded: the image path (and that it can be written), the student's record, the step
+    # count its scheduler can run.
+    check_out_path(Path(args.out), "file", [args.model])
+    probe_writable(Path(args.out))
+    if Path(args.model).is_dir():
+        info = student_info(args.model)
+        check_sampling_steps(args.model, "model", [args.steps or (info["num_inference_steps"] if info else 50)])
+    created = missing_folders(Path(args.out).parent)
+    try:
+        with disk_full_is_clear(Path(args.out)):
+            out = sample(args.model, args.prompt, args.steps, args.seed, args.out, args.guidance, args.scheduler,
+                         args.allow_pickle)
+    except BaseException:
+        remove_if_empty(created)  # nothing of a failed run stays, not even the folders made for the image
+        raise
     print(f"image -> {out}")
 
 
@@ -146,14 +218,18 @@ def _add_serve(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ddil", description="DDIL diffusion distillation stages")
+    parser = _Parser(prog="ddil", description="DDIL diffusion distillation stages")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def stage(name, func, help_text):
+    def stage(name, func, help_text, writes_folder=True):
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", default=None, help="recipe: a YAML path or a name in configs/ (default: defaults)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+        if writes_folder:
+            p.add_argument("--restart", action="store_true",
+                           help="--out holds an output of another config: discard it and start over (without this "
+                                "flag such a rerun is refused, naming the keys that differ)")
         p.set_defaults(func=func)
         return p
 
@@ -166,8 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher")
     p.add_argument("--latents", required=True, help="output folder of cache-latents")
     p.add_argument("--out", required=True)
-    p.add_argument("--shard", type=int, default=0)
-    p.add_argument("--num-shards", type=int, default=1)
+    p.add_argument("--shard", type=_natural, default=0, help="this job's share: 0 .. --num-shards - 1")
+    p.add_argument("--num-shards", type=_steps, default=1)
 
     p = stage("distill", cmd_distill, "train the few-step student with DDIL (resumes an existing --out)")
     p.add_argument("--teacher")
@@ -187,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", help="reference images (a dataset URI) for FID/density/coverage")
     p.add_argument("--out", required=True)
 
-    p = stage("register", cmd_register, "register the student when it passes the evaluation gates")
+    p = stage("register", cmd_register, "register the student when it passes the evaluation gates",
+              writes_folder=False)
     p.add_argument("--student", required=True)
     p.add_argument("--metrics", required=True, help="metrics.json written by evaluate")
     p.add_argument("--registry", help="local registry folder (default: registry.uri)")
@@ -195,9 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate one image", description="generate one image with our sampler")
     p.add_argument("--model", required=True, help="a pipeline folder (teacher or student), hub id or tiny://")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--steps", type=int, default=None, help="default: the student's recommended steps, else 50")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance", type=float, default=None, help="default: the student's, else 7.5")
+    p.add_argument("--steps", type=_steps, default=None, help="default: the student's recommended steps, else 50")
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--guidance", type=_guidance, default=None, help="default: the student's, else 7.5")
     p.add_argument("--scheduler", choices=["auto", "student", "ddim"], default="auto",
                    help="auto (default): a student's own saved scheduler (the sampler it was trained with), a "
                         "teacher's DDIM; student: the folder's own scheduler; ddim: DDIM on the folder's config")
@@ -208,12 +285,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's allocators (CPU: RuntimeError "can't allocate memory"; CUDA: torch.OutOfMemoryError) and MemoryError."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc) or "out of memory" in str(exc))
+
+
+def os_error_line(exc: OSError) -> str:
+    """'PATH: what the OS said' (both paths of a rename), in one line."""
+    paths = [str(p) for p in (exc.filename, getattr(exc, "filename2", None)) if p]
+    what = exc.strerror or one_line(exc)
+    return f"{' -> '.join(paths)}: {what}" if paths else what
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or an argument error (2, one line): a code to return, as for any error
+        return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("diffusers", "transformers", "accelerate", "urllib3", "botocore", "s3fs", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from ddil_core.data.shards import is_disk_full
     from ddil_core.errors import BAD_INPUT_ERRORS
     from ddil_core.registry import GateError
     from ddil_core.training.loop import NonFiniteLoss, Preempted
@@ -225,17 +320,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args.func(args)
     except Preempted as exc:
-        print(f"ddil {args.command}: {exc}", file=sys.stderr)
+        print(f"ddil {args.command}: {one_line(exc)}", file=sys.stderr)
         return EXIT_PREEMPTED
     except BAD_INPUT_ERRORS as exc:
-        print(f"ddil {args.command}: error: {exc}", file=sys.stderr)
+        print(f"ddil {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except GateError as exc:
-        print(f"ddil {args.command}: {exc}", file=sys.stderr)
+        print(f"ddil {args.command}: {one_line(exc)}", file=sys.stderr)
         return EXIT_GATE_FAILED
-    except NonFiniteLoss as exc:
-        print(f"ddil {args.command}: error: {exc}", file=sys.stderr)
+    except NonFiniteLoss as exc:  # training diverged (or no update was applied): nothing published, exit 1
+        print(f"ddil {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 1
+    except OSError as exc:  # the machine refused: a read-only or full disk, a path that cannot be made, ...
+        print(f"ddil {args.command}: error: {os_error_line(exc)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as exc:
+        if is_disk_full(exc):  # a full disk reported by a writer that raises no OSError (safetensors, torch)
+            print(f"ddil {args.command}: error: {one_line(exc)}: no space left on device", file=sys.stderr)
+        elif is_out_of_memory(exc):  # the config asks for more memory than the machine has
+            print(f"ddil {args.command}: error: out of memory ({one_line(exc)[:240]}); lower the batch sizes "
+                  "(data, rollouts, training, evaluation), ddil.buffer.capacity or model.resolution", file=sys.stderr)
+        else:
+            raise
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"ddil {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -349,7 +349,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer literal beyond any float
+            raise ConfigError(f"{where}: {value} is not a finite number") from None
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
@@ -384,7 +387,10 @@ def parse_override(item: str) -> dict:
     if "=" not in item:
         raise ConfigError(f"override '{item}' must look like key.path=value")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{item}': the value is not valid YAML ({yaml_error_line(exc)})") from None
     node: dict = {}
     cursor = node
     parts = key.strip().split(".")
@@ -393,6 +399,15 @@ def parse_override(item: str) -> dict:
         cursor = cursor[part]
     cursor[parts[-1]] = value
     return node
+
+
+def yaml_error_line(exc: Exception) -> str:
+    """A YAML parse error in one line: where it is and what is wrong (PyYAML's own text spans several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    what = " ".join(str(getattr(exc, "problem", None) or exc).split())
+    context = getattr(exc, "context", None)
+    return where + what + (f" ({' '.join(str(context).split())})" if context else "")
 
 
 def recipe_path(name_or_path: str) -> Path:
@@ -417,9 +432,13 @@ def load_config(recipe: Optional[str] = None, overrides: Optional[list[str]] = N
         path = recipe_path(recipe)
         source = str(path)
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+            raise ConfigError(f"{path}: not valid YAML ({yaml_error_line(exc)})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a YAML recipe (not valid UTF-8 text)") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: unreadable recipe ({exc.strerror or exc})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(loaded).__name__}")
         data = loaded or {}
@@ -440,7 +459,13 @@ def config_from_dict(data: dict) -> Config:
 
 
 def validate(config: Config, source: str = "config") -> None:
-    problems = []
+    from ddil_core.config_ranges import number_problems, relation_problems
+
+    # Every number finite and in its key's range first: the checks below assume sane values (no 0 divisors).
+    problems = number_problems(config)
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+    problems = relation_problems(config)
     p = config.ddil.priors
     for name in ("forward", "teacher", "student"):
         if getattr(p, name) < 0:
@@ -496,14 +521,12 @@ def validate(config: Config, source: str = "config") -> None:
             problems.append(f"training.{name} = {getattr(t, name)} must be at least 1")
     if t.lr <= 0:
         problems.append(f"training.lr = {t.lr} must be positive")
-    if t.grad_accum_steps < 1:
-        problems.append(f"training.grad_accum_steps = {t.grad_accum_steps} must be at least 1")
-    elif t.batch_size % t.grad_accum_steps:
+    if t.grad_accum_steps >= 1 and t.batch_size % t.grad_accum_steps:
         problems.append(f"training.batch_size = {t.batch_size} must be divisible by training.grad_accum_steps = "
                         f"{t.grad_accum_steps} (batch_size is the global batch of one update)")
     for where, lora in (("training.lora", t.lora), ("objective.dmd2.fake_lora", o.dmd2.fake_lora)):
-        if lora.rank < 0 or (lora.rank and not lora.target_modules):
-            problems.append(f"{where}: rank = {lora.rank} must be 0 (off) or positive, with target_modules")
+        if lora.rank > 0 and not lora.target_modules:
+            problems.append(f"{where}.target_modules is empty: a LoRA needs at least one module to adapt")
     if not 0 <= config.ddil.bernoulli_teacher_p <= 1:
         problems.append(f"ddil.bernoulli_teacher_p = {config.ddil.bernoulli_teacher_p} must be in [0, 1]")
     if config.data.shard_size < 1:

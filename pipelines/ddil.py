@@ -70,18 +70,37 @@ GPU_NODE_LABEL = ("nvidia.com/gpu.present", "true")
 GPU_TAINT_KEY = "nvidia.com/gpu"
 SHM_SIZE = "16Gi"  # memory-backed /dev/shm for DataLoader workers and NCCL
 IO_RETRIES = 2  # stages that read or write remote storage retry on failure (60 s, then 120 s)
+DISTILL_RETRIES = 3  # a preempted or killed distill pod is retried; each retry resumes from the durable checkpoint
+# Pod deadline (activeDeadlineSeconds) of each attempt: a stuck GPU task does not hold its GPUs for ever.
+TIMEOUTS = {"cache-latents": 24 * 3600, "teacher-rollouts": 24 * 3600, "distill": 7 * 24 * 3600,
+            "evaluate": 12 * 3600, "launch-trainjob": 7 * 24 * 3600 + 3600}
+# Telemetry settings of the cluster (k8s/base ConfigMap ddil-settings), read by every stage (stages/common.py).
+SETTINGS_CONFIG_MAP = "ddil-settings"
+SETTINGS_KEYS = {key: key for key in ("DDIL_PUSHGATEWAY", "DDIL_METRICS_PORT")}
+# Labels of the distill pod: the PodMonitor of k8s/components/prometheus-operator scrapes its /metrics.
+DISTILL_POD_LABELS = {"app.kubernetes.io/name": "ddil", "app.kubernetes.io/component": "distill",
+                      "app.kubernetes.io/part-of": "ddil"}
+RUN_ID = dsl.PIPELINE_JOB_ID_PLACEHOLDER  # one run id for every stage: telemetry grouping key, lineage, checkpoints
 
 
 def _credentials(task: dsl.PipelineTask) -> None:
     kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env=S3_SECRET_KEYS, optional=True)
 
 
-def _gpu_stage(task: dsl.PipelineTask, gpu_type, gpu_count) -> dsl.PipelineTask:
-    """GPU request, GPU node pool, /dev/shm, Hugging Face cache and credentials."""
+def _settings(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """$DDIL_PUSHGATEWAY and $DDIL_METRICS_PORT from the cluster's ddil-settings ConfigMap (optional)."""
+    return kubernetes.use_config_map_as_env(task, config_map_name=SETTINGS_CONFIG_MAP,
+                                            config_map_key_to_env=SETTINGS_KEYS, optional=True)
+
+
+def _gpu_stage(task: dsl.PipelineTask, gpu_type, gpu_count, cpu, memory) -> dsl.PipelineTask:
+    """GPU, CPU and memory requests and limits, GPU node pool, /dev/shm, Hugging Face cache, credentials, the
+    telemetry settings and a deadline."""
     task.set_accelerator_type(gpu_type).set_accelerator_limit(gpu_count)
+    task.set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
     # kfp 2.17 does not pass channels used only in resource placeholders into ParallelFor / If groups (the task
     # then fails to resolve them): registering them as task inputs makes the compiler wire them through.
-    task.register_pipeline_channels([gpu_type, gpu_count])
+    task.register_pipeline_channels([gpu_type, gpu_count, cpu, memory])
     kubernetes.add_node_selector(task, label_key=GPU_NODE_LABEL[0], label_value=GPU_NODE_LABEL[1])
     kubernetes.add_toleration(task, key=GPU_TAINT_KEY, operator="Exists", effect="NoSchedule")
     kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=SHM_SIZE)
@@ -89,6 +108,8 @@ def _gpu_stage(task: dsl.PipelineTask, gpu_type, gpu_count) -> dsl.PipelineTask:
     task.set_env_variable("HF_HOME", HF_HOME)
     kubernetes.use_secret_as_env(task, secret_name=HF_TOKEN_SECRET, secret_key_to_env=HF_TOKEN_KEYS, optional=True)
     _credentials(task)
+    _settings(task)
+    kubernetes.set_timeout(task, TIMEOUTS[task.component_spec.name.replace("_", "-")])
     return task
 
 
@@ -96,29 +117,31 @@ def _io_retry(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return task.set_retry(num_retries=IO_RETRIES, backoff_duration="60s", backoff_factor=2.0)
 
 
-def _teacher_rollouts(recipe, overrides, latents, shards, num_shards, gpu_type, gpu_count) -> dsl.PipelineTask:
+def _teacher_rollouts(recipe, overrides, latents, shards, num_shards, resources) -> dsl.PipelineTask:
     """The fan-out: one teacher-rollouts task per shard index (collected by the caller with dsl.Collected)."""
     with dsl.ParallelFor(items=shards, name="rollout-shards") as shard:
-        task = teacher_rollouts(recipe=recipe, overrides=overrides, latents=latents, shard=shard,
+        task = teacher_rollouts(recipe=recipe, overrides=overrides, run_id=RUN_ID, latents=latents, shard=shard,
                                 num_shards=num_shards)
         task.set_display_name("teacher-rollouts")
-        _io_retry(_gpu_stage(task, gpu_type, gpu_count)).set_caching_options(True)
+        _io_retry(_gpu_stage(task, *resources)).set_caching_options(True)
     return task
 
 
-def _evaluate_and_register(recipe, overrides, student, gpu_type, gpu_count, deploy) -> None:
+def _evaluate_and_register(recipe, overrides, student, resources, deploy) -> None:
     """evaluate (GPU) -> check-gates -> register behind dsl.If on the gates (CPU only) -> deploy (when asked)."""
-    ev = evaluate(recipe=recipe, overrides=overrides, student=student)
-    _io_retry(_gpu_stage(ev, gpu_type, gpu_count))
+    ev = evaluate(recipe=recipe, overrides=overrides, run_id=RUN_ID, student=student)
+    _io_retry(_gpu_stage(ev, *resources))
     gates = check_gates(recipe=recipe, overrides=overrides, evaluation=ev.outputs["evaluation"])
     gates.set_caching_options(False)
     with dsl.If(gates.output == True, name="gates-passed"):  # noqa: E712 - a KFP condition, not a Python test
-        reg = register(recipe=recipe, overrides=overrides, student=student, evaluation=ev.outputs["evaluation"])
+        reg = register(recipe=recipe, overrides=overrides, run_id=RUN_ID, student=student,
+                       evaluation=ev.outputs["evaluation"])
         _credentials(_io_retry(reg))
+        _settings(reg)
         reg.set_caching_options(False)  # registering is a side effect: never skipped as "cached"
         with dsl.If(deploy == True, name="deploy-enabled"):  # noqa: E712
-            served = deploy_student(student=student, registration=reg.outputs["registration"], gpu_type=gpu_type,
-                                    image=DDIL_IMAGE)
+            served = deploy_student(student=student, registration=reg.outputs["registration"],
+                                    gpu_type=resources[0], image=DDIL_IMAGE)
             served.set_caching_options(False)  # applies the InferenceService: a side effect, as register
 
 
@@ -141,6 +164,9 @@ def ddil_pipeline(
     num_shards: int = 2,
     gpu_type: str = "nvidia.com/gpu",
     gpu_count: int = 1,
+    gpu_task_cpu: str = "8",
+    gpu_task_memory: str = "64Gi",
+    checkpoint_root: str = "/data/ddil-runs",
     registry_uri: str = "",
     kubeflow_registry_address: str = "",
     fid_factor: float = -1.0,
@@ -166,29 +192,36 @@ def ddil_pipeline(
     merged = config.outputs["Output"]
     shards = shard_indices(num_shards=num_shards)
 
-    latents = cache_latents(recipe=recipe, overrides=merged)
-    _io_retry(_gpu_stage(latents, gpu_type, gpu_count)).set_caching_options(True)
+    resources = (gpu_type, gpu_count, gpu_task_cpu, gpu_task_memory)
+    latents = cache_latents(recipe=recipe, overrides=merged, run_id=RUN_ID)
+    _io_retry(_gpu_stage(latents, *resources)).set_caching_options(True)
     latents = latents.outputs["latents"]
 
     with dsl.If(multi_node == False, name="single-pod"):  # noqa: E712
-        rollouts = _teacher_rollouts(recipe, merged, latents, shards.output, num_shards, gpu_type, gpu_count)
-        train = distill(recipe=recipe, overrides=merged, latents=latents,
-                        rollouts=dsl.Collected(rollouts.outputs["rollouts"]))
-        _credentials(_gpu_stage(train, gpu_type, gpu_count))
+        rollouts = _teacher_rollouts(recipe, merged, latents, shards.output, num_shards, resources)
+        train = distill(recipe=recipe, overrides=merged, run_id=RUN_ID, latents=latents,
+                        rollouts=dsl.Collected(rollouts.outputs["rollouts"]), checkpoint_root=checkpoint_root)
+        _gpu_stage(train, *resources)
+        train.set_retry(num_retries=DISTILL_RETRIES, backoff_duration="60s", backoff_factor=2.0)
         train.set_caching_options(False)
-        _evaluate_and_register(recipe, merged, train.outputs["student"], gpu_type, gpu_count, deploy)
+        kubernetes.mount_pvc(train, pvc_name=DATA_PVC, mount_path=DATA_MOUNT)  # checkpoint_root's default
+        for key, value in DISTILL_POD_LABELS.items():
+            kubernetes.add_pod_label(train, label_key=key, label_value=value)
+        _evaluate_and_register(recipe, merged, train.outputs["student"], resources, deploy)
 
     with dsl.Else(name="multi-node"):
-        rollouts = _teacher_rollouts(recipe, merged, latents, shards.output, num_shards, gpu_type, gpu_count)
+        rollouts = _teacher_rollouts(recipe, merged, latents, shards.output, num_shards, resources)
         job = launch_trainjob(
             recipe=recipe, overrides=merged, latents=latents, rollouts=dsl.Collected(rollouts.outputs["rollouts"]),
             num_nodes=num_nodes, gpu_type=gpu_type, gpu_count=gpu_count, training_operator=training_operator,
-            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, image=DDIL_IMAGE,
+            run_id=RUN_ID, image=DDIL_IMAGE,
         )
         job.set_caching_options(False)
         kubernetes.mount_pvc(job, pvc_name=DATA_PVC, mount_path=DATA_MOUNT)
+        kubernetes.set_timeout(job, TIMEOUTS["launch-trainjob"])
         _credentials(job)
-        _evaluate_and_register(recipe, merged, job.outputs["student"], gpu_type, gpu_count, deploy)
+        _settings(job)
+        _evaluate_and_register(recipe, merged, job.outputs["student"], resources, deploy)
 
 
 def compile_pipeline(path: os.PathLike | str = PIPELINE_YAML) -> Path:

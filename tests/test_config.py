@@ -22,7 +22,7 @@ def test_unknown_key_names_the_nearest_valid_key():
 def test_priors_must_sum_to_one_and_be_non_negative():
     with pytest.raises(ConfigError, match=r"ddil.priors must sum to 1.*= 1.2"):
         load_config("tiny", ["ddil.priors.forward=0.7"])
-    with pytest.raises(ConfigError, match=r"ddil.priors.teacher = -0.25 is negative"):
+    with pytest.raises(ConfigError, match=r"ddil.priors.teacher = -0.25 must be in \[0, 1\]"):
         load_config("tiny", ["ddil.priors.forward=1", "ddil.priors.teacher=-0.25"])
 
 

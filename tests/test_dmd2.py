@@ -174,13 +174,15 @@ def test_regression_pairs_are_the_teachers_own_noise_image_pairs(tmp_path, tiny_
     from ddil_core.method.grid import StudentGrid
     from ddil_core.method.mixture import DDILMixture, TrainingData
     from ddil_core.stages.common import load_teacher, read_latent_cache
-    from ddil_core.stages.distill import read_rollouts
+    from ddil_core.stages.distill_inputs import read_rollouts
 
     latents, rollouts = tiny_data["sd15"]
     config = tiny_config("sd15", "objective.name=dmd2")
-    cache = read_latent_cache(latents, load_teacher(config))
+    teacher = load_teacher(config)
+    cache = read_latent_cache(latents, teacher)
     data = TrainingData(cache.latents, cache.cond)
-    data.rollout_states, data.rollout_timesteps, data.rollout_ref, data.rollout_x0 = read_rollouts([rollouts], 64)
+    data.rollout_states, data.rollout_timesteps, data.rollout_ref, data.rollout_x0 = read_rollouts(
+        [rollouts], cache, latents, teacher, config)
     grid = StudentGrid.from_timesteps([999, 499])
     mixture = DDILMixture(config.ddil, data, NoiseSchedule.from_config(SCHED, set_alpha_to_one=True), grid,
                           lambda x, k, c, g: x, teacher_pairs=True)

@@ -224,8 +224,9 @@ def test_rbac(overlay):
     assert rules[(("trainer.kubeflow.org",), ("trainjobs",))] == job_verbs
     assert rules[(("kubeflow.org",), ("pytorchjobs",))] == job_verbs
     assert rules[(("",), ("pods", "pods/log"))] == {"get", "list"}
+    assert rules[(("trainer.kubeflow.org",), ("trainingruntimes",))] == {"get"}  # TrainerClient reads the runtime
     assert rules[(("serving.kserve.io",), ("inferenceservices",))] == {"create", "get", "update"}  # deploy
-    assert len(rules) == 4, "the pipeline role grants nothing beyond the distill jobs, their pods and deploy"
+    assert len(rules) == 5, "the pipeline role grants nothing beyond the distill jobs, their runtime and pods, deploy"
     binding = one(docs, "RoleBinding", "ddil-pipeline")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "ddil-pipeline"}
     assert {"kind": "ServiceAccount", "name": "ddil-pipeline", "namespace": "ddil"} in binding["subjects"]
@@ -428,7 +429,7 @@ def test_monitors_match_their_targets():
     assert sm["spec"]["endpoints"][0]["honorLabels"] is True
 
     selector = pm["spec"]["selector"]["matchLabels"]
-    (endpoint,) = pm["spec"]["podMetricsEndpoints"]
+    endpoint, _kfp_endpoint = pm["spec"]["podMetricsEndpoints"]  # Trainer pods; the KFP pod (test below)
     check_rank0_regex(endpoint["relabelings"][0]["regex"])
     scrape_regex = [r for r in yaml.safe_load(SCRAPE_CONFIGS.read_text())[1]["relabel_configs"]
                     if r.get("action") == "keep"][1]["regex"]
@@ -437,6 +438,97 @@ def test_monitors_match_their_targets():
         assert selector.items() <= meta["labels"].items(), f"PodMonitor does not select the {name} pods"
         ports = {p["name"]: p["containerPort"] for c in spec["containers"] for p in c.get("ports", [])}
         assert ports.get(endpoint["port"]) == 9100, f"{name}: no container port named {endpoint['port']} (9100)"
+
+
+def relabel(rules: list, labels: dict, operator_style: bool) -> dict | None:
+    """Prometheus relabelling of one target (keep, drop, replace), None when dropped. operator_style: the
+    Prometheus Operator's camelCase keys (sourceLabels, targetLabel)."""
+    src_key, target_key = ("sourceLabels", "targetLabel") if operator_style else ("source_labels", "target_label")
+    labels = dict(labels)
+    for rule in rules:
+        value = ";".join(labels.get(name, "") for name in rule.get(src_key, []))
+        match = re.fullmatch(rule.get("regex", "(.*)"), value)
+        action = rule.get("action", "replace")
+        if action == "keep" and not match or action == "drop" and match:
+            return None
+        if action == "replace" and match:
+            labels[rule[target_key]] = re.sub(r"\$(\d+)", lambda m: match.group(int(m.group(1))),
+                                              rule.get("replacement", "$1"))
+    return labels
+
+
+def sd_targets(pod_labels: dict, containers: list, init_containers: list = (), ip: str = "10.1.2.3") -> list[dict]:
+    """Prometheus kubernetes_sd (role pod): one target per container port, or per container without ports."""
+    base = {"__meta_kubernetes_pod_ip": ip, "__meta_kubernetes_pod_name": "p", "__meta_kubernetes_namespace": "ddil"}
+    base.update({"__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", k): v for k, v in pod_labels.items()})
+    targets = []
+    for init, group in ((False, containers), (True, init_containers)):
+        for container in group:
+            meta = {**base, "__meta_kubernetes_pod_container_name": container["name"],
+                    "__meta_kubernetes_pod_container_init": str(init).lower()}
+            for port in container.get("ports") or [None]:
+                target = dict(meta, __address__=ip if port is None else f"{ip}:{port['containerPort']}")
+                if port is not None:
+                    target["__meta_kubernetes_pod_container_port_name"] = port.get("name", "")
+                targets.append(target)
+    return targets
+
+
+def podmonitor_targets(endpoint: dict, selector: dict, pod_labels: dict, containers, init_containers=()):
+    if not selector.items() <= pod_labels.items():
+        return []
+    kept = []
+    for target in sd_targets(pod_labels, containers, init_containers):
+        if "port" in endpoint and target.get("__meta_kubernetes_pod_container_port_name") != endpoint["port"]:
+            continue  # the Operator keeps only the named port
+        out = relabel(endpoint.get("relabelings", []), target, operator_style=True)
+        if out is not None:
+            kept.append(out["__address__"])
+    return kept
+
+
+def kfp_distill_pod() -> tuple[dict, list, list]:
+    """The single-pod distill as KFP v2 runs it: the labels of the compiled pipeline's podMetadata plus the ones KFP
+    adds, the component in container "main" (no ports), Argo's "wait" sidecar, KFP's launcher as init container."""
+    docs = list(yaml.safe_load_all((ROOT / "pipelines" / "ddil.yaml").read_text()))
+    labels = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-distill"]["podMetadata"]["labels"]
+    labels = {**labels, "pipelines.kubeflow.org/v2_component": "true", "workflows.argoproj.io/workflow": "ddil-x"}
+    return labels, [{"name": "main"}, {"name": "wait"}], [{"name": "kfp-launcher"}]
+
+
+def test_every_distill_pod_is_scraped_once_at_the_metrics_port():
+    """The PodMonitor and the plain scrape configs give exactly one target per distill pod, at the port the stage
+    serves: the KFP single-pod task (DDIL_METRICS_PORT of the ddil-settings ConfigMap) and Trainer rank 0."""
+    pm = yaml.safe_load((K8S / "components" / "prometheus-operator" / "podmonitor.yaml").read_text())
+    selector = pm["spec"]["selector"]["matchLabels"]
+    endpoints = pm["spec"]["podMetricsEndpoints"]
+    settings = yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())["configMapGenerator"]
+    literals = dict(item.split("=", 1) for cm in settings if cm["name"] == "ddil-settings" for item in cm["literals"])
+    port = literals["DDIL_METRICS_PORT"]
+    jobs = [j for j in yaml.safe_load(SCRAPE_CONFIGS.read_text()) if j["job_name"].startswith("ddil-distill")]
+
+    def scraped(labels, containers, init=()):
+        found = [t for e in endpoints for t in podmonitor_targets(e, selector, labels, containers, init)]
+        plain = [out["__address__"] for job in jobs for t in sd_targets(labels, containers, init)
+                 if (out := relabel(job["relabel_configs"], t, operator_style=False)) is not None]
+        return found, plain
+
+    labels, containers, init = kfp_distill_pod()
+    assert scraped(labels, containers, init) == ([f"10.1.2.3:{port}"], [f"10.1.2.3:{port}"])
+    templates = distill_pod_templates()
+    # the labels the Trainer (indexed Job) and the Training Operator add to rank 0 and to the other ranks
+    for name, rank0, other in (("trainjob", {"batch.kubernetes.io/job-completion-index": "0"},
+                                {"batch.kubernetes.io/job-completion-index": "1"}),
+                               ("pytorchjob-Master", {"training.kubeflow.org/replica-type": "master"}, None),
+                               ("pytorchjob-Worker", None, {"training.kubeflow.org/replica-type": "worker"})):
+        meta, spec = templates[name]
+        if rank0 is not None:
+            assert scraped({**meta["labels"], **rank0}, spec["containers"]) == ([f"10.1.2.3:{port}"],
+                                                                                [f"10.1.2.3:{port}"]), name
+        if other is not None:
+            assert scraped({**meta["labels"], **other}, spec["containers"]) == ([], []), name
+    other_kfp_task = dict(labels, **{"app.kubernetes.io/component": "evaluate"})
+    assert scraped(other_kfp_task, containers, init) == ([], [])
 
 
 # ---------------------------------------------------------------------------------------------------------------

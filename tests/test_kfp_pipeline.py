@@ -7,7 +7,9 @@
 - `kfp --endpoint URL run create|submit ...` and `kfp pipeline create|create-version` against a local stub of
   the KFP v2beta1 API (tests/kfp_api_stub.py; the real API server needs a cluster);
 - the multi-node launcher: the TrainJob / PyTorchJob manifests (cross-checked with k8s/training/) and the
-  create / wait / log / delete logic against a fake Kubernetes client.
+  create / wait / log / delete logic (the Kubeflow SDK's TrainerClient, the kubernetes watch API) against a stub of
+  the Kubernetes API (tests/kube_training_stub.py) that validates jobs against the Trainer CRDs;
+- the distill task's one run id, telemetry settings, retries, CPU/memory requests and limits and deadlines.
 """
 from __future__ import annotations
 
@@ -99,7 +101,8 @@ def test_pipeline_parameters():
         "teacher": "STRING", "dataset": "STRING", "recipe": "STRING", "overrides": "LIST", "objective": "STRING",
         "student_steps": "NUMBER_INTEGER", "prior_forward": "NUMBER_DOUBLE", "prior_teacher": "NUMBER_DOUBLE",
         "prior_student": "NUMBER_DOUBLE", "num_shards": "NUMBER_INTEGER", "gpu_type": "STRING",
-        "gpu_count": "NUMBER_INTEGER", "registry_uri": "STRING", "kubeflow_registry_address": "STRING",
+        "gpu_count": "NUMBER_INTEGER", "gpu_task_cpu": "STRING", "gpu_task_memory": "STRING",
+        "checkpoint_root": "STRING", "registry_uri": "STRING", "kubeflow_registry_address": "STRING",
         "fid_factor": "NUMBER_DOUBLE", "min_coverage": "NUMBER_DOUBLE", "min_adherence": "NUMBER_DOUBLE",
         "pushgateway": "STRING", "multi_node": "BOOLEAN", "num_nodes": "NUMBER_INTEGER",
         "training_operator": "STRING", "deploy": "BOOLEAN",
@@ -181,19 +184,70 @@ def test_caching_and_retries():
     def caching(task):
         return bool(task.get("cachingOptions", {}).get("enableCache"))
 
-    for stage, cached, retried in (("cache-latents", True, True), ("teacher-rollouts", True, True),
-                                   ("distill", False, False), ("launch-trainjob", False, False),
-                                   ("evaluate", True, True), ("register", False, True),
-                                   ("resolve-config", False, False), ("check-gates", False, False)):
+    for stage, cached, retries in (("cache-latents", True, 2), ("teacher-rollouts", True, 2),
+                                   ("distill", False, 3), ("launch-trainjob", False, 0),
+                                   ("evaluate", True, 2), ("register", False, 2),
+                                   ("resolve-config", False, 0), ("check-gates", False, 0)):
         tasks = _tasks_of(spec, stage)
         assert tasks, stage
         for name, task in tasks:
             assert caching(task) is cached, f"{name}: caching should be {cached}"
-            if retried:
-                assert task["retryPolicy"]["maxRetryCount"] == 2, name
+            if retries:
+                assert task["retryPolicy"]["maxRetryCount"] == retries, name
                 assert task["retryPolicy"]["backoffDuration"] == "60s", name
             else:
                 assert "retryPolicy" not in task, name
+
+
+def test_gpu_tasks_have_cpu_memory_requests_limits_and_a_deadline():
+    """Every GPU task asks for CPU and memory (requests = limits, from the gpu_task_cpu / gpu_task_memory
+    parameters: no BestEffort pod evicted first under node pressure) and has a pod deadline; distill retries and
+    checkpoints on the ddil-data volume (checkpoint_root's default)."""
+    spec, platform = _docs()
+    k8s = platform["deploymentSpec"]["executors"]
+    cpu = "{{$.inputs.parameters['pipelinechannel--gpu_task_cpu']}}"
+    memory = "{{$.inputs.parameters['pipelinechannel--gpu_task_memory']}}"
+    for stage in GPU_EXECUTORS:
+        for name, executor in _executors(spec, stage).items():
+            res = executor["container"]["resources"]
+            assert (res["resourceCpuRequest"], res["resourceCpuLimit"]) == (cpu, cpu), name
+            assert (res["resourceMemoryRequest"], res["resourceMemoryLimit"]) == (memory, memory), name
+            assert int(k8s[name]["activeDeadlineSeconds"]) >= 3600, name
+    assert int(k8s["exec-distill"]["activeDeadlineSeconds"]) == 7 * 24 * 3600
+    assert int(k8s["exec-launch-trainjob"]["activeDeadlineSeconds"]) > 7 * 24 * 3600  # outlives the job's timeout
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["gpu_task_cpu"]["defaultValue"] == "8" and params["gpu_task_memory"]["defaultValue"] == "64Gi"
+    assert params["checkpoint_root"]["defaultValue"] == "/data/ddil-runs"
+    mounts = {(m["pvcNameParameter"]["runtimeValue"]["constant"], m["mountPath"])
+              for m in k8s["exec-distill"]["pvcMount"]}
+    assert ("ddil-data", "/data") in mounts
+    for name, task in _tasks_of(spec, "distill"):
+        assert task["inputs"]["parameters"]["checkpoint_root"]["componentInputParameter"].endswith("checkpoint_root")
+
+
+def test_every_stage_gets_the_run_id_and_the_telemetry_settings():
+    """One run id for every stage (KFP's run id placeholder), and $DDIL_PUSHGATEWAY / $DDIL_METRICS_PORT from the
+    ddil-settings ConfigMap (k8s/base) in every stage that pushes or serves metrics; the distill pod carries the
+    labels the PodMonitor selects."""
+    spec, platform = _docs()
+    k8s = platform["deploymentSpec"]["executors"]
+    for stage in ("cache-latents", "teacher-rollouts", "distill", "launch-trainjob", "evaluate", "register"):
+        tasks = _tasks_of(spec, stage)
+        assert tasks, stage
+        for name, task in tasks:
+            assert task["inputs"]["parameters"]["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+        for name in _executors(spec, stage):
+            (cm,) = k8s[name]["configMapAsEnv"]
+            assert cm["configMapName"] == "ddil-settings" and cm["optional"] is True, name
+            assert {(k["configMapKey"], k["envVar"]) for k in cm["keyToEnv"]} == {
+                ("DDIL_PUSHGATEWAY", "DDIL_PUSHGATEWAY"), ("DDIL_METRICS_PORT", "DDIL_METRICS_PORT")}, name
+    base = yaml.safe_load((ROOT / "k8s" / "base" / "kustomization.yaml").read_text())
+    literals = [item.split("=")[0] for cm in base["configMapGenerator"] if cm["name"] == "ddil-settings"
+                for item in cm["literals"]]
+    assert {"DDIL_PUSHGATEWAY", "DDIL_METRICS_PORT"} <= set(literals)
+    podmonitor = yaml.safe_load((ROOT / "k8s" / "components" / "prometheus-operator" / "podmonitor.yaml").read_text())
+    labels = k8s["exec-distill"]["podMetadata"]["labels"]
+    assert podmonitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
 
 def test_fan_out_collect_and_conditions():
@@ -539,193 +593,219 @@ def test_launch_script_rejects_an_unknown_operator():
         accelerate_launch_script("v3")
 
 
-class FakeApiError(Exception):
-    def __init__(self, status):
-        super().__init__(f"({status})")
-        self.status = status
+# The launcher's job handling against a stub of the Kubernetes API (tests/kube_training_stub.py): the Kubeflow SDK's
+# TrainerClient and the kubernetes client speak HTTP to it, jobs are validated against the Trainer CRDs on create.
+
+def _trainer(stub):
+    from kubeflow.common.types import KubernetesBackendConfig
+    from kubeflow.trainer import TrainerClient
+
+    return TrainerClient(KubernetesBackendConfig(namespace="ddil", client_configuration=stub.configuration()))
 
 
-class FakeCluster:
-    """CustomObjectsApi + CoreV1Api doubles: a job whose status follows `states` on successive reads."""
+def _core(stub):
+    from kubernetes import client
 
-    def __init__(self, states, logs=None, exists=False, fail_get_at=None):
-        self.states = list(states)
-        self.logs = logs or {}
-        self.exists = exists
-        self.fail_get_at = fail_get_at
-        self.calls = []
-        self.gets = 0
-        self.created = None
-
-    # CustomObjectsApi
-    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
-        self.calls.append(("create", group, version, namespace, plural, body["metadata"]["name"]))
-        if self.exists:
-            raise FakeApiError(409)
-        self.exists = True
-        self.created = body
-
-    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
-        self.calls.append(("get", name))
-        if not self.exists:
-            raise FakeApiError(404)
-        self.gets += 1
-        if self.fail_get_at == self.gets:
-            raise KeyboardInterrupt
-        conditions = self.states.pop(0) if len(self.states) > 1 else self.states[0]
-        return {"metadata": {"name": name}, "status": {"conditions": conditions}}
-
-    def delete_namespaced_custom_object(self, group, version, namespace, plural, name, propagation_policy=None):
-        self.calls.append(("delete", name, propagation_policy))
-        if not self.exists:
-            raise FakeApiError(404)
-        self.exists = False
-
-    # CoreV1Api
-    def list_namespaced_pod(self, namespace, label_selector=None):
-        self.calls.append(("pods", label_selector))
-        pods = [SimpleNamespace(metadata=SimpleNamespace(name=n)) for n in self.logs]
-        return SimpleNamespace(items=pods)
-
-    def read_namespaced_pod_log(self, name, namespace, timestamps=False, since_seconds=None):
-        assert timestamps  # the launcher dedupes by timestamp
-        reads = self.logs[name]  # successive reads: each a list of lines (the last one repeats)
-        return "\n".join(reads.pop(0) if len(reads) > 1 else reads[0])
+    api = client.ApiClient(stub.configuration())
+    return client.CustomObjectsApi(api), client.CoreV1Api(api)
 
 
-RUNNING = [{"type": "Created", "status": "True"}]
-COMPLETE = [{"type": "Created", "status": "True"}, {"type": "Complete", "status": "True", "reason": "JobsCompleted",
-                                                    "message": "all nodes finished"}]
-FAILED = [{"type": "Created", "status": "True"}, {"type": "Failed", "status": "True", "reason": "JobFailed",
-                                                  "message": "node-0 exited with 2"}]
-
-
-def _run(cluster, manifest, **kw):
-    from components.trainjob import run_training_job
-
-    lines, clock = [], iter(range(0, 10_000, 30))
-    result = run_training_job(cluster, cluster, manifest, poll_seconds=30, log=lines.append,
-                              sleep=lambda s: None, clock=lambda: next(clock), **kw)
-    return result, lines
-
-
-def _trainjob():
+def _trainjob(**kw):
     from components.trainjob import trainjob_manifest
 
-    return trainjob_manifest("ddil-distill-abc", "ddil", "img:1", 2, 8, "nvidia.com/gpu", _job_args())
+    return trainjob_manifest("ddil-distill-abc", "ddil", "img:1", 2, 8, "nvidia.com/gpu", _job_args(), **kw)
 
 
-def test_run_training_job_succeeds_streams_logs_once_and_deletes_the_job():
-    logs = {"ddil-distill-abc-node-0-0-x": [
-        ["2026-11-24T10:00:00.1Z step 1", "2026-11-24T10:00:00.12Z step 2"],
-        ["2026-11-24T10:00:00.12Z step 2", "2026-11-24T10:00:01Z step 3"]]}
-    cluster = FakeCluster([RUNNING, RUNNING, COMPLETE], logs=logs)
-    job, lines = _run(cluster, _trainjob())
-    assert job["status"]["conditions"] == COMPLETE
-    assert cluster.calls[0] == ("create", "trainer.kubeflow.org", "v1alpha1", "ddil", "trainjobs", "ddil-distill-abc")
-    assert cluster.calls[-1] == ("delete", "ddil-distill-abc", "Background") and not cluster.exists
-    assert ("pods", "jobset.sigs.k8s.io/jobset-name=ddil-distill-abc") in cluster.calls
-    streamed = [line for line in lines if line.startswith("[ddil-distill-abc-node")]
-    assert streamed == ["[ddil-distill-abc-node-0-0-x] step 1", "[ddil-distill-abc-node-0-0-x] step 2",
-                        "[ddil-distill-abc-node-0-0-x] step 3"]
-    assert any("succeeded" in line for line in lines)
-
-
-def test_run_training_job_fails_the_task_when_the_job_fails_and_still_deletes_it():
-    cluster = FakeCluster([RUNNING, FAILED])
-    with pytest.raises(RuntimeError, match="failed: JobFailed: node-0 exited with 2"):
-        _run(cluster, _trainjob())
-    assert cluster.calls[-1][0] == "delete" and not cluster.exists
-
-
-def test_run_training_job_times_out_and_deletes():
-    cluster = FakeCluster([RUNNING])
-    with pytest.raises(TimeoutError):
-        _run(cluster, _trainjob(), timeout_seconds=100)
-    assert cluster.calls[-1][0] == "delete" and not cluster.exists
-
-
-def test_run_training_job_deletes_on_interruption():
-    cluster = FakeCluster([RUNNING], fail_get_at=2)
-    with pytest.raises(KeyboardInterrupt):
-        _run(cluster, _trainjob())
-    assert cluster.calls[-1][0] == "delete" and not cluster.exists
-
-
-def test_run_training_job_replaces_a_job_left_by_an_earlier_attempt():
+def _pytorchjob():
     from components.trainjob import pytorchjob_manifest
 
-    cluster = FakeCluster([[{"type": "Running", "status": "True"}], [{"type": "Succeeded", "status": "True"}]],
-                          exists=True)
-    manifest = pytorchjob_manifest("ddil-distill-abc", "ddil", "img:1", 2, 1, "nvidia.com/gpu", _job_args())
-    original_create = cluster.create_namespaced_custom_object
-    attempts = []
+    return pytorchjob_manifest("ddil-distill-abc", "ddil", "img:1", 2, 1, "nvidia.com/gpu", _job_args())
 
-    def create(*args):
-        attempts.append(cluster.exists)
-        return original_create(*args)
 
-    cluster.create_namespaced_custom_object = create
-    _, lines = _run(cluster, manifest)
-    assert attempts == [True, False]  # 409, deleted, created again
-    assert ("pods", "training.kubeflow.org/job-name=ddil-distill-abc") in cluster.calls
+def _used_beyond_the_role(requests: list) -> list:
+    """The API requests (in the ddil namespace) that the ddil-pipeline Role of k8s/base/rbac.yaml does not allow."""
+    role = next(d for d in yaml.safe_load_all((ROOT / "k8s" / "base" / "rbac.yaml").read_text()) if d["kind"] == "Role")
+    allowed = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+               for v in rule["verbs"]}
+    missing = []
+    for method, path in requests:
+        m = re.fullmatch(r"/(?:api/v1|apis/([^/]+)/[^/]+)/namespaces/([^/]+)/([^/]+)(/[^/]+)?(/log)?", path)
+        if not m or m.group(2) != "ddil":
+            continue  # the SDK's version check reads kubeflow-system and only warns when refused
+        group, resource = m.group(1) or "", m.group(3) + ("/log" if m.group(5) else "")
+        verb = {"POST": "create", "DELETE": "delete"}.get(method, "get" if m.group(4) else "list")
+        if (group, resource, verb) not in allowed:
+            missing.append((group, resource, verb))
+    return missing
+
+
+def test_trainjob_runs_through_the_trainer_client_streams_rank0_and_is_deleted():
+    from components.trainjob import run_trainjob
+    from tests.kube_training_stub import KubeApiStub, condition
+
+    script = [[], [condition("Complete", "JobsCompleted", "all nodes finished")]]
+    with KubeApiStub(script, logs=["step 1", "step 2"], step_s=2.5) as stub:
+        lines = []
+        run_trainjob(_trainer(stub), _trainjob(), poll_seconds=1, timeout_seconds=60, log=lines.append)
+        calls = stub.requests
+    assert ("POST", "/apis/trainer.kubeflow.org/v1alpha1/namespaces/ddil/trainjobs") in calls
+    assert ("GET", "/apis/trainer.kubeflow.org/v1alpha1/namespaces/ddil/trainingruntimes/ddil-torch-distributed") \
+        in calls  # the SDK reads the job's runtime
+    assert any(path.endswith("/log") and "-node-0-0-" in path for _, path in calls)
+    assert stub.deletions == [("ddil-distill-abc", None)] and not stub.objects.keys() - {
+        k for k in stub.objects if k[0] == "trainingruntimes"}
+    streamed = [line.split("] ", 1)[1] for line in lines if line.startswith("[ddil-distill-abc-node-0-0-")]
+    assert streamed == ["step 1", "step 2"], lines  # rank 0's log, once
+    assert any("succeeded" in line for line in lines)
+    assert _used_beyond_the_role(calls) == [], "the launcher's service account (ddil-pipeline) may do all this"
+
+
+def test_trainjob_failure_names_the_reason_and_the_job_is_deleted():
+    from components.trainjob import run_trainjob
+    from tests.kube_training_stub import KubeApiStub, condition
+
+    with KubeApiStub([[], [condition("Failed", "JobFailed", "node-0 exited with 2")]], step_s=0.5) as stub:
+        with pytest.raises(RuntimeError, match="failed: JobFailed: node-0 exited with 2"):
+            run_trainjob(_trainer(stub), _trainjob(), poll_seconds=1, timeout_seconds=60, log=lambda _: None)
+    assert [name for name, _ in stub.deletions] == ["ddil-distill-abc"]
+
+
+def test_trainjob_timeout_and_interruption_delete_the_job():
+    from components.trainjob import run_trainjob
+    from tests.kube_training_stub import KubeApiStub
+
+    with KubeApiStub([[]]) as stub:
+        with pytest.raises(TimeoutError):
+            run_trainjob(_trainer(stub), _trainjob(), poll_seconds=1, timeout_seconds=3, log=lambda _: None)
+        assert len(stub.deletions) == 1
+
+        def interrupted(line):
+            if line.startswith("created"):
+                raise KeyboardInterrupt  # as a stopped task's SIGTERM (sys.exit) does
+
+        with pytest.raises(KeyboardInterrupt):
+            run_trainjob(_trainer(stub), _trainjob(), poll_seconds=1, timeout_seconds=60, log=interrupted)
+        assert len(stub.deletions) == 2
+
+
+def test_an_invalid_trainjob_is_refused_by_the_api_and_nothing_is_left():
+    """The stub's strict CRD validation stands in for the API server's: a field Trainer v2.3 does not know fails."""
+    from kubernetes.client.exceptions import ApiException
+
+    from components.trainjob import run_trainjob
+    from tests.kube_training_stub import KubeApiStub
+
+    bad = _trainjob()
+    bad["spec"]["trainer"]["numProcPerNode"] = "auto"
+    with KubeApiStub([[]]) as stub:
+        with pytest.raises(ApiException) as info:
+            run_trainjob(_trainer(stub), bad, poll_seconds=1, timeout_seconds=60, log=lambda _: None)
+    assert info.value.status == 422 and "numProcPerNode" in stub.rejected[0]["message"]
+    assert stub.deletions == []
+
+
+def test_pytorchjob_is_watched_to_success_with_the_master_log():
+    from components.trainjob import run_pytorchjob
+    from tests.kube_training_stub import KubeApiStub, condition
+
+    script = [[condition("Created")], [condition("Created"), condition("Running")],
+              [condition("Created"), condition("Succeeded", "PyTorchJobSucceeded", "done")]]
+    with KubeApiStub(script, logs=["epoch 1"], step_s=0.7) as stub:
+        lines = []
+        custom, core = _core(stub)
+        job = run_pytorchjob(custom, core, _pytorchjob(), poll_seconds=0.2, timeout_seconds=60, log=lines.append)
+        calls = stub.requests
+    assert job["status"]["conditions"][-1]["type"] == "Succeeded"
+    assert ("GET", "/apis/kubeflow.org/v1/namespaces/ddil/pytorchjobs") in calls  # the watch
+    assert any(line.startswith("[ddil-distill-abc-master-0@") and line.endswith("] epoch 1") for line in lines), lines
+    assert stub.deletions == [("ddil-distill-abc", "Background")]
+    assert _used_beyond_the_role(calls) == []
+
+
+def test_pytorchjob_failure_and_a_job_left_by_an_earlier_attempt():
+    import time as _time
+
+    from components.trainjob import run_pytorchjob
+    from tests.kube_training_stub import KubeApiStub, condition
+
+    with KubeApiStub([[condition("Created")], [condition("Failed", "PyTorchJobFailed", "master exited 2")]],
+                     step_s=0.5) as stub:
+        left = _pytorchjob()
+        left["metadata"].update(uid="old", creationTimestamp="2026-12-01T09:00:00Z")
+        key = ("pytorchjobs", "ddil", "ddil-distill-abc")
+        stub.objects[key], stub.created_at[key] = left, _time.monotonic()
+        lines = []
+        custom, core = _core(stub)
+        with pytest.raises(RuntimeError, match="failed: PyTorchJobFailed: master exited 2"):
+            run_pytorchjob(custom, core, _pytorchjob(), poll_seconds=0.2, timeout_seconds=60, log=lines.append)
     assert any("replacing" in line for line in lines)
-    assert cluster.calls[-1][0] == "delete" and not cluster.exists
+    # the earlier attempt's job deleted in the foreground (its pods gone before the new one), the new one at the end
+    assert stub.deletions == [("ddil-distill-abc", "Foreground"), ("ddil-distill-abc", "Background")]
 
 
 @pytest.mark.parametrize("operator, kind", [("v2", "TrainJob"), ("v1", "PyTorchJob")])
 def test_launch_trainjob_component_stages_runs_and_returns_the_student(tmp_path, monkeypatch, operator, kind):
-    """The component body with a fake cluster whose job 'trains' by writing a student into its --out folder."""
+    """The component body against the API stub, whose job 'trains' by writing a student into its --out folder."""
+    import signal
+
     import kubernetes
 
     from components import launch_trainjob
+    from tests.kube_training_stub import KubeApiStub, condition
 
-    class TrainingCluster(FakeCluster):
-        def create_namespaced_custom_object(self, group, version, namespace, plural, body):
-            super().create_namespaced_custom_object(group, version, namespace, plural, body)
-            spec = body["spec"]
-            if kind == "TrainJob":
-                args = spec["trainer"]["args"]
-            else:
-                args = spec["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["args"]
-            opts = dict(a[2:].split("=", 1) for a in args[1:] if a.startswith("--") and "=" in a)
-            assert Path(opts["latents"], "manifest.json").is_file()
-            assert sorted(p.name for p in Path(opts["rollouts"]).iterdir()) == ["shard-0000", "shard-0001"]
-            assert yaml.safe_load(Path(opts["config"]).read_text())["training"]["steps"] == 3
-            student_dir = Path(opts["out"], "student")
-            student_dir.mkdir(parents=True)
-            (student_dir / "model_index.json").write_text("{}")
-            (student_dir / "ddil_student.json").write_text(json.dumps({"num_inference_steps": 2}))
-            Path(opts["out"], "train_log.jsonl").write_text('{"step": 1}\n')
+    def train(body):
+        spec = body["spec"]
+        if kind == "TrainJob":
+            args = spec["trainer"]["args"]
+        else:
+            args = spec["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["args"]
+        opts = dict(a[2:].split("=", 1) for a in args[1:] if a.startswith("--") and "=" in a)
+        assert Path(opts["latents"], "manifest.json").is_file()
+        assert sorted(p.name for p in Path(opts["rollouts"]).iterdir()) == ["shard-0000", "shard-0001"]
+        assert yaml.safe_load(Path(opts["config"]).read_text())["training"]["steps"] == 3
+        assert "--set=telemetry.run_id='run-1'" in args  # the run's id: the Pushgateway group of every node
+        student_dir = Path(opts["out"], "student")
+        student_dir.mkdir(parents=True)
+        (student_dir / "model_index.json").write_text("{}")
+        (student_dir / "ddil_student.json").write_text(json.dumps({"num_inference_steps": 2}))
+        Path(opts["out"], "train_log.jsonl").write_text('{"step": 1}\n')
 
-    cluster = TrainingCluster([COMPLETE] if kind == "TrainJob" else [[{"type": "Succeeded", "status": "True"}]])
-    monkeypatch.setattr(kubernetes.config, "load_incluster_config", lambda: None)
-    monkeypatch.setattr(kubernetes.client, "CustomObjectsApi", lambda *a: cluster)
-    monkeypatch.setattr(kubernetes.client, "CoreV1Api", lambda *a: cluster)
+    done = condition("Complete") if kind == "TrainJob" else condition("Succeeded")
+    with KubeApiStub([[], [done]], step_s=0.5) as stub:
+        stub.on_create = train
+        monkeypatch.setattr(kubernetes.config, "load_incluster_config",
+                            lambda: kubernetes.client.Configuration.set_default(stub.configuration()))
 
-    def folder(name, files):
-        path = tmp_path / "inputs" / name
-        path.mkdir(parents=True)
-        for f in files:
-            (path / f).write_text("x")
-        return SimpleNamespace(path=str(path))
+        def folder(name, files):
+            path = tmp_path / "inputs" / name
+            path.mkdir(parents=True)
+            for f in files:
+                (path / f).write_text("x")
+            return SimpleNamespace(path=str(path))
 
-    student = SimpleNamespace(path=str(tmp_path / "out" / "student"), metadata={})
-    training_log = SimpleNamespace(path=str(tmp_path / "out" / "training_log"), metadata={})
-    shared = tmp_path / "data" / "ddil-runs"
-    import signal
-
-    monkeypatch.setattr(signal, "signal", lambda *a: None)  # the component's SIGTERM handler, not in pytest
-    launch_trainjob.python_func(
-        recipe="tiny", overrides=["training.steps=3"], latents=folder("latents", ["manifest.json"]),
-        rollouts=[folder("r0", ["manifest.json"]), folder("r1", ["manifest.json"])], num_nodes=2,
-        gpu_type="nvidia.com/gpu", gpu_count=8, training_operator=operator, run_id="run-1", student=student,
-        training_log=training_log, image="img:1", namespace="ddil", shared_root=str(shared), poll_seconds=0)
+        student = SimpleNamespace(path=str(tmp_path / "out" / "student"), metadata={})
+        training_log = SimpleNamespace(path=str(tmp_path / "out" / "training_log"), metadata={})
+        shared = tmp_path / "data" / "ddil-runs"
+        monkeypatch.setattr(signal, "signal", lambda *a: None)  # the component's SIGTERM handler, not in pytest
+        for key in ("DDIL_RUN_ID", "DDIL_KFP_RUN_ID"):
+            monkeypatch.setenv(key, "")  # the component sets them in this process
+        launch_trainjob.python_func(
+            recipe="tiny", overrides=["training.steps=3"], latents=folder("latents", ["manifest.json"]),
+            rollouts=[folder("r0", ["manifest.json"]), folder("r1", ["manifest.json"])], num_nodes=2,
+            gpu_type="nvidia.com/gpu", gpu_count=8, training_operator=operator, run_id="run-1", student=student,
+            training_log=training_log, image="img:1", namespace="ddil", shared_root=str(shared), poll_seconds=1)
+        kinds = {key[0] for key in stub.objects}
     assert (Path(student.path) / "model_index.json").is_file()
     assert (Path(training_log.path) / "train_log.jsonl").is_file()
     assert student.metadata["steps"] == 2 and student.metadata["training_job"].startswith(f"{kind}/ddil-distill-")
-    assert cluster.created["kind"] == kind and cluster.calls[-1][0] == "delete"
+    assert len(stub.deletions) == 1 and kinds == {"trainingruntimes"}, "the job is deleted at the end"
     assert list(shared.iterdir()) == [], "the staged job folder is removed after success"
+
+
+COMPLETE = [{"type": "Created", "status": "True"}, {"type": "Complete", "status": "True", "reason": "JobsCompleted",
+                                                    "message": "all nodes finished"}]
+FAILED = [{"type": "Created", "status": "True"}, {"type": "Failed", "status": "True", "reason": "JobFailed",
+                                                  "message": "node-0 exited with 2"}]
 
 
 def test_job_state_reads_both_operators():
@@ -750,8 +830,12 @@ LOCAL_RUN_OVERRIDES = [
 
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory):
+    """The checked-in YAML run by kfp's local runner; its stages push to a real Pushgateway named, as in the
+    cluster, by $DDIL_PUSHGATEWAY (the ddil-settings ConfigMap) rather than by a pipeline parameter."""
     from kfp import components as kfp_components
     from kfp import local
+
+    from tests.pushgateway import start_pushgateway
 
     root = tmp_path_factory.mktemp("kfp-local")
     warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*", category=RuntimeWarning)
@@ -759,12 +843,29 @@ def local_run(tmp_path_factory):
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root / "pipeline-root"),
                raise_on_error=True)
     pipeline = kfp_components.load_component_from_file(str(PIPELINE_YAML))  # the checked-in YAML itself
-    start = time.monotonic()
-    pipeline(teacher="tiny://sd15", dataset="demo://digits", recipe="tiny", overrides=LOCAL_RUN_OVERRIDES,
-             num_shards=2, registry_uri=str(root / "registry"), fid_factor=1000.0, min_coverage=0.0)
-    elapsed = time.monotonic() - start
+    saved = {k: os.environ.get(k) for k in ("DDIL_PUSHGATEWAY", "DDIL_RUN_ID", "DDIL_KFP_RUN_ID")}
+    with start_pushgateway() as gateway:
+        os.environ["DDIL_PUSHGATEWAY"] = gateway  # the task subprocesses inherit it
+        for key in ("DDIL_RUN_ID", "DDIL_KFP_RUN_ID"):
+            os.environ.pop(key, None)
+        try:
+            start = time.monotonic()
+            pipeline(teacher="tiny://sd15", dataset="demo://digits", recipe="tiny", overrides=LOCAL_RUN_OVERRIDES,
+                     num_shards=2, registry_uri=str(root / "registry"), fid_factor=1000.0, min_coverage=0.0,
+                     checkpoint_root=str(root / "durable"))
+            elapsed = time.monotonic() - start
+            from tests.pushgateway import read_metrics
+
+            pushed = read_metrics(gateway)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
     [run_dir] = (root / "pipeline-root").iterdir()
-    yield SimpleNamespace(dir=run_dir, registry=root / "registry", elapsed=elapsed)
+    yield SimpleNamespace(dir=run_dir, registry=root / "registry", elapsed=elapsed, pushed=pushed,
+                          durable=root / "durable")
     from kfp.local import config as local_config
 
     local_config.LocalExecutionConfig.instance = None  # later tests get components that do not run on call
@@ -837,6 +938,58 @@ def test_local_run_registers_the_student_when_the_gates_pass(local_run):
     assert (Path(entry["path"]) / "model_index.json").is_file()
 
 
+def _pushed_groups(text: str) -> dict:
+    """{stage: {run ids}} of the ddil_stage_success series a Pushgateway holds."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    groups: dict = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "ddil_stage_success" and sample.labels.get("job") == "ddil":
+                groups.setdefault(sample.labels["stage"], {})[sample.labels["run_id"]] = sample.value
+    return groups
+
+
+@pytest.mark.slow
+def test_local_run_every_stage_pushes_under_the_one_run_id(local_run):
+    """Every stage of the run pushed to the Pushgateway ($DDIL_PUSHGATEWAY) under the run's id (KFP's run id
+    placeholder), the id the lineage of the registered student names too."""
+    groups = _pushed_groups(local_run.pushed)
+    assert set(groups) == {"cache-latents", "teacher-rollouts", "distill", "evaluate", "register"}, groups
+    run_ids = {run_id for by_run in groups.values() for run_id in by_run}
+    assert len(run_ids) == 1, groups
+    (run_id,) = run_ids
+    assert all(by_run[run_id] == 1.0 for by_run in groups.values()), groups  # every stage succeeded
+    assert run_id not in ("", "ddil", "distill") and "{{" not in run_id
+    entry = json.loads(Path(_artifact(_executor_output(local_run.dir, "register"), "registration")["uri"]).read_text())
+    assert entry["lineage"]["kfp_run_id"] == entry["lineage"]["run_id"] == run_id
+
+
+@pytest.mark.slow
+def test_local_run_records_the_lineage_in_the_registry_and_the_artifacts(local_run):
+    """The registered version names the code (git SHA), the data (dataset hash), the caches (latent-cache and
+    rollouts hashes) and the KFP run that made it; the student Model artifact and the registration carry the same."""
+    from ddil_core.registry.model_card import git_commit
+
+    registration = _artifact(_executor_output(local_run.dir, "register"), "registration")
+    entry = json.loads(Path(registration["uri"]).read_text())
+    lineage = entry["lineage"]
+    latents = _artifact(_executor_output(local_run.dir, "cache-latents"), "latents")
+    cache_manifest = Path(latents["uri"]) / "manifest.json"
+    import hashlib
+
+    assert lineage["git_sha"] == git_commit()
+    assert lineage["dataset"] == "demo://digits" and lineage["dataset_sha256"] == latents["metadata"]["dataset_sha256"]
+    assert lineage["latent_cache_sha256"] == hashlib.sha256(cache_manifest.read_bytes()).hexdigest()
+    assert len(lineage["rollouts_sha256"]) == 64
+    student = _artifact(_executor_output(local_run.dir, "distill"), "student")["metadata"]
+    for key in ("git_sha", "dataset_sha256", "latent_cache_sha256", "rollouts_sha256", "kfp_run_id"):
+        assert student[key] == lineage[key] == registration["metadata"][key], key
+    card = (Path(entry["path"]) / "README.md").read_text()
+    assert "## Lineage" in card and lineage["kfp_run_id"] in card
+    assert not any(local_run.durable.iterdir()), "distill removes its checkpoints once the student is out"
+
+
 @pytest.mark.slow
 def test_distill_runs_accelerate_launch_when_the_pod_has_several_gpus(local_run, tmp_path, monkeypatch):
     """gpu_count > 1: the distill component runs `accelerate launch --multi_gpu -m ddil_core.cli distill ...`
@@ -860,8 +1013,11 @@ exec "{sys.executable}" -m "$@"
                                          "rollouts")) for i in range(2)]
     student = SimpleNamespace(path=str(tmp_path / "student"), metadata={})
     training_log = SimpleNamespace(path=str(tmp_path / "training_log"), metadata={})
-    distill.python_func(recipe="tiny", overrides=LOCAL_RUN_OVERRIDES, latents=latents, rollouts=rollouts,
-                        student=student, training_log=training_log)
+    for key in ("DDIL_RUN_ID", "DDIL_KFP_RUN_ID"):  # the component sets them in this process: undone after the test
+        monkeypatch.setenv(key, "")
+    distill.python_func(recipe="tiny", overrides=LOCAL_RUN_OVERRIDES, run_id="accelerate-run", latents=latents,
+                        rollouts=rollouts, student=student, training_log=training_log,
+                        checkpoint_root=str(tmp_path / "durable"))
     args = record.read_text().splitlines()
     assert args[:9] == ["launch", "--num_machines", "1", "--num_processes", "2", "--multi_gpu", "-m",
                         "ddil_core.cli", "distill"]

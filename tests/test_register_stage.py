@@ -29,10 +29,15 @@ def student(tmp_path_factory):
 
 
 @pytest.fixture
-def metrics_file(tmp_path):
+def metrics_file(student, tmp_path):
+    """METRICS as evaluate writes them for `student`: with the digest of the folder it evaluated."""
+    from ddil_core.data.shards import folder_digest
+
     path = tmp_path / "eval" / "metrics.json"
     path.parent.mkdir()
-    path.write_text(json.dumps(METRICS))
+    metrics = json.loads(json.dumps(METRICS))
+    metrics["protocol"]["model_digests"] = {"student": folder_digest(student)}
+    path.write_text(json.dumps(metrics))
     return path
 
 

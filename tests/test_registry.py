@@ -456,3 +456,81 @@ def test_kubeflow_gate_failure_sends_nothing(config, student, stub):
     with pytest.raises(GateError, match="min_adherence"):
         register_student(config, str(student), make_metrics(adherence=0.1))
     assert stub.requests == []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# lineage: code, data, caches, run ids and an s3:// URI on every registered version
+
+LINEAGE = {"git_sha": "0123456789abcdef0123456789abcdef01234567", "dataset": "demo://digits",
+           "dataset_sha256": "d" * 64, "latent_cache_sha256": "c" * 64, "rollouts_sha256": "r" * 64,
+           "run_id": "8f14e45f-ceea-467f-a0e6-2b5c4d7e3a10", "kfp_run_id": "8f14e45f-ceea-467f-a0e6-2b5c4d7e3a10"}
+KFP_URI = "minio://mlpipeline/v2/artifacts/ddil/8f14e45f-ceea-467f-a0e6-2b5c4d7e3a10/distill/student"
+
+
+def _trained_student(tmp_path):
+    """A student folder as distill leaves it: ddil_student.json with the lineage distill recorded."""
+    path = make_student(tmp_path / "student")
+    (path / "ddil_student.json").write_text(json.dumps({"num_inference_steps": 4, "lineage": LINEAGE}))
+    return path
+
+
+def test_lineage_maps_kfp_artifact_uris_to_s3():
+    from ddil_core.registry.lineage import s3_uri
+
+    assert s3_uri(KFP_URI) == "s3://mlpipeline/v2/artifacts/ddil/8f14e45f-ceea-467f-a0e6-2b5c4d7e3a10/distill/student"
+    assert s3_uri("s3://models/student") == "s3://models/student"
+    assert s3_uri("/tmp/student") is None and s3_uri("gs://b/x") is None and s3_uri(None) is None
+
+
+def test_local_registry_version_holds_the_lineage(config, tmp_path, monkeypatch):
+    student = _trained_student(tmp_path)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    monkeypatch.chdir(project)  # register runs in the DVC project
+    entry = register_student(config, str(student), make_metrics(), model_uri=KFP_URI)
+    lineage = entry["lineage"]
+    assert {k: lineage[k] for k in LINEAGE} == LINEAGE
+    import hashlib
+
+    assert lineage["dvc_lock_sha256"] == hashlib.sha256((project / "dvc.lock").read_bytes()).hexdigest()
+    assert lineage["model_s3_uri"].startswith("s3://mlpipeline/v2/artifacts/ddil/")
+    stored = LocalRegistry(config.registry.uri).get("ddil-student", entry["version"])
+    assert stored["lineage"] == lineage
+    card = (Path(entry["path"]) / "README.md").read_text()
+    assert "## Lineage" in card and LINEAGE["git_sha"] in card and LINEAGE["dataset_sha256"] in card
+
+
+def test_kubeflow_version_holds_the_lineage_an_s3_uri_and_its_model_source(config, stub, tmp_path, monkeypatch):
+    config.registry.kubeflow_address = "127.0.0.1"
+    config.registry.kubeflow_port = stub.port
+    monkeypatch.setenv("DDIL_NAMESPACE", "ml-team")
+    monkeypatch.setenv("DDIL_KFP_RUN_NAME", "ddil-nightly")
+    monkeypatch.chdir(tmp_path)  # no dvc.lock here: dvc_lock_sha256 is absent
+    entry = register_student(config, str(_trained_student(tmp_path)), make_metrics(), model_uri=KFP_URI)
+    s3 = "s3://mlpipeline/v2/artifacts/ddil/8f14e45f-ceea-467f-a0e6-2b5c4d7e3a10/distill/student"
+    assert entry["uri"] == s3
+    bodies = [r["body"] for r in stub.requests if r["method"] == "POST"]
+    version_body, artifact_body = bodies[1], bodies[2]
+    props = version_body["customProperties"]
+    for key, value in LINEAGE.items():
+        assert props[key]["string_value"] == value, key
+    assert props["model_s3_uri"]["string_value"] == s3 and "dvc_lock_sha256" not in props
+    assert artifact_body["uri"] == s3 and artifact_body["modelFormatVersion"] == "0.42.1"
+    assert {k: artifact_body.get(k) for k in ("modelSourceKind", "modelSourceClass", "modelSourceGroup",
+                                              "modelSourceId", "modelSourceName")} == {
+        "modelSourceKind": "kfp", "modelSourceClass": "pipelinerun", "modelSourceGroup": "ml-team",
+        "modelSourceId": LINEAGE["kfp_run_id"], "modelSourceName": "ddil-nightly"}
+    from ddil_core.registry.kubeflow import KubeflowRegistry
+
+    got = KubeflowRegistry("127.0.0.1", stub.port).get("ddil-student", entry["version"])
+    assert got["uri"] == s3 and got["metadata"]["git_sha"] == LINEAGE["git_sha"]
+    assert got["metadata"]["kfp_run_id"] == LINEAGE["kfp_run_id"]
+
+
+def test_a_student_without_lineage_registers_with_what_register_knows(config, student, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DDIL_KFP_RUN_ID", raising=False)
+    entry = register_student(config, str(student), make_metrics())
+    assert entry["lineage"] == {}
+    assert "## Lineage" in (Path(entry["path"]) / "README.md").read_text()

@@ -220,7 +220,7 @@ def test_bad_scale_settings_are_refused(tiny_data, tmp_path):
 
     with pytest.raises(ConfigError, match="grad_accum_steps = 3"):
         load_config("tiny", ["training.grad_accum_steps=3"])
-    with pytest.raises(ConfigError, match="training.lora: rank = -1"):
+    with pytest.raises(ConfigError, match="training.lora.rank = -1"):
         load_config("tiny", ["training.lora.rank=-1"])
     with pytest.raises(ConfigError, match="needs training.mixed_precision"):
         _run(tiny_data, tmp_path / "x", "pd", "model.dtype=bfloat16")

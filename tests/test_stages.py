@@ -1,4 +1,5 @@
 """The stages end to end on tiny models: cache-latents -> teacher-rollouts -> distill -> sample."""
+import hashlib
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ddil_core.cli import main
+from ddil_core.registry.model_card import git_commit
 from ddil_core.stages.distill import distill
 from tests.conftest import tiny_config
 
@@ -25,6 +27,12 @@ def test_distill_writes_a_student_that_plain_diffusers_runs(tiny_data, tmp_path,
     assert (student_dir / "model_index.json").exists()
     info = json.loads((student_dir / "ddil_student.json").read_text())
     assert info["num_inference_steps"] == 2
+    lineage = info["lineage"]  # what register records: the code, data and caches that made this student
+    cache_manifest = json.loads((latents / "manifest.json").read_text())
+    assert lineage["dataset_sha256"] == cache_manifest["dataset_sha256"] and len(lineage["dataset_sha256"]) == 64
+    assert lineage["latent_cache_sha256"] == hashlib.sha256((latents / "manifest.json").read_bytes()).hexdigest()
+    assert len(lineage["rollouts_sha256"]) == 64 and lineage["dataset"] == tiny_config(family).data.dataset
+    assert lineage["git_sha"] == git_commit()  # this checkout's HEAD ("-dirty" when edited)
     pipe = DiffusionPipeline.from_pretrained(str(student_dir))
     assert type(pipe.scheduler).__name__ == "DDIMScheduler"
     out = pipe("a handwritten digit three", num_inference_steps=info["num_inference_steps"],

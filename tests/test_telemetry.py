@@ -275,3 +275,31 @@ def test_a_stage_exposes_only_the_gauges_it_sets():
     assert train.registry.get_sample_value("ddil_buffer_size") == 7
     assert train.registry.get_sample_value("ddil_items_processed_total") is None
     assert train.registry.get_sample_value("ddil_gpu_memory_bytes") is None  # no accelerator reported
+
+
+def test_stage_telemetry_honours_the_cluster_settings_in_the_environment(pushgateway,  # noqa: F811
+                                                                         monkeypatch, tmp_path):
+    """$DDIL_PUSHGATEWAY, $DDIL_METRICS_PORT and $DDIL_RUN_ID (the ddil-settings ConfigMap and the KFP components
+    set them) take effect when the config leaves telemetry.* unset; the config wins when it sets them."""
+    from ddil_core.config import Config
+    from ddil_core.stages.common import stage_telemetry
+
+    run_id, port = _run_id(), free_port()
+    monkeypatch.setenv("DDIL_PUSHGATEWAY", pushgateway)
+    monkeypatch.setenv("DDIL_METRICS_PORT", str(port))
+    monkeypatch.setenv("DDIL_RUN_ID", run_id)
+    with stage_telemetry(Config(), "distill", tmp_path / "folder-name-is-not-the-run" / "distill", serve=True) as tel:
+        tel.log_train(3, {"loss": {"pd": 0.5}})
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            assert metric_value(resp.read().decode(), "ddil_train_step") == 3
+    assert metric_value(pushgateway, "ddil_stage_success", run_id=run_id, stage="distill") == 1
+
+    config = Config()
+    config.telemetry.pushgateway, config.telemetry.run_id = None, "from-config"
+    tel = stage_telemetry(config, "evaluate", tmp_path / "x")
+    assert tel.pushgateway == pushgateway  # from the environment: the config left it unset
+    assert tel.run_id == "from-config" and tel.serve_port is None  # serve=False: no port
+    monkeypatch.setenv("DDIL_METRICS_PORT", "nine-thousand")
+    from ddil_core.stages.run_telemetry import telemetry_settings
+
+    assert telemetry_settings(Config())[1] is None  # a bad value serves nothing (telemetry never fails a run)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Callable, Iterator, Optional
@@ -25,6 +26,11 @@ MIN_IMAGE_SIDE = 8
 
 class DatasetError(ValueError):
     """Bad input data; the message names the file or line."""
+
+
+class StorageError(DatasetError):
+    """The storage holding the dataset cannot be read (no or refused credentials, unreachable endpoint): fatal under
+    any bad-sample policy, since it is no sample's fault."""
 
 
 @dataclass
@@ -138,7 +144,9 @@ def _folder(fs, root: str) -> Iterator[tuple[str, callable]]:
             raise DatasetError(f"{where}: not valid JSON ({exc})") from None
         if not isinstance(record, dict) or "file" not in record or "caption" not in record:
             raise DatasetError(f"{where}: each line needs 'file' and 'caption'")
-        name = str(record["file"])
+        name = record["file"]
+        if not isinstance(name, str) or not _inside(name):
+            raise DatasetError(f"{where}: 'file' must be a path inside the dataset folder, got {name!r}")
         if name in seen:
             raise DatasetError(f"{where}: duplicate file name '{name}'")
         seen.add(name)
@@ -155,10 +163,9 @@ def _folder(fs, root: str) -> Iterator[tuple[str, callable]]:
 def _coco(fs, annotations: str, images: Optional[str]) -> Iterator[tuple[str, callable]]:
     try:
         data = json.loads(_open(fs, annotations).decode("utf-8"))
-        files = {im["id"]: im["file_name"] for im in data["images"]}
-        anns = data["annotations"]
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DatasetError(f"{annotations}: not a COCO captions JSON ({type(exc).__name__}: {exc})") from None
+    files, anns = _coco_tables(data, annotations)
     root = images or str(PurePosixPath(annotations).parent)
     done: set = set()
     for ann in anns:  # first caption of each image, in annotation order
@@ -176,6 +183,46 @@ def _coco(fs, annotations: str, images: Optional[str]) -> Iterator[tuple[str, ca
         yield str(image_id), make
 
 
+def _coco_tables(data, annotations: str) -> tuple[dict, list]:
+    """{image id: file name} and the annotation records of a COCO captions JSON, its layout checked (an 'images'
+    list of {id, file_name} and an 'annotations' list of {image_id, caption} objects)."""
+    def bad(what: str):
+        return DatasetError(f"{annotations}: not a COCO captions JSON ({what})")
+
+    if not isinstance(data, dict):
+        raise bad(f"expected a JSON object, got {type(data).__name__}")
+    for key in ("images", "annotations"):
+        if not isinstance(data.get(key), list):
+            raise bad(f"'{key}' must be a list, got {type(data.get(key)).__name__}")
+    files = {}
+    for i, im in enumerate(data["images"]):
+        if not isinstance(im, dict) or not _is_id(im.get("id")) or not isinstance(im.get("file_name"), str):
+            raise bad(f"images[{i}] must be an object with an integer or text 'id' and a text 'file_name', got "
+                      f"{_short(im)}")
+        if not _inside(im["file_name"]):
+            raise bad(f"images[{i}].file_name must be a path inside the image folder, got {im['file_name']!r}")
+        files[im["id"]] = im["file_name"]
+    for i, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict) or not _is_id(ann.get("image_id")):
+            raise bad(f"annotations[{i}] must be an object with an integer or text 'image_id', got {_short(ann)}")
+    return files, data["annotations"]
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _inside(name: str) -> bool:
+    """A relative path that stays inside its folder (no absolute path, no '..', not empty)."""
+    parts = PurePosixPath(name).parts
+    return bool(name.strip()) and "\0" not in name and not PurePosixPath(name).is_absolute() and ".." not in parts
+
+
 def _tars(fs, uri: str) -> Iterator[tuple[str, callable]]:
     paths = [uri] if uri.endswith(".tar") else sorted(fs.glob(f"{uri.rstrip('/')}/*.tar"))
     if not paths:
@@ -189,8 +236,10 @@ def _tars(fs, uri: str) -> Iterator[tuple[str, callable]]:
                         continue
                     key, _, ext = member.name.partition(".")
                     groups.setdefault(key, {})[ext.lower()] = tar.extractfile(member).read()
-        except tarfile.TarError as exc:
-            raise DatasetError(f"{tar_path}: unreadable tar ({exc})") from None
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+            if isinstance(exc, OSError) and storage_error(tar_path, exc):
+                raise
+            raise DatasetError(f"{tar_path}: unreadable tar ({_one_line(exc)})") from None
         for key, parts in groups.items():
             where = f"{tar_path}:{key}"
 
@@ -204,7 +253,13 @@ def _tars(fs, uri: str) -> Iterator[tuple[str, callable]]:
                     except UnicodeDecodeError:
                         raise DatasetError(f"{where}.txt: caption is not valid UTF-8") from None
                 elif "json" in parts:
-                    caption = json.loads(parts["json"]).get("caption")
+                    try:
+                        record = json.loads(parts["json"].decode("utf-8"))
+                    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                        raise DatasetError(f"{where}.json: not valid JSON ({type(exc).__name__}: {exc})") from None
+                    if not isinstance(record, dict) or "caption" not in record:
+                        raise DatasetError(f"{where}.json: expected an object with a 'caption', got {_short(record)}")
+                    caption = record["caption"]
                 else:
                     raise DatasetError(f"{where}: no caption (.txt or .json) in the sample")
                 return Sample(key, decode_image(parts[image_ext], f"{where}.{image_ext}"), check_caption(caption, where))
@@ -212,9 +267,14 @@ def _tars(fs, uri: str) -> Iterator[tuple[str, callable]]:
             yield key, make
 
 
+CONNECTION_ERRORS = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+                     "ProxyConnectionError", "ClientConnectorError", "ServerDisconnectedError", "ConnectionError",
+                     "TimeoutError", "gaierror"}
+
+
 def storage_error(uri: str, exc: BaseException) -> Optional[str]:
-    """A one-line explanation of a remote-storage failure (missing or refused credentials, unknown bucket) naming
-    `uri`, or None when `exc` is not one. Never includes credential values."""
+    """A one-line explanation of a remote-storage failure (missing or refused credentials, unknown bucket, an endpoint
+    that cannot be reached) naming `uri`, or None when `exc` is not one. Never includes credential values."""
     names = {cls.__name__ for cls in type(exc).__mro__}
     if names & {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}:
         return (f"{uri}: no credentials for {uri.split('://', 1)[0]}:// storage ({type(exc).__name__}); set "
@@ -227,33 +287,67 @@ def storage_error(uri: str, exc: BaseException) -> Optional[str]:
             return f"{uri}: {what} ({code}); check the credentials in the environment and the path"
     if isinstance(exc, PermissionError) and "://" in uri:
         return f"{uri}: access denied ({exc}); check the credentials in the environment and the path"
+    if "://" in uri and names & CONNECTION_ERRORS:
+        return (f"{uri}: cannot reach the storage endpoint ({type(exc).__name__}: {_one_line(exc)}); check "
+                "AWS_ENDPOINT_URL and the network")
     return None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def as_dataset_error(uri: str, where: str, exc: Exception) -> DatasetError:
+    """Any failure of reading a dataset as the project's error naming the place: a storage failure (StorageError,
+    fatal), else a bad sample or listing (DatasetError)."""
+    if isinstance(exc, DatasetError):
+        return exc
+    message = storage_error(uri, exc)
+    if message is not None:
+        return StorageError(message)
+    if isinstance(exc, OSError) and exc.strerror:
+        return DatasetError(f"{exc.filename or where}: unreadable ({exc.strerror})")
+    return DatasetError(f"{where}: unreadable ({type(exc).__name__}: {_one_line(exc)})")
 
 
 def iter_samples(uri: str, images: Optional[str] = None, policy: str = "fail", limit: Optional[int] = None,
                  skips: Optional[SkipReport] = None, resolution: int = 16) -> Iterator[Sample]:
     """Every good sample of a dataset, in a fixed order. Bad samples raise (policy fail) or are counted (skip).
-    Remote storage that refuses us (no credentials, access denied) raises DatasetError naming the path."""
-    try:
-        yield from _iter_samples(uri, images, policy, limit, skips, resolution)
-    except DatasetError:
-        raise
-    except Exception as exc:
-        message = storage_error(uri, exc)
-        if message is None:
-            raise
-        raise DatasetError(message) from None
+    Remote storage that refuses us (no credentials, access denied, no endpoint) raises StorageError naming the path."""
+    yield from _iter_samples(uri, images, policy, limit, skips, resolution)
 
 
 def list_samples(uri: str, images: Optional[str] = None, resolution: int = 16) -> Iterator[tuple[str, Callable]]:
     """The dataset's samples in their fixed order as (key, load) pairs: listing reads captions and paths only,
-    `load()` reads and decodes one sample (raising DatasetError naming the file when it is bad)."""
+    `load()` reads and decodes one sample. Whatever goes wrong, listing or loading raises DatasetError naming the
+    dataset or sample (StorageError for the storage itself): these readers take untrusted files."""
+    try:
+        for key, make in _list_samples(uri, images, resolution):
+            yield key, _guarded(uri, key, make)
+    except Exception as exc:
+        raise as_dataset_error(uri, uri, exc) from None
+
+
+def _guarded(uri: str, key: str, make: Callable[[], Sample]) -> Callable[[], Sample]:
+    def load() -> Sample:
+        try:
+            return make()
+        except Exception as exc:
+            raise as_dataset_error(uri, f"{uri}: sample '{key}'", exc) from None
+
+    return load
+
+
+def _list_samples(uri: str, images: Optional[str], resolution: int) -> Iterator[tuple[str, Callable]]:
     if uri.startswith("demo://digits"):
         split = "eval" if uri.rstrip("/").endswith("eval") else "train"
         return _digit_loaders(split, resolution)
     import fsspec
 
-    fs, path = fsspec.core.url_to_fs(uri)
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+    except (ValueError, ImportError) as exc:  # an unknown protocol, or one whose package is not installed
+        raise DatasetError(f"{uri}: not a dataset location this installation can read ({_one_line(exc)})") from None
     if not fs.exists(path):
         raise DatasetError(f"dataset not found: {uri}")
     if path.endswith(".json"):
@@ -280,11 +374,12 @@ def _iter_samples(uri: str, images: Optional[str], policy: str, limit: Optional[
 def good_samples(results: Iterator, uri: str, policy: str, limit: Optional[int],
                  skips: Optional[SkipReport]) -> Iterator:
     """The bad-sample policy over `results` (each a loaded sample, or the DatasetError that made it bad, in dataset
-    order): policy fail raises the first error, skip counts it; stops after `limit` good samples, pulling no more."""
+    order): policy fail raises the first error, skip counts it; stops after `limit` good samples, pulling no more.
+    A StorageError is no sample's fault: it stops the run under either policy."""
     count = 0
     for result in results if limit is None or limit > 0 else ():
         if isinstance(result, DatasetError):
-            if policy != "skip":
+            if policy != "skip" or isinstance(result, StorageError):
                 raise result
             if skips is not None:
                 skips.add(str(result))

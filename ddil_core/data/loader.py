@@ -19,8 +19,8 @@ from typing import Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ddil_core.data.datasets import (DatasetError, SkipReport, good_samples, image_to_tensor, list_samples,
-                                     storage_error)
+from ddil_core.data.datasets import (DatasetError, SkipReport, as_dataset_error, good_samples, image_to_tensor,
+                                     list_samples)
 
 
 @dataclass
@@ -73,9 +73,9 @@ class _Chunks(IterableDataset):
             yield c, entries, torch.stack(tensors) if tensors else None
 
     def _portable(self, exc: Exception) -> Exception:
-        """Storage failures as the DatasetError naming the path (they also cross the process boundary intact)."""
-        message = storage_error(self.uri, exc)
-        return DatasetError(message) if message is not None else exc
+        """Every failure as the DatasetError naming the path (StorageError for the storage itself): one line, and
+        it crosses the process boundary intact."""
+        return as_dataset_error(self.uri, self.uri, exc)
 
 
 def _worker_signals(_worker_id: int) -> None:

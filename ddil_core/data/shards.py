@@ -30,6 +30,22 @@ class DiskFullError(ShardError):
 
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+# How a full disk reaches us from writers that do not raise OSError: safetensors (Rust) raises SafetensorError
+# "Error while serializing: I/O error: No space left on device (os error 28)"; torch.save's zip writer raises
+# RuntimeError "[enforce fail at inline_container.cc:...] . unexpected pos N vs M" or "... file write failed"
+# (measured on a full 64 KiB tmpfs). The torch one cannot tell a full disk from another write error: both are named.
+DISK_FULL_TEXT = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+TORCH_WRITE_FAILED = ("unexpected pos", "file write failed", "PytorchStreamWriter failed writing")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True when `exc` is a writer's report of a full disk or quota (OSError, SafetensorError, torch.save's error)."""
+    if isinstance(exc, OSError):
+        return exc.errno in DISK_FULL_ERRNOS
+    text = str(exc)
+    if any(t in text for t in DISK_FULL_TEXT):
+        return True
+    return isinstance(exc, RuntimeError) and "inline_container" in text and any(t in text for t in TORCH_WRITE_FAILED)
 
 
 @contextlib.contextmanager
@@ -37,12 +53,18 @@ def disk_full_is_clear(folder: Path) -> Iterator[None]:
     """Turn 'No space left on device' (or a full quota) while writing into `folder` into a DiskFullError naming it."""
     try:
         yield
-    except OSError as exc:
-        if exc.errno not in DISK_FULL_ERRNOS:
+    except DiskFullError:
+        raise
+    except Exception as exc:
+        if not is_disk_full(exc):
             raise
-        where = f" ({exc.filename})" if exc.filename else ""
-        raise DiskFullError(f"{folder}: no space left on device while writing{where}; free space or choose "
-                            "another output folder, then rerun") from None
+        raise DiskFullError(disk_full_message(folder, exc)) from None
+
+
+def disk_full_message(folder: Path, exc: BaseException) -> str:
+    where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
+    return (f"{folder}: no space left on device while writing{where}; free space or choose another output folder, "
+            "then rerun")
 
 
 def sha256_file(path: Path) -> str:
@@ -50,6 +72,16 @@ def sha256_file(path: Path) -> str:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+    return h.hexdigest()
+
+
+def folder_digest(folder: Path) -> str:
+    """The identity of a folder's contents (e.g. a student pipeline): a sha256 over every file's relative path and
+    sha256, independent of where the folder lies or when it was copied."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(f"{path.relative_to(folder).as_posix()}\0{sha256_file(path)}\n".encode())
     return h.hexdigest()
 
 
@@ -176,12 +208,15 @@ class ResumableStaging:
 
     RECORD = "partial.json"
 
-    def __init__(self, final: Path, fingerprint: dict):
+    def __init__(self, final: Path, fingerprint: dict, fresh: bool = False):
+        """`fresh`: reuse nothing of an interrupted run (--restart)."""
         self.final = Path(final)
         self.folder = partial_dir(self.final)
         self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
         self.previous: list[dict] = []
         remove_stale_staging(self.final)  # `.NAME.tmp-PID` of a writer killed before resumable staging existed
+        if self.folder.exists() and fresh:
+            shutil.rmtree(self.folder)
         if self.folder.exists():
             try:
                 data = json.loads((self.folder / self.RECORD).read_text())
@@ -223,27 +258,65 @@ class ResumableStaging:
 
 
 def read_manifest(folder: Path, kind: Optional[str] = None) -> dict:
+    """A shard folder's manifest.json, its layout checked: a mapping with kind, count and a list of shard entries
+    (file: a plain file name in the folder, count: a non-negative int, sha256: 64 hex digits) whose counts add up."""
     path = Path(folder) / MANIFEST
     if not path.exists():
         raise ShardError(f"{path}: no manifest (is '{folder}' an output of the right stage?)")
     try:
-        manifest = json.loads(path.read_text())
-        _ = manifest["shards"], manifest["count"], manifest["kind"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ShardError(f"{path}: unreadable manifest ({type(exc).__name__}: {exc})") from None
+    except OSError as exc:
+        raise ShardError(f"{path}: unreadable manifest ({exc.strerror or exc})") from None
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise ShardError(f"{path}: unreadable manifest ({problem})")
     if kind and manifest["kind"] != kind:
         raise ShardError(f"{path}: holds '{manifest['kind']}' shards, expected '{kind}'")
     return manifest
 
 
+def _manifest_problem(manifest: Any) -> Optional[str]:
+    if not isinstance(manifest, dict):
+        return f"expected a JSON object, got {type(manifest).__name__}"
+    for key in ("kind", "count", "shards"):
+        if key not in manifest:
+            return f"KeyError: '{key}'"
+    if not isinstance(manifest["kind"], str):
+        return f"'kind' is {manifest['kind']!r}, not a name"
+    count, shards = manifest["count"], manifest["shards"]
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        return f"'count' is {count!r}, not a number of samples"
+    if not isinstance(shards, list):
+        return f"'shards' is {type(shards).__name__}, not a list"
+    seen = set()
+    for i, entry in enumerate(shards):
+        if not isinstance(entry, dict):
+            return f"shards[{i}] is {entry!r}, not an entry"
+        name, n, digest = entry.get("file"), entry.get("count"), entry.get("sha256")
+        if not isinstance(name, str) or not name or name != Path(name).name or name in (".", "..") or name in seen:
+            return f"shards[{i}].file is {name!r}, not a distinct file name inside the folder"
+        seen.add(name)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            return f"shards[{i}].count is {n!r}, not a number of samples"
+        if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            return f"shards[{i}].sha256 is {digest!r}, not a sha256 digest"
+    if sum(e["count"] for e in shards) != count:
+        return f"the shards hold {sum(e['count'] for e in shards)} samples, 'count' says {count}"
+    return None
+
+
 def load_shards(folder: Path, kind: Optional[str] = None, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
-    """All shards of a folder concatenated, after checking each file's sha256 against the manifest."""
+    """All shards of a folder concatenated, after checking each file's sha256 against the manifest, and each shard's
+    tensors against the manifest's entry (count) and the other shards (the same tensor names and sample shapes)."""
     folder = Path(folder)
     manifest = read_manifest(folder, kind)
     parts: dict[str, list[torch.Tensor]] = {}
+    shapes: Optional[dict[str, tuple]] = None
     for entry in manifest["shards"]:
         path = folder / entry["file"]
-        if not path.exists():
+        if not path.is_file():
             raise ShardError(f"{path}: listed in the manifest but missing")
         if verify and sha256_file(path) != entry["sha256"]:
             raise ShardError(f"{path}: sha256 does not match the manifest (corrupt or modified shard)")
@@ -251,6 +324,18 @@ def load_shards(folder: Path, kind: Optional[str] = None, verify: bool = True) -
             tensors = load_file(str(path))
         except Exception as exc:  # safetensors raises its own error types
             raise ShardError(f"{path}: unreadable shard ({exc})") from None
+        counts = {k: (v.shape[0] if v.dim() else None) for k, v in tensors.items()}
+        if not tensors or any(n != entry["count"] for n in counts.values()):
+            raise ShardError(f"{path}: holds {sorted(set(counts.values()), key=str) or 'no'} samples per tensor, the "
+                             f"manifest says {entry['count']}")
+        mine = {k: tuple(v.shape[1:]) for k, v in tensors.items()}
+        recorded = manifest.get("shapes")
+        if shapes is None and isinstance(recorded, dict) and {k: tuple(v) for k, v in recorded.items()
+                                                              if isinstance(v, list)} != mine:
+            raise ShardError(f"{path}: its tensors {mine} are not the shapes the manifest records {recorded}")
+        if shapes is not None and mine != shapes:
+            raise ShardError(f"{path}: its tensors {mine} do not match the folder's other shards {shapes}")
+        shapes = mine
         for key, value in tensors.items():
             parts.setdefault(key, []).append(value)
     data = {k: torch.cat(v) for k, v in parts.items()}

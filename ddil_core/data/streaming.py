@@ -108,6 +108,22 @@ class ShardRows:
                                                                                               dtype=self.dtype)
         return stacked[0] if single else stacked
 
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def all_finite(self, chunk_bytes: int = 64 << 20) -> bool:
+        """No NaN or infinity in any row: each shard read in contiguous chunks (bounded memory)."""
+        row_bytes = self._row_numel * self._item
+        per_chunk = max(1, chunk_bytes // row_bytes)
+        for part, fd in enumerate(self._fds):
+            count = int(self._starts[part + 1] - self._starts[part])
+            for first in range(0, count, per_chunk):
+                n = min(per_chunk, count - first)
+                data = os.pread(fd, n * row_bytes, self._parts[part] + first * row_bytes)
+                if not bool(torch.isfinite(torch.frombuffer(bytearray(data), dtype=self.dtype)).all()):
+                    return False
+        return True
+
     def load(self) -> torch.Tensor:
         """All rows in memory (small tensors such as rollout prompt references)."""
         return self[torch.arange(self.shape[0])]

@@ -44,6 +44,8 @@ def check_model_folder(path: Path, allow_pickle: bool = False) -> str:
         index = json.loads(index_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelError(f"{index_path}: unreadable ({exc})") from None
+    if not isinstance(index, dict):
+        raise ModelError(f"{index_path}: expected a JSON object of components, got {type(index).__name__}")
     family = _family_of_index(index)
     for component in REQUIRED[family]:
         if component not in index or index[component] in (None, [None, None]):

@@ -14,6 +14,7 @@ from typing import Optional
 from ddil_core.config import Config, resolved_dict
 
 from .gates import GateResult, check_gates, failed
+from .lineage import model_source, registration_lineage
 from .local import LocalRegistry, RegistryError
 from .model_card import current_code_version, redact, render_model_card
 
@@ -61,9 +62,14 @@ def _author() -> str:
 
 
 def register_student(
-    config: Config, student_dir: str, metrics: dict, registry_uri: Optional[str] = None
+    config: Config, student_dir: str, metrics: dict, registry_uri: Optional[str] = None,
+    model_uri: Optional[str] = None,
 ) -> dict:
-    """Gate, then register; returns the registry entry. Raises GateError when a gate fails."""
+    """Gate, then register; returns the registry entry. Raises GateError when a gate fails.
+
+    `student_dir`: the student folder (or a remote URI); `model_uri`: where a serving runtime finds the same student
+    when that is elsewhere (the KFP artifact's URI; `minio://` is recorded as `s3://`). The version's metadata holds
+    the lineage (lineage.py): git SHA, dataset and cache hashes, run ids, DVC lock, s3:// URI."""
     student_dir = os.fspath(student_dir)
     reg = config.registry
     name = reg.model_name
@@ -76,6 +82,7 @@ def register_student(
     data_uri = config.data.dataset
     code = current_code_version()
     gates = [r.to_dict() for r in results]
+    lineage = registration_lineage(student_dir, model_uri)
     extra = {"gates": gates, "data_uri": data_uri, "code_version": code}
 
     if reg.kubeflow_address:
@@ -84,13 +91,17 @@ def register_student(
         registry = KubeflowRegistry(reg.kubeflow_address, reg.kubeflow_port, author=_author())
 
         def kf_card(version: str, uri: str) -> str:
-            return render_model_card(name, version, metrics, config_dict, data_uri, code, model_path=uri, gates=gates)
+            return render_model_card(name, version, metrics, config_dict, data_uri, code, model_path=uri, gates=gates,
+                                     lineage=lineage)
 
-        return registry.register(name, student_dir, metrics, kf_card, extra=extra)
+        uri = lineage.get("model_s3_uri") or model_uri
+        return registry.register(name, student_dir, metrics, kf_card, extra={**extra, **lineage}, uri=uri,
+                                 model_source=model_source(lineage))
 
     registry = LocalRegistry(registry_uri or reg.uri)
 
     def card(version: int, path: str) -> str:
-        return render_model_card(name, version, metrics, config_dict, data_uri, code, model_path=path, gates=gates)
+        return render_model_card(name, version, metrics, config_dict, data_uri, code, model_path=path, gates=gates,
+                                 lineage=lineage)
 
-    return registry.register(name, student_dir, metrics, card, extra=extra)
+    return registry.register(name, student_dir, metrics, card, extra={**extra, "lineage": lineage})

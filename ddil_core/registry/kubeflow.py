@@ -201,8 +201,12 @@ class KubeflowRegistry:
         card_markdown: Union[str, Callable[[str, str], str], None] = None,
         extra: Optional[dict] = None,
         version: Optional[str] = None,
+        uri: Optional[str] = None,
+        model_source: Optional[dict] = None,
     ) -> dict:
-        """Register `student` (its storage URI) as a new version of `name`; returns an entry dict.
+        """Register `student` (its storage URI, or `uri` when given: the s3:// location of the same folder) as a new
+        version of `name`; returns an entry dict. `model_source`: model_source_kind/class/group/id/name of the
+        model artifact (lineage.model_source: the KFP run that made it).
 
         version None: the next free 'vN'. card_markdown: Markdown, or a callable (version name, uri) -> Markdown,
         stored as the `model_card` custom property. extra: scalars added to the version's metadata (`gates`: the gate
@@ -212,7 +216,8 @@ class KubeflowRegistry:
 
         extra = dict(extra or {})
         gates = extra.pop("gates", [])
-        uri = storage_uri(student)
+        uri = uri or storage_uri(student)
+        source = {k: str(v) for k, v in (model_source or {}).items() if k.startswith("model_source_") and v}
         metadata = flat_metadata(metrics)
         for g in gates:
             d = g if isinstance(g, dict) else g.to_dict()
@@ -248,6 +253,7 @@ class KubeflowRegistry:
                     version=version_name,
                     version_description=description,
                     metadata=metadata,
+                    **source,
                 )
                 break
             except StoreError as exc:  # a concurrent registration took this version: take the next one
@@ -274,4 +280,5 @@ class KubeflowRegistry:
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "gates": [g if isinstance(g, dict) else g.to_dict() for g in gates],
             "source": redact_string(os.fspath(student)),
+            **source,
         }

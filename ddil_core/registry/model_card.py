@@ -98,7 +98,7 @@ def package_version() -> str:
 
 def git_commit(cwd: Optional[str] = None) -> str:
     """`git rev-parse HEAD` of the source tree (with '-dirty' when tracked files changed), else
-    $DDIL_GIT_COMMIT (baked into images, which have no .git), else 'unknown'."""
+    $DDIL_GIT_SHA (the image's build arg: images have no .git; $DDIL_GIT_COMMIT is read too), else 'unknown'."""
     where = cwd or str(Path(__file__).resolve().parent)
     try:
         out = subprocess.run(
@@ -119,7 +119,7 @@ def git_commit(cwd: Optional[str] = None) -> str:
             return commit
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("DDIL_GIT_COMMIT") or "unknown"
+    return os.environ.get("DDIL_GIT_SHA") or os.environ.get("DDIL_GIT_COMMIT") or "unknown"
 
 
 def current_code_version(cwd: Optional[str] = None) -> str:
@@ -213,11 +213,13 @@ def render_model_card(
     *,
     model_path: Optional[str] = None,
     gates: Optional[list] = None,
+    lineage: Optional[dict] = None,
 ) -> str:
     """Markdown README for a registered student. `code_version` None: computed with `current_code_version()`.
 
     `model_path` is where the student can be loaded from (used in the usage snippet); `gates` are the gate
-    results (GateResult or dicts) shown in their own section.
+    results (GateResult or dicts) shown in their own section; `lineage` (registry/lineage.py) the code, data and run
+    that made the student.
     """
     metrics = metrics if isinstance(metrics, dict) else {}
     config = redact(config_dict) if isinstance(config_dict, dict) else None
@@ -279,6 +281,10 @@ def render_model_card(
         "## Code",
         "",
         f"Code version: `{code}`",
+        "",
+        "## Lineage",
+        "",
+        *([f"- {k}: `{_cell(redact_string(str(v)))}`" for k, v in lineage.items()] if lineage else ["_Not recorded._"]),
         "",
         "## Usage",
         "",

@@ -35,24 +35,12 @@ MAX_BOUND_SAMPLES = 1 << 20  # per channel: enough for a stable percentile
 RESUME_FORMAT = 2  # bump when the shard layout or the digest changes: older partial folders are not reused
 
 
-def cache_latents(config: Config, out: str | Path) -> dict:
-    with _StopFlag() as stop, stage_run(config, "cache-latents", Path(out)) as telemetry:
+def cache_latents(config: Config, out: str | Path, restart: bool = False) -> dict:
+    """`restart`: start over when OUT holds a cache of another config (outputs.py: the rerun rule)."""
+    inputs = (config.model.teacher, config.data.dataset, config.data.images)
+    with _StopFlag() as stop, stage_run(config, "cache-latents", Path(out), restart=restart, inputs=inputs) as run:
         with disk_full_is_clear(Path(out)):
-            return _cache_latents(config, Path(out), telemetry, stop)
-
-
-def module_fingerprint(module) -> str:
-    """Like Teacher.vae_id: the config and the first and last weight tensors of a module, hashed."""
-    if module is None:
-        return "none"
-    config = getattr(module, "config", None) or {}
-    config = config.to_dict() if hasattr(config, "to_dict") else dict(config)  # transformers / diffusers configs
-    config = {k: v for k, v in config.items() if not str(k).startswith("_") and k != "transformers_version"}
-    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    sd = module.state_dict()
-    for key in (next(iter(sd)), list(sd)[-1]):
-        h.update(sd[key].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+            return _cache_latents(config, Path(out), run, stop, fresh=run.replace_previous)
 
 
 def _bound_samples(latents: torch.Tensor) -> torch.Tensor:
@@ -65,18 +53,17 @@ class _Restart(Exception):
     """A recorded shard's samples changed: read the dataset again, rebuilding from that shard on."""
 
 
-def _cache_latents(config: Config, out: Path, telemetry, stop) -> dict:
-    teacher = load_teacher(config)
+def _cache_latents(config: Config, out: Path, telemetry, stop, fresh: bool = False) -> dict:
+    teacher = load_teacher(config, stage="cache-latents")
     pipe, res, dcfg = teacher.pipe, teacher.resolution, config.data
     fingerprint = {  # what turns samples into shards; the samples themselves (data order, data.limit, the bad-sample
         # policy, file contents) are checked shard by shard through the digests
         "stage": "cache-latents", "format": RESUME_FORMAT, "teacher": config.model.teacher, "family": teacher.family,
-        "vae_id": teacher.vae_id(), "text_encoders": [module_fingerprint(pipe.text_encoder),
-                                                      module_fingerprint(getattr(pipe, "text_encoder_2", None))],
+        "vae_id": teacher.vae_id(), "text_encoders": teacher.text_encoder_ids(),
         "resolution": res, "dataset": dcfg.dataset, "images": dcfg.images, "shard_size": dcfg.shard_size,
         "batch_size": dcfg.batch_size,
     }
-    staging = ResumableStaging(out, fingerprint)
+    staging = ResumableStaging(out, fingerprint, fresh=fresh)
     if staging.previous:
         log.info("cache-latents: resuming: %d shards of an interrupted run in %s", len(staging.previous),
                  staging.folder)
@@ -89,7 +76,7 @@ def _cache_latents(config: Config, out: Path, telemetry, stop) -> dict:
                 log.info("cache-latents: %s; reading the dataset again", why)
         uncond = encode_unconditional(pipe, res)
         save_file({k: v.half().contiguous() for k, v in uncond.items()}, str(staging.folder / "uncond.safetensors"))
-        write_resolved_config(staging.folder, config)
+        write_resolved_config(staging.folder, config, "cache-latents")
         staging.publish(manifest)
     except (Preempted, KeyboardInterrupt):
         raise  # the partial folder stays for the rerun
@@ -175,8 +162,10 @@ def _encode_all(config: Config, teacher, staging: ResumableStaging, telemetry, s
     (staging.folder / "captions.json").write_text(json.dumps(captions))
     (staging.folder / "keys.json").write_text(json.dumps(keys))
     manifest = writer.finish(
-        teacher=config.model.teacher, family=teacher.family, vae_id=teacher.vae_id(), resolution=res,
-        dataset=dcfg.dataset, latent_bounds=bounds.tolist(), latent_bound_percentile=dcfg.latent_bound_percentile,
+        teacher=config.model.teacher, family=teacher.family, vae_id=teacher.vae_id(),
+        text_encoders=teacher.text_encoder_ids(), unet=teacher.unet_id(), resolution=res,
+        dataset=dcfg.dataset, dataset_sha256=hashlib.sha256("".join(digests).encode()).hexdigest(),  # lineage
+        latent_bounds=bounds.tolist(), latent_bound_percentile=dcfg.latent_bound_percentile,
         skipped=skips.skipped, skip_reasons=skips.reasons,
     )
     return manifest, skips

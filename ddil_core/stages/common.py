@@ -13,23 +13,22 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file
 
-from ddil_core.config import Config, dump_config
+from ddil_core.config import Config, ConfigError
+from ddil_core.config_ranges import schedule_problems
 from ddil_core.data.locks import output_lock
-from ddil_core.data.shards import ShardError, load_shards
+from ddil_core.data.shards import ShardError, disk_full_is_clear, load_shards, read_manifest
 from ddil_core.math.schedule import NoiseSchedule
 from ddil_core.models.conditioning import Cond
-from ddil_core.models.pipeline_io import family_of, load_pipeline
+from ddil_core.models.pipeline_io import ModelError, family_of, load_pipeline
+from ddil_core.stages.outputs import (RESOLVED, OutputError, check_out_path, check_rerun, config_differences,
+                                     location_error, missing_folders, recorded_config, remove_if_empty,
+                                     write_resolved_config)
+from ddil_core.stages.run_telemetry import stage_telemetry, telemetry_settings  # noqa: F401 (re-exported)
 from ddil_core.telemetry import StageTelemetry
 
 log = logging.getLogger(__name__)
-RESOLVED = "resolved_config.yaml"
-
-
-def stage_telemetry(config: Config, stage: str, out: Path, serve: bool = False) -> StageTelemetry:
-    """Prometheus telemetry of one stage; the run id is telemetry.run_id, $DDIL_RUN_ID, or the run folder's name."""
-    t = config.telemetry
-    run_id = t.run_id or os.environ.get("DDIL_RUN_ID") or Path(out).resolve().parent.name or "ddil"
-    return StageTelemetry(stage, run_id, t.pushgateway, t.push_interval_s, t.metrics_port if serve else None)
+__all__ = ["RESOLVED", "OutputError", "StageRun", "write_resolved_config", "stage_run", "load_teacher",
+           "read_latent_cache"]
 
 
 def is_main_process() -> bool:
@@ -37,21 +36,49 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+@dataclass
+class StageRun:
+    """What stage_run hands its stage: telemetry, and whether an earlier output of another config must be discarded
+    (--restart) once the stage has validated its inputs, before it writes."""
+
+    telemetry: StageTelemetry
+    replace_previous: bool = False
+
+    def __getattr__(self, name):  # the stage's telemetry calls (progress, log_train, ...) go straight through
+        if name == "telemetry":
+            raise AttributeError(name)
+        return getattr(self.telemetry, name)
+
+
 @contextlib.contextmanager
-def stage_run(config: Config, stage: str, out: Path, serve: bool = False):
-    """What every stage does around its work: one writer per output folder, and telemetry pushed at the end
-    (success or failure). Only rank 0 of a multi-process launch takes the lock and reports."""
+def stage_run(config: Config, stage: str, out: Path, serve: bool = False, restart: bool = False,
+              inputs: tuple = (), **rerun):
+    """What every stage does around its work, in this order, before any of it: the output path is checked (a
+    folder that can be made, apart from the inputs; outputs.py), the rerun rule is applied against what the folder
+    records, one writer per output folder (the lock beside it, which also proves the location writable), and
+    telemetry pushed at the end (success or failure). A full disk is one line naming the folder. When the stage
+    fails, folders this run created on the way to `out` are removed again if they are still empty. Only rank 0 of a
+    multi-process launch takes the lock and reports (every rank checks)."""
+    out = Path(out)
+    check_out_path(out, "folder", inputs)
+    replace = check_rerun(out, config, stage, restart, **rerun)  # rerun: may_differ, effective (outputs.py)
     if not is_main_process():
         with StageTelemetry(stage, "ddil", None) as quiet:
-            yield quiet
+            yield StageRun(quiet, replace)
         return
-    with output_lock(out), stage_telemetry(config, stage, out, serve) as telemetry:
-        yield telemetry
-
-
-def write_resolved_config(folder: Path, config: Config) -> None:
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    (Path(folder) / RESOLVED).write_text(dump_config(config))
+    created = missing_folders(out)
+    try:
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(output_lock(out))
+            except OSError as exc:  # read-only, full, not a folder: named before any work
+                raise location_error(out, exc) from None
+            telemetry = stack.enter_context(stage_telemetry(config, stage, out, serve))
+            stack.enter_context(disk_full_is_clear(out))
+            yield StageRun(telemetry, replace)
+    except BaseException:
+        remove_if_empty(created)
+        raise
 
 
 @dataclass
@@ -61,6 +88,7 @@ class Teacher:
     resolution: int
     schedule: NoiseSchedule  # as configured (for sampling like the pipeline)
     train_schedule: NoiseSchedule  # final alpha 1: the last student step returns its x0 estimate
+    uri: str = ""  # model.teacher, for messages
 
     @property
     def unet(self):
@@ -70,6 +98,14 @@ class Teacher:
     def latent_shape(self) -> tuple[int, int, int]:
         side = self.resolution // self.pipe.vae_scale_factor
         return (self.pipe.unet.config.in_channels, side, side)
+
+    def unet_id(self) -> str:
+        """The UNet's fingerprint: what teacher-rollouts records and distill and evaluate compare."""
+        return module_fingerprint(self.pipe.unet)
+
+    def text_encoder_ids(self) -> list[str]:
+        return [module_fingerprint(self.pipe.text_encoder),
+                module_fingerprint(getattr(self.pipe, "text_encoder_2", None))]
 
     def vae_id(self) -> str:
         """A fingerprint of the VAE (config and weights' first/last tensors) to match caches to teachers."""
@@ -81,9 +117,19 @@ class Teacher:
         return h.hexdigest()[:16]
 
 
-def load_teacher(config: Config, device: torch.device | str = "cpu") -> Teacher:
+def load_teacher(config: Config, device: torch.device | str = "cpu", stage: Optional[str] = None) -> Teacher:
+    """The frozen teacher, checked before any work: finite weights, and (for `stage`) the config's resolution and
+    step counts against its VAE and noise schedule."""
     m = config.model
     pipe = load_pipeline(m.teacher, m.family, m.allow_pickle)
+    check_finite_weights(pipe, m.teacher)
+    if m.resolution is not None and m.resolution % pipe.vae_scale_factor:
+        raise ConfigError(f"model.resolution = {m.resolution} must be a multiple of the teacher's VAE scale factor "
+                          f"{pipe.vae_scale_factor}")
+    if stage is not None:
+        problems = schedule_problems(config, pipe.scheduler.config.num_train_timesteps, stage)
+        if problems:
+            raise ConfigError(f"{m.teacher}: " + "; ".join(problems))
     pipe.to(device)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
         if module is not None:
@@ -91,7 +137,35 @@ def load_teacher(config: Config, device: torch.device | str = "cpu") -> Teacher:
     resolution = m.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     sched_cfg = dict(pipe.scheduler.config)
     return Teacher(pipe, family_of(pipe), resolution, NoiseSchedule.from_config(sched_cfg),
-                   NoiseSchedule.from_config(sched_cfg, set_alpha_to_one=True))
+                   NoiseSchedule.from_config(sched_cfg, set_alpha_to_one=True), m.teacher)
+
+
+def rollout_guidance(config: Config) -> float:
+    """The CFG scale of the teacher's rollouts: rollouts.guidance_scale, else objective.guidance_scale."""
+    r = config.rollouts
+    return r.guidance_scale if r.guidance_scale is not None else config.objective.guidance_scale
+
+
+def rollout_reflection(config: Config) -> dict:
+    """The reflection the teacher's rollouts are made with, as teacher-rollouts records it (only what applies)."""
+    r = config.ddil.reflection
+    if r.mode == "off" or "teacher_rollouts" not in r.apply_to:
+        return {"mode": "off"}
+    if r.mode == "static":
+        return {"mode": "static", "bound": r.bound}  # bound None: the latent cache's per-channel bounds
+    return {"mode": "dynamic", "percentile": r.percentile}
+
+
+def check_finite_weights(pipe, uri: str) -> None:
+    """A teacher with NaN or infinite weights would label every state with garbage (every update then skipped)."""
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name, None)
+        if module is None:
+            continue
+        for key, tensor in module.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise ModelError(f"{uri}: {name} weight '{key}' has {bad} non-finite values (NaN or infinity)")
 
 
 @dataclass
@@ -108,9 +182,30 @@ class LatentCache:
         return torch.tensor(b, dtype=torch.float32) if b else None
 
 
-def read_latent_cache(folder: Path, teacher: Optional[Teacher] = None, streaming: bool = False) -> LatentCache:
-    """The latent cache in memory, or (streaming) as ShardRows read from its shards on demand (data/streaming.py)."""
+def cache_digest(manifest: dict) -> str:
+    """The identity of a latent cache: a digest of its shards' sha256 (latents and prompt embeddings)."""
+    return hashlib.sha256(json.dumps([e["sha256"] for e in manifest["shards"]]).encode()).hexdigest()[:16]
+
+
+def read_latent_cache(folder: Path, teacher: Optional[Teacher] = None, config: Optional[Config] = None,
+                      streaming: bool = False) -> LatentCache:
+    """A latent cache, checked against what cache-latents recorded (every shard's sha256, count and shapes; the
+    captions, the unconditional embedding), given a teacher against the teacher (VAE, text encoders, resolution,
+    family, latent shape), and given a config against the data.* it was made with (so the config a later stage
+    records is the one that made its data). Non-finite latents or embeddings are refused: they would poison
+    training."""
     folder = Path(folder)
+    manifest = read_manifest(folder, kind="latents")
+    if teacher is not None:
+        check_cache_matches(manifest, teacher, folder)
+    if config is not None:
+        recorded = recorded_config(folder)
+        if recorded is None:
+            raise ShardError(f"{folder / RESOLVED}: missing or unreadable (the latent cache is incomplete)")
+        diffs = config_differences(recorded, config, sections=("data",))
+        if diffs:
+            raise ShardError(f"{folder}: the latent cache was made with other data settings than this config ("
+                             + "; ".join(d.replace(" -> ", " (cache) vs ", 1) + " (config)" for d in diffs[:6]) + ")")
     if streaming:
         from ddil_core.data.streaming import ShardRows, tensor_keys, verified_shards
 
@@ -118,25 +213,77 @@ def read_latent_cache(folder: Path, teacher: Optional[Teacher] = None, streaming
         tensors = {key: ShardRows(files, key) for key in tensor_keys(files)}
     else:
         tensors, manifest = load_shards(folder, kind="latents")
-    if teacher is not None:
-        check_cache_matches(manifest, teacher, folder)
+    if "latents" not in tensors:
+        raise ShardError(f"{folder}: the shards hold no 'latents' tensor (is this a latent cache?)")
+    latents = tensors["latents"]
+    if teacher is not None and tuple(latents.shape[1:]) != teacher.latent_shape:
+        raise ShardError(f"{folder}: latents of shape {tuple(latents.shape[1:])}, the teacher's are "
+                         f"{teacher.latent_shape}")
     cond = {k[len("cond."):]: v for k, v in tensors.items() if k.startswith("cond.")}
     uncond_path = folder / "uncond.safetensors"
-    if not uncond_path.exists():
+    if not uncond_path.is_file():
         raise ShardError(f"{uncond_path}: missing (the latent cache is incomplete)")
-    captions = json.loads((folder / "captions.json").read_text())
-    return LatentCache(tensors["latents"], cond, load_file(str(uncond_path)), captions, manifest)
+    try:
+        uncond = load_file(str(uncond_path))
+    except Exception as exc:  # safetensors' own error types
+        raise ShardError(f"{uncond_path}: unreadable ({' '.join(str(exc).split())})") from None
+    if not cond or set(uncond) != set(cond):
+        raise ShardError(f"{uncond_path}: holds {sorted(uncond)}, the shards' prompt embeddings are {sorted(cond)}")
+    for name, tensor in (("latents", latents), *cond.items(), *(("uncond " + k, v) for k, v in uncond.items())):
+        if tensor.is_floating_point() and not _all_finite(tensor):
+            raise ShardError(f"{folder}: the cached {name} hold non-finite values (NaN or infinity); rebuild the cache")
+    captions_path = folder / "captions.json"
+    try:
+        captions = json.loads(captions_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ShardError(f"{captions_path}: unreadable ({type(exc).__name__}: {exc})") from None
+    if not isinstance(captions, list) or len(captions) != latents.shape[0] or not all(isinstance(c, str)
+                                                                                      for c in captions):
+        raise ShardError(f"{captions_path}: expected a list of {latents.shape[0]} captions, one per cached latent")
+    return LatentCache(latents, cond, uncond, captions, manifest)
+
+
+def _all_finite(tensor) -> bool:
+    if isinstance(tensor, torch.Tensor):
+        return bool(torch.isfinite(tensor).all())
+    return tensor.all_finite()  # ShardRows: chunk by chunk, never the whole cache in memory
 
 
 def check_cache_matches(manifest: dict, teacher: Teacher, folder: Path) -> None:
-    """A latent cache made with another VAE, resolution or family cannot train this teacher's student."""
+    """A latent cache made with another VAE, text encoder, resolution or family cannot train this teacher's
+    student; each difference is named with both sides."""
+    missing = [key for key in ("vae_id", "text_encoders", "resolution", "family") if key not in manifest]
+    if missing:
+        raise ShardError(f"{folder}: the latent cache manifest records no {', '.join(missing)} (made by an older "
+                         "ddil?); rerun cache-latents")
     problems = []
     if manifest.get("vae_id") != teacher.vae_id():
         problems.append(f"its VAE ({manifest.get('vae_id')}) is not the teacher's ({teacher.vae_id()})")
+    if manifest.get("text_encoders") != teacher.text_encoder_ids():
+        problems.append(f"its text encoders ({manifest.get('text_encoders')}) are not the teacher's "
+                        f"({teacher.text_encoder_ids()})")
     if manifest.get("resolution") != teacher.resolution:
-        problems.append(f"it was cached at resolution {manifest.get('resolution')}, the teacher runs at {teacher.resolution}")
+        problems.append(f"it was cached at resolution {manifest.get('resolution')}, the teacher runs at "
+                        f"{teacher.resolution}")
     if manifest.get("family") != teacher.family:
         problems.append(f"it holds {manifest.get('family')} text embeddings, the teacher is {teacher.family}")
     if problems:
-        raise ShardError(f"{folder}: latent cache does not match the teacher: " + "; ".join(problems))
+        raise ShardError(f"{folder}: latent cache does not match the teacher {teacher.uri}: " + "; ".join(problems))
 
+
+# Config keys a save and reload add or change without changing the module (transformers writes the class and dtype).
+VOLATILE_CONFIG_KEYS = ("transformers_version", "architectures", "dtype", "torch_dtype")
+
+
+def module_fingerprint(module) -> str:
+    """Like Teacher.vae_id: the config and the first and last weight tensors of a module, hashed."""
+    if module is None:
+        return "none"
+    config = getattr(module, "config", None) or {}
+    config = config.to_dict() if hasattr(config, "to_dict") else dict(config)  # transformers / diffusers configs
+    config = {k: v for k, v in config.items() if not str(k).startswith("_") and k not in VOLATILE_CONFIG_KEYS}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    sd = module.state_dict()
+    for key in (next(iter(sd)), list(sd)[-1]):
+        h.update(sd[key].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,71 +1,70 @@
 """Stage distill: train the few-step student with DDIL over the chosen base objective.
 
 Writes DIR/student/ (a diffusers pipeline of the teacher's class with the student's UNet and scheduler),
-DIR/checkpoints/ (resumable), DIR/buffer/ (the replay buffer as shards), DIR/train_log.jsonl and
-DIR/resolved_config.yaml. Rerunning on an existing DIR resumes from its newest checkpoint.
+DIR/checkpoints/ (resumable), DIR/buffer/ (the replay buffer as shards; empty without a buffer), DIR/train_log.jsonl
+and DIR/resolved_config.yaml. Rerunning on an existing DIR with the same config resumes from its newest checkpoint; with
+another config it is refused naming the keys that differ, unless `restart` (`--restart`) starts over.
+
+Before DIR is touched every input is checked (the teacher's weights and schedule, the latent cache against the
+teacher, the rollouts against both and the config, every training grid: stages/distill_inputs.py), so bad input
+exits 2 leaving no DIR. A student is written only when at least one update was applied to it and all its weights
+are finite (else BrokenStudent, exit 1; DIR keeps its checkpoints and train log to look at, no student).
 """
 from __future__ import annotations
 
 import copy
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 
-from ddil_core.config import Config, ConfigError
-from ddil_core.data.shards import ShardError, load_shards
+from ddil_core.config import Config, ConfigError, resolved_dict
 from ddil_core.method.buffer import ReplayBuffer
 from ddil_core.method.mixture import DDILMixture, TrainingData
 from ddil_core.method.objectives import ObjectiveContext, build_objective
-from ddil_core.method.rollouts import teacher_interval_step
+from ddil_core.method.rollouts import student_rollout, teacher_interval_step
 from ddil_core.models.denoiser import Denoiser
 from ddil_core.models.pipeline_io import LORA_WEIGHTS, save_fused_student, save_student_pipeline
-from ddil_core.stages.common import (is_main_process, load_teacher, read_latent_cache, stage_run,
+from ddil_core.registry.lineage import training_lineage
+from ddil_core.stages.common import (load_teacher, read_latent_cache, rollout_guidance, stage_run,
                                      write_resolved_config)
-from ddil_core.training.loop import Trainer
+from ddil_core.stages.distill_inputs import check_grids, read_rollouts
+from ddil_core.training.checkpoint import latest_checkpoint
+from ddil_core.training.loop import NonFiniteLoss, Trainer
 
 log = logging.getLogger(__name__)
+# The config sections that describe how a student was made: recorded in ddil_student.json, checked by register.
+STUDENT_SECTIONS = ("model", "data", "ddil", "objective", "rollouts", "training")
 
 
-def read_rollouts(folders: Sequence[Path], cache_count: int, streaming: bool = False) -> tuple[
-        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Teacher rollouts (states, timesteps, prompt refs, final images) from one or more folders (the shards of a
-    fan-out), or from a folder of such folders; streaming: states and images as ShardRows read on demand."""
-    dirs: list[Path] = []
-    for folder in map(Path, folders):
-        if (folder / "manifest.json").exists():
-            dirs.append(folder)
-        else:
-            sub = sorted(p for p in folder.glob("*") if (p / "manifest.json").exists()) if folder.is_dir() else []
-            if not sub:
-                raise ShardError(f"{folder}: no teacher rollouts here (no manifest.json)")
-            dirs.extend(sub)
-    states, refs, finals, timesteps, files = [], [], [], None, []
-    for folder in dirs:
-        if streaming:
-            from ddil_core.data.streaming import verified_shards
+class BrokenStudent(NonFiniteLoss):
+    """Training ended without a usable student (non-finite weights, or no update applied): none is written."""
 
-            shard_files, manifest = verified_shards(folder, "rollouts")
-            files += shard_files
-        else:
-            tensors, manifest = load_shards(folder, kind="rollouts")
-        if manifest.get("latents_count") != cache_count:
-            raise ShardError(f"{folder}: rollouts were made from a latent cache of {manifest.get('latents_count')} "
-                             f"samples, this cache has {cache_count}")
-        ts = torch.tensor(manifest["timesteps"])
-        if timesteps is not None and not torch.equal(ts, timesteps):
-            raise ShardError(f"{folder}: rollout timesteps differ from the other rollout shards")
-        timesteps = ts
-        if not streaming:
-            states.append(tensors["states"])
-            refs.append(tensors["ref"])
-            finals.append(tensors["x0"])
-    if streaming:
-        from ddil_core.data.streaming import ShardRows
 
-        return ShardRows(files, "states"), timesteps, ShardRows(files, "ref").load(), ShardRows(files, "x0")
-    return torch.cat(states), timesteps, torch.cat(refs), torch.cat(finals)
+def distill(config: Config, latents: str | Path, rollouts: Sequence[str | Path], out: str | Path,
+            on_log: Optional[Callable[[dict], None]] = None, on_checkpoint: Optional[Callable[[], None]] = None,
+            restart: bool = False) -> Path:
+    """`restart`: when OUT holds a run of another config, discard it (checkpoints, student, log) and start over;
+    without it such a rerun is refused naming the keys that differ. The same config resumes."""
+    out = Path(out)
+    inputs = (config.model.teacher, latents, *rollouts)
+    with stage_run(config, "distill", out, serve=True, restart=restart, inputs=inputs,
+                   may_differ=("training.steps",), effective=effective_plan) as run:
+
+        def log_record(record):
+            run.log_train(record["step"], record)
+            if on_log:
+                on_log(record)
+
+        def checkpoint_written():
+            run.checkpoint_written()
+            if on_checkpoint:
+                on_checkpoint()
+
+        return _distill(config, Path(latents), rollouts, out, log_record, checkpoint_written, run.replace_previous)
 
 
 def objective_context(config: Config, teacher, cache, device: torch.device | str = "cpu") -> ObjectiveContext:
@@ -80,71 +79,120 @@ def objective_context(config: Config, teacher, cache, device: torch.device | str
     )
 
 
-def distill(config: Config, latents: str | Path, rollouts: Sequence[str | Path], out: str | Path,
-            on_log: Optional[Callable[[dict], None]] = None, on_checkpoint: Optional[Callable[[], None]] = None) -> Path:
-    out = Path(out)
-    with stage_run(config, "distill", out, serve=True) as telemetry:
+def effective_plan(config: dict) -> dict:
+    """A config dict with PD's steps_per_stage resolved as PD resolves it (training.steps split over the stages), so
+    a resume that changes training.steps is refused exactly when it moves a stage hand-off of the checkpointed run
+    (with one stage there is no hand-off: its length is the run's, free to grow)."""
+    from ddil_core.method.objectives.pd import stage_steps
 
-        def log_record(record):
-            telemetry.log_train(record["step"], record)
-            if on_log:
-                on_log(record)
+    try:
+        o = config["objective"]
+        if o["name"] == "pd":
+            n = len(stage_steps(int(o["pd"]["teacher_steps"]), int(o["student_steps"])))
+            config = copy.deepcopy(config)
+            pd = config["objective"]["pd"]
+            if n <= 1:  # one stage: its length is the run's length, which may grow like training.steps
+                pd["steps_per_stage"] = None
+            elif pd["steps_per_stage"] is None:
+                pd["steps_per_stage"] = max(1, int(config["training"]["steps"]) // n)
+    except (KeyError, TypeError, ValueError):  # an unreadable record: compared as it is
+        pass
+    return config
 
-        def checkpoint_written():
-            telemetry.checkpoint_written()
-            if on_checkpoint:
-                on_checkpoint()
 
-        return _distill(config, Path(latents), rollouts, out, log_record, checkpoint_written)
-
-
-def _distill(config, latents, rollouts, out, on_log, on_checkpoint) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    if is_main_process():
-        write_resolved_config(out, config)
-    if config.model.dtype != "float32" and config.training.mixed_precision == "no":
-        raise ConfigError(f"model.dtype = {config.model.dtype} needs training.mixed_precision = bf16 or fp16: the "
-                          "frozen half-precision networks get their inputs cast by autocast")
+def _distill(config, latents, rollouts, out, on_log, on_checkpoint, replace_previous=False) -> Path:
+    # Everything is checked before OUT is touched: the teacher, the latent cache, the rollouts and the grids.
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    teacher = load_teacher(config, device)
-    streaming = config.training.streaming
-    cache = read_latent_cache(Path(latents), teacher, streaming=streaming)
+    teacher = load_teacher(config, device, stage="distill")
+    T = teacher.schedule.num_train_timesteps
+    cache = read_latent_cache(Path(latents), teacher, config, streaming=config.training.streaming)
+    ddil = config.ddil
+    refl = ddil.reflection
+    if refl.mode == "static" and refl.bound is None and cache.bounds is None:
+        raise ConfigError(f"ddil.reflection.mode = static needs ddil.reflection.bound, or a latent cache with bounds "
+                          f"({latents} records none)")
+    if config.model.dtype == "float16" and device.type != "cuda":
+        raise ConfigError("model.dtype = float16 needs a GPU (autocast on a CPU runs bfloat16 only); use bfloat16 "
+                          "or float32 here")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if config.training.batch_size % world:
+        raise ConfigError(f"training.batch_size = {config.training.batch_size} must be divisible by the {world} "
+                          "processes")
     if config.model.dtype != "float32":  # a half-precision frozen teacher saves memory on GPUs
         teacher.unet.to(getattr(torch, config.model.dtype))
     ctx = objective_context(config, teacher, cache, device)
     objective = build_objective(config.objective.name, ctx)
     data = TrainingData(cache.latents, cache.cond)
-    wants_pairs = objective.needs_teacher_pairs
-    if rollouts and (wants_pairs or (config.ddil.priors.teacher > 0 and config.ddil.teacher_mode == "precomputed")):
+    wants_pairs = objective.needs_teacher_pairs  # DMD2's regression on the teacher's noise-image pairs
+    uses_rollouts = wants_pairs or (ddil.priors.teacher > 0 and ddil.teacher_mode == "precomputed")
+    if uses_rollouts and not rollouts:
+        raise ConfigError("ddil.priors.teacher > 0 with ddil.teacher_mode = precomputed, or "
+                          "objective.dmd2.regression_weight > 0, needs teacher rollouts: run teacher-rollouts and pass "
+                          "--rollouts")
+    if uses_rollouts:
         data.rollout_states, data.rollout_timesteps, data.rollout_ref, data.rollout_x0 = read_rollouts(
-            rollouts, cache.latents.shape[0], streaming=streaming)
-    bcfg = config.ddil.buffer
-    buffer = ReplayBuffer(bcfg.capacity, bcfg.eviction) if bcfg.enabled and config.ddil.priors.student > 0 else None
+            rollouts, cache, Path(latents), teacher, config)
+    elif rollouts:
+        log.info("distill: --rollouts not read (ddil.priors.teacher = %g, teacher_mode %s)", ddil.priors.teacher,
+                 ddil.teacher_mode)
+    check_grids(objective, T, data.rollout_timesteps, config)
+    bcfg = ddil.buffer
+    buffer = ReplayBuffer(bcfg.capacity, bcfg.eviction) if bcfg.enabled and ddil.priors.student > 0 else None
     teacher_step = None
-    if config.ddil.teacher_mode != "precomputed":  # online teacher-then-student or per-step mixed rollouts
-        guidance = config.rollouts.guidance_scale
+    if ddil.teacher_mode != "precomputed":  # online teacher-then-student or per-step mixed rollouts
         teacher_step = teacher_interval_step(
             Denoiser(teacher.unet, teacher.train_schedule), config.rollouts.teacher_steps, ctx.uncond,
-            guidance if guidance is not None else config.objective.guidance_scale, ctx.reflection("teacher_rollouts"))
-    mixture = DDILMixture(config.ddil, data, teacher.train_schedule, objective.grid(), objective.student_step,
+            rollout_guidance(config), ctx.reflection("teacher_rollouts"))
+    mixture = DDILMixture(ddil, data, teacher.train_schedule, objective.grid(), objective.student_step,
                           buffer, device, forward_timesteps=objective.forward_timesteps(), teacher_step=teacher_step,
                           pure_noise_first_step=objective.pure_noise_first_step, teacher_pairs=wants_pairs)
     trainer = Trainer(config, objective, mixture, out, on_log=on_log, on_checkpoint=on_checkpoint)
+
+    done = latest_checkpoint(out / "checkpoints") if not replace_previous else None
+    if done is not None and int(done.name.split("-")[-1]) > objective.total_steps():
+        raise ConfigError(f"{out}: its newest checkpoint ({done.name}) is beyond the {objective.total_steps()} steps "
+                          "this config trains; raise training.steps, or pass --restart to start over")
+    # Inputs are good: now OUT is made (or, on --restart, an earlier run of another config is discarded first).
+    if replace_previous and trainer.is_main:
+        log.warning("distill: --restart: removing the earlier run in %s", out)
+        shutil.rmtree(out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    if trainer.is_main:
+        write_resolved_config(out, config, "distill")
+    trainer.accelerator.wait_for_everyone()
+    try:
+        return _train_and_publish(config, objective, trainer, teacher, cache, buffer, out, latents, rollouts)
+    except Exception:  # an error (not an interruption, which keeps its state like a SIGKILL would)
+        if created and trainer.is_main and latest_checkpoint(out / "checkpoints") is None:
+            shutil.rmtree(out, ignore_errors=True)  # nothing to resume from: leave no folder behind
+        raise
+
+
+def _train_and_publish(config, objective, trainer, teacher, cache, buffer, out: Path, latents, rollouts) -> Path:
     trainer.resume()
     trainer.train()
-    full = trainer.full_state("student") if trainer.fsdp else None  # gathered from the shards on every rank
+    sharded = "student" in trainer.sharded
+    full = trainer.full_state("student") if sharded else None  # gathered from the shards, on every rank
+    if sharded:  # every rank checks: the student's own sampler gathers its shards as it runs
+        check_student(objective.trainable()["student"], trainer, out, objective, cache, list(full.values()))
     if not trainer.is_main:
         trainer.accelerator.wait_for_everyone()
         return out / "student"
     student = objective.trainable()["student"]
-    if full is not None:  # an unsharded copy to write (sharded training is full fine-tuning: the teacher's layout)
+    if sharded:  # an unsharded copy to write (sharded training is full fine-tuning: the teacher's layout)
         student = copy.deepcopy(teacher.unet).float()
         student.load_state_dict(full)
     if trainer.ema is not None:
         trainer.ema.copy_to(student)
+    if not sharded:
+        check_student(student, trainer, out, objective, cache)
     lora = config.training.lora
-    info = {**objective.student_info(), "teacher": config.model.teacher, "steps_trained": trainer.step,
-            "priors": vars(config.ddil.priors)}
+    info = {**objective.student_info(), "teacher": config.model.teacher, "teacher_unet": teacher.unet_id(),
+            "teacher_family": teacher.family, "steps_trained": trainer.step,
+            "updates_applied": trainer.student_updates, "priors": vars(config.ddil.priors),
+            "config": {k: v for k, v in resolved_dict(config).items() if k in STUDENT_SECTIONS},
+            "lineage": training_lineage(config, latents, rollouts)}
     if lora.rank:  # the folder is the teacher's pipeline: load the adapters with pipe.load_lora_weights(folder)
         info["lora"] = {"rank": lora.rank, "alpha": lora.alpha or lora.rank, "weights": LORA_WEIGHTS}
     save_student_pipeline(teacher.pipe, student, objective.student_scheduler(), out / "student", info)
@@ -152,6 +200,37 @@ def _distill(config, latents, rollouts, out, on_log, on_checkpoint) -> Path:
         save_fused_student(out / "student", out / "student-fused")
     if buffer is not None:
         buffer.save(out / "buffer")
+    else:  # no replay buffer in this run: an empty folder, so the stage writes the same outputs (dvc.yaml outs)
+        (out / "buffer").mkdir(exist_ok=True)
     log.info("student written to %s", out / "student")
     trainer.accelerator.wait_for_everyone()
     return out / "student"
+
+
+def check_student(student: torch.nn.Module, trainer: Trainer, out: Path, objective, cache,
+                  tensors: Optional[list] = None) -> None:
+    """Never publish a broken student (issue 13, rule 3): at least one update applied to it, every weight finite,
+    and its own sampler, run on two cached prompts from fixed noise, ends in finite latents. `tensors`: the weights
+    to check when they are not the student's own (sharded: gathered in full)."""
+    if trainer.student_updates < 1:
+        raise BrokenStudent(
+            f"{out}: no update was applied to the student in {trainer.step} steps ({trainer.nonfinite_total} skipped "
+            "as non-finite); no student written: check the teacher, the data and training.lr")
+    tensors = tensors if tensors is not None else [*student.parameters(), *student.buffers()]
+    bad = sum(int((~torch.isfinite(t)).sum()) for t in tensors if t.is_floating_point())
+    if bad:
+        total = sum(t.numel() for t in tensors if t.is_floating_point())
+        raise BrokenStudent(
+            f"{out}: the trained student has {bad} non-finite weights of {total}; no student written: lower "
+            "training.lr or training.grad_clip, enable reflection, or check the data")
+    device = next(student.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    n = min(2, cache.latents.shape[0])
+    x = torch.randn(n, *cache.latents.shape[1:], generator=generator).to(device)
+    cond = {k: v[:n].to(device, torch.float32) for k, v in cache.cond.items()}
+    steps = objective.grid().num_steps
+    sample = student_rollout(lambda z, k, c: objective.student_step(z, k, c, generator), x, steps, cond)
+    if not bool(torch.isfinite(sample).all()):
+        raise BrokenStudent(
+            f"{out}: the trained student's own {steps}-step sampler gives non-finite latents (NaN or infinity); no "
+            "student written: training diverged, lower training.lr, enable training.grad_clip or reflection")

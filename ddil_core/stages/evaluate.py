@@ -41,15 +41,16 @@ from torch.nn import functional as F
 
 from ddil_core.config import Config
 from ddil_core.data.datasets import DatasetError, SkipReport, digit_caption, image_to_tensor, iter_samples
-from ddil_core.data.shards import publish_dir, staging_dir
+from ddil_core.data.shards import folder_digest, publish_dir, staging_dir
 from ddil_core.metrics.diversity import mean_pairwise_distance
 from ddil_core.metrics.extractors import Extractor, load_extractor
 from ddil_core.metrics.fid import frechet_distance
 from ddil_core.metrics.prdc import precision_recall_density_coverage
 from ddil_core.metrics.report import plot_quality_vs_steps, save_grid, write_report
-from ddil_core.models.pipeline_io import ModelError, check_model_folder, load_pipeline, read_student_info
+from ddil_core.models.pipeline_io import ModelError, check_model_folder, load_pipeline
 from ddil_core.models.tiny import DIGIT_WORDS
 from ddil_core.stages.common import write_resolved_config
+from ddil_core.stages.provenance import check_sampling_steps, check_teacher_of, student_info
 from ddil_core.stages.sample import check_trained_grid, generate, sampling_scheduler
 
 log = logging.getLogger(__name__)
@@ -303,12 +304,14 @@ def _write_json(path: Path, data) -> None:
 
 # ---------------------------------------------------------------------------------------------------- the stage
 def evaluate(config: Config, student: str, teacher: str, out: str | Path, baseline: Optional[str] = None,
-             prompts: Optional[str] = None, reference: Optional[str] = None) -> dict:
-    """Evaluate `student` (and `baseline`) against `teacher`; returns the metrics written to out/metrics.json."""
+             prompts: Optional[str] = None, reference: Optional[str] = None, restart: bool = False) -> dict:
+    """Evaluate `student` (and `baseline`) against `teacher`; returns the metrics written to out/metrics.json.
+    `restart`: replace an evaluation of another config in `out` (outputs.py: the rerun rule)."""
     from ddil_core.stages.common import stage_run
 
     out = Path(out)
-    with stage_run(config, "evaluate", out) as tel:
+    inputs = (student, teacher, baseline, prompts, reference)
+    with stage_run(config, "evaluate", out, restart=restart, inputs=inputs) as tel:
         tmp = staging_dir(out)
         try:
             metrics = _evaluate(config, str(student), str(teacher), tmp, baseline and str(baseline), prompts,
@@ -335,7 +338,7 @@ def _check_model_uri(uri: str, role: str, allow_pickle: bool) -> None:
 
 
 def _student_settings(folder: str, config: Config, teacher_guidance: float, role: str) -> tuple[int, float, dict]:
-    info = read_student_info(Path(folder)) if Path(folder).is_dir() else None
+    info = student_info(folder)
     if info is None:
         log.warning("%s %s has no ddil_student.json: sampling it with objective.student_steps = %d and the "
                     "teacher's guidance %g", role, folder, config.objective.student_steps, teacher_guidance)
@@ -358,10 +361,16 @@ def _evaluate(config: Config, student: str, teacher: str, tmp: Path, baseline: O
     student_steps, student_guidance, student_info = _student_settings(student, config, teacher_guidance, "student")
     baseline_settings = (_student_settings(baseline, config, teacher_guidance, "baseline")
                          if baseline else None)
+    for role, folder, settings in (("student", student, (student_steps, student_guidance, student_info)),
+                                   ("baseline", baseline, baseline_settings)):
+        if folder:
+            check_sampling_steps(folder, role, [settings[0], *ev.student_steps])
     extractor: Extractor = load_extractor(ev.extractor, device, teacher=teacher)
 
-    teacher_pipe = _prepare(load_pipeline(teacher, config.model.family, config.model.allow_pickle), device,
-                            config.model.dtype)
+    loaded = load_pipeline(teacher, config.model.family, config.model.allow_pickle)
+    check_teacher_of(loaded, teacher, config, [("student", student, student_info),
+                                                ("baseline", baseline, baseline_settings and baseline_settings[2])])
+    teacher_pipe = _prepare(loaded, device, config.model.dtype)
     resolution = config.model.resolution or teacher_pipe.unet.config.sample_size * teacher_pipe.vae_scale_factor
 
     ref_uri = reference_uri(config, reference)
@@ -482,6 +491,10 @@ def _evaluate(config: Config, student: str, teacher: str, tmp: Path, baseline: O
         "num_reference": int(ref_features.shape[0]),
         **({"reference_skipped": ref_skipped} if ref_skipped else {}),
         "model_paths": {"student": student, "teacher": teacher, **({"baseline": baseline} if baseline else {})},
+        # What register checks: these metrics belong to the student folder it is given (stages/register.py).
+        "model_digests": {role: folder_digest(Path(folder)) for role, folder in (("student", student),
+                                                                                ("baseline", baseline))
+                          if folder and Path(folder).is_dir()},
     }
     if student_info:
         protocol["student_info"] = {k: v for k, v in student_info.items() if not isinstance(v, (dict, list))}
@@ -503,7 +516,7 @@ def _evaluate(config: Config, student: str, teacher: str, tmp: Path, baseline: O
     if "baseline" in models and models["baseline"].get("fid") is not None:
         flat["baseline_fid"] = models["baseline"]["fid"]
     _write_json(tmp / METRICS_FLAT, flat)
-    write_resolved_config(tmp, config)
+    write_resolved_config(tmp, config, "evaluate")
     return _json_safe(metrics)
 
 

@@ -14,6 +14,7 @@ from typing import Optional
 from ddil_core.config import Config
 from ddil_core.data.datasets import DatasetError
 from ddil_core.registry import GateError, register_student
+from ddil_core.stages.run_telemetry import stage_telemetry
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +41,48 @@ def read_metrics(path: str | Path) -> dict:
     if not isinstance(metrics, dict) or not isinstance(metrics.get("models"), dict):
         raise MetricsError(f"{path}: not an evaluate metrics file (expected a 'models' mapping with the student's "
                            "metrics)")
+    bad = [name for name, entry in metrics["models"].items() if not isinstance(entry, dict)]
+    if "student" not in metrics["models"] or bad:
+        raise MetricsError(f"{path}: not an evaluate metrics file (models.{bad[0] if bad else 'student'} must be a "
+                           "mapping of metric names to values)")
+    if not isinstance(metrics.get("protocol", {}), dict):
+        raise MetricsError(f"{path}: not an evaluate metrics file ('protocol' must be a mapping)")
     return metrics
 
 
-def register(config: Config, student: str, metrics_path: str | Path, registry: Optional[str] = None) -> dict:
-    """Gate, then register; returns the registry entry ({"name", "version", "path", ...}).
+def register(config: Config, student: str, metrics_path: str | Path, registry: Optional[str] = None,
+             model_uri: Optional[str] = None) -> dict:
+    """Check that the inputs belong together, gate, then register; returns the registry entry ({"name", "version",
+    "path", ...}). `model_uri`: where the same student is stored for serving (a KFP artifact URI), when `student` is a
+    local copy.
 
-    Raises FileNotFoundError / MetricsError for a missing or bad metrics file and GateError when a gate fails.
+    Raises FileNotFoundError / MetricsError for a missing or bad metrics file, ModelError when the student folder is
+    unusable or the metrics were made for another student, ConfigError when the config is not the one that made the
+    student (its model card would mislabel it), and GateError when a gate fails.
     """
-    metrics = read_metrics(metrics_path)
-    entry = register_student(config, str(student), metrics, registry)
+    from ddil_core.config import ConfigError
+    from ddil_core.models.pipeline_io import ModelError, check_model_folder
+    from ddil_core.registry.local import NAME_PATTERN
+    from ddil_core.stages.provenance import check_config_of, check_metrics_belong, student_info
+
+    if not NAME_PATTERN.match(config.registry.model_name or ""):
+        raise ConfigError(f"registry.model_name = {config.registry.model_name!r} must be 1-128 letters, digits, '.', "
+                          "'_' or '-', starting with a letter or digit")
+    target = registry or config.registry.uri
+    if not config.registry.kubeflow_address and "://" not in str(target) and "://" not in str(student):
+        mine, theirs = Path(target).resolve(), Path(student).resolve()
+        if mine == theirs or theirs in mine.parents:
+            raise ModelError(f"--registry {target} lies inside the student folder {student}; registering would "
+                             "change the student it registers")
+    # pushed like every stage (ddil_stage_success 0 when a check, a gate or the registry refuses)
+    with stage_telemetry(config, "register", Path(registry or config.registry.uri or "registry")):
+        metrics = read_metrics(metrics_path)
+        if "://" not in str(student):
+            if not Path(student).is_dir():
+                raise ModelError(f"student not found: {student} (a student folder written by distill)")
+            check_model_folder(Path(student), config.model.allow_pickle)
+        check_metrics_belong(metrics, Path(metrics_path), str(student))
+        check_config_of(config, str(student), student_info(student))
+        entry = register_student(config, str(student), metrics, registry, model_uri=model_uri)
     log.info("registered %s version %s", entry.get("name"), entry.get("version"))
     return entry

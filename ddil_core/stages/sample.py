@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -126,7 +127,11 @@ def sample(model: str, prompt: str, steps: Optional[int], seed: int, out: str | 
         image = generate(pipe, [prompt], [seed], steps, guidance_scale, sched)[0]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    to_pil(image).save(tmp, format="PNG")
-    tmp.replace(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        to_pil(image).save(tmp, format="PNG")
+        tmp.replace(out)
+    except BaseException:  # a full disk, a folder in the way: no temporary file is left behind
+        tmp.unlink(missing_ok=True)
+        raise
     return out

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from ddil_core.config import Config
+from ddil_core.config import Config, ConfigError
 from ddil_core.data.shards import ResumableStaging, ShardWriter, disk_full_is_clear, sha256_file
 from ddil_core.method.grid import StudentGrid
 from ddil_core.method.rollouts import NO_REFLECTION, ddim_sample, resolve_reflection
 from ddil_core.models.conditioning import index_cond
 from ddil_core.models.denoiser import Denoiser
-from ddil_core.stages.cache_latents import module_fingerprint
-from ddil_core.stages.common import load_teacher, read_latent_cache, stage_run, write_resolved_config
+from ddil_core.stages.common import (cache_digest, load_teacher, read_latent_cache, rollout_guidance,
+                                     rollout_reflection, stage_run, write_resolved_config)
 from ddil_core.training.loop import Preempted, _StopFlag
 
 log = logging.getLogger(__name__)
@@ -36,36 +36,41 @@ def rollout_prompt_refs(num_samples: int, num_prompts: int, seed: int) -> torch.
     return perm[torch.arange(num_samples) % num_prompts]
 
 
-def teacher_rollouts(config: Config, latents: str | Path, out: str | Path, shard: int = 0, num_shards: int = 1) -> dict:
-    if not 0 <= shard < num_shards:
-        raise ValueError(f"--shard {shard} must be in [0, --num-shards {num_shards})")
-    with _StopFlag() as stop, stage_run(config, "teacher-rollouts", Path(out)) as telemetry:
+def teacher_rollouts(config: Config, latents: str | Path, out: str | Path, shard: int = 0, num_shards: int = 1,
+                     restart: bool = False) -> dict:
+    """`restart`: start over when OUT holds rollouts of another config (outputs.py: the rerun rule)."""
+    if not (isinstance(shard, int) and isinstance(num_shards, int) and 0 <= shard < num_shards):
+        raise ConfigError(f"--shard {shard} must be in [0, --num-shards {num_shards})")
+    inputs = (config.model.teacher, latents)
+    with _StopFlag() as stop, stage_run(config, "teacher-rollouts", Path(out), restart=restart,
+                                        inputs=inputs) as run:
         with disk_full_is_clear(Path(out)):
-            return _teacher_rollouts(config, Path(latents), Path(out), shard, num_shards, telemetry, stop)
+            return _teacher_rollouts(config, Path(latents), Path(out), shard, num_shards, run, stop,
+                                     run.replace_previous)
 
 
 def _teacher_rollouts(config: Config, latents: Path, out: Path, shard: int, num_shards: int, telemetry,
-                      stop) -> dict:
+                      stop, fresh: bool = False) -> dict:
     rcfg = config.rollouts
-    teacher = load_teacher(config)
-    cache = read_latent_cache(Path(latents), teacher)
+    teacher = load_teacher(config, stage="teacher-rollouts")
+    cache = read_latent_cache(Path(latents), teacher, config)
     grid = StudentGrid.ddim_trailing(teacher.schedule.num_train_timesteps, rcfg.teacher_steps)
     # Rollouts use the training schedule (final alpha 1), like every student/teacher step during distillation.
     denoiser = Denoiser(teacher.unet, teacher.train_schedule)
-    guidance = rcfg.guidance_scale if rcfg.guidance_scale is not None else config.objective.guidance_scale
+    guidance = rollout_guidance(config)
     refl_cfg = config.ddil.reflection
     reflection = resolve_reflection(refl_cfg, "teacher_rollouts", cache.bounds, teacher.family)
     refs = rollout_prompt_refs(rcfg.num_samples, cache.latents.shape[0], rcfg.seed)
     mine = torch.arange(rcfg.num_samples)[shard::num_shards]
     fingerprint = {  # everything a rollout depends on besides its id
         "stage": "teacher-rollouts", "format": 1, "teacher": config.model.teacher,
-        "unet": module_fingerprint(teacher.unet), "scheduler": dict(teacher.pipe.scheduler.config),
+        "unet": teacher.unet_id(), "scheduler": dict(teacher.pipe.scheduler.config),
         "latents": [e["sha256"] for e in cache.manifest["shards"]],
         "uncond": sha256_file(Path(latents) / "uncond.safetensors"), "bounds": cache.manifest.get("latent_bounds"),
         "rollouts": dataclasses.asdict(rcfg), "guidance": guidance, "reflection": dataclasses.asdict(refl_cfg),
         "shard": shard, "num_shards": num_shards,
     }
-    staging = ResumableStaging(out, fingerprint)
+    staging = ResumableStaging(out, fingerprint, fresh=fresh)
     chunks = [mine[first:first + rcfg.shard_size] for first in range(0, len(mine), rcfg.shard_size)]
     digests = [hashlib.sha256(",".join(map(str, c.tolist())).encode()).hexdigest() for c in chunks]
     try:
@@ -103,11 +108,17 @@ def _teacher_rollouts(config: Config, latents: Path, out: Path, shard: int, num_
                 staging.record(writer.shards, digests)
         if reused:
             log.info("teacher-rollouts: reused %d shards of an interrupted run", reused)
-        write_resolved_config(staging.folder, config)
+        write_resolved_config(staging.folder, config, "teacher-rollouts")
+        # What distill checks these rollouts against (stages/rollouts_check.py): the teacher (family, UNet
+        # fingerprint), the latent cache (its shards' digest and size), the grid, the guidance, the reflection.
         manifest = writer.finish(
-            timesteps=grid.timesteps.tolist(), guidance_scale=guidance, teacher=config.model.teacher,
-            shard=shard, num_shards=num_shards, latents_count=int(cache.latents.shape[0]),
+            timesteps=grid.timesteps.tolist(), teacher_steps=rcfg.teacher_steps, guidance_scale=guidance,
+            teacher=config.model.teacher, family=teacher.family, unet=teacher.unet_id(),
+            num_train_timesteps=teacher.schedule.num_train_timesteps,
+            shard=shard, num_shards=num_shards, num_samples=rcfg.num_samples, seed=rcfg.seed,
+            latents_count=int(cache.latents.shape[0]), latents_digest=cache_digest(cache.manifest),
             reflection=refl_cfg.mode if reflection is not NO_REFLECTION else "off",
+            reflection_settings=rollout_reflection(config),
         )
         staging.publish(manifest)
     except (Preempted, KeyboardInterrupt):

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from ddil_core.data.shards import (DISK_FULL_ERRNOS, ShardError, remove_stale_staging, sha256_file, staging_dir,
+from ddil_core.data.shards import (ShardError, is_disk_full, remove_stale_staging, sha256_file, staging_dir,
                                   write_json_atomic)
 
 MANIFEST = "manifest.json"
@@ -53,7 +53,7 @@ def save_checkpoint(root: Path, step: int, tensors: dict[str, dict[str, torch.Te
         write_json_atomic(tmp / MANIFEST, {"step": step, "files": {f: sha256_file(tmp / f) for f in files}})
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+        if isinstance(exc, Exception) and is_disk_full(exc):
             raise CheckpointError(f"{root}: no space left on device while writing checkpoint step {step}; free "
                                   "space, then rerun to resume from the previous checkpoint") from None
         raise

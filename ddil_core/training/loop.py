@@ -29,12 +29,13 @@ from typing import Callable, Optional
 import torch
 
 from ddil_core.config import Config
+from ddil_core.data.shards import ShardError
 from ddil_core.method.draws import SampleDraws
 from ddil_core.method.mixture import SOURCES, DDILMixture, scheduled_priors
 from ddil_core.method.objectives.base import Objective, interval_means, per_source_sums
 from ddil_core.models.trainable import load_trainable_state, trainable_state_dict
 from ddil_core.training import fsdp
-from ddil_core.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ddil_core.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from ddil_core.training.ema import EMA
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,7 @@ class Trainer:
         self.optimizers = {name: make_optimizer(m, config, objective.lr_for(name)) for name, m in self.modules.items()}
         self.ema = EMA(self.modules["student"], config.training.ema.decay) if config.training.ema.enabled else None
         self.step = 0
+        self.student_updates = 0  # steps whose update reached the student (DMD2 updates it every few steps only)
         self.nonfinite_total = 0
         self.nonfinite_in_a_row = 0
         self._interval = self._new_interval()
@@ -173,7 +175,7 @@ class Trainer:
         if not self.fsdp:
             tensors, extra_json = self._state_tensors()
             pickled = {name: opt.state_dict() for name, opt in self.optimizers.items()}
-        state = {"step": self.step, "nonfinite_total": self.nonfinite_total,
+        state = {"step": self.step, "nonfinite_total": self.nonfinite_total, "student_updates": self.student_updates,
                  "nonfinite_in_a_row": self.nonfinite_in_a_row, "objective": extra_json}
         buffer = self.mixture.buffer
         path = save_checkpoint(self.ckpt_dir, self.step, tensors, state, pickled, buffer,
@@ -188,7 +190,18 @@ class Trainer:
         if ckpt is None:  # killed before its first checkpoint: start over, log included
             self._truncate_log(0)
             return False
-        tensors, state, pickled = load_checkpoint(ckpt)
+        try:
+            tensors, state, pickled = load_checkpoint(ckpt)  # every file's sha256 against its manifest first
+            self._restore(tensors, state, pickled, ckpt)
+        except (CheckpointError, ShardError):
+            raise
+        except Exception as exc:  # complete, verified files that still do not fit this run
+            raise CheckpointError(f"{ckpt}: does not fit this run ({type(exc).__name__}: {exc}); rerun with "
+                                  "--restart to start over") from None
+        log.info("resumed from %s at step %d", ckpt, self.step)
+        return True
+
+    def _restore(self, tensors: dict, state: dict, pickled: dict, ckpt: Path) -> None:
         self.objective.load_extra_state(state["objective"], tensors.get("objective", {}))
         self.mixture.set_grid(self.objective.grid())
         for name, module in self.modules.items():
@@ -207,9 +220,8 @@ class Trainer:
             self.mixture.buffer.load(ckpt / "buffer")
         self.step = state["step"]
         self.nonfinite_total, self.nonfinite_in_a_row = state["nonfinite_total"], state["nonfinite_in_a_row"]
+        self.student_updates = state.get("student_updates", self.step - self.nonfinite_total)  # older checkpoints
         self._truncate_log(self.step)
-        log.info("resumed from %s at step %d", ckpt, self.step)
-        return True
 
     def _truncate_log(self, step: int) -> None:
         if not self.is_main or not self.log_path.exists():
@@ -293,6 +305,7 @@ class Trainer:
                 self.optimizers[name].step()
             for opt in self.optimizers.values():
                 opt.zero_grad(set_to_none=True)
+            self.student_updates += int("student" in out.losses)
             self.objective.after_update(self.step)
             if self.ema is not None:
                 self.ema.update(self.modules["student"])

@@ -1,0 +1,266 @@
+"""The allowed range of every numeric config key, and the checks that need the teacher's noise schedule.
+
+One rule for every number of the schema (issue 13, rule 2): a float must be finite (NaN or infinity in a recipe or
+`--set x=.nan` is an error, never "no guidance" or a student of non-finite weights), and every int or float, or each
+entry of a list of them, must lie in the range listed here for its key. tests/test_config_ranges.py checks that
+every numeric field of `Config` has an entry, so a new key cannot be added without one. `schedule_problems` checks
+what a config can only be compared with once the teacher is loaded: its number of training timesteps T.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+
+@dataclass(frozen=True)
+class Range:
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False  # low itself is excluded
+    high_open: bool = False
+
+    def contains(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+            return False
+        return True
+
+    def describe(self) -> str:
+        low, high = _fmt(self.low), _fmt(self.high)
+        if self.high is None:
+            if self.low == 0 and self.low_open:
+                return "positive"
+            return f"{'more than' if self.low_open else 'at least'} {low}"
+        if self.low is None:
+            return f"{'less than' if self.high_open else 'at most'} {high}"
+        return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+
+
+def _fmt(value: Optional[float]) -> str:
+    if value is None:
+        return ""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+COUNT = Range(1)  # steps, sizes, batch sizes: at least one
+NATURAL = Range(0)  # zero allowed
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0.0)
+PROBABILITY = Range(0.0, 1.0)
+FRACTION = Range(0.0, 1.0, low_open=True)  # (0, 1]
+DECAY = Range(0.0, 1.0, high_open=True)  # [0, 1): an EMA decay or an Adam beta
+SEED = Range(0, 2**63 - 2**32)  # torch.Generator.manual_seed takes 64-bit seeds; rollout i uses seed + i
+GUIDANCE = Range(0.0)  # CFG scale w, Imagen form eps_u + w (eps_c - eps_u): 1 = no guidance, 0 = unconditional
+PORT = Range(1, 65535)
+LEARNING_RATE = Range(0.0, 1.0, low_open=True)  # AdamW moves each weight by about lr a step; beyond 1 is no training
+INT64 = 2**63
+
+RANGES: dict[str, Range] = {
+    "model.resolution": Range(8, 4096),  # pixels; the teacher's VAE factor is checked once it is loaded
+    "data.limit": COUNT,
+    "data.shard_size": COUNT,
+    "data.batch_size": COUNT,
+    "data.num_workers": Range(0, 256),  # processes
+    "data.latent_bound_percentile": FRACTION,
+    "ddil.priors.forward": PROBABILITY,
+    "ddil.priors.teacher": PROBABILITY,
+    "ddil.priors.student": PROBABILITY,
+    "ddil.warmup_steps": NATURAL,
+    "ddil.mixed_teacher_steps": NATURAL,
+    "ddil.bernoulli_teacher_p": PROBABILITY,
+    "ddil.buffer.capacity": COUNT,
+    "ddil.buffer.refresh_fraction": FRACTION,
+    "ddil.reflection.percentile": FRACTION,
+    "ddil.reflection.bound": POSITIVE,
+    "objective.student_steps": COUNT,
+    "objective.guidance_scale": GUIDANCE,
+    "objective.pd.teacher_steps": COUNT,
+    "objective.pd.steps_per_stage": COUNT,
+    "objective.lcm.num_ddim_timesteps": COUNT,
+    "objective.lcm.w_min": GUIDANCE,
+    "objective.lcm.w_max": GUIDANCE,
+    "objective.lcm.ema_decay": DECAY,
+    "objective.lcm.huber_c": POSITIVE,
+    "objective.lcm.time_cond_proj_dim": COUNT,
+    "objective.dmd2.timesteps": NATURAL,  # each entry; below the teacher's T (schedule_problems)
+    "objective.dmd2.real_guidance_scale": GUIDANCE,
+    "objective.dmd2.fake_lr": LEARNING_RATE,
+    "objective.dmd2.dfake_gen_update_ratio": COUNT,
+    "objective.dmd2.min_step": NATURAL,
+    "objective.dmd2.max_step": NATURAL,
+    "objective.dmd2.gan_gen_weight": NON_NEGATIVE,
+    "objective.dmd2.gan_disc_weight": NON_NEGATIVE,
+    "objective.dmd2.fake_lora.rank": NATURAL,  # 0: the fake score trained fully
+    "objective.dmd2.fake_lora.alpha": POSITIVE,
+    "rollouts.num_samples": COUNT,
+    "rollouts.teacher_steps": COUNT,
+    "rollouts.guidance_scale": GUIDANCE,
+    "rollouts.shard_size": COUNT,
+    "rollouts.batch_size": COUNT,
+    "rollouts.seed": SEED,
+    "training.steps": COUNT,
+    "training.batch_size": COUNT,
+    "training.lr": LEARNING_RATE,
+    "training.weight_decay": NON_NEGATIVE,
+    "training.adam_beta1": DECAY,
+    "training.adam_beta2": DECAY,
+    "training.grad_clip": NON_NEGATIVE,  # 0 disables
+    "training.ema.decay": DECAY,
+    "training.checkpoint_every": COUNT,
+    "training.keep_checkpoints": COUNT,
+    "training.log_every": COUNT,
+    "training.seed": SEED,
+    "training.max_nonfinite_in_a_row": COUNT,
+    "training.wall_clock_limit_s": POSITIVE,
+    "training.grad_accum_steps": COUNT,
+    "training.lora.rank": NATURAL,  # 0: full fine-tuning
+    "training.lora.alpha": POSITIVE,
+    "evaluation.num_prompts": COUNT,
+    "evaluation.images_per_prompt": COUNT,
+    "evaluation.seed": SEED,
+    "evaluation.student_steps": COUNT,  # each entry
+    "evaluation.teacher_steps": COUNT,
+    "evaluation.teacher_guidance_scale": GUIDANCE,
+    "evaluation.k": COUNT,
+    "evaluation.batch_size": COUNT,
+    "evaluation.num_reference": Range(2),
+    "registry.kubeflow_port": PORT,
+    "registry.gates.fid_factor": POSITIVE,
+    "registry.gates.min_coverage": PROBABILITY,
+    "registry.gates.min_adherence": PROBABILITY,
+    "telemetry.push_interval_s": NON_NEGATIVE,  # 0: push at every update
+    "telemetry.metrics_port": Range(0, 65535),  # 0: any free port
+    "demo.seed": SEED,
+    "demo.vae_steps": COUNT,
+    "demo.vae_batch_size": COUNT,
+    "demo.vae_lr": LEARNING_RATE,
+    "demo.classifier_steps": COUNT,
+    "demo.teacher_steps": COUNT,
+    "demo.teacher_batch_size": COUNT,
+    "demo.teacher_lr": LEARNING_RATE,
+    "demo.teacher_ema_decay": DECAY,
+    "demo.min_snr_gamma": POSITIVE,
+    "demo.caption_dropout": Range(0.0, 1.0, high_open=True),
+    "demo.guidance_scale": Range(1.0),
+    "demo.eval_steps": COUNT,
+    "demo.eval_few_steps": COUNT,  # each entry
+    "demo.eval_images_per_digit": COUNT,
+    "demo.vae_max_seconds": POSITIVE,
+    "demo.teacher_max_seconds": POSITIVE,
+}
+
+
+def _is_numeric(tp: Any) -> bool:
+    if typing.get_origin(tp) is typing.Union:
+        return any(_is_numeric(a) for a in typing.get_args(tp) if a is not type(None))
+    if typing.get_origin(tp) is list:
+        return _is_numeric(typing.get_args(tp)[0])
+    return tp in (int, float)
+
+
+def numeric_fields(cls: type, prefix: str = "") -> Iterator[str]:
+    """Dotted keys of every int or float field (plain, Optional or list) of a config dataclass, recursively."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, key = hints[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            yield from numeric_fields(tp, key + ".")
+        elif _is_numeric(tp):
+            yield key
+
+
+def _value(config: Any, key: str) -> Any:
+    for part in key.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def number_problems(config: Any) -> list[str]:
+    """Every numeric value that is not finite or outside its key's range, one message each (naming key and value)."""
+    problems = []
+    for key in numeric_fields(type(config)):
+        value = _value(config, key)
+        values = value if isinstance(value, list) else [value]
+        where = key if not isinstance(value, list) else f"{key} = {value}: entry"
+        rng = RANGES.get(key)
+        for v in values:
+            if v is None or isinstance(v, bool):
+                continue
+            if isinstance(v, int) and not -INT64 <= v < INT64:  # what torch and the file formats hold
+                problems.append(f"{where} {v} does not fit in 64 bits" if isinstance(value, list) else
+                                f"{key} = {v} does not fit in 64 bits")
+                break
+            if isinstance(v, float) and not math.isfinite(v):
+                problems.append(f"{where} {v} is not a finite number" if isinstance(value, list) else
+                                f"{key} = {v} is not a finite number")
+                break
+            if rng is not None and not rng.contains(v):
+                problems.append(f"{where} {v} must be {rng.describe()}" if isinstance(value, list) else
+                                f"{key} = {v} must be {rng.describe()}")
+                break
+    return problems
+
+
+def relation_problems(config: Any) -> list[str]:
+    """Checks between keys of one config (no teacher or data needed)."""
+    problems = []
+    o = config.objective
+    if o.lcm.w_min > o.lcm.w_max:
+        problems.append(f"objective.lcm.w_min = {o.lcm.w_min} must not exceed objective.lcm.w_max = {o.lcm.w_max}")
+    if o.name == "lcm" and o.student_steps > o.lcm.num_ddim_timesteps:
+        problems.append(f"objective.student_steps = {o.student_steps} must be at most objective.lcm.num_ddim_timesteps "
+                        f"= {o.lcm.num_ddim_timesteps} (the LCM student samples on its solver grid)")
+    d = o.dmd2
+    if d.min_step > d.max_step:
+        problems.append(f"objective.dmd2.min_step = {d.min_step} must not exceed objective.dmd2.max_step = "
+                        f"{d.max_step}")
+    ts = list(d.timesteps or [])
+    if o.name == "dmd2" and any(a <= b for a, b in zip(ts, ts[1:])):
+        problems.append(f"objective.dmd2.timesteps = {ts} must be strictly decreasing (the generator steps from "
+                        "high noise to low)")
+    dtype, mp = config.model.dtype, config.training.mixed_precision
+    wanted = {"float16": "fp16", "bfloat16": "bf16"}.get(dtype)
+    if wanted is not None and mp != wanted:
+        problems.append(f"model.dtype = {dtype} needs training.mixed_precision = {wanted} (the frozen {dtype} teacher "
+                        f"takes float32 inputs only under autocast), got {mp}")
+    return problems
+
+
+def schedule_problems(config: Any, num_train_timesteps: int, stage: str) -> list[str]:
+    """What must fit the teacher's T training timesteps, for the keys `stage` uses; one message each."""
+    T = int(num_train_timesteps)
+    o, problems = config.objective, []
+
+    def at_most(key: str, value: int, limit: int = T) -> None:
+        if value > limit:
+            problems.append(f"{key} = {value} must be at most the teacher's {T} training timesteps")
+
+    if stage in ("teacher-rollouts", "distill"):
+        at_most("rollouts.teacher_steps", config.rollouts.teacher_steps)
+    if stage == "distill":
+        at_most("objective.student_steps", o.student_steps)
+        if o.name == "pd":
+            at_most("objective.pd.teacher_steps", o.pd.teacher_steps)
+        if o.name == "lcm":
+            at_most("objective.lcm.num_ddim_timesteps", o.lcm.num_ddim_timesteps)
+        if o.name == "dmd2":
+            for key in ("min_step", "max_step"):
+                if getattr(o.dmd2, key) >= T:
+                    problems.append(f"objective.dmd2.{key} = {getattr(o.dmd2, key)} must be below the teacher's {T} "
+                                    f"training timesteps")
+            outside = [t for t in (o.dmd2.timesteps or []) if not 0 <= t < T]
+            if outside:
+                problems.append(f"objective.dmd2.timesteps = {o.dmd2.timesteps}: {outside} not in [0, {T}) (the "
+                                "teacher's training timesteps)")
+    if stage == "evaluate":
+        at_most("evaluation.teacher_steps", config.evaluation.teacher_steps)
+        for n in config.evaluation.student_steps:
+            if n > T:
+                problems.append(f"evaluation.student_steps = {config.evaluation.student_steps}: entry {n} must be at "
+                                f"most the teacher's {T} training timesteps")
+                break
+    return problems

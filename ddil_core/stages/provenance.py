@@ -1,0 +1,113 @@
+"""Checks that a stage's inputs belong together (issue 13, rule 4), each refusal naming both sides.
+
+- A student and its teacher: distill records the teacher's UNet fingerprint in ddil_student.json (teacher_unet);
+  evaluate compares the student with that teacher only.
+- Metrics and their student: evaluate records a digest of each evaluated folder's files (protocol.model_digests);
+  register registers a student only with metrics made for exactly that folder's contents.
+- A student and the config it is registered under: distill records the config sections that made the student
+  (ddil_student.json "config"); register's model card shows register's config, so the two must agree.
+- What a student folder can sample: an LCMScheduler samples at most its solver grid's steps.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from ddil_core.config import Config, ConfigError, resolved_dict
+from ddil_core.config_ranges import schedule_problems
+from ddil_core.data.shards import folder_digest
+from ddil_core.models.pipeline_io import STUDENT_INFO, ModelError
+from ddil_core.stages.outputs import RERUN_MAY_DIFFER, flatten_config
+
+
+def student_info(folder) -> Optional[dict]:
+    """ddil_student.json of a student folder (None when there is none), its layout checked."""
+    path = Path(str(folder)) / STUDENT_INFO
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
+    steps, guidance = (info.get("num_inference_steps"), info.get("guidance_scale", 1.0)) if isinstance(info, dict) \
+        else (None, None)
+    if (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1
+            or not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or guidance != guidance
+            or guidance in (float("inf"), float("-inf")) or guidance < 0):
+        raise ModelError(f"{path}: expected num_inference_steps (at least 1) and a finite guidance_scale (0 or more)")
+    timesteps = info.get("timesteps")
+    if timesteps is not None and (not isinstance(timesteps, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in timesteps)):
+        raise ModelError(f"{path}: 'timesteps' must be a list of non-negative integers, got {timesteps!r}"[:300])
+    return info
+
+
+def check_teacher_of(teacher_pipe, teacher: str, config: Config, students: list) -> None:
+    """Each (role, folder, info) student was distilled from this teacher, and the teacher's schedule fits the
+    evaluation's step counts; its weights are finite."""
+    from ddil_core.stages.common import check_finite_weights, module_fingerprint
+
+    problems = schedule_problems(config, teacher_pipe.scheduler.config.num_train_timesteps, "evaluate")
+    if problems:
+        raise ConfigError(f"{teacher}: " + "; ".join(problems))
+    check_finite_weights(teacher_pipe, teacher)
+    mine = module_fingerprint(teacher_pipe.unet)
+    for role, folder, info in students:
+        recorded = (info or {}).get("teacher_unet")
+        if folder and recorded is not None and recorded != mine:
+            raise ModelError(f"{folder}: this {role} was distilled from teacher {info.get('teacher')} (UNet "
+                             f"{recorded}), not from --teacher {teacher} (UNet {mine}); evaluate it against its own "
+                             "teacher")
+
+
+def check_sampling_steps(folder: str, role: str, steps: list[int]) -> None:
+    """Refuse step counts the folder's scheduler cannot sample, before any image is made: an LCMScheduler at most
+    its original_inference_steps, any scheduler at most its num_train_timesteps."""
+    path = Path(str(folder)) / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+        limit = int(cfg.get("num_train_timesteps", 1000))
+        if cfg.get("_class_name") == "LCMScheduler":
+            limit = min(limit, int(cfg.get("original_inference_steps") or limit))
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise ModelError(f"{path}: unreadable scheduler config ({type(exc).__name__}: {exc})") from None
+    for n in steps:
+        if n > limit:
+            raise ModelError(f"{folder}: the {role} cannot sample {n} steps (its {cfg.get('_class_name')} allows at "
+                             f"most {limit})")
+
+
+def check_metrics_belong(metrics: dict, metrics_path: Path, student: str) -> None:
+    """register: the metrics were made by evaluate for exactly this student folder's contents."""
+    digests = (metrics.get("protocol") or {}).get("model_digests") if isinstance(metrics.get("protocol"), dict) \
+        else None
+    recorded = digests.get("student") if isinstance(digests, dict) else None
+    if recorded is None:
+        raise ModelError(f"{metrics_path}: records no digest of the student it evaluated (protocol.model_digests; "
+                         "made by an older ddil evaluate?); rerun evaluate on this student")
+    if not Path(str(student)).is_dir():
+        return  # a remote student (s3://...) is checked by the registry when it is read
+    mine = folder_digest(Path(str(student)))
+    if mine != recorded:
+        made_for = (metrics.get("protocol") or {}).get("model_paths", {}).get("student")
+        raise ModelError(f"{metrics_path}: these metrics were made for student {made_for} (digest {recorded[:16]}), "
+                         f"not for --student {student} (digest {mine[:16]}); rerun evaluate on this student")
+
+
+def check_config_of(config: Config, student: str, info: Optional[dict]) -> None:
+    """register: the config a student is registered under (its model card) is the one that made it."""
+    recorded = (info or {}).get("config")
+    if not isinstance(recorded, dict):
+        return  # a plain pipeline folder (no record of how it was made): nothing to compare
+    old = flatten_config(recorded)
+    new = {k: v for k, v in flatten_config(resolved_dict(config)).items() if k.split(".", 1)[0] in recorded}
+    diffs = [f"{k}: {old.get(k, '(absent)')!r} (student) vs {new.get(k, '(absent)')!r} (this config)"
+             for k in sorted(set(old) | set(new))
+             if not k.startswith(RERUN_MAY_DIFFER) and old.get(k, "(absent)") != new.get(k, "(absent)")]
+    if diffs:
+        shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+        raise ConfigError(f"{student}: was distilled with another config than this one ({shown}); register it with "
+                          "the recipe and overrides that made it")
