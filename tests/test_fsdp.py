@@ -72,3 +72,15 @@ def test_what_sharding_does_not_do_is_refused_with_the_reason(overrides, why):
         check_supported(config, config.objective.name, 1)
     with pytest.raises(ConfigError, match="several stages"):
         check_supported(tiny_config("sd15", *FSDP), "pd", 2)
+
+
+def test_the_accelerate_fsdp_config_is_what_accelerate_reads_as_fsdp2():
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "fsdp.yaml"
+    config = load_config_from_file(str(path))
+    assert config.distributed_type == DistributedType.FSDP and config.fsdp_config["fsdp_version"] == 2
+    assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT" and config.mixed_precision == "bf16"

@@ -14,7 +14,8 @@ from ddil_core.method.grid import StudentGrid
 from ddil_core.method.mixture import DDILMixture, StateBatch, TrainingData
 from ddil_core.method.objectives import build_objective
 from ddil_core.stages.common import load_teacher, read_latent_cache
-from ddil_core.stages.distill import distill, objective_context, read_rollouts
+from ddil_core.stages.distill import distill, objective_context
+from ddil_core.stages.distill_inputs import read_rollouts
 from tests.conftest import tiny_config
 
 OBJECTIVES = {
@@ -132,8 +133,11 @@ def test_streamed_shards_give_the_batches_of_in_memory_data(tiny_data):
     config = tiny_config("sd15", "ddil.priors.forward=0.4", "ddil.priors.teacher=0.4", "ddil.priors.student=0.2")
     datasets = {}
     for streaming in (False, True):
-        cache = read_latent_cache(latents, streaming=streaming)
-        states, ts, ref, x0 = read_rollouts([rollouts], cache.latents.shape[0], streaming=streaming)
+        config = tiny_config("sd15", "ddil.priors.forward=0.4", "ddil.priors.teacher=0.4", "ddil.priors.student=0.2",
+                             f"training.streaming={streaming}")
+        teacher = load_teacher(config)
+        cache = read_latent_cache(latents, teacher, config, streaming=streaming)
+        states, ts, ref, x0 = read_rollouts([rollouts], cache, latents, teacher, config)
         datasets[streaming] = TrainingData(cache.latents, cache.cond, states, ts, ref, x0)
     assert type(datasets[True].latents).__name__ == "ShardRows"
     assert datasets[True].latents.shape == datasets[False].latents.shape

@@ -100,7 +100,7 @@ class ShardRows:
             sub_numel = self._row_numel // self.row_shape[0]
             out = [self._read(int(r), int(p) * sub_numel, sub_numel) for r, p in zip(rows.tolist(), pos.tolist())]
             return torch.stack(out).reshape(len(out), *inner) if out else torch.empty(0, *inner, dtype=self.dtype)
-        rows = torch.as_tensor(index)
+        rows = torch.arange(self.shape[0])[index] if isinstance(index, slice) else torch.as_tensor(index)
         single = rows.ndim == 0
         rows = rows.reshape(-1)
         out = [self._read(int(r)) for r in rows.tolist()]

@@ -89,6 +89,7 @@ class Teacher:
     schedule: NoiseSchedule  # as configured (for sampling like the pipeline)
     train_schedule: NoiseSchedule  # final alpha 1: the last student step returns its x0 estimate
     uri: str = ""  # model.teacher, for messages
+    unet_fingerprint: Optional[str] = None  # unet_id() of the weights as loaded (distill casts them to model.dtype)
 
     @property
     def unet(self):
@@ -100,8 +101,11 @@ class Teacher:
         return (self.pipe.unet.config.in_channels, side, side)
 
     def unet_id(self) -> str:
-        """The UNet's fingerprint: what teacher-rollouts records and distill and evaluate compare."""
-        return module_fingerprint(self.pipe.unet)
+        """The UNet's fingerprint: what teacher-rollouts records and distill and evaluate compare. Taken once, so a
+        bf16 copy of the frozen teacher (model.dtype) still matches the rollouts its fp32 weights made."""
+        if self.unet_fingerprint is None:
+            self.unet_fingerprint = module_fingerprint(self.pipe.unet)
+        return self.unet_fingerprint
 
     def text_encoder_ids(self) -> list[str]:
         return [module_fingerprint(self.pipe.text_encoder),

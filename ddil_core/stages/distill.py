@@ -119,6 +119,7 @@ def _distill(config, latents, rollouts, out, on_log, on_checkpoint, replace_prev
         raise ConfigError(f"training.batch_size = {config.training.batch_size} must be divisible by the {world} "
                           "processes")
     if config.model.dtype != "float32":  # a half-precision frozen teacher saves memory on GPUs
+        teacher.unet_id()  # fingerprinted as loaded, before the cast: the rollouts recorded those weights
         teacher.unet.to(getattr(torch, config.model.dtype))
     ctx = objective_context(config, teacher, cache, device)
     objective = build_objective(config.objective.name, ctx)
