@@ -76,6 +76,7 @@ RANGES: dict[str, Range] = {
     "ddil.buffer.refresh_fraction": FRACTION,
     "ddil.reflection.percentile": FRACTION,
     "ddil.reflection.bound": POSITIVE,
+    "ddil.reflection.max_value": Range(1.0),  # s is floored at 1 (config.validate)
     "objective.student_steps": COUNT,
     "objective.guidance_scale": GUIDANCE,
     "objective.pd.teacher_steps": COUNT,
@@ -88,12 +89,14 @@ RANGES: dict[str, Range] = {
     "objective.lcm.time_cond_proj_dim": COUNT,
     "objective.dmd2.timesteps": NATURAL,  # each entry; below the teacher's T (schedule_problems)
     "objective.dmd2.real_guidance_scale": GUIDANCE,
+    "objective.dmd2.generator_lr": LEARNING_RATE,
     "objective.dmd2.fake_lr": LEARNING_RATE,
     "objective.dmd2.dfake_gen_update_ratio": COUNT,
     "objective.dmd2.min_step": NATURAL,
     "objective.dmd2.max_step": NATURAL,
     "objective.dmd2.gan_gen_weight": NON_NEGATIVE,
     "objective.dmd2.gan_disc_weight": NON_NEGATIVE,
+    "objective.dmd2.regression_weight": NON_NEGATIVE,  # 0: off
     "objective.dmd2.fake_lora.rank": NATURAL,  # 0: the fake score trained fully
     "objective.dmd2.fake_lora.alpha": POSITIVE,
     "rollouts.num_samples": COUNT,
@@ -151,6 +154,7 @@ RANGES: dict[str, Range] = {
     "demo.eval_images_per_digit": COUNT,
     "demo.vae_max_seconds": POSITIVE,
     "demo.teacher_max_seconds": POSITIVE,
+    "demo.threads": COUNT,
 }
 
 

@@ -180,6 +180,8 @@ def test_the_model_card_snippet_runs_the_trained_sampler(tmp_path, data8, monkey
 
 
 LORA = ["training.lora.rank=4", "training.lora.save_fused=true", "training.lr=1e-2"]  # lr: adapters that matter
+# dynamic reflection of the student's rollouts only: data8's rollouts were made without reflection
+LORA_REFLECTION = [*REFLECTION["dynamic"], "ddil.reflection.apply_to=[student_rollouts]"]
 
 
 @pytest.mark.parametrize("objective", ["pd", "lcm", "dmd2"])
@@ -187,7 +189,7 @@ def test_lora_student_loads_in_plain_diffusers_and_samples_as_trained(tmp_path, 
     """The LoRA student folder is the teacher's pipeline with the student's scheduler; plain diffusers plus
     load_lora_weights(folder) samples as the training-time sampler does, and so does the fused full student."""
     latents, rollouts = data8["sd15"]
-    config = tiny_config("sd15", *TRAIN, *OBJECTIVES[objective], *REFLECTION["dynamic"], *LORA)
+    config = tiny_config("sd15", *TRAIN, *OBJECTIVES[objective], *LORA_REFLECTION, *LORA)
     student = distill(config, latents, [rollouts], tmp_path / "run")
     info = json.loads((student / "ddil_student.json").read_text())
     assert info["lora"]["rank"] == 4 and (student / info["lora"]["weights"]).exists()
