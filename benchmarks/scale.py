@@ -43,13 +43,14 @@ FEATURES = {  # name -> overrides
     "full_fp32": [],
     "bf16": ["model.dtype=bfloat16", "training.mixed_precision=bf16"],
     "checkpointing": ["training.gradient_checkpointing=true"],
-    "lora": ["training.lora.rank=16"],
+    "lora": ["training.lora.rank=16", "objective.dmd2.fake_lora.rank=16"],  # DMD2: generator and fake score
     "bf16+checkpointing+lora": ["model.dtype=bfloat16", "training.mixed_precision=bf16",
-                                "training.gradient_checkpointing=true", "training.lora.rank=16"],
+                                "training.gradient_checkpointing=true", "training.lora.rank=16",
+                                "objective.dmd2.fake_lora.rank=16"],
 }
 OBJECTIVES = {"pd": ["objective.pd.teacher_steps=8", "objective.student_steps=4"],
               "lcm": ["objective.name=lcm"],
-              "dmd2": ["objective.name=dmd2", "objective.dmd2.gan=true", "objective.dmd2.fake_lora.rank=16"]}
+              "dmd2": ["objective.name=dmd2", "objective.dmd2.gan=true"]}
 VAE = {"sd15": {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 4,
                 "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
                 "norm_num_groups": 32, "scaling_factor": 0.18215},
@@ -176,13 +177,18 @@ def cpu_updates(args) -> tuple[list, str]:
 # ------------------------------------------------------------------------------------------------ cache size
 
 
-def tile(src: Path, dst: Path, times: int, kind: str, cache_count: int = 0) -> None:
-    """A shard folder holding `src`'s samples `times` over (hard links to the same shards, a new manifest)."""
+def tile(src: Path, dst: Path, times: int, kind: str, cache: Path | None = None) -> None:
+    """A shard folder holding `src`'s samples `times` over (hard links to the same shards, a new manifest that
+    records what distill checks: the captions repeated, the rollouts' count and the tiled cache's digest)."""
+    from ddil_core.stages.common import cache_digest
+
     manifest = json.loads((src / "manifest.json").read_text())
     dst.mkdir(parents=True, exist_ok=True)
     for extra in src.iterdir():
         if extra.is_file() and not extra.name.startswith("shard-") and extra.name != "manifest.json":
             shutil.copy(extra, dst / extra.name)
+    if (src / "captions.json").exists():
+        (dst / "captions.json").write_text(json.dumps(json.loads((src / "captions.json").read_text()) * times))
     shards = []
     for k in range(times):
         for entry in manifest["shards"]:
@@ -191,7 +197,9 @@ def tile(src: Path, dst: Path, times: int, kind: str, cache_count: int = 0) -> N
             shards.append({**entry, "file": name})
     manifest.update(shards=shards, count=manifest["count"] * times)
     if kind == "rollouts":
-        manifest["latents_count"] = cache_count
+        tiled = json.loads((cache / "manifest.json").read_text())
+        manifest.update(latents_count=tiled["count"], latents_digest=cache_digest(tiled),
+                        num_samples=manifest["num_samples"] * times)
     (dst / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -214,7 +222,7 @@ def cpu_cache(args, root: Path) -> tuple[list, str, dict]:
         folder = root / f"x{f}"
         if f > 1 and not (folder / "rollouts" / "manifest.json").exists():
             tile(base / "latents", folder / "latents", f, "latents")
-            tile(base / "rollouts", folder / "rollouts", f, "rollouts", n * f)
+            tile(base / "rollouts", folder / "rollouts", f, "rollouts", folder / "latents")
         sizes[f] = sum(p.stat().st_size for p in (base / "latents").glob("shard-*")) * f + \
             sum(p.stat().st_size for p in (base / "rollouts").glob("shard-*")) * f
     for rnd in range(1 if args.quick else 2):  # modes and sizes interleaved, order rotated
@@ -224,8 +232,8 @@ def cpu_cache(args, root: Path) -> tuple[list, str, dict]:
                 shutil.rmtree(out, ignore_errors=True)
                 cmd = [sys.executable, "-m", "ddil_core.cli", "distill", "--config", "tiny",
                        "--latents", str(root / f"x{f}" / "latents"), "--rollouts", str(root / f"x{f}" / "rollouts"),
-                       "--out", str(out), *[a for s in sets + [f"training.streaming={mode == 'streaming'}"]
-                                            for a in ("--set", s)]]
+                       "--out", str(out), *[a for s in sets + [f"training.streaming={mode == 'streaming'}",
+                                                               f"rollouts.num_samples={r * f}"] for a in ("--set", s)]]
                 proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                         cwd=common.ROOT, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
                 _, status, usage = os.wait4(proc.pid, 0)
@@ -235,11 +243,13 @@ def cpu_cache(args, root: Path) -> tuple[list, str, dict]:
                                 "peak_rss_bytes": usage.ru_maxrss * 1024, "exit_code": proc.returncode, "error": err})
     summary = {}
     for mode in ("in_memory", "streaming"):
-        peaks = {f: statistics.median(e["peak_rss_bytes"] for e in results if e["mode"] == mode and e["factor"] == f)
-                 for f in factors}
+        peaks = {f: statistics.median([e["peak_rss_bytes"] for e in results if e["mode"] == mode and e["factor"] == f
+                                       and e["exit_code"] == 0] or [float("nan")]) for f in factors}
         summary[mode] = {"peak_rss_bytes": peaks, "growth_largest_vs_1x": peaks[factors[-1]] / peaks[1]}
         rows.append([mode, *[peaks[f] / 2**20 for f in factors], summary[mode]["growth_largest_vs_1x"]])
-    summary["streaming_flat_within_20_percent"] = summary["streaming"]["growth_largest_vs_1x"] <= 1.2
+    summary["all_runs_ok"] = all(e["exit_code"] == 0 for e in results)  # a failed run's peak means nothing
+    summary["streaming_flat_within_20_percent"] = summary["all_runs_ok"] and \
+        summary["streaming"]["growth_largest_vs_1x"] <= 1.2
     headers = ["data", *[f"peak RSS MiB, {f}x cache ({sizes[f] / 2**20:.0f} MiB of shards)" for f in factors],
                f"{factors[-1]}x / 1x"]
     return results, common.table(headers, rows), summary
@@ -261,7 +271,8 @@ def gpu(args) -> dict:
     gfeatures = {"bf16": FEATURES["bf16"],
                  "bf16+checkpointing": FEATURES["bf16"] + ["training.gradient_checkpointing=true"],
                  "bf16+checkpointing+lora64": FEATURES["bf16"] + ["training.gradient_checkpointing=true",
-                                                                  "training.lora.rank=64"]}
+                                                                  "training.lora.rank=64",
+                                                                  "objective.dmd2.fake_lora.rank=64"]}
     updates, rows = [], []
     for model, (cfg, _) in models.items():
         for objective in OBJECTIVES:
