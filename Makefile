@@ -4,17 +4,23 @@ PIP := $(PYTHON) -m pip
 RUN ?= runs/tiny
 RECIPE ?= tiny
 
-.PHONY: install test smoke compile clean
+.PHONY: install demo test smoke compile clean
 
 install:
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e '.[pipelines,registry,serve,test]'
 	bash .ci/install-services.sh
 
+# The embedded default end to end (dvc.yaml): prepare-demo trains the digits teacher, then cache-latents ->
+# teacher-rollouts -> distill -> evaluate -> register: a registered 4-step student and runs/demo/evaluate/report.html.
+demo: install
+	$(PYTHON) -m dvc repro
+
 test: install
 	$(PYTHON) -m pytest -q
 
-# The main job on the tiny recipe: cache-latents -> teacher-rollouts -> distill -> sample, on CPU.
+# A quick check that every stage runs: the tiny random teacher (tiny://sd15, untrained) through cache-latents ->
+# teacher-rollouts -> distill -> sample. Its $(RUN)/sample.png is a 16x16 patch of noise, as an untrained teacher's is.
 smoke: install
 	ddil cache-latents --config $(RECIPE) --out $(RUN)/latents
 	ddil teacher-rollouts --config $(RECIPE) --latents $(RUN)/latents --out $(RUN)/rollouts

@@ -33,7 +33,7 @@ from ddil_core.metrics.extractors import load_extractor  # noqa: E402
 from ddil_core.models.pipeline_io import load_pipeline, read_student_info  # noqa: E402
 from ddil_core.stages.cache_latents import cache_latents  # noqa: E402
 from ddil_core.stages.distill import distill  # noqa: E402
-from ddil_core.stages.evaluate import reference_features  # noqa: E402
+from ddil_core.stages.evaluate_inputs import reference_features  # noqa: E402
 
 GAN_OFF = ["objective.dmd2.gan=false"]
 # What to run: name -> (what it changes, overrides). "old" is the DMD2 of the first paper table (no GAN, the grid
@@ -74,6 +74,23 @@ RECIPES.update({
                                                                       "training.grad_clip=10"]),
     "r1-ema": ("real guidance 1, GAN, EMA 0.99 of the generator", RG1 + ["training.ema.enabled=true",
                                                                        "training.ema.decay=0.99"]),
+})
+# Round 3: the regression term (the lever of round 2) with the other helpful changes.
+REG1 = RG1 + ["objective.dmd2.regression_weight=1"]
+GAN10 = ["objective.dmd2.gan_gen_weight=5e-2", "objective.dmd2.gan_disc_weight=1e-1"]
+OPTIM = ["training.weight_decay=0.01", "training.grad_clip=10"]
+EMA = ["training.ema.enabled=true", "training.ema.decay=0.99"]
+RECIPES.update({
+    "r3-reg2": ("real guidance 1, GAN, regression 2", RG1 + ["objective.dmd2.regression_weight=2"]),
+    "r3-reg1-lr3e-5": ("real guidance 1, GAN, regression 1, lr 3e-5", REG1 + ["training.lr=3e-5"]),
+    "r3-reg1-gan10": ("real guidance 1, GAN 5e-2 / 1e-1, regression 1", REG1 + GAN10),
+    "r3-reg1-optim": ("real guidance 1, GAN, regression 1, wd 0.01, clip 10", REG1 + OPTIM),
+    "r3-reg1-ttur10": ("real guidance 1, GAN, regression 1, TTUR 10", REG1 + ["objective.dmd2.dfake_gen_update_ratio=10"]),
+    "r3-reg1-gan10-optim": ("real guidance 1, GAN 5e-2 / 1e-1, regression 1, wd 0.01, clip 10", REG1 + GAN10 + OPTIM),
+    "r3-reg1-rg1.5": ("real guidance 1.5, GAN, regression 1", ["objective.dmd2.real_guidance_scale=1.5",
+                                                              "objective.dmd2.regression_weight=1"]),
+    "r3-reg1-ema": ("real guidance 1, GAN, regression 1, EMA 0.99", REG1 + EMA),
+    "r3-reg1-ema-optim": ("real guidance 1, GAN, regression 1, EMA 0.99, wd 0.01, clip 10", REG1 + EMA + OPTIM),
 })
 METRICS = ("fid", "precision", "recall", "density", "coverage", "adherence", "diversity")
 

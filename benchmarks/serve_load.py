@@ -50,7 +50,8 @@ def tiny_student(root: Path, data: Path) -> Path:
     from ddil_core.stages.distill import distill
 
     latents, rollouts = common.build_data(data, limit=32, rollouts=8)
-    return distill(common.tiny_config("objective.name=lcm"), latents, [rollouts], root / "lcm")
+    config = common.tiny_config(*common.data_overrides(limit=32, rollouts=8), "objective.name=lcm")
+    return distill(config, latents, [rollouts], root / "lcm")
 
 
 class Server:

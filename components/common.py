@@ -49,6 +49,9 @@ def stage_config(recipe: str, overrides: list, run_id: str = ""):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("diffusers", "transformers", "accelerate", "urllib3", "botocore", "s3fs", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from ddil_core.console import quiet_libraries
+
+    quiet_libraries(with_diffusers=False)  # the torchvision and safety-checker notices, as the CLI drops them
     text = recipe or ""
     if "\n" in text or (":" in text and not os.path.exists(text)):  # YAML text, not a name or a path
         folder = tempfile.mkdtemp(prefix="ddil-recipe-")

@@ -6,6 +6,7 @@ exits non-zero with one line naming the file, key or value at fault.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import signal
@@ -16,6 +17,8 @@ EXIT_BAD_INPUT = 2
 EXIT_GATE_FAILED = 3
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what Kubernetes expects of a terminated container
 MAX_SEED = 2**63 - 2**32  # as config_ranges.SEED
+LIGHT_COMMANDS = ("register",)
+TEACHER_HELP = "teacher: diffusers folder, hub id, s3:// or tiny://sd15|sdxl (default: model.teacher)"  # no torch or diffusers: no thread count to choose, no diffusers to quiet
 
 
 class _Parser(argparse.ArgumentParser):
@@ -114,7 +117,11 @@ def cmd_prepare_demo(args):
     except BaseException:
         remove_if_empty(created)  # prepare-demo removes its staging folder; these are the folders made for it
         raise
-    print(f"demo teacher, dataset and classifier -> {args.out}: {summary}")
+    teacher = summary["teacher"]
+    print(f"demo teacher, dataset and classifier -> {args.out}: teacher {100 * teacher['accuracy']:.1f}% prompted-"
+          f"digit accuracy, FD {teacher['fid']:.1f} at {teacher['steps']} DDIM steps (floor "
+          f"{summary['reference_fid_train_vs_heldout']:.1f}), {summary['timings_s']['total'] / 60:.1f} min; "
+          f"details in {args.out}/summary.json")
 
 
 def cmd_evaluate(args):
@@ -234,52 +241,62 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = stage("cache-latents", cmd_cache_latents, "encode a dataset with the teacher's VAE and text encoder")
-    p.add_argument("--teacher", help="teacher: diffusers folder, hub id, s3:// or tiny://sd15|sdxl")
-    p.add_argument("--dataset", help="image folder with captions.jsonl, COCO JSON, .tar shards, or demo://digits")
-    p.add_argument("--out", required=True)
+    p.add_argument("--teacher", help=TEACHER_HELP)
+    p.add_argument("--dataset", help="image folder with captions.jsonl, COCO JSON, .tar shards, or demo://digits "
+                                     "(default: data.dataset)")
+    p.add_argument("--out", required=True, help="the latent cache folder to write")
 
     p = stage("teacher-rollouts", cmd_teacher_rollouts, "record the teacher's reverse-process states")
-    p.add_argument("--teacher")
+    p.add_argument("--teacher", help=TEACHER_HELP)
     p.add_argument("--latents", required=True, help="output folder of cache-latents")
-    p.add_argument("--out", required=True)
-    p.add_argument("--shard", type=_natural, default=0, help="this job's share: 0 .. --num-shards - 1")
-    p.add_argument("--num-shards", type=_steps, default=1)
+    p.add_argument("--out", required=True, help="the rollouts folder to write (one per shard)")
+    p.add_argument("--shard", type=_natural, default=0,
+                   help="which share of the rollouts this job makes: 0 .. --num-shards - 1 (default: 0)")
+    p.add_argument("--num-shards", type=_steps, default=1,
+                   help="how many jobs share the rollouts (default: 1, all of them here)")
 
     p = stage("distill", cmd_distill, "train the few-step student with DDIL (resumes an existing --out)")
-    p.add_argument("--teacher")
-    p.add_argument("--latents", required=True)
-    p.add_argument("--rollouts", action="append", help="teacher-rollouts output folder(s) (repeatable)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--teacher", help=TEACHER_HELP)
+    p.add_argument("--latents", required=True, help="output folder of cache-latents")
+    p.add_argument("--rollouts", action="append",
+                   help="teacher-rollouts output folder(s), one per shard (repeatable; needed when "
+                        "ddil.priors.teacher > 0 with precomputed rollouts)")
+    p.add_argument("--out", required=True,
+                   help="the run folder: student/, checkpoints/, buffer/, train_log.jsonl (an existing run resumes)")
 
     p = stage("prepare-demo", cmd_prepare_demo,
               "make the digits demo: dataset, a trained tiny teacher pipeline and an evaluation classifier")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the demo folder to write: dataset/, dataset-eval/, teacher/, "
+                                                "classifier/, summary.json")
 
     p = stage("evaluate", cmd_evaluate, "compare the student with its teacher (and a baseline) and write a report")
-    p.add_argument("--student", required=True)
-    p.add_argument("--teacher")
-    p.add_argument("--baseline", help="a baseline student to compare against")
-    p.add_argument("--prompts", help="a text file, one prompt per line")
-    p.add_argument("--reference", help="reference images (a dataset URI) for FID/density/coverage")
-    p.add_argument("--out", required=True)
+    p.add_argument("--student", required=True, help="the student folder distill wrote (DIR/student)")
+    p.add_argument("--teacher", help=TEACHER_HELP)
+    p.add_argument("--baseline", help="a baseline student folder to compare against")
+    p.add_argument("--prompts", help="a text file, one prompt per line (default: evaluation.prompts, else the "
+                                     "reference's distinct captions)")
+    p.add_argument("--reference", help="reference images (a dataset URI) for FID/density/coverage (default: the "
+                                       "held-out split of data.dataset)")
+    p.add_argument("--out", required=True, help="the evaluation folder: metrics.json, report.html, sample grids")
 
     p = stage("register", cmd_register, "register the student when it passes the evaluation gates",
               writes_folder=False)
-    p.add_argument("--student", required=True)
+    p.add_argument("--student", required=True, help="the student folder that was evaluated")
     p.add_argument("--metrics", required=True, help="metrics.json written by evaluate")
     p.add_argument("--registry", help="local registry folder (default: registry.uri)")
 
     p = sub.add_parser("sample", help="generate one image", description="generate one image with our sampler")
     p.add_argument("--model", required=True, help="a pipeline folder (teacher or student), hub id or tiny://")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="the text prompt")
     p.add_argument("--steps", type=_steps, default=None, help="default: the student's recommended steps, else 50")
-    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help="the initial noise's seed (default: 0)")
     p.add_argument("--guidance", type=_guidance, default=None, help="default: the student's, else 7.5")
     p.add_argument("--scheduler", choices=["auto", "student", "ddim"], default="auto",
                    help="auto (default): a student's own saved scheduler (the sampler it was trained with), a "
                         "teacher's DDIM; student: the folder's own scheduler; ddim: DDIM on the folder's config")
-    p.add_argument("--allow-pickle", action="store_true")
-    p.add_argument("--out", required=True)
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="also load .bin/.ckpt (pickle) weights, with torch's weights_only (default: safetensors only)")
+    p.add_argument("--out", required=True, help="the PNG file to write")
     p.set_defaults(func=cmd_sample)
     _add_serve(sub)
     return parser
@@ -308,6 +325,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("diffusers", "transformers", "accelerate", "urllib3", "botocore", "s3fs", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from ddil_core.console import choose_threads, quiet_libraries
+    from ddil_core.progress import stderr_is_tty
+
+    light = args.command in LIGHT_COMMANDS
+    quiet_libraries(with_diffusers=not light)
+    if not light and args.command != "prepare-demo":  # prepare-demo runs demo.threads and says so itself
+        logging.getLogger("ddil_core").info("%s", choose_threads())
+    with contextlib.ExitStack() as stack:
+        if stderr_is_tty():  # log lines go above the progress bars instead of through them
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            stack.enter_context(logging_redirect_tqdm())
+        return _run(args)
+
+
+def _run(args) -> int:
     from ddil_core.data.shards import is_disk_full
     from ddil_core.errors import BAD_INPUT_ERRORS
     from ddil_core.registry import GateError

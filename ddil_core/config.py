@@ -7,12 +7,8 @@ fully-resolved config that every stage writes next to its outputs.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import os
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 import yaml
 
@@ -130,7 +126,7 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.n
 
 @dataclass
 class LoRAConfig:
-    """LoRA adapters (peft) on a frozen copy of the teacher instead of training every weight (method/adapters.py)."""
+    """LoRA adapters (peft) on a frozen copy of the teacher instead of training every weight (models/trainable.py)."""
 
     rank: int = 0  # 0: off, every weight is trained (full fine-tuning)
     alpha: Optional[float] = None  # LoRA scale alpha / rank; None: alpha = rank (scale 1)
@@ -207,7 +203,7 @@ class TrainingConfig:
     seed: int = 0
     max_nonfinite_in_a_row: int = 10
     wall_clock_limit_s: Optional[float] = None  # guard: checkpoint and stop when exceeded
-    # --- memory at scale (docs/performance.md, "what fits where"); all off by default: nothing changes
+    # --- memory at scale (docs/performance.md section 7, README "Real scale"); all off by default: nothing changes
     gradient_checkpointing: bool = False  # recompute activations in backward, trainable UNets only (student, fake score)
     grad_accum_steps: int = 1  # batch_size is the global batch of one update, in grad_accum_steps micro-batches:
     #                            per-device micro-batch = batch_size / (processes x grad_accum_steps)
@@ -283,7 +279,7 @@ class DemoConfig:
     threads: int = 1  # torch threads of every phase: fixed, so the same code and seed rebuild the same teacher
     #                   bit for bit (one thread is also the fastest on a shared 2-core CPU: demo-facts.md)
     adapt_threads: bool = False  # instead switch between one thread and all cores by measured speed
-    #                              (demo/progress.py: ThreadTuner); not bit-reproducible
+    #                              (demo/threads.py: ThreadTuner); not bit-reproducible
 
 
 @dataclass
@@ -300,273 +296,18 @@ class Config:
     demo: DemoConfig = field(default_factory=DemoConfig)  # prepare-demo only
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Building a config from plain data, strictly
-
-
-def _nearest(key: str, options: list[str]) -> str:
-    match = difflib.get_close_matches(key, options, n=1, cutoff=0.0)
-    return f"; did you mean '{match[0]}'?" if match else ""
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is typing.Union:  # Optional[X]
-        if value is None:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
-    if origin is Literal:
-        if isinstance(value, bool):  # YAML 1.1 reads off/no/on/yes as booleans
-            value = next((a for a in args if a in (("on", "yes") if value else ("off", "no"))), value)
-        if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
-        return value
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping of keys, got {value!r}")
-        return _build(tp, value, where)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except OverflowError:  # an integer literal beyond any float
-            raise ConfigError(f"{where}: {value} is not a finite number") from None
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {tp} at {where}")
-
-
-def _build(cls: type, data: dict, where: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        path = f"{where}.{key}" if where else str(key)
-        if key not in names:
-            raise ConfigError(f"unknown config key '{path}'{_nearest(str(key), names)}")
-        kwargs[key] = _coerce(value, hints[key], path)
-    return cls(**kwargs)
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def parse_override(item: str) -> dict:
-    """'a.b.c=value' -> {'a': {'b': {'c': value}}}; the value is parsed as YAML (numbers, lists, null)."""
-    if "=" not in item:
-        raise ConfigError(f"override '{item}' must look like key.path=value")
-    key, raw = item.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{item}': the value is not valid YAML ({yaml_error_line(exc)})") from None
-    node: dict = {}
-    cursor = node
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        cursor[part] = {}
-        cursor = cursor[part]
-    cursor[parts[-1]] = value
-    return node
-
-
-def yaml_error_line(exc: Exception) -> str:
-    """A YAML parse error in one line: where it is and what is wrong (PyYAML's own text spans several lines)."""
-    mark = getattr(exc, "problem_mark", None)
-    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    what = " ".join(str(getattr(exc, "problem", None) or exc).split())
-    context = getattr(exc, "context", None)
-    return where + what + (f" ({' '.join(str(context).split())})" if context else "")
-
-
-def recipe_path(name_or_path: str) -> Path:
-    """A recipe is a YAML path, or a name looked up in ./configs and in the project's configs/ folder."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or os.sep in name_or_path:
-        if not path.exists():
-            raise ConfigError(f"config file not found: {name_or_path}")
-        return path
-    for root in (Path.cwd() / "configs", Path(__file__).resolve().parent.parent / "configs"):
-        candidate = root / f"{name_or_path}.yaml"
-        if candidate.exists():
-            return candidate
-    raise ConfigError(f"no recipe named '{name_or_path}' (looked for configs/{name_or_path}.yaml)")
-
-
-def load_config(recipe: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Load a recipe (path or name; None: the defaults), apply `a.b=c` overrides, validate."""
-    data: dict = {}
-    source = "defaults"
-    if recipe:
-        path = recipe_path(recipe)
-        source = str(path)
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({yaml_error_line(exc)})") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path}: not a YAML recipe (not valid UTF-8 text)") from None
-        except OSError as exc:
-            raise ConfigError(f"{path}: unreadable recipe ({exc.strerror or exc})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(loaded).__name__}")
-        data = loaded or {}
-    for item in overrides or []:
-        data = _merge(data, parse_override(item))
-    try:
-        config = _build(Config, data)
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
-    validate(config, source)
-    return config
-
-
-def config_from_dict(data: dict) -> Config:
-    config = _build(Config, data)
-    validate(config, "config")
-    return config
-
-
-def validate(config: Config, source: str = "config") -> None:
-    from ddil_core.config_ranges import number_problems, relation_problems
-
-    # Every number finite and in its key's range first: the checks below assume sane values (no 0 divisors).
-    problems = number_problems(config)
-    if problems:
-        raise ConfigError(f"{source}: " + "; ".join(problems))
-    problems = relation_problems(config)
-    p = config.ddil.priors
-    for name in ("forward", "teacher", "student"):
-        if getattr(p, name) < 0:
-            problems.append(f"ddil.priors.{name} = {getattr(p, name)} is negative")
-    total = p.forward + p.teacher + p.student
-    if abs(total - 1.0) > 1e-6:
-        problems.append(
-            f"ddil.priors must sum to 1, got forward {p.forward} + teacher {p.teacher} + student {p.student} = {total:g}"
-        )
-    o = config.objective
-    if o.student_steps < 1:
-        problems.append(f"objective.student_steps = {o.student_steps} must be at least 1")
-    if o.name == "pd":
-        t = o.pd.teacher_steps
-        if o.student_steps >= t:
-            problems.append(
-                f"objective.student_steps = {o.student_steps} must be fewer than objective.pd.teacher_steps = {t}"
-            )
-        elif t % o.student_steps or (t // o.student_steps) & (t // o.student_steps - 1):
-            problems.append(
-                f"objective.pd.teacher_steps = {t} must be the student's steps ({o.student_steps}) times a power of 2"
-            )
-    if o.name == "dmd2" and o.dmd2.timesteps is not None and len(o.dmd2.timesteps) != o.student_steps:
-        problems.append(
-            f"objective.dmd2.timesteps has {len(o.dmd2.timesteps)} entries but objective.student_steps = {o.student_steps}"
-        )
-    r = config.rollouts
-    if o.name == "pd" and r.teacher_steps % o.student_steps and p.teacher > 0 and config.ddil.teacher_mode == "precomputed":
-        problems.append(
-            f"rollouts.teacher_steps = {r.teacher_steps} must be a multiple of objective.student_steps = "
-            f"{o.student_steps} so the teacher's grid passes through the student's timesteps"
-        )
-    b = config.ddil.buffer
-    if b.capacity < 1:
-        problems.append(f"ddil.buffer.capacity = {b.capacity} must be at least 1")
-    if not 0 < b.refresh_fraction <= 1:
-        problems.append(f"ddil.buffer.refresh_fraction = {b.refresh_fraction} must be in (0, 1]")
-    refl = config.ddil.reflection
-    for target in refl.apply_to:
-        if target not in REFLECTION_TARGETS:
-            problems.append(
-                f"ddil.reflection.apply_to: unknown target '{target}'{_nearest(target, list(REFLECTION_TARGETS))}"
-            )
-    if not 0 < refl.percentile <= 1:
-        problems.append(f"ddil.reflection.percentile = {refl.percentile} must be in (0, 1]")
-    if refl.bound is not None and refl.bound <= 0:
-        problems.append(f"ddil.reflection.bound = {refl.bound} must be positive")
-    if refl.max_value is not None and refl.max_value < 1:
-        problems.append(f"ddil.reflection.max_value = {refl.max_value} must be at least 1 (s is floored at 1)")
-    t = config.training
-    for name in ("steps", "batch_size", "checkpoint_every", "log_every", "max_nonfinite_in_a_row"):
-        if getattr(t, name) < 1:
-            problems.append(f"training.{name} = {getattr(t, name)} must be at least 1")
-    if t.lr <= 0:
-        problems.append(f"training.lr = {t.lr} must be positive")
-    if t.grad_accum_steps >= 1 and t.batch_size % t.grad_accum_steps:
-        problems.append(f"training.batch_size = {t.batch_size} must be divisible by training.grad_accum_steps = "
-                        f"{t.grad_accum_steps} (batch_size is the global batch of one update)")
-    for where, lora in (("training.lora", t.lora), ("objective.dmd2.fake_lora", o.dmd2.fake_lora)):
-        if lora.rank > 0 and not lora.target_modules:
-            problems.append(f"{where}.target_modules is empty: a LoRA needs at least one module to adapt")
-    if not 0 <= config.ddil.bernoulli_teacher_p <= 1:
-        problems.append(f"ddil.bernoulli_teacher_p = {config.ddil.bernoulli_teacher_p} must be in [0, 1]")
-    if config.data.shard_size < 1:
-        problems.append(f"data.shard_size = {config.data.shard_size} must be at least 1")
-    if config.data.num_workers < 0:
-        problems.append(f"data.num_workers = {config.data.num_workers} must be 0 (read in-process) or more")
-    d = config.demo
-    for name in ("vae_steps", "vae_batch_size", "classifier_steps", "teacher_steps", "teacher_batch_size",
-                 "eval_steps", "eval_images_per_digit", "threads"):
-        if getattr(d, name) < 1:
-            problems.append(f"demo.{name} = {getattr(d, name)} must be at least 1")
-    for name in ("vae_lr", "teacher_lr", "min_snr_gamma"):
-        if getattr(d, name) <= 0:
-            problems.append(f"demo.{name} = {getattr(d, name)} must be positive")
-    if not 0 <= d.teacher_ema_decay < 1:
-        problems.append(f"demo.teacher_ema_decay = {d.teacher_ema_decay} must be in [0, 1)")
-    if not 0 <= d.caption_dropout < 1:
-        problems.append(f"demo.caption_dropout = {d.caption_dropout} must be in [0, 1)")
-    if d.guidance_scale < 1:
-        problems.append(f"demo.guidance_scale = {d.guidance_scale} must be at least 1 (1 = no guidance)")
-    if any(n < 1 for n in d.eval_few_steps):
-        problems.append(f"demo.eval_few_steps = {d.eval_few_steps}: every entry must be at least 1")
-    for name in ("vae_max_seconds", "teacher_max_seconds"):
-        if getattr(d, name) is not None and getattr(d, name) <= 0:
-            problems.append(f"demo.{name} = {getattr(d, name)} must be positive (or null: no guard)")
-    ev = config.evaluation
-    for name in ("num_prompts", "images_per_prompt", "teacher_steps", "k", "batch_size"):
-        if getattr(ev, name) < 1:
-            problems.append(f"evaluation.{name} = {getattr(ev, name)} must be at least 1")
-    if any(n < 1 for n in ev.student_steps):
-        problems.append(f"evaluation.student_steps = {ev.student_steps}: every entry must be at least 1")
-    if ev.num_reference is not None and ev.num_reference < 2:
-        problems.append(f"evaluation.num_reference = {ev.num_reference} must be at least 2 (or null: all)")
-    if problems:
-        raise ConfigError(f"{source}: " + "; ".join(problems))
-
-
 def resolved_dict(config: Config) -> dict:
     return dataclasses.asdict(config)
 
 
 def dump_config(config: Config) -> str:
     return yaml.safe_dump(resolved_dict(config), sort_keys=False)
+
+
+# Loading and validating (the schema above is defined first: those modules import it).
+from ddil_core.config_load import (_merge, config_from_dict, load_config, parse_override, recipe_path,  # noqa: E402
+                                   yaml_error_line)
+from ddil_core.config_rules import config_problems, validate  # noqa: E402
+
+__all__ = ["Config", "ConfigError", "load_config", "config_from_dict", "parse_override", "recipe_path",
+           "yaml_error_line", "validate", "config_problems", "resolved_dict", "dump_config", "_merge"]

@@ -76,7 +76,7 @@ RANGES: dict[str, Range] = {
     "ddil.buffer.refresh_fraction": FRACTION,
     "ddil.reflection.percentile": FRACTION,
     "ddil.reflection.bound": POSITIVE,
-    "ddil.reflection.max_value": Range(1.0),  # s is floored at 1 (config.validate)
+    "ddil.reflection.max_value": Range(1.0),  # s is floored at 1 (diffusers' _threshold_sample)
     "objective.student_steps": COUNT,
     "objective.guidance_scale": GUIDANCE,
     "objective.pd.teacher_steps": COUNT,
@@ -96,7 +96,7 @@ RANGES: dict[str, Range] = {
     "objective.dmd2.max_step": NATURAL,
     "objective.dmd2.gan_gen_weight": NON_NEGATIVE,
     "objective.dmd2.gan_disc_weight": NON_NEGATIVE,
-    "objective.dmd2.regression_weight": NON_NEGATIVE,  # 0: off
+    "objective.dmd2.regression_weight": NON_NEGATIVE,
     "objective.dmd2.fake_lora.rank": NATURAL,  # 0: the fake score trained fully
     "objective.dmd2.fake_lora.alpha": POSITIVE,
     "rollouts.num_samples": COUNT,

@@ -1,17 +1,10 @@
-"""Stage telemetry: Prometheus metrics pushed to a Pushgateway, optionally served on /metrics.
+"""Stage telemetry: what a stage reports as Prometheus metrics (pushed by telemetry_push.py, optionally served on
+/metrics).
 
-Every stage owns one :class:`StageTelemetry` with its own ``CollectorRegistry`` (never the process-global
-one). Metrics are pushed with ``pushadd_to_gateway`` under the grouping key ``{run_id, stage}`` (plus the
-``job`` label), at most once per ``push_interval_s`` unless forced, and always when the ``with`` block ends.
-
-Telemetry never fails a run: a failing push (unreachable gateway, DNS error, timeout, HTTP error) or a busy
-``serve_port`` is logged once with ``logging.warning`` and ignored afterwards (later failures log at debug).
-Credentials are never logged or used as label values: a gateway address such as
-``https://user:secret@gw:9091`` is shown as ``https://gw:9091`` and its user/password go to HTTP basic auth.
-Basic auth can also come from the environment (``DDIL_PUSHGATEWAY_USERNAME`` / ``DDIL_PUSHGATEWAY_PASSWORD``).
-
-This module imports nothing else from ddil_core; its only dependency is prometheus-client (tqdm is used for
-the terminal progress bar when it happens to be installed).
+Every stage owns one :class:`StageTelemetry` with its own ``CollectorRegistry`` (never the process-global one),
+pushed under the grouping key ``{run_id, stage}`` at most once per ``push_interval_s`` unless forced, and always when
+the ``with`` block ends. Telemetry never fails a run: a failing push (telemetry_push.py) or a busy ``serve_port`` is
+logged once and ignored afterwards. Progress bars and log lines of long loops are progress.py's.
 
 Metric names (all gauges; grouping labels job, run_id, stage are added by the Pushgateway). A stage exposes a gauge
 only once it has set it (cache-latents shows progress, not a buffer size of 0); the checkpoint gauges are NaN until
@@ -53,31 +46,20 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-import os
-import sys
 import time
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Tuple, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, Iterator, Mapping, Optional, Tuple
 
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
-from prometheus_client.exposition import basic_auth_handler, default_handler, pushadd_to_gateway
 
-__all__ = ["StageTelemetry", "progress_iter", "LOSS_SOURCES"]
+from ddil_core.telemetry_push import PUSH_TIMEOUT_S, GatewayPusher, WarnOnce
+
+__all__ = ["StageTelemetry", "LOSS_SOURCES"]
 
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 #: Keys of a per-objective loss dict that name a state source rather than a loss term.
 LOSS_SOURCES = frozenset({"all", "forward", "teacher", "student", "mixed"})
 
-#: Seconds a single push may take before it is abandoned.
-PUSH_TIMEOUT_S = 2.0
-#: Upper bound for the back-off between non-forced pushes after consecutive failures.
-MAX_BACKOFF_S = 300.0
-
-_ENV_USER = "DDIL_PUSHGATEWAY_USERNAME"
-_ENV_PASSWORD = "DDIL_PUSHGATEWAY_PASSWORD"
 
 
 def _number(value: Any) -> Optional[float]:
@@ -88,20 +70,6 @@ def _number(value: Any) -> Optional[float]:
         return float(value)
     except (TypeError, ValueError, OverflowError):
         return None
-
-
-def _split_credentials(address: str) -> Tuple[str, Optional[str], Optional[str]]:
-    """Return (address without userinfo, username, password)."""
-    raw = address.strip()
-    parsed = urlsplit(raw if "://" in raw else "http://" + raw)
-    if parsed.username is None and parsed.password is None:
-        return raw, None, None
-    host = parsed.hostname or ""
-    if ":" in host:  # IPv6 literal
-        host = f"[{host}]"
-    netloc = host + (f":{parsed.port}" if parsed.port else "")
-    clean = urlunsplit((parsed.scheme, netloc, parsed.path, parsed.query, parsed.fragment))
-    return clean, parsed.username, parsed.password
 
 
 class StageTelemetry:
@@ -139,22 +107,9 @@ class StageTelemetry:
         self.grouping_key = {"run_id": self.run_id, "stage": self.stage}
         self.registry = CollectorRegistry(auto_describe=True)
 
-        self._gateway: Optional[str] = None
-        self._gateway_display = ""
-        self._username: Optional[str] = None
-        self._password: Optional[str] = None
-        if pushgateway:
-            self._gateway, self._username, self._password = _split_credentials(pushgateway)
-            self._gateway_display = self._gateway
-            if self._username is None and os.environ.get(_ENV_USER):
-                self._username = os.environ.get(_ENV_USER)
-                self._password = os.environ.get(_ENV_PASSWORD, "")
-
-        self._last_push: Optional[float] = None  # monotonic time of the last attempt
-        self._consecutive_failures = 0
-        self._warned: set = set()
-        self.pushes_ok = 0
-        self.pushes_failed = 0
+        self._warn_once = WarnOnce()
+        self._pusher = GatewayPusher(pushgateway, self.job, self.grouping_key, self.stage, self.push_interval_s,
+                                     self.push_timeout_s, self._warn_once)
 
         self._t_start: Optional[float] = None
         self._t_end: Optional[float] = None
@@ -221,19 +176,6 @@ class StageTelemetry:
         self.serve_port: Optional[int] = None
         if serve_port is not None:
             self._serve(int(serve_port), serve_addr)
-
-    # ------------------------------------------------------------------ failure policy
-    def _warn_once(self, kind: str, message: str, *args: Any) -> None:
-        if kind in self._warned:
-            logger.debug(message, *args)
-        else:
-            self._warned.add(kind)
-            logger.warning(message, *args)
-
-    def _scrub(self, text: str) -> str:
-        if self._password:
-            text = text.replace(self._password, "***")
-        return text
 
     # ------------------------------------------------------------------ /metrics server
     def _serve(self, port: int, addr: str) -> None:
@@ -390,64 +332,24 @@ class StageTelemetry:
                             type(exc).__name__, exc)
         self.push()
 
-    # ------------------------------------------------------------------ pushing
+    # ------------------------------------------------------------------ pushing (telemetry_push.py)
     @property
     def pushgateway(self) -> Optional[str]:
         """The gateway address without credentials (None when pushing is disabled)."""
-        return self._gateway_display or None
+        return self._pusher.address
 
-    def _handler(self) -> Callable:
-        fixed_timeout = self.push_timeout_s
-        user, password = self._username, self._password
+    @property
+    def pushes_ok(self) -> int:
+        return self._pusher.pushes_ok
 
-        def handler(url: str, method: str, timeout: Optional[float], headers: list, data: bytes) -> Callable:
-            t = fixed_timeout if timeout is None else min(timeout, fixed_timeout)
-            if user is not None:
-                return basic_auth_handler(url, method, t, headers, data, user, password or "")
-            return default_handler(url, method, t, headers, data)
-
-        return handler
+    @property
+    def pushes_failed(self) -> int:
+        return self._pusher.pushes_failed
 
     def push(self, force: bool = False) -> bool:
-        """Push the registry if ``force`` or ``push_interval_s`` elapsed since the last attempt.
-
-        Returns True when a push happened and succeeded. Never raises. After consecutive failures the
-        interval for non-forced pushes doubles (up to 5 minutes) so a dead gateway costs little.
-        """
-        if self._gateway is None:
-            return False
-        now = time.monotonic()
-        if not force and self._last_push is not None:
-            interval = self.push_interval_s
-            if self._consecutive_failures:
-                interval = min(max(interval, 1.0) * 2 ** self._consecutive_failures, max(MAX_BACKOFF_S, interval))
-            if now - self._last_push < interval:
-                return False
-        self._last_push = now
-        try:
-            pushadd_to_gateway(
-                self._gateway,
-                job=self.job,
-                registry=self.registry,
-                grouping_key=self.grouping_key,
-                timeout=self.push_timeout_s,
-                handler=self._handler(),
-            )
-        except Exception as exc:  # unreachable, DNS, timeout, HTTP error, anything: never fatal
-            self.pushes_failed += 1
-            self._consecutive_failures += 1
-            self._warn_once(
-                "push",
-                "telemetry: push to Pushgateway %s failed (%s: %s); metrics of stage %r are not pushed, "
-                "the run continues (further failures are logged at debug level)",
-                self._gateway_display, type(exc).__name__, self._scrub(str(exc)), self.stage,
-            )
-            return False
-        if self._consecutive_failures:
-            logger.debug("telemetry: Pushgateway %s reachable again", self._gateway_display)
-        self._consecutive_failures = 0
-        self.pushes_ok += 1
-        return True
+        """Push the registry if ``force`` or ``push_interval_s`` elapsed since the last attempt; True when a push
+        happened and succeeded. Never raises."""
+        return self._pusher.push(self.registry, force)
 
     # ------------------------------------------------------------------ stage lifecycle
     def _use(self, gauge: Gauge) -> Gauge:
@@ -488,131 +390,3 @@ class StageTelemetry:
     def __exit__(self, exc_type, exc, tb) -> bool:
         self.finish(success=exc_type is None)
         return False  # never swallow the stage's exception
-
-
-# ---------------------------------------------------------------------- progress
-def _fmt_duration(seconds: float) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    m, s = divmod(s, 60)
-    if m < 60:
-        return f"{m}m" if s == 0 or m >= 10 else f"{m}m{s:02d}s"
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m"
-
-
-def _fmt_rate(rate: float) -> str:
-    if rate >= 10:
-        return f"{rate:.0f} it/s"
-    if rate >= 1:
-        return f"{rate:.1f} it/s"
-    return f"{rate:.2f} it/s"
-
-
-def _status_line(desc: str, done: int, total: Optional[int], elapsed: float) -> str:
-    rate = done / elapsed if elapsed > 0 else 0.0
-    if total:
-        pct = 100.0 * done / total
-        eta = (total - done) / rate if rate > 0 else math.inf
-        return f"{desc}: {done}/{total} ({pct:.0f}%), {_fmt_rate(rate)}, eta {_fmt_duration(eta)}"
-    return f"{desc}: {done}, {_fmt_rate(rate)}, elapsed {_fmt_duration(elapsed)}"
-
-
-def _stderr_is_tty() -> bool:
-    stream = sys.stderr
-    try:
-        return bool(stream is not None and stream.isatty())
-    except Exception:
-        return False
-
-
-try:  # optional: a nicer bar on terminals when tqdm is installed
-    from tqdm import tqdm as _tqdm  # type: ignore
-except Exception:  # pragma: no cover - depends on the environment
-    _tqdm = None
-
-
-def progress_iter(
-    iterable: Iterable[T],
-    total: Optional[int],
-    desc: str,
-    log_every_s: float = 10.0,
-    *,
-    telemetry: Optional[StageTelemetry] = None,
-    log: Optional[logging.Logger] = None,
-) -> Iterator[T]:
-    """Yield from ``iterable`` while reporting progress.
-
-    On a terminal (``sys.stderr.isatty()``) a single-line bar is drawn (tqdm when installed, else plain
-    ``\\r`` updates). Elsewhere (pods, CI, log files) a line like ``desc: 120/500 (24%), 3.1 it/s, eta 2m`` is
-    logged at INFO every ``log_every_s`` seconds and once at the end. If ``telemetry`` is given,
-    ``telemetry.progress(done, total)`` is called at the same cadence and at the end.
-    """
-    log = log or logger
-    if total is None:
-        try:
-            total = len(iterable)  # type: ignore[arg-type]
-        except Exception:
-            total = None
-    tty = _stderr_is_tty()
-    start = time.monotonic()
-    last_report = start
-    last_draw = 0.0
-    done = 0
-    bar = None
-    if tty and _tqdm is not None:
-        bar = _tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=True)
-
-    def report_telemetry() -> None:
-        if telemetry is not None:
-            telemetry.progress(done, total if total is not None else 0)
-
-    def draw(final: bool = False) -> None:
-        elapsed = time.monotonic() - start
-        if total:
-            width = 24
-            filled = int(width * min(done, total) / total)
-            frac = "#" * filled + "-" * (width - filled)
-            line = f"\r{desc}: {100.0 * done / total:3.0f}%|{frac}| {_status_line('', done, total, elapsed)[2:]}"
-        else:
-            line = "\r" + _status_line(desc, done, total, elapsed)
-        try:
-            sys.stderr.write(line + ("\n" if final else ""))
-            sys.stderr.flush()
-        except Exception:  # pragma: no cover - a closed stream must not stop the loop
-            pass
-
-    completed = False
-    try:
-        for item in iterable:
-            yield item
-            done += 1
-            now = time.monotonic()
-            if bar is not None:
-                bar.update(1)
-            elif tty:
-                if now - last_draw >= 0.1:
-                    last_draw = now
-                    draw()
-            if now - last_report >= log_every_s:
-                last_report = now
-                if not tty:
-                    log.info("%s", _status_line(desc, done, total, now - start))
-                report_telemetry()
-        completed = True
-    finally:
-        if bar is not None:
-            bar.close()
-        elif tty:
-            draw(final=True)
-        if not tty:
-            elapsed = time.monotonic() - start
-            line = _status_line(desc, done, total, elapsed)
-            if completed:
-                log.info("%s, done in %s", line, _fmt_duration(elapsed))
-            else:
-                log.info("%s, stopped", line)
-        report_telemetry()

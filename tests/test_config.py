@@ -59,3 +59,28 @@ def test_yaml_off_and_no_stay_choices():
 def test_paper_recipes_are_valid(recipe):
     config = load_config(recipe)
     assert config.objective.name in recipe
+
+
+def test_an_override_is_blamed_for_its_own_mistake_not_the_recipe(tmp_path):
+    """A typo, a wrong type or a value out of range in --set names that --set, not the recipe file."""
+    cases = {
+        "data.shard_sise=3": "--set data.shard_sise=3: unknown config key 'data.shard_sise'; did you mean 'shard_size'?",
+        "training.steps=many": "--set training.steps=many: training.steps: expected an integer, got 'many'",
+        "data.shard_size=0": "--set data.shard_size=0: data.shard_size = 0 must be at least 1",
+        "ddil.priors.forward=0.9": "--set ddil.priors.forward=0.9: ddil.priors must sum to 1",
+    }
+    for override, message in cases.items():
+        with pytest.raises(ConfigError) as info:
+            load_config("tiny", ["training.steps=3", override])
+        assert str(info.value).startswith(message), str(info.value)
+        assert "tiny.yaml" not in str(info.value)
+    # The recipe's own mistakes still name the recipe, beside an override's.
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data:\n  shard_size: 0\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(recipe), ["training.lr=2"])
+    assert str(info.value) == (f"{recipe}: data.shard_size = 0 must be at least 1; "
+                               "--set training.lr=2: training.lr = 2.0 must be in (0, 1]")
+    recipe.write_text("data:\n  shard_sise: 3\n")
+    with pytest.raises(ConfigError, match=rf"^{recipe}: unknown config key 'data.shard_sise'"):
+        load_config(str(recipe), ["training.steps=3"])

@@ -32,6 +32,8 @@ def _is_list(key: str) -> bool:
     for part in key.split("."):
         tp = typing.get_type_hints(cls)[part]
         cls = tp
+    if typing.get_origin(tp) is typing.Union:  # Optional[list[...]]
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
     return typing.get_origin(tp) is list
 
 
@@ -89,7 +91,7 @@ def test_the_shipped_recipes_are_valid():
 
 
 @pytest.mark.parametrize("override,message", [
-    ("objective.lcm.w_min=20", "objective.lcm.w_min = 20.0 must not exceed objective.lcm.w_max = 15.0"),
+    ("objective.lcm.w_min=20", "objective.lcm.w_min = 20.0 must not exceed objective.lcm.w_max = 16.0"),
     ("objective.dmd2.min_step=990", "objective.dmd2.min_step = 990 must not exceed objective.dmd2.max_step = 980"),
     ("model.dtype=bfloat16", "model.dtype = bfloat16 needs training.mixed_precision = bf16"),
 ])

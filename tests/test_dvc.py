@@ -2,6 +2,7 @@
 through an S3 remote (a real moto server on 127.0.0.1): push, wipe cache and outputs, pull, byte-identical."""
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -79,10 +80,64 @@ def test_metrics_and_plots_are_tracked_by_git():
     spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     files = [next(iter(m)) if isinstance(m, dict) else m
              for stage in spec["stages"].values() for m in stage.get("metrics", []) + stage.get("plots", [])]
-    assert len(files) == 3
+    assert len(files) == 5
     for path in files:
         ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0
         assert not ignored, f"{path} is git-ignored"
+
+
+def _train_log(path: Path, steps: int = 40) -> None:
+    """A train log as the Trainer writes it (loop.py flush_log): the loss per term and per source."""
+    import json
+    import math
+
+    with open(path, "w") as f:
+        for step in range(2, steps + 1, 2):
+            loss = 0.5 * math.exp(-step / 15) + 0.05
+            f.write(json.dumps({"step": step, "stage": 0, "student_steps": 4, "source_count": {"forward": 16,
+                                "teacher": 8, "student": 8}, "loss": {"pd": {"all": loss, "forward": loss * 0.9,
+                                "teacher": loss * 1.1, "student": loss * 1.2}}}) + "\n")
+
+
+def test_dvc_plots_show_embeds_the_loss_and_fid_pngs(tmp_path):
+    """The loss curve and the FID-vs-steps curve are PNG plots of dvc.yaml (so `dvc plots show` shows them offline,
+    where its vega charts load from a CDN), made by the commands dvc.yaml runs; `dvc plots show` on a project with
+    those plots writes an HTML page that embeds both images."""
+    from PIL import Image
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    plots = {stage: {next(iter(p)): p[next(iter(p))] for p in spec.get("plots", [])} for stage, spec in stages.items()}
+    assert plots["distill"]["metrics/train_loss.png"] == {"cache": False}
+    assert plots["evaluate"]["metrics/fid_vs_steps.png"] == {"cache": False}
+    assert "export loss-png runs/demo/distill/train_log.jsonl metrics/train_loss.png" in stages["distill"]["cmd"]
+    assert ("export copy runs/demo/evaluate/quality_vs_steps.png metrics/fid_vs_steps.png"
+            in stages["evaluate"]["cmd"])
+
+    repo = tmp_path / "project"
+    (repo / "metrics").mkdir(parents=True)
+    _train_log(tmp_path / "train_log.jsonl")
+    env = _dvc_env()
+    _run([sys.executable, "-m", "ddil_core.demo.export", "loss-png", str(tmp_path / "train_log.jsonl"),
+          "metrics/train_loss.png"], repo, {**env, "PYTHONPATH": str(ROOT)})
+    from ddil_core.metrics.plots import plot_quality_vs_steps  # what evaluate writes as quality_vs_steps.png
+
+    plot_quality_vs_steps([{"model": "student", "steps": s, "fid": f} for s, f in ((1, 90.0), (2, 60.0), (4, 40.0))]
+                          + [{"model": "teacher", "steps": 50, "fid": 30.0}], tmp_path / "quality_vs_steps.png")
+    _run([sys.executable, "-m", "ddil_core.demo.export", "copy", str(tmp_path / "quality_vs_steps.png"),
+          "metrics/fid_vs_steps.png"], repo, {**env, "PYTHONPATH": str(ROOT)})
+    for name in ("train_loss.png", "fid_vs_steps.png"):
+        with Image.open(repo / "metrics" / name) as im:
+            assert im.format == "PNG" and im.size == (720, 450) and len(im.convert("RGB").getcolors(1 << 16)) > 3, name
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"plots": {
+        "cmd": "true", "plots": [{"metrics/train_loss.png": {"cache": False}},
+                                 {"metrics/fid_vs_steps.png": {"cache": False}}]}}}))
+    _dvc("init", "--no-scm", "-q", cwd=repo, env=env)
+    _dvc("plots", "show", "-o", "plots_out", cwd=repo, env=env)
+    page = (repo / "plots_out" / "index.html").read_text()
+    images = re.findall(r'<img[^>]*src="([^"]+)"', page)
+    assert len(images) == 2, images
+    for src in images:
+        assert (repo / "plots_out" / src).is_file() or src.startswith("data:image/png"), src
 
 
 def test_dvc_sees_a_valid_pipeline():
@@ -233,7 +288,8 @@ def _changed_stages(repo: Path, env: dict) -> dict:
 
 def test_dvc_status_reports_distill_and_evaluate_after_a_ddim_edit(tmp_path):
     """A temporary copy of the project with placeholder data, committed (`dvc commit -f`: dvc.lock of the current
-    code), then an edit to ddil_core/math/ddim.py: `dvc status` names distill and evaluate, not register."""
+    code), then an edit to ddil_core/math/ddim.py: `dvc status` names distill and evaluate, not register (whose
+    checks of the student folder and metrics import no math)."""
     env = _dvc_env()
     repo = _project_copy(tmp_path)
     spec = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
@@ -267,14 +323,18 @@ def test_two_forced_repros_leave_registry_versions_1_and_2(tmp_path):
     folder: a student folder and an evaluation that passes the gates. `dvc repro -f` twice: versions 1 and 2."""
     import json
 
-    from tests.test_registry import make_metrics, make_student
+    from ddil_core.data.shards import folder_digest
+    from ddil_core.models.tiny import build_tiny_pipeline
+    from tests.test_registry import make_metrics
 
     env = _dvc_env()
     repo = _project_copy(tmp_path)
     spec = yaml.safe_load((repo / "dvc.yaml").read_text())
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"register": spec["stages"]["register"]}}))
-    make_student(repo / "runs" / "demo" / "distill" / "student")
+    student = repo / "runs" / "demo" / "distill" / "student"  # a plain pipeline folder: register checks it loads
+    build_tiny_pipeline("sd15").save_pretrained(str(student), safe_serialization=True)
     metrics = make_metrics(student_fid=30.0, teacher_fid=20.0, coverage=0.8, adherence=0.95)
+    metrics["protocol"]["model_digests"] = {"student": folder_digest(student)}  # made for this student, as evaluate
     (repo / "runs" / "demo" / "evaluate").mkdir(parents=True)
     (repo / "runs" / "demo" / "evaluate" / "metrics.json").write_text(json.dumps(metrics))
     env["PYTHONPATH"] = str(repo)  # `ddil` runs this copy's ddil_core

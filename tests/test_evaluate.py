@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from pathlib import Path
+from html.parser import HTMLParser
 from urllib.parse import unquote
 
 import pytest
@@ -74,7 +74,9 @@ def evaluated(demo):
     code = main(["evaluate", "--config", "tiny", "--student", str(demo / "student"), "--teacher",
                  str(demo / "teacher"), "--baseline", str(demo / "baseline"), "--out", str(out),
                  "--set", "evaluation.student_steps=[1]", "--set", "evaluation.num_reference=120",
-                 "--set", "evaluation.teacher_steps=4"])
+                 "--set", "evaluation.teacher_steps=4",
+                 # one gate that passes and one that fails, for the report's verdict
+                 "--set", "registry.gates.fid_factor=1000", "--set", "registry.gates.min_coverage=1.0"])
     assert code == 0
     return out, json.loads((out / "metrics.json").read_text())
 
@@ -142,15 +144,96 @@ def test_report_shows_existing_grids_and_the_steps_plot(evaluated):
         assert (out / name).exists(), name
     html = (out / "report.html").read_text()
     srcs = [unquote(s) for s in re.findall(r'<img src="([^"]+)"', html)]
-    assert len(srcs) == 1 + len(m["models"])  # the plot and one grid per model
+    assert len(srcs) == 1 + len(m["models"]) * (1 + len(PROMPTS))  # the plot; per model its grid and 4 row strips
     for src in srcs:
         assert (out / src).is_file(), src
     md = (out / "report.md").read_text()
     for src in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
         assert (out / unquote(src)).is_file(), src
-    # rows = 4 prompts, columns = 2 seeds; 16x16 samples zoomed 4x, 4 px padding
-    assert Image.open(out / "samples_student.png").size == (2 * 64 + 3 * 4, 4 * 64 + 5 * 4)
+    # rows = 4 prompts, columns = 2 seeds; 16x16 samples zoomed 4x, 4 px padding; the prompts in a margin on the left
+    width, height = Image.open(out / "samples_student.png").size
+    assert height == 4 * 64 + 5 * 4 and width > 2 * 64 + 3 * 4 + 100
+    assert Image.open(out / "rows" / "samples_student-00.png").size == (2 * 32 + 3 * 2, 32 + 2 * 2)  # zoomed 2x
     assert "Prompt adherence" in html and "teacher" in html
+
+
+class _Html(HTMLParser):
+    """The parts of report.html a reader looks at: the verdict paragraph, and every table as rows of cells (the text
+    of th/td, and the src of the images in it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.verdict, self.fid_note, self.tables, self._cell, self._in = None, None, {}, None, None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "p" and "verdict" in (attrs.get("class") or ""):
+            self._in, self.verdict_class, self.verdict = "verdict", attrs["class"], ""
+        elif tag == "p" and attrs.get("class") == "fid-note":
+            self._in, self.fid_note = "fid", ""
+        elif tag == "table":
+            self._table = self.tables.setdefault(attrs.get("class", ""), [])
+        elif tag == "tr":
+            self._table.append([])
+        elif tag in ("th", "td"):
+            self._cell = {"text": "", "img": []}
+            self._table[-1].append(self._cell)
+        elif tag == "img" and self._cell is not None:
+            self._cell["img"].append(unquote(attrs["src"]))
+
+    def handle_endtag(self, tag):
+        if tag in ("th", "td"):
+            self._cell = None
+        if tag == "p":
+            self._in = None
+
+    def handle_data(self, data):
+        if self._in == "verdict":
+            self.verdict += data
+        elif self._in == "fid":
+            self.fid_note += data
+        if self._cell is not None:
+            self._cell["text"] += data
+
+
+def test_report_html_has_the_verdict_labelled_rows_and_side_by_side_samples(evaluated):
+    out, m = evaluated
+    page = _Html()
+    page.feed((out / "report.html").read_text())
+    # The verdict: fail (noise from a random teacher covers no digits), and each gate with its threshold and result.
+    assert page.verdict.startswith("FAIL: 1 of 2 gates failed (min_coverage)") and "fail" in page.verdict_class
+    gates = {row[0]["text"]: [c["text"] for c in row[1:]] for row in page.tables["gates"][1:]}
+    assert gates["fid_factor"][-1] == "pass" and gates["min_coverage"][-1] == "FAIL"
+    assert float(gates["fid_factor"][2]) == pytest.approx(1000 * m["models"]["teacher"]["fid"], rel=1e-3)
+    assert gates["min_coverage"][2] == "1.00"
+    # Readable names: no raw key as a row label, the models named with their steps.
+    metrics = page.tables["metrics"]
+    labels = [row[0]["text"] for row in metrics[1:]]
+    for raw in ("fid_torchmetrics", "speedup_nfe", "speedup_seconds", "nfe_per_image", "seconds_per_image"):
+        assert raw not in labels, raw
+    assert "Speed-up in UNet calls (teacher ÷ this model)" in labels
+    assert [c["text"] for c in metrics[0][1:]] == ["student, 2 steps", "student, 1 step", "teacher, 4 steps",
+                                                   "baseline, 2 steps", "baseline, 1 step"]
+    # Which FID: the protocol stated once, with its image count and seeds.
+    assert "8 generated images per model (4 prompts × 2 seeds, 0 to 1" in page.fid_note
+    assert "prepare-demo" in page.fid_note
+    # Side by side: teacher first, one row per prompt labelled with it, one strip per model from that model's grid.
+    samples = page.tables["samples"]
+    columns = [c["text"] for c in samples[0]]
+    assert columns == ["prompt", "teacher, 4 steps", "student, 2 steps", "student, 1 step", "baseline, 2 steps",
+                       "baseline, 1 step"]
+    assert [row[0]["text"] for row in samples[1:]] == PROMPTS
+    for i, row in enumerate(samples[1:]):
+        srcs = [cell["img"][0] for cell in row[1:]]
+        assert srcs == [f"rows/samples_{k}-{i:02d}.png" for k in ("teacher", "student", "student_1steps", "baseline",
+                                                                  "baseline_1steps")]
+        assert all((out / src).is_file() for src in srcs)
+    # The strips are the rows of the grids: the teacher's strip of prompt 2 is row 2 of its grid, zoomed 2x not 4x.
+    strip = Image.open(out / "rows" / "samples_teacher-02.png").convert("RGB")
+    grid = Image.open(out / "samples_teacher.png").convert("RGB")
+    margin = grid.size[0] - (2 * 64 + 3 * 4)
+    cell = grid.crop((margin + 4, 4 + 2 * 68, margin + 4 + 64, 4 + 2 * 68 + 64)).resize((32, 32), Image.NEAREST)
+    assert cell.tobytes() == strip.crop((2, 2, 34, 34)).tobytes()
 
 
 def test_register_accepts_the_evaluation(evaluated, demo, tmp_path, capsys):
@@ -184,8 +267,8 @@ def test_pixels_fallback_prompt_file_seeds_and_reference(tmp_path):
     # No ddil_student.json: objective.student_steps (2) at the teacher's guidance (2): CFG doubles the NFE.
     assert (student["steps"], student["guidance_scale"], student["nfe_per_image"]) == (2, 2.0, 4)
     assert teacher["nfe_per_image"] == 6  # 3 steps x 2 (CFG)
-    assert not (out / "quality_vs_steps.png").exists()
-    assert Image.open(out / "samples_teacher.png").size == (2 * 64 + 3 * 4, 3 * 64 + 4 * 4)
+    assert (out / "quality_vs_steps.png").exists()  # one student step count: the plot has one point per model
+    assert Image.open(out / "samples_teacher.png").size[1] == 3 * 64 + 4 * 4
     html = (out / "report.html").read_text()
     for src in re.findall(r'<img src="([^"]+)"', html):
         assert (out / unquote(src)).is_file()
@@ -265,7 +348,8 @@ def test_extractors(demo):
 
 
 def test_prompt_classes_nfe_and_adherence_helpers():
-    from ddil_core.stages.evaluate import adherence, default_prompts, nfe_per_image, prompt_class
+    from ddil_core.stages.evaluate_inputs import adherence, default_prompts, prompt_class
+    from ddil_core.stages.evaluate_sampling import nfe_per_image
 
     assert prompt_class("a handwritten digit seven") == 7
     assert prompt_class("The number 3") == 3

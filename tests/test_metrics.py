@@ -11,7 +11,8 @@ from PIL import Image
 from ddil_core.metrics.diversity import mean_pairwise_distance
 from ddil_core.metrics.fid import frechet_distance, torchmetrics_fid
 from ddil_core.metrics.prdc import precision_recall_density_coverage
-from ddil_core.metrics.report import plot_quality_vs_steps, save_grid, write_report
+from ddil_core.metrics.plots import plot_quality_vs_steps, save_grid
+from ddil_core.metrics.report import write_report
 
 
 # ------------------------------------------------------------------------------------------ PRDC

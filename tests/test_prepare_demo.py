@@ -152,16 +152,16 @@ def test_train_loss_export_for_dvc_plots(tmp_path):
 
 
 def test_thread_tuner_follows_the_faster_thread_count(monkeypatch):
-    from ddil_core.demo import progress
+    from ddil_core.demo import threads as tuning
 
     clock = {"now": 0.0}
-    monkeypatch.setattr(progress.time, "perf_counter", lambda: clock["now"])
-    monkeypatch.setattr(progress.torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(tuning.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(tuning.torch, "get_num_threads", lambda: 2)
     threads = {"n": 2}
-    monkeypatch.setattr(progress.torch, "set_num_threads", lambda n: threads.update(n=n))
+    monkeypatch.setattr(tuning.torch, "set_num_threads", lambda n: threads.update(n=n))
     cost = {2: 1.0, 1: 0.2}  # a shared CPU: two threads wait on each other
 
-    tuner = progress.ThreadTuner(window=4, probe=2, explore_every=3)
+    tuner = tuning.ThreadTuner(window=4, probe=2, explore_every=3)
     assert threads["n"] == 1  # it starts on one thread
 
     def run(steps):
@@ -184,6 +184,6 @@ def test_thread_tuner_follows_the_faster_thread_count(monkeypatch):
     assert tuner.describe()["final"] == 1
     tuner.restore()
     assert threads["n"] == 2
-    off = progress.ThreadTuner(enabled=False)
+    off = tuning.ThreadTuner(enabled=False)
     off.step()
     assert off.describe()["enabled"] is False

@@ -332,6 +332,27 @@ def test_concurrent_registrations_get_distinct_versions(student, tmp_path):
 # model card
 
 
+def test_the_model_card_is_a_hub_model_card(config, student, tmp_path, monkeypatch):
+    """README.md loads with huggingface_hub's ModelCard: diffusers, text-to-image, the tags, and base_model only for a
+    teacher that is a Hub id (not tiny://, not a local folder), beside every section of our own."""
+    from huggingface_hub import ModelCard
+
+    entry = register_student(config, str(student), make_metrics())  # Config(): the teacher tiny://sd15
+    card = ModelCard.load(Path(entry["path"]) / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "text-to-image"
+    assert {"ddil", "distillation", "text-to-image", "diffusers", "pd"} <= set(card.data.tags)
+    assert card.data.base_model is None
+    for section in ("## Evaluation", "## Quality gates", "## Evaluation protocol", "## Recipe", "## Data", "## Code",
+                    "## Lineage", "## Usage"):
+        assert section in card.text, section
+    hub = render_model_card("m", 1, make_metrics(), {"model": {"teacher": "stabilityai/sd-turbo"}}, None, "ddil x")
+    assert ModelCard(hub).data.base_model == "stabilityai/sd-turbo"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo" / "teacher").mkdir(parents=True)  # a local folder that looks like a Hub id
+    local = render_model_card("m", 1, make_metrics(), {"model": {"teacher": "demo/teacher"}}, None, "ddil x")
+    assert ModelCard(local).data.base_model is None
+
+
 def test_model_card_never_renders_credentials(monkeypatch):
     config_dict = {
         "model": {"teacher": "s3://AKIAEXAMPLE:supersecretvalue@bucket/teacher"},
@@ -440,7 +461,7 @@ def test_kubeflow_adapter_sends_expected_requests(config, student, stub, tmp_pat
     assert bodies[2]["modelFormatVersion"] == "0.42.1"  # from the student's model_index.json
 
     # what the stub stored is readable back through the adapter
-    from ddil_core.registry.kubeflow import KubeflowRegistry
+    from ddil_core.registry.kubeflow_model_registry import KubeflowRegistry
 
     reg = KubeflowRegistry("127.0.0.1", stub.port, author="reader")
     assert [v["version"] for v in reg.list_versions("ddil-student")] == ["v1", "v2"]
@@ -521,7 +542,7 @@ def test_kubeflow_version_holds_the_lineage_an_s3_uri_and_its_model_source(confi
                                               "modelSourceId", "modelSourceName")} == {
         "modelSourceKind": "kfp", "modelSourceClass": "pipelinerun", "modelSourceGroup": "ml-team",
         "modelSourceId": LINEAGE["kfp_run_id"], "modelSourceName": "ddil-nightly"}
-    from ddil_core.registry.kubeflow import KubeflowRegistry
+    from ddil_core.registry.kubeflow_model_registry import KubeflowRegistry
 
     got = KubeflowRegistry("127.0.0.1", stub.port).get("ddil-student", entry["version"])
     assert got["uri"] == s3 and got["metadata"]["git_sha"] == LINEAGE["git_sha"]

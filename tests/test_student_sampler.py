@@ -21,11 +21,14 @@ OBJECTIVES = {
     "lcm": ["objective.name=lcm", "objective.lcm.w_min=2", "objective.lcm.w_max=4", "objective.student_steps=4"],
     "dmd2": ["objective.name=dmd2", "objective.student_steps=4", "objective.dmd2.dfake_gen_update_ratio=2"],
 }
+# On the student's rollouts and the teacher's targets (the shared teacher rollouts below are made without reflection)
+STUDENT_SIDE = "ddil.reflection.apply_to=[teacher_targets,student_rollouts]"
 REFLECTION = {
     "off": ["ddil.reflection.mode=off"],
     # SD 1.5 pipelines reset clip_sample on load, so a static bound there must be 1 (written as thresholding)
-    "static": ["ddil.reflection.mode=static", "ddil.reflection.bound=1"],
-    "dynamic": ["ddil.reflection.mode=dynamic", "ddil.reflection.percentile=0.9", "ddil.reflection.max_value=2.5"],
+    "static": ["ddil.reflection.mode=static", "ddil.reflection.bound=1", STUDENT_SIDE],
+    "dynamic": ["ddil.reflection.mode=dynamic", "ddil.reflection.percentile=0.9", "ddil.reflection.max_value=2.5",
+                STUDENT_SIDE],
 }
 TRAIN = ["training.steps=4", "training.checkpoint_every=4", "rollouts.teacher_steps=100", "rollouts.num_samples=8"]
 
@@ -110,7 +113,7 @@ def test_sdxl_student_clips_to_the_largest_cache_bound(tmp_path, data8):
     """SDXL pipelines keep clip_sample: a static reflection of student rollouts without ddil.reflection.bound clips
     to the largest of the cache's per-channel bounds, in training and in the saved scheduler."""
     latents, rollouts = data8["sdxl"]
-    config = tiny_config("sdxl", *TRAIN, *OBJECTIVES["pd"], "ddil.reflection.mode=static")
+    config = tiny_config("sdxl", *TRAIN, *OBJECTIVES["pd"], "ddil.reflection.mode=static", STUDENT_SIDE)
     student = distill(config, latents, [rollouts], tmp_path / "run")
     scheduler = json.loads((student / "scheduler" / "scheduler_config.json").read_text())
     bounds = json.loads((latents / "manifest.json").read_text())["latent_bounds"]
@@ -120,12 +123,11 @@ def test_sdxl_student_clips_to_the_largest_cache_bound(tmp_path, data8):
 
 def test_a_reflection_the_sd15_scheduler_cannot_hold_is_refused(tmp_path, data8):
     latents, rollouts = data8["sd15"]
-    config = tiny_config("sd15", *TRAIN, "ddil.reflection.mode=static")  # the cache's bounds are not 1
+    config = tiny_config("sd15", *TRAIN, "ddil.reflection.mode=static", STUDENT_SIDE)  # cache bounds are not 1
     with pytest.raises(ConfigError, match="student_rollouts"):
         distill(config, latents, [rollouts], tmp_path / "run")
     # the same bounds on the teacher's side only are fine
-    ok = tiny_config("sd15", *TRAIN, "ddil.reflection.mode=static",
-                     "ddil.reflection.apply_to=[teacher_targets,teacher_rollouts]")
+    ok = tiny_config("sd15", *TRAIN, "ddil.reflection.mode=static", "ddil.reflection.apply_to=[teacher_targets]")
     assert (distill(ok, latents, [rollouts], tmp_path / "ok") / "model_index.json").exists()
 
 

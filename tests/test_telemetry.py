@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import socket
-import sys
 import time
 import urllib.request
 import uuid
 
 import pytest
 
-from ddil_core import telemetry as telemetry_mod
-from ddil_core.telemetry import StageTelemetry, progress_iter
+from ddil_core.telemetry import StageTelemetry
 from tests.pushgateway import free_port, metric_value, pushgateway, read_metrics  # noqa: F401
 
 LOGGER = "ddil_core.telemetry"
@@ -194,48 +191,6 @@ def test_own_registry_and_odd_records():
     assert tel.registry.get_sample_value("ddil_checkpoint_age_seconds") == pytest.approx(100, abs=5)
     tel.progress(5, 0)
     assert tel.registry.get_sample_value("ddil_items_processed_total") == 5
-
-
-def test_progress_iter_logs_lines_when_not_a_tty(monkeypatch, caplog):
-    monkeypatch.setattr(sys, "stderr", io.StringIO())
-    caplog.set_level(logging.INFO, logger=LOGGER)
-    tel = StageTelemetry("cache-latents", _run_id(), None)
-    out = list(progress_iter(range(6), 6, "cache-latents", log_every_s=0.0, telemetry=tel))
-    assert out == list(range(6))
-    lines = [r.getMessage() for r in caplog.records if r.name == LOGGER]
-    assert any(line.startswith("cache-latents: 3/6 (50%), ") and " it/s, eta " in line for line in lines), lines
-    assert any(line.startswith("cache-latents: 6/6 (100%)") and "done in" in line for line in lines), lines
-    assert sys.stderr.getvalue() == ""  # no bar drawn off a terminal
-    assert tel.registry.get_sample_value("ddil_items_processed_total") == 6
-    assert tel.registry.get_sample_value("ddil_progress_ratio") == 1.0
-
-
-def test_progress_iter_quiet_between_intervals(monkeypatch, caplog):
-    monkeypatch.setattr(sys, "stderr", io.StringIO())
-    caplog.set_level(logging.INFO, logger=LOGGER)
-    assert sum(progress_iter(iter(range(100)), 100, "rollouts", log_every_s=3600)) == 4950
-    lines = [r.getMessage() for r in caplog.records if r.name == LOGGER]
-    assert len(lines) == 1 and lines[0].startswith("rollouts: 100/100 (100%)")
-
-
-class _Tty(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
-@pytest.mark.parametrize("use_tqdm", [False, True])
-def test_progress_iter_draws_a_bar_on_a_tty(monkeypatch, caplog, use_tqdm):
-    if use_tqdm and telemetry_mod._tqdm is None:
-        pytest.skip("tqdm not installed")
-    if not use_tqdm:
-        monkeypatch.setattr(telemetry_mod, "_tqdm", None)
-    fake = _Tty()
-    monkeypatch.setattr(sys, "stderr", fake)
-    caplog.set_level(logging.INFO, logger=LOGGER)
-    assert list(progress_iter(range(4), 4, "distill", log_every_s=0.0)) == [0, 1, 2, 3]
-    text = fake.getvalue()
-    assert "distill" in text and "100%" in text and "\r" in text
-    assert not [r for r in caplog.records if r.name == LOGGER]  # a bar, not log lines
 
 
 def test_address_forms_and_credentials_in_url(pushgateway):  # noqa: F811

@@ -1,19 +1,18 @@
-"""One writer per output folder: a lock file beside the folder with its owner (host, pid) and start time.
+"""One writer per output folder: a lock file beside the folder, `.NAME.lock`, held with filelock's SoftFileLock.
 
-Two runs into different folders never interfere; a second run into the same folder is refused with a message
-naming the owner, instead of silently mixing outputs. A lock left by a dead process on this host is taken over.
+Two runs into different folders never interfere; a second run into the same folder is refused with a message naming
+the owner (pid, host, since when), instead of silently mixing outputs. filelock creates the file exclusively with the
+owner's pid and host in it, takes over a lock whose owner on this host is dead, and removes the file on release.
+SoftFileLock rather than filelock's flock-based FileLock: every contender of a FileLock opens (and truncates) the lock
+file, so the refused run could not read who holds it, and the file would stay behind after the run.
 """
 from __future__ import annotations
 
 import contextlib
-import json
-import logging
-import os
-import socket
 import time
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from filelock import SoftFileLock, Timeout
 
 
 class OutputLockedError(RuntimeError):
@@ -25,41 +24,30 @@ def lock_path(folder: Path) -> Path:
     return folder.with_name(f".{folder.name}.lock")
 
 
-def _alive(pid: int) -> bool:
+def _owner(path: Path) -> str:
+    """'pid P on HOST since T' from the record filelock wrote (its first two lines: pid, host) and the file's age."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        lines = path.read_text().splitlines()
+        since = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(path.stat().st_mtime))
+    except OSError:
+        return "an owner that just finished"
+    pid = lines[0] if lines else "?"
+    host = lines[1] if len(lines) > 1 else "?"
+    return f"pid {pid} on {host} since {since}"
 
 
 @contextlib.contextmanager
 def output_lock(folder: Path):
     path = lock_path(folder)
     path.parent.mkdir(parents=True, exist_ok=True)
-    owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                held = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
-                held = {}
-            if held.get("host") == owner["host"] and isinstance(held.get("pid"), int) and not _alive(held["pid"]):
-                log.warning("taking over the stale lock %s of dead process %s", path, held["pid"])
-                path.unlink(missing_ok=True)
-                continue
-            raise OutputLockedError(
-                f"{folder}: another run is writing this folder (pid {held.get('pid')} on {held.get('host')} since "
-                f"{held.get('started')}); wait for it, choose another --out, or remove {path} if that run is gone"
-            ) from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(owner, f)
-        break
+    lock = SoftFileLock(str(path), timeout=0)  # a held lock is refused at once, never waited for
+    try:
+        lock.acquire()
+    except Timeout:
+        raise OutputLockedError(
+            f"{folder}: another run is writing this folder ({_owner(path)}); wait for it, choose another --out, or "
+            f"remove {path} if that run is gone") from None
     try:
         yield
     finally:
-        path.unlink(missing_ok=True)
+        lock.release()  # removes the file

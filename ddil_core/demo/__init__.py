@@ -9,6 +9,7 @@ data.py      the digits as tensors, and the image folders (captions.jsonl) writt
 vae.py       AutoencoderKL training and the per-channel latent normalisation folded into its weights
 teacher.py   the frozen text encoder and the teacher UNet's training (Min-SNR, EMA, caption dropout)
 quality.py   prompted-digit accuracy and Fréchet distance of a pipeline's samples
-progress.py  plain log lines every ~10 s for long loops
+training.py  the optimisation loop the VAE and the teacher share (progress, thread tuner, wall-clock guard)
+threads.py   the fixed torch thread count, or the tuner that adapts it to a shared CPU
 export.py    small files for DVC: the training-loss plot data, metrics copied out of output folders
 """

@@ -2,11 +2,15 @@
 
     python -m ddil_core.demo.export demo-summary demo/summary.json metrics/demo.json
     python -m ddil_core.demo.export train-loss runs/demo/distill/train_log.jsonl metrics/train_loss.json
+    python -m ddil_core.demo.export loss-png runs/demo/distill/train_log.jsonl metrics/train_loss.png
     python -m ddil_core.demo.export copy runs/demo/evaluate/metrics_flat.json metrics/student.json
 
 train-loss: distill's JSONL training log -> a JSON list that `dvc plots` draws: one row per logged step with step,
 stage, student_steps, loss (the objective's main loss term over the whole batch: its "all" entry, else the
 count-weighted mean over state sources) and loss_<source> for each DDIL state source present in that interval.
+loss-png: the same curve drawn as a PNG (metrics/plots.py): `dvc plots show` embeds image plots as they are, so the
+page shows the loss offline, where its vega charts (loaded from a CDN) stay blank; evaluate's FID-vs-steps PNG is
+copied beside it for the same reason.
 copy: a file copied atomically.
 demo-summary: the headline scalars of prepare-demo's summary.json (teacher accuracy and Fréchet distance at 50 and
 at few steps, the floor, VAE and classifier quality, seconds), flat.
@@ -67,8 +71,9 @@ def copy_atomic(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-COMMANDS = ("train-loss", "copy", "demo-summary")
-USAGE = "usage: python -m ddil_core.demo.export {train-loss TRAIN_LOG.jsonl | demo-summary SUMMARY.json | copy SRC} DST"
+COMMANDS = ("train-loss", "loss-png", "copy", "demo-summary")
+USAGE = ("usage: python -m ddil_core.demo.export {train-loss TRAIN_LOG.jsonl | loss-png TRAIN_LOG.jsonl | "
+         "demo-summary SUMMARY.json | copy SRC} DST")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     dst.parent.mkdir(parents=True, exist_ok=True)
     if what == "train-loss":
         write_json_atomic(dst, loss_rows(src))
+    elif what == "loss-png":
+        from ddil_core.metrics.plots import plot_loss
+
+        plot_loss(loss_rows(src), dst)
     else:
         write_json_atomic(dst, demo_summary(json.loads(src.read_text())))
     return 0

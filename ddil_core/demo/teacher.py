@@ -7,12 +7,11 @@ steps reach ~99% prompted-digit accuracy at 50 DDIM steps with guidance 3.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Optional
 
 import torch
 
-from ddil_core.demo.progress import Progress, ThreadTuner
+from ddil_core.demo.training import train_steps, warmup_cosine
 from ddil_core.math.schedule import NoiseSchedule
 from ddil_core.models.tiny import _text_encoder, build_tokenizer, tiny_scheduler, tiny_unet
 from ddil_core.training.ema import EMA
@@ -38,13 +37,6 @@ def embed(tokenizer, encoder, prompts: list[str]) -> torch.Tensor:
     return encoder(ids)[0]
 
 
-def _lr_at(step: int, steps: int, lr: float) -> float:
-    if step < WARMUP_STEPS:
-        return lr * (step + 1) / WARMUP_STEPS
-    progress = (step - WARMUP_STEPS) / max(1, steps - WARMUP_STEPS)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
-
-
 def train_teacher_unet(latents: torch.Tensor, labels: torch.Tensor, class_embeddings: torch.Tensor,
                        uncond_embedding: torch.Tensor, steps: int, batch_size: int = 64, lr: float = 1e-3,
                        ema_decay: float = 0.999, min_snr_gamma: float = 5.0, caption_dropout: float = 0.1,
@@ -59,13 +51,9 @@ def train_teacher_unet(latents: torch.Tensor, labels: torch.Tensor, class_embedd
     T = schedule.num_train_timesteps
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     ema = EMA(unet, ema_decay)
-    progress = Progress("teacher step", steps, max_seconds=max_seconds)
-    tuner = ThreadTuner(adapt_threads)
     uncond = uncond_embedding.reshape(1, *class_embeddings.shape[1:])
-    done, loss_avg = 0, None
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr)
+
+    def loss_at(step: int) -> torch.Tensor:
         idx = torch.randint(len(latents), (batch_size,), generator=g)
         x0 = latents[idx]
         cond = class_embeddings[labels[idx]]
@@ -77,23 +65,13 @@ def train_teacher_unet(latents: torch.Tensor, labels: torch.Tensor, class_embedd
         pred = unet(x_t, t, encoder_hidden_states=cond).sample
         snr = schedule.snr(t)
         weight = snr.clamp(max=min_snr_gamma) / snr  # Min-SNR-gamma for epsilon prediction
-        loss = (weight * (pred - noise).pow(2).flatten(1).mean(1)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
+        return (weight * (pred - noise).pow(2).flatten(1).mean(1)).mean()
+
+    def update_ema(step: int) -> None:
         ema.decay = min(ema_decay, (1 + step) / (EMA_WARMUP + step))
         ema.update(unet)
-        done = step + 1
-        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
-        progress.update(done, loss=loss_avg)
-        tuner.step()
-        if progress.over_budget() and done < steps:
-            log.warning("teacher: wall-clock guard (%.0f s) reached at step %d of %d", max_seconds, done, steps)
-            break
-    threads = tuner.describe()
-    tuner.restore()
-    ema.copy_to(unet)
-    return unet.eval().requires_grad_(False), {"steps": done, "steps_planned": steps, "seconds": progress.elapsed,
-                                               "final_loss": loss_avg, "threads": threads}
 
+    info = train_steps("teacher", unet, opt, steps, lambda step: warmup_cosine(step, steps, lr, WARMUP_STEPS, 0.1),
+                       loss_at, (0.98, 0.02), max_seconds, adapt_threads, after_update=update_ema)
+    ema.copy_to(unet)
+    return unet.eval().requires_grad_(False), info

@@ -19,23 +19,13 @@ from typing import Optional
 import torch
 from torch.nn import functional as F
 
-from ddil_core.demo.progress import Progress, ThreadTuner
+from ddil_core.demo.training import train_steps, warmup_cosine
 from ddil_core.models.tiny import tiny_vae
 
 log = logging.getLogger(__name__)
 L1_WEIGHT = 0.5
 KL_WEIGHT = 1e-4
 WARMUP_STEPS = 50
-
-
-def _lr_at(step: int, steps: int, lr: float) -> float:
-    """Linear warm-up, then cosine decay to 5% of lr."""
-    import math
-
-    if step < WARMUP_STEPS:
-        return lr * (step + 1) / WARMUP_STEPS
-    progress = (step - WARMUP_STEPS) / max(1, steps - WARMUP_STEPS)
-    return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
 def train_vae(images: torch.Tensor, steps: int, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
@@ -46,32 +36,18 @@ def train_vae(images: torch.Tensor, steps: int, batch_size: int = 64, lr: float 
     g = torch.Generator().manual_seed(seed)
     vae = tiny_vae().train()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    progress = Progress("vae step", steps, max_seconds=max_seconds)
-    tuner = ThreadTuner(adapt_threads)
-    done, loss_avg = 0, None
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr)
+
+    def loss_at(step: int) -> torch.Tensor:
         x = images[torch.randint(len(images), (batch_size,), generator=g)]
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
         recon = vae.decode(z).sample
-        loss = F.mse_loss(recon, x) + L1_WEIGHT * F.l1_loss(recon, x) + KL_WEIGHT * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        done = step + 1
-        loss_avg = loss.item() if loss_avg is None else 0.95 * loss_avg + 0.05 * loss.item()
-        progress.update(done, loss=loss_avg)
-        tuner.step()
-        if progress.over_budget() and done < steps:
-            log.warning("vae: wall-clock guard (%.0f s) reached at step %d of %d", max_seconds, done, steps)
-            break
-    threads = tuner.describe()
-    tuner.restore()
-    return vae.eval().requires_grad_(False), {"steps": done, "steps_planned": steps, "seconds": progress.elapsed,
-                                              "final_loss": loss_avg, "threads": threads}
+        return F.mse_loss(recon, x) + L1_WEIGHT * F.l1_loss(recon, x) + KL_WEIGHT * posterior.kl().mean()
+
+    # Linear warm-up, then cosine decay to 5% of lr.
+    info = train_steps("vae", vae, opt, steps, lambda step: warmup_cosine(step, steps, lr, WARMUP_STEPS, 0.05),
+                       loss_at, (0.95, 0.05), max_seconds, adapt_threads)
+    return vae.eval().requires_grad_(False), info
 
 
 @torch.no_grad()

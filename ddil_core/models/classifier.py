@@ -15,6 +15,7 @@ from torch.nn import functional as F
 from safetensors.torch import load_file, save_file
 
 from ddil_core.data.shards import publish_dir, staging_dir
+from ddil_core.progress import progress_iter
 
 
 class DigitClassifier(nn.Module):
@@ -66,7 +67,7 @@ def train_digit_classifier(images: torch.Tensor, labels: torch.Tensor, steps: in
     torch.manual_seed(seed)
     model = DigitClassifier(resolution=images.shape[-1])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    for _ in range(steps):
+    for _ in progress_iter(range(steps), steps, "prepare-demo: classifier", unit="step"):
         idx = torch.randint(len(images), (batch_size,), generator=g)
         x = images[idx]
         shift = torch.randint(-1, 2, (2,), generator=g).tolist()

@@ -93,6 +93,17 @@ def fetch_model(uri: str) -> Path:
     return _download_s3(uri) if uri.startswith("s3://") else Path(uri)
 
 
+def missing_folder_error(uri: str, role: str = "model") -> Optional[str]:
+    """The error of a URI naming a local folder that does not exist, else None. `owner/name` is a hub id only when
+    `owner` is no folder here: `runs/nope`, with runs/ present, is a mistyped folder, not a model to look up."""
+    if "://" in uri or Path(uri).exists():
+        return None
+    parts = uri.split("/")
+    if uri.startswith((".", "/", "~")) or len(parts) != 2 or not all(parts) or Path(parts[0]).is_dir():
+        return f"{uri}: no such folder (the {role}: a diffusers pipeline folder, s3:// path, hub id or tiny://sd15|sdxl)"
+    return None
+
+
 def load_pipeline(uri: str, family: str = "auto", allow_pickle: bool = False, dtype=None):
     """A diffusers pipeline from tiny://sd15|sdxl, a local folder, s3://bucket/path or a hub id."""
     import torch
@@ -110,10 +121,10 @@ def load_pipeline(uri: str, family: str = "auto", allow_pickle: bool = False, dt
             if family not in ("auto", found):  # before loading weights that cannot be used
                 raise ModelError(f"{uri}: is an {found} pipeline but the recipe says model.family = {family}")
             source = str(local)
-        elif "/" in uri and not uri.startswith((".", "/")) and uri.count("/") == 1:
+        elif missing_folder_error(uri) is None:
             source = uri  # a hub id, fetched by diffusers when the network allows
         else:
-            raise ModelError(f"model not found: {uri} (a folder, s3:// path, hub id or tiny://sd15|sdxl)")
+            raise ModelError(missing_folder_error(uri))
         kwargs = {"use_safetensors": None if allow_pickle else True}  # None: safetensors first, else .bin
         if _family_of_local(source) == "sd15":
             kwargs.update(safety_checker=None, requires_safety_checker=False)
@@ -122,6 +133,9 @@ def load_pipeline(uri: str, family: str = "auto", allow_pickle: bool = False, dt
         except ModelError:
             raise
         except Exception as exc:
+            if source == uri and not Path(uri).exists():  # read as a hub id: say so first, the library's text after
+                raise ModelError(f"{uri}: no such folder, and no hub model of that id could be loaded "
+                                 f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]})") from None
             raise ModelError(f"{uri}: could not load the pipeline ({type(exc).__name__}: {exc})") from None
         if (Path(source) / LORA_WEIGHTS).exists():  # a LoRA student: the teacher's pipeline plus its adapters
             load_student_lora(pipe, Path(source))

@@ -45,7 +45,7 @@ class GateError(Exception):
 
 def __getattr__(attr: str):  # KubeflowRegistry without importing it (and its client) eagerly
     if attr == "KubeflowRegistry":
-        from .kubeflow import KubeflowRegistry
+        from .kubeflow_model_registry import KubeflowRegistry
 
         return KubeflowRegistry
     raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
@@ -86,7 +86,7 @@ def register_student(
     extra = {"gates": gates, "data_uri": data_uri, "code_version": code}
 
     if reg.kubeflow_address:
-        from .kubeflow import KubeflowRegistry
+        from .kubeflow_model_registry import KubeflowRegistry
 
         registry = KubeflowRegistry(reg.kubeflow_address, reg.kubeflow_port, author=_author())
 

@@ -1,9 +1,12 @@
-"""The model card (README.md) written beside every registered student.
+"""The model card (README.md) written beside every registered student: a Hugging Face Hub model card
+(huggingface_hub's ModelCard, its metadata a ModelCardData: library_name diffusers, pipeline_tag text-to-image, tags,
+and base_model when the teacher is a Hub model), so the folder can be pushed to the Hub as it is.
 
-It holds the evaluation table (student, teacher, baseline), the evaluation protocol, the recipe (YAML of the
-resolved config), the data and code versions, and a usage snippet. Nothing that looks like a credential is ever
-rendered: mapping keys containing "secret", "password", "token" or "key" are dropped with their values, user
-information in URLs (`s3://id:secret@bucket`) is masked and signed-URL query strings are removed.
+Its text holds the evaluation table (student, teacher, baseline), the quality gates, the evaluation protocol, the
+recipe (YAML of the resolved config), the data and code versions, the lineage and a usage snippet; the sections are
+ours (no Hub template has them). Nothing that looks like a credential is ever rendered: mapping keys containing
+"secret", "password", "token" or "key" are dropped with their values, user information in URLs
+(`s3://id:secret@bucket`) is masked and signed-URL query strings are removed.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from typing import Any, Optional
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
+from huggingface_hub import ModelCard, ModelCardData
 
 SENSITIVE_WORDS = ("secret", "password", "token", "key")
 _MODEL_ORDER = ("student", "teacher", "baseline")
@@ -32,6 +36,8 @@ _METRIC_ORDER = (
     "steps",
 )
 _SIGNED_QUERY = re.compile(r"signature|credential|token|secret|password|key", re.IGNORECASE)
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+TAGS = ["ddil", "distillation", "text-to-image", "diffusers"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -237,16 +243,7 @@ def render_model_card(
         teacher = (config.get("model") or {}).get("teacher")
     path = redact_string(model_path) if model_path else f"path/to/{name}/v{version}"
 
-    out = [
-        "---",
-        "library_name: diffusers",
-        "pipeline_tag: text-to-image",
-        "tags: [ddil, distillation, text-to-image, diffusers]",
-        "---",
-        "",
-        f"# {name} (version {version})",
-        "",
-    ]
+    out = [f"# {name} (version {version})", ""]
     summary = "A few-step text-to-image student distilled with DDIL"
     if objective:
         summary += f" ({str(objective).upper()} objective)"
@@ -290,4 +287,19 @@ def render_model_card(
         "",
         _usage(path, steps, guidance, lora),
     ]
-    return "\n".join(out)
+    return str(ModelCard(f"---\n{card_data(objective, teacher).to_yaml()}\n---\n\n" + "\n".join(out)))
+
+
+def hub_id(teacher: Optional[str]) -> Optional[str]:
+    """The teacher as a Hub model id (owner/name that is not a folder here), else None: base_model must name a Hub
+    model, not a local folder, an s3:// path or tiny://."""
+    if not teacher or "://" in teacher or not _HUB_ID.fullmatch(teacher) or Path(teacher).exists():
+        return None
+    return teacher
+
+
+def card_data(objective: Optional[str], teacher: Optional[str]) -> ModelCardData:
+    """The card's metadata (its YAML front matter), as the Hub reads it."""
+    tags = TAGS + ([str(objective).lower()] if objective else [])
+    return ModelCardData(library_name="diffusers", pipeline_tag="text-to-image", tags=tags,
+                         base_model=hub_id(redact_string(str(teacher)) if teacher else None))

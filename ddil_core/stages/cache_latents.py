@@ -27,6 +27,7 @@ from ddil_core.data.loader import load_samples
 from ddil_core.data.shards import ResumableStaging, ShardWriter, disk_full_is_clear
 from ddil_core.models.conditioning import EmbeddingCache, encode_unconditional
 from ddil_core.models.latents import encode_images
+from ddil_core.progress import progress_iter
 from ddil_core.stages.common import load_teacher, stage_run, write_resolved_config
 from ddil_core.training.loop import Preempted, _StopFlag
 
@@ -130,7 +131,8 @@ def _encode_all(config: Config, teacher, staging: ResumableStaging, telemetry, s
 
     samples = load_samples(dcfg.dataset, dcfg.images, dcfg.bad_sample_policy, dcfg.limit, skips, res,
                            dcfg.num_workers)
-    for sample in samples:
+    # The total is known only with data.limit (counting a dataset would read it twice): without it, count and rate.
+    for sample in progress_iter(samples, dcfg.limit, "cache-latents", unit="image", telemetry=telemetry):
         if stop.signal is not None:
             raise Preempted(f"stopped by signal {stop.signal} after {len(captions)} samples; {len(writer.shards)} "
                             f"complete shards kept in {staging.folder}: rerun to resume")
@@ -146,10 +148,6 @@ def _encode_all(config: Config, teacher, staging: ResumableStaging, telemetry, s
                 encode_batch()
         if state["count"] == dcfg.shard_size:
             end_shard()
-        if len(captions) % dcfg.batch_size == 0:
-            telemetry.progress(len(captions), dcfg.limit or len(captions))
-            if len(captions) % (dcfg.batch_size * 20) == 0:
-                log.info("cache-latents: %d images read", len(captions))
     if state["count"]:
         end_shard()
     if stop.signal is not None:

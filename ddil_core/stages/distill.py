@@ -28,6 +28,7 @@ from ddil_core.method.objectives import ObjectiveContext, build_objective
 from ddil_core.method.rollouts import student_rollout, teacher_interval_step
 from ddil_core.models.denoiser import Denoiser
 from ddil_core.models.pipeline_io import LORA_WEIGHTS, save_fused_student, save_student_pipeline
+from ddil_core.progress import Progress
 from ddil_core.registry.lineage import training_lineage
 from ddil_core.stages.common import (load_teacher, read_latent_cache, rollout_guidance, stage_run,
                                      write_resolved_config)
@@ -170,9 +171,30 @@ def _distill(config, latents, rollouts, out, on_log, on_checkpoint, replace_prev
         raise
 
 
+def headline_loss(record: dict) -> Optional[float]:
+    """The loss shown beside the progress: the objective's first loss term over all states of the interval
+    (PD and LCM have one term; DMD2's first is the generator's)."""
+    for means in (record.get("loss") or {}).values():
+        if isinstance(means, dict) and "all" in means:
+            return float(means["all"])
+    return None
+
+
 def _train_and_publish(config, objective, trainer, teacher, cache, buffer, out: Path, latents, rollouts) -> Path:
     trainer.resume()
-    trainer.train()
+    log_record = trainer.on_log
+    with Progress("distill", objective.total_steps(), unit="step", initial=trainer.step,
+                  enabled=trainer.is_main) as progress:
+
+        def log_and_show(record: dict) -> None:
+            loss = headline_loss(record)
+            if loss is not None:
+                progress.note(loss=loss)
+            if log_record is not None:
+                log_record(record)
+
+        trainer.on_log, trainer.on_step = log_and_show, progress.update_to
+        trainer.train()
     sharded = "student" in trainer.sharded
     full = trainer.full_state("student") if sharded else None  # gathered from the shards, on every rank
     if sharded:  # every rank checks: the student's own sampler gathers its shards as it runs

@@ -14,7 +14,8 @@ Writes, atomically (built under a temporary sibling name, then renamed):
                         the floor (real train vs held-out), VAE and classifier quality, timings
     DIR/resolved_config.yaml
 
-Budgets are `config.demo` (steps, with optional wall-clock guards). Progress goes to the log every ~10 s.
+Budgets are `config.demo` (steps, with optional wall-clock guards). Progress: a bar on a terminal, else a log line
+every ~10 s (ddil_core/progress.py).
 """
 from __future__ import annotations
 
@@ -31,13 +32,14 @@ from ddil_core.config import Config, ConfigError
 from ddil_core.data.datasets import digit_caption
 from ddil_core.data.shards import publish_dir, staging_dir, write_json_atomic
 from ddil_core.demo.data import load_digits, write_image_folder
-from ddil_core.demo.progress import Progress, ThreadTuner, torch_threads
+from ddil_core.demo.threads import ThreadTuner, torch_threads
 from ddil_core.demo.quality import classify, digit_prompts, score
 from ddil_core.demo.teacher import build_text_encoder, embed, train_teacher_unet
 from ddil_core.demo.vae import fold_latent_normalization, posterior_means, reconstruct, train_vae
 from ddil_core.metrics.fid import frechet_distance
 from ddil_core.models.classifier import train_digit_classifier
 from ddil_core.models.tiny import tiny_scheduler
+from ddil_core.progress import Progress
 from ddil_core.stages.common import write_resolved_config
 from ddil_core.stages.sample import generate
 
@@ -80,16 +82,17 @@ def sample_digits(pipe, steps: int, guidance: float, images_per_digit: int, adap
     With adapt_threads, a ThreadTuner (starting at start_threads: what training settled on) picks the thread count
     chunk by chunk."""
     prompts, labels = digit_prompts(images_per_digit)
-    progress = Progress(f"sampling ({steps} DDIM steps, guidance {guidance:g}) image", len(prompts))
     tuner = ThreadTuner(adapt_threads, window=2, probe=1, explore_every=4, start=start_threads)
     images = []
     try:
-        for start in range(0, len(prompts), SAMPLE_CHUNK):
-            chunk = prompts[start:start + SAMPLE_CHUNK]
-            seeds = [EVAL_SEED_BASE + start + i for i in range(len(chunk))]
-            images.append(generate(pipe, chunk, seeds, steps, guidance))
-            progress.update(start + len(chunk))
-            tuner.step()
+        with Progress(f"prepare-demo: teacher samples at {steps} DDIM steps, guidance {guidance:g}", len(prompts),
+                      unit="image") as progress:
+            for start in range(0, len(prompts), SAMPLE_CHUNK):
+                chunk = prompts[start:start + SAMPLE_CHUNK]
+                seeds = [EVAL_SEED_BASE + start + i for i in range(len(chunk))]
+                images.append(generate(pipe, chunk, seeds, steps, guidance))
+                progress.update_to(start + len(chunk))
+                tuner.step()
     finally:
         tuner.restore()
     return torch.cat(images), labels
@@ -130,7 +133,7 @@ def _prepare_demo(config: Config, out: str | Path) -> dict:
 
         t = time.monotonic()
         # The classifier is small: one thread is nearly as fast as two on a free CPU and many times faster on a
-        # shared one (demo/progress.py: ThreadTuner).
+        # shared one (demo/threads.py: ThreadTuner).
         with torch_threads(1 if d.adapt_threads else torch.get_num_threads()):
             classifier = train_digit_classifier(train.images01, train.labels, steps=d.classifier_steps, seed=d.seed)
         held_feats, held_pred = classify(classifier, held.images01)

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Optional
 
 from ddil_core.config import Config, ConfigError, resolved_dict
-from ddil_core.config_ranges import schedule_problems
 from ddil_core.data.shards import folder_digest
 from ddil_core.models.pipeline_io import STUDENT_INFO, ModelError
 from ddil_core.stages.outputs import RERUN_MAY_DIFFER, flatten_config
@@ -41,24 +40,6 @@ def student_info(folder) -> Optional[dict]:
             isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in timesteps)):
         raise ModelError(f"{path}: 'timesteps' must be a list of non-negative integers, got {timesteps!r}"[:300])
     return info
-
-
-def check_teacher_of(teacher_pipe, teacher: str, config: Config, students: list) -> None:
-    """Each (role, folder, info) student was distilled from this teacher, and the teacher's schedule fits the
-    evaluation's step counts; its weights are finite."""
-    from ddil_core.stages.common import check_finite_weights, module_fingerprint
-
-    problems = schedule_problems(config, teacher_pipe.scheduler.config.num_train_timesteps, "evaluate")
-    if problems:
-        raise ConfigError(f"{teacher}: " + "; ".join(problems))
-    check_finite_weights(teacher_pipe, teacher)
-    mine = module_fingerprint(teacher_pipe.unet)
-    for role, folder, info in students:
-        recorded = (info or {}).get("teacher_unet")
-        if folder and recorded is not None and recorded != mine:
-            raise ModelError(f"{folder}: this {role} was distilled from teacher {info.get('teacher')} (UNet "
-                             f"{recorded}), not from --teacher {teacher} (UNet {mine}); evaluate it against its own "
-                             "teacher")
 
 
 def check_sampling_steps(folder: str, role: str, steps: list[int]) -> None:

@@ -23,6 +23,7 @@ from ddil_core.method.grid import StudentGrid
 from ddil_core.method.rollouts import NO_REFLECTION, ddim_sample, resolve_reflection
 from ddil_core.models.conditioning import index_cond
 from ddil_core.models.denoiser import Denoiser
+from ddil_core.progress import Progress
 from ddil_core.stages.common import (cache_digest, load_teacher, read_latent_cache, rollout_guidance,
                                      rollout_reflection, stage_run, write_resolved_config)
 from ddil_core.training.loop import Preempted, _StopFlag
@@ -73,6 +74,7 @@ def _teacher_rollouts(config: Config, latents: Path, out: Path, shard: int, num_
     staging = ResumableStaging(out, fingerprint, fresh=fresh)
     chunks = [mine[first:first + rcfg.shard_size] for first in range(0, len(mine), rcfg.shard_size)]
     digests = [hashlib.sha256(",".join(map(str, c.tolist())).encode()).hexdigest() for c in chunks]
+    progress = Progress("teacher-rollouts", len(mine), unit="rollout", telemetry=telemetry)
     try:
         writer = ShardWriter(staging.folder, "rollouts", rcfg.shard_size)
         reused = 0
@@ -82,6 +84,7 @@ def _teacher_rollouts(config: Config, latents: Path, out: Path, shard: int, num_
             if entry is not None and entry["count"] == len(chunk):
                 writer.adopt(entry)
                 reused += 1
+                progress.update_to(first + len(chunk))
                 continue
             for start in range(0, len(chunk), rcfg.batch_size):
                 if stop.signal is not None:
@@ -101,9 +104,7 @@ def _teacher_rollouts(config: Config, latents: Path, out: Path, shard: int, num_
                 x0 = ddim_sample(denoiser, noise, grid.timesteps, grid.prev_timesteps, cond, uncond, guidance,
                                  reflection, record)
                 writer.add({"states": states.half(), "x0": x0.half(), "ref": refs[ids], "seed": rcfg.seed + ids})
-                done = first + start + len(ids)
-                telemetry.progress(done, len(mine))
-                log.info("teacher-rollouts: %d/%d rollouts", done, len(mine))
+                progress.update_to(first + start + len(ids))
             if len(chunk) == rcfg.shard_size:  # a full shard was written: record it for a rerun
                 staging.record(writer.shards, digests)
         if reused:
@@ -126,5 +127,7 @@ def _teacher_rollouts(config: Config, latents: Path, out: Path, shard: int, num_
     except BaseException:
         staging.discard()
         raise
+    finally:
+        progress.close()
     log.info("wrote %d teacher rollouts (shard %d of %d) into %s", manifest["count"], shard, num_shards, out)
     return manifest

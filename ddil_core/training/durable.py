@@ -1,8 +1,8 @@
 """A distill output folder mirrored to object storage (s3://...), so that a preempted pod's retry, started on
 another node with an empty disk, resumes from the last checkpoint instead of from step 0.
 
-What is mirrored is what a resume reads: every checkpoint folder (checkpoints/step-NNNNNNN/, see checkpoint.py) and
-the train log. `push` runs after each checkpoint (Trainer's on_checkpoint); `pull` runs before training.
+What is mirrored is what a resume reads: every checkpoint folder (checkpoints/step-NNNNNNN/, see checkpoint.py), the
+train log and the resolved config (the rerun rule resumes a folder only under the config that made it). `push` runs after each checkpoint (Trainer's on_checkpoint); `pull` runs before training.
 
 A checkpoint on the mirror is complete when its manifest.json is there: `push` uploads a folder's other files
 first and its manifest last, so a push cut short by a kill leaves a folder without manifest, which `pull` ignores
@@ -22,6 +22,7 @@ from ddil_core.training.checkpoint import MANIFEST, checkpoint_dirs
 
 log = logging.getLogger(__name__)
 LOG = "train_log.jsonl"
+RESOLVED = "resolved_config.yaml"  # as ddil_core/stages/outputs.py names it (this module stays below the stages)
 
 
 def _fs(prefix: str):
@@ -62,8 +63,9 @@ def push(out: str | Path, prefix: str) -> None:
     for name in remote:
         if name not in keep:
             fs.rm(f"{root}/checkpoints/{name}", recursive=True)
-    if (out / LOG).is_file():
-        fs.put_file(str(out / LOG), f"{root}/{LOG}")
+    for name in (RESOLVED, LOG):
+        if (out / name).is_file():
+            fs.put_file(str(out / name), f"{root}/{name}")
     log.info("checkpoints of %s mirrored to %s (%s)", out, prefix, ", ".join(sorted(keep)) or "none")
 
 
@@ -82,8 +84,9 @@ def pull(prefix: str, out: str | Path) -> list[str]:
         fs.get(f"{root}/checkpoints/{name}/", str(tmp), recursive=True)
         os.replace(tmp, target)
         fetched.append(name)
-    if fetched and fs.exists(f"{root}/{LOG}"):
-        fs.get_file(f"{root}/{LOG}", str(out / LOG))
+    for name in (RESOLVED, LOG) if fetched else ():
+        if fs.exists(f"{root}/{name}"):
+            fs.get_file(f"{root}/{name}", str(out / name))
     if fetched:
         log.info("resuming from %s: fetched checkpoints %s", prefix, ", ".join(fetched))
     return fetched

@@ -81,7 +81,7 @@ def make_optimizer(module: torch.nn.Module, config: Config, lr: Optional[float] 
 class Trainer:
     def __init__(self, config: Config, objective: Objective, mixture: DDILMixture, out_dir: Path,
                  accelerator=None, on_log: Optional[Callable[[dict], None]] = None,
-                 on_checkpoint: Optional[Callable[[], None]] = None):
+                 on_checkpoint: Optional[Callable[[], None]] = None, on_step: Optional[Callable[[int], None]] = None):
         from accelerate import Accelerator
 
         self.config, self.objective, self.mixture = config, objective, mixture
@@ -91,6 +91,7 @@ class Trainer:
         self.accelerator = accelerator or Accelerator(mixed_precision=config.training.mixed_precision,
                                                       cpu=not torch.cuda.is_available())
         self.on_log, self.on_checkpoint = on_log, on_checkpoint
+        self.on_step = on_step  # called with the step count after every step (the stage's progress bar)
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.is_main = self.accelerator.is_main_process
         self.accum = config.training.grad_accum_steps
@@ -257,6 +258,8 @@ class Trainer:
                 self.step += 1
                 if self.step % cfg.log_every == 0 or self.step == total:
                     self.flush_log()
+                if self.on_step is not None:
+                    self.on_step(self.step)
                 if self.step % cfg.checkpoint_every == 0 or self.step == total:
                     self.save()
                 out_of_time = bool(cfg.wall_clock_limit_s and time.monotonic() - started > cfg.wall_clock_limit_s)

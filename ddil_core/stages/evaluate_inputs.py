@@ -1,0 +1,105 @@
+"""What evaluate measures against: the prompts (and the class each asks for, for adherence), the reference images
+(their features, streamed), and the teacher, checked to be the one the students were distilled from."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ddil_core.config import Config, ConfigError
+from ddil_core.config_ranges import schedule_problems
+from ddil_core.data.datasets import DatasetError, SkipReport, digit_caption, image_to_tensor, iter_samples
+from ddil_core.metrics.extractors import Extractor
+from ddil_core.models.pipeline_io import ModelError
+from ddil_core.models.tiny import DIGIT_WORDS
+from ddil_core.stages.common import check_finite_weights, module_fingerprint
+
+
+def read_prompt_file(path: str) -> list[str]:
+    """One prompt per non-blank line (surrounding whitespace stripped)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"prompts file not found: {path}")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise DatasetError(f"{path}: prompts file is not valid UTF-8") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise DatasetError(f"{path}: prompts file has no prompts (one per line)")
+    return prompts
+
+
+def default_prompts(reference_uri: str, captions: list[str]) -> list[str]:
+    """demo://digits: the ten digit captions in digit order; otherwise the distinct captions in data order."""
+    if reference_uri.startswith("demo://digits"):
+        return [digit_caption(i) for i in range(len(DIGIT_WORDS))]
+    return list(dict.fromkeys(c.strip() for c in captions if c and c.strip()))
+
+
+_NUMERAL = {str(i): i for i in range(10)}
+_WORD = {w: i for i, w in enumerate(DIGIT_WORDS)}
+
+
+def prompt_class(prompt: str) -> Optional[int]:
+    """The digit class a prompt asks for ("a handwritten digit seven" -> 7, "the number 3" -> 3); None when it
+    names no digit or several different ones."""
+    found = {(_WORD.get(tok) if tok in _WORD else _NUMERAL.get(tok)) for tok in re.findall(r"[a-z]+|\d+",
+                                                                                             prompt.lower())}
+    found.discard(None)
+    return found.pop() if len(found) == 1 else None
+
+
+def adherence(predicted: torch.Tensor, wanted: list[int]) -> float:
+    """Share of images whose predicted class is the prompted one (`wanted` per image)."""
+    wanted_t = torch.as_tensor(wanted, dtype=torch.long)
+    if predicted.shape[0] != wanted_t.shape[0]:
+        raise ValueError(f"{predicted.shape[0]} predictions for {wanted_t.shape[0]} images")
+    return float((predicted.long().cpu() == wanted_t).double().mean())
+
+
+# ---------------------------------------------------------------------------------------------------- reference
+def reference_uri(config: Config, reference: Optional[str]) -> str:
+    if reference:
+        return reference
+    dataset = config.data.dataset
+    if dataset.startswith("demo://digits"):
+        return "demo://digits/eval"  # the held-out split: the teacher was trained on the other one
+    return dataset
+
+
+def reference_features(config: Config, uri: str, resolution: int, extractor: Extractor,
+                       batch_size: int = 64) -> tuple[torch.Tensor, list[str], int]:
+    """Features [N, D] of the reference images (streamed in batches, never all images in memory), their captions,
+    and the number of bad samples skipped."""
+    images_root = config.data.images if uri == config.data.dataset else None
+    skips = SkipReport()
+    feats, captions, batch = [], [], []
+    for sample in iter_samples(uri, images_root, config.data.bad_sample_policy, config.evaluation.num_reference,
+                               skips, resolution):
+        batch.append(((image_to_tensor(sample.image, resolution) + 1) / 2).clamp(0, 1))
+        captions.append(sample.caption)
+        if len(batch) == batch_size:
+            feats.append(extractor.features(torch.stack(batch)))
+            batch.clear()
+    if batch:
+        feats.append(extractor.features(torch.stack(batch)))
+    return torch.cat(feats), captions, skips.skipped
+
+
+def check_teacher_of(teacher_pipe, teacher: str, config: Config, students: list) -> None:
+    """Each (role, folder, info) student was distilled from this teacher, and the teacher's schedule fits the
+    evaluation's step counts; its weights are finite."""
+    problems = schedule_problems(config, teacher_pipe.scheduler.config.num_train_timesteps, "evaluate")
+    if problems:
+        raise ConfigError(f"{teacher}: " + "; ".join(problems))
+    check_finite_weights(teacher_pipe, teacher)
+    mine = module_fingerprint(teacher_pipe.unet)
+    for role, folder, info in students:
+        recorded = (info or {}).get("teacher_unet")
+        if folder and recorded is not None and recorded != mine:
+            raise ModelError(f"{folder}: this {role} was distilled from teacher {info.get('teacher')} (UNet "
+                             f"{recorded}), not from --teacher {teacher} (UNet {mine}); evaluate it against its own "
+                             "teacher")
