@@ -137,7 +137,11 @@ def load_pipeline(uri: str, family: str = "auto", allow_pickle: bool = False, dt
                 raise ModelError(f"{uri}: no such folder, and no hub model of that id could be loaded "
                                  f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]})") from None
             raise ModelError(f"{uri}: could not load the pipeline ({type(exc).__name__}: {exc})") from None
-        if (Path(source) / LORA_WEIGHTS).exists():  # a LoRA student: the teacher's pipeline plus its adapters
+        try:
+            student = read_student_info(Path(source)) if Path(source).is_dir() else None
+        except ValueError:  # an unreadable ddil_student.json: not a LoRA student folder this code wrote
+            student = None
+        if isinstance(student, dict) and student.get("lora"):  # a LoRA student: the teacher's pipeline plus its adapters
             load_student_lora(pipe, Path(source))
     found = family_of(pipe)
     if family not in ("auto", found):
