@@ -118,6 +118,22 @@ class LCMConfig:
     time_cond_proj_dim: int = 256
 
 
+# diffusers examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py: its default LoRA targets (attention,
+# feed-forward, resnet convolutions, resamplers and the time-embedding projections of every block).
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA adapters (peft) on a frozen copy of the teacher instead of training every weight (models/trainable.py)."""
+
+    rank: int = 0  # 0: off, every weight is trained (full fine-tuning)
+    alpha: Optional[float] = None  # LoRA scale alpha / rank; None: alpha = rank (scale 1)
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    save_fused: bool = False  # student only: also write DIR/student-fused/, the adapters fused into a full UNet
+
+
 @dataclass
 class DMD2Config:
     """Distribution matching distillation v2 (Yin et al. 2024; code: tianweiy/DMD2). Defaults are the reference's
@@ -139,6 +155,7 @@ class DMD2Config:
     regression_weight: float = 0.0  # DMD (v1)'s regression on the teacher's noise-image pairs; 0: off, as in DMD2
     regression_loss: Literal["l2", "huber"] = "l2"  # DMD used LPIPS on images, which needs downloaded weights: ours
     #                                                 is in latent space (huber: pseudo-Huber, c = 1e-3 as LCM)
+    fake_lora: LoRAConfig = field(default_factory=LoRAConfig)  # LoRA on the fake score (rank 0: trained fully, as DMD2)
 
 
 @dataclass
@@ -186,6 +203,13 @@ class TrainingConfig:
     seed: int = 0
     max_nonfinite_in_a_row: int = 10
     wall_clock_limit_s: Optional[float] = None  # guard: checkpoint and stop when exceeded
+    # --- memory at scale (docs/performance.md section 7, README "Real scale"); all off by default: nothing changes
+    gradient_checkpointing: bool = False  # recompute activations in backward, trainable UNets only (student, fake score)
+    grad_accum_steps: int = 1  # batch_size is the global batch of one update, in grad_accum_steps micro-batches:
+    #                            per-device micro-batch = batch_size / (processes x grad_accum_steps)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # LoRA student (rank > 0); saved for load_lora_weights
+    fsdp: bool = False  # shard the trainable networks over the processes (FSDP2 fully_shard; training/fsdp.py)
+    streaming: bool = False  # read latents, embeddings and rollout states from the shards per batch, not into memory
 
 
 @dataclass

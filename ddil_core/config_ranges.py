@@ -97,6 +97,8 @@ RANGES: dict[str, Range] = {
     "objective.dmd2.gan_gen_weight": NON_NEGATIVE,
     "objective.dmd2.gan_disc_weight": NON_NEGATIVE,
     "objective.dmd2.regression_weight": NON_NEGATIVE,
+    "objective.dmd2.fake_lora.rank": NATURAL,  # 0: the fake score trained fully
+    "objective.dmd2.fake_lora.alpha": POSITIVE,
     "rollouts.num_samples": COUNT,
     "rollouts.teacher_steps": COUNT,
     "rollouts.guidance_scale": GUIDANCE,
@@ -117,6 +119,9 @@ RANGES: dict[str, Range] = {
     "training.seed": SEED,
     "training.max_nonfinite_in_a_row": COUNT,
     "training.wall_clock_limit_s": POSITIVE,
+    "training.grad_accum_steps": COUNT,
+    "training.lora.rank": NATURAL,  # 0: full fine-tuning
+    "training.lora.alpha": POSITIVE,
     "evaluation.num_prompts": COUNT,
     "evaluation.images_per_prompt": COUNT,
     "evaluation.seed": SEED,

@@ -83,6 +83,12 @@ def config_problems(config: Config) -> list[str]:
             problems.append(f"training.{name} = {getattr(t, name)} must be at least 1")
     if t.lr <= 0:
         problems.append(f"training.lr = {t.lr} must be positive")
+    if t.grad_accum_steps >= 1 and t.batch_size % t.grad_accum_steps:
+        problems.append(f"training.batch_size = {t.batch_size} must be divisible by training.grad_accum_steps = "
+                        f"{t.grad_accum_steps} (batch_size is the global batch of one update)")
+    for where, lora in (("training.lora", t.lora), ("objective.dmd2.fake_lora", config.objective.dmd2.fake_lora)):
+        if lora.rank > 0 and not lora.target_modules:
+            problems.append(f"{where}.target_modules is empty: a LoRA needs at least one module to adapt")
     if not 0 <= config.ddil.bernoulli_teacher_p <= 1:
         problems.append(f"ddil.bernoulli_teacher_p = {config.ddil.bernoulli_teacher_p} must be in [0, 1]")
     if config.data.shard_size < 1:

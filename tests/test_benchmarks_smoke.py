@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 
-from benchmarks import cache_throughput, ddil_overhead, gpu_unets, scaling, serve_load, student_speedup
+from benchmarks import cache_throughput, ddil_overhead, gpu_unets, scale, scaling, serve_load, student_speedup
 from benchmarks.common import build_data
 
 COMMON_KEYS = {"benchmark", "command", "machine", "settings", "table_markdown"}
@@ -140,3 +140,29 @@ def test_serve_load_runs_the_real_server(tmp_path, bench_data):
         assert case["failed_requests"] == 0 and case["requests"] == 4 and case["server_exit_code"] == 0
         assert {"p50", "p95", "p99"} == set(case["latency_seconds"])
         assert case["images_per_second"]["median"] > 0 and case["mean_batch_formed"] >= 1
+
+
+def test_scale_cpu_part(tmp_path):
+    scale.main(["--quick", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "s.json")])
+    data = _written(tmp_path / "s.json", "scale")
+    assert {(e["objective"], e["feature"]) for e in data["updates"]} == {("pd", "full_fp32"),
+                                                                        ("pd", "bf16+checkpointing+lora")}
+    for e in data["updates"]:
+        assert "error" not in e, e["error"]
+        assert e["update_peak_bytes"] > 0 and e["peak_rss_bytes"] > e["rss_models_bytes"] > 0
+    assert {e["exit_code"] for e in data["cache_runs"]} == {0}
+    assert set(data["cache_summary"]["streaming"]["peak_rss_bytes"]) == {"1", "2"}
+    assert "streaming_flat_within_20_percent" in data["cache_summary"]
+
+
+def test_scale_gpu_part_runs_on_a_cpu(tmp_path):
+    scale.main(["--quick", "--gpu", "--out", str(tmp_path / "g.json")])
+    data = _written(tmp_path / "g.json", "scale_gpu")
+    assert data["measured_on_gpu"] is False
+    assert {(e["model"], e["objective"]) for e in data["updates"]} == {(m, o) for m in ("sd15", "ssd1b")
+                                                                      for o in ("pd", "lcm", "dmd2")}
+    for e in data["updates"]:
+        assert "error" not in e, e["error"]
+        assert {"batch", "seconds_per_update", "images_per_second", "peak_memory_bytes", "mfu"} <= set(e)
+    for model in ("sd15", "ssd1b"):
+        assert {"teacher_50_cfg", "student_1"} <= set(data["sampling"][model]["speedup_vs_teacher"])

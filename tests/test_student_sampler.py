@@ -59,7 +59,14 @@ def training_sampler_latents(config, latents_dir, student_dir, seed: int, reflec
     objective = build_objective(config.objective.name, objective_context(config, teacher, cache))
     objective.advance(objective.total_steps())  # PD: the last stage's grid, the one the shipped student samples
     student = objective.trainable()["student"]
-    student.load_state_dict(load_file(str(student_dir / "unet" / "diffusion_pytorch_model.safetensors")))
+    if config.training.lora.rank:  # the trained adapters, from the run's last checkpoint (not the shipped files)
+        from ddil_core.models.trainable import load_trainable_state
+        from ddil_core.training.checkpoint import latest_checkpoint
+
+        ckpt = latest_checkpoint(student_dir.parent / "checkpoints")
+        load_trainable_state(student, load_file(str(ckpt / "model_student.safetensors")))
+    else:
+        student.load_state_dict(load_file(str(student_dir / "unet" / "diffusion_pytorch_model.safetensors")))
     student.eval()
     if not reflection:
         objective.refl_rollouts = NO_REFLECTION
@@ -71,12 +78,15 @@ def training_sampler_latents(config, latents_dir, student_dir, seed: int, reflec
     return x
 
 
-def diffusers_latents(student_dir, seed: int) -> torch.Tensor:
-    """Plain diffusers, no project code: the folder and the two numbers of ddil_student.json."""
+def diffusers_latents(student_dir, seed: int, lora: bool = False) -> torch.Tensor:
+    """Plain diffusers, no project code: the folder and the two numbers of ddil_student.json (and for a LoRA student
+    its adapters, loaded with load_lora_weights from the same folder)."""
     from diffusers import DiffusionPipeline
 
     info = json.loads((student_dir / "ddil_student.json").read_text())
     pipe = DiffusionPipeline.from_pretrained(str(student_dir))
+    if lora:
+        pipe.load_lora_weights(str(student_dir))
     pipe.set_progress_bar_config(disable=True)
     return pipe(PROMPT, num_inference_steps=info["num_inference_steps"], guidance_scale=info["guidance_scale"],
                 generator=torch.Generator().manual_seed(seed), output_type="latent").images
@@ -169,3 +179,58 @@ def test_the_model_card_snippet_runs_the_trained_sampler(tmp_path, data8, monkey
     assert main(["sample", "--model", str(student), "--prompt", PROMPT, "--seed", "2", "--out", "ours.png"]) == 0
     theirs = np.asarray(Image.open("sample.png"), dtype=np.int32)
     assert np.abs(np.asarray(Image.open("ours.png"), dtype=np.int32) - theirs).max() <= 1
+
+
+LORA = ["training.lora.rank=4", "training.lora.save_fused=true", "training.lr=1e-2"]  # lr: adapters that matter
+# dynamic reflection of the student's rollouts only: data8's rollouts were made without reflection
+LORA_REFLECTION = [*REFLECTION["dynamic"], "ddil.reflection.apply_to=[student_rollouts]"]
+
+
+@pytest.mark.parametrize("objective", ["pd", "lcm", "dmd2"])
+def test_lora_student_loads_in_plain_diffusers_and_samples_as_trained(tmp_path, data8, objective):
+    """The LoRA student folder is the teacher's pipeline with the student's scheduler; plain diffusers plus
+    load_lora_weights(folder) samples as the training-time sampler does, and so does the fused full student."""
+    latents, rollouts = data8["sd15"]
+    config = tiny_config("sd15", *TRAIN, *OBJECTIVES[objective], *LORA_REFLECTION, *LORA)
+    student = distill(config, latents, [rollouts], tmp_path / "run")
+    info = json.loads((student / "ddil_student.json").read_text())
+    assert info["lora"]["rank"] == 4 and (student / info["lora"]["weights"]).exists()
+    ours = training_sampler_latents(config, latents, student, seed=3)
+    theirs = diffusers_latents(student, seed=3, lora=True)
+    assert relative(ours, theirs) <= 1e-5
+    assert relative(diffusers_latents(tmp_path / "run" / "student-fused", seed=3), theirs) <= 1e-5
+    # the adapters matter: the same folder without them (the teacher's UNet) lands elsewhere
+    assert relative(diffusers_latents(student, seed=3), theirs) > 1e-3
+    if objective == "lcm":  # LCM-LoRA: the teacher's own UNet, no guidance embedding, no CFG at sampling
+        assert info["guidance_scale"] == 1.0
+        assert json.loads((student / "unet" / "config.json").read_text())["time_cond_proj_dim"] is None
+
+
+def test_lora_model_card_and_ddil_sample_load_the_adapters(tmp_path, data8, monkeypatch):
+    """`ddil sample` (load_pipeline) applies a LoRA student's adapters, and the model card's snippet says how:
+    run as written, it gives the image `ddil sample` gives."""
+    import re
+
+    import numpy as np
+    from PIL import Image
+
+    from ddil_core.cli import main
+    from ddil_core.registry import render_model_card
+
+    latents, rollouts = data8["sd15"]
+    config = tiny_config("sd15", *TRAIN, *OBJECTIVES["lcm"], *LORA)
+    student = distill(config, latents, [rollouts], tmp_path / "run")
+    info = json.loads((student / "ddil_student.json").read_text())
+    metrics = {"models": {"student": {"steps": info["num_inference_steps"], "guidance_scale": info["guidance_scale"]}}}
+    card = render_model_card("s", 1, metrics, {"training": {"lora": {"rank": 4}}}, None, "ddil test",
+                             model_path=str(student))
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert f'pipe.load_lora_weights("{student}")' in code
+    code = code.replace('"a photo of a cat"', f'"{PROMPT}", generator=__import__("torch").Generator().manual_seed(2)')
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "model-card", "exec"), {})
+    assert main(["sample", "--model", str(student), "--prompt", PROMPT, "--seed", "2", "--out", "ours.png"]) == 0
+    theirs = np.asarray(Image.open("sample.png"), dtype=np.int32)
+    assert np.abs(np.asarray(Image.open("ours.png"), dtype=np.int32) - theirs).max() <= 1
+    exec(compile(code.replace("pipe.load_lora_weights", "# "), "no-lora", "exec"), {})  # without the adapters
+    assert np.abs(np.asarray(Image.open("sample.png"), dtype=np.int32) - theirs).max() > 1

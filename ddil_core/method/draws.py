@@ -8,15 +8,31 @@ rows: the generators stay in step, sample i gets the same draw on 1 or 8 process
 """
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 
 
 class SampleDraws:
-    def __init__(self, generator: torch.Generator, start: int, stop: int, total: int):
-        """Rows [start, stop) of a global batch of `total` samples."""
+    def __init__(self, generator: torch.Generator, start: int, stop: int, total: int, shared: Optional[list] = None):
+        """Rows [start, stop) of a global batch of `total` samples. `shared`: one list for all the micro-batches of a
+        global batch (gradient accumulation): the i-th draw of every micro-batch's loss is then the same global draw
+        (made once, by the first micro-batch), so accumulating gives the draws, and the update, of one big batch."""
         if not 0 <= start <= stop <= total:
             raise ValueError(f"rows [{start}, {stop}) are not inside a batch of {total}")
         self.generator, self.start, self.stop, self.total = generator, start, stop, total
+        self._shared, self._calls = shared, 0
+
+    def _global(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if self._shared is None:
+            return make()
+        if self._calls == len(self._shared):
+            self._shared.append((key, make()))
+        seen, value = self._shared[self._calls]
+        if seen != key:
+            raise RuntimeError(f"micro-batch draw {self._calls} is {key}, the first micro-batch drew {seen}")
+        self._calls += 1
+        return value
 
     @classmethod
     def whole(cls, generator: torch.Generator, n: int) -> "SampleDraws":
@@ -25,12 +41,14 @@ class SampleDraws:
 
     def rand(self) -> torch.Tensor:
         """[n] uniform in [0, 1)."""
-        return torch.rand(self.total, generator=self.generator)[self.start:self.stop]
+        return self._global(("rand",), lambda: torch.rand(self.total, generator=self.generator))[self.start:self.stop]
 
     def randn(self, *shape: int) -> torch.Tensor:
         """[n, *shape] standard normal."""
-        return torch.randn(self.total, *shape, generator=self.generator)[self.start:self.stop]
+        return self._global(("randn", *shape), lambda: torch.randn(self.total, *shape, generator=self.generator)
+                            )[self.start:self.stop]
 
     def randint(self, low: int, high: int) -> torch.Tensor:
         """[n] integers in [low, high)."""
-        return torch.randint(low, high, (self.total,), generator=self.generator)[self.start:self.stop]
+        return self._global(("randint", low, high), lambda: torch.randint(low, high, (self.total,),
+                                                                           generator=self.generator))[self.start:self.stop]

@@ -18,6 +18,7 @@ from ddil_core.models.tiny import build_tiny_pipeline
 log = logging.getLogger(__name__)
 
 STUDENT_INFO = "ddil_student.json"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' save_lora_weights / load_lora_weights file name
 REQUIRED = {"sd15": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
             "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")}
 
@@ -136,6 +137,12 @@ def load_pipeline(uri: str, family: str = "auto", allow_pickle: bool = False, dt
                 raise ModelError(f"{uri}: no such folder, and no hub model of that id could be loaded "
                                  f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]})") from None
             raise ModelError(f"{uri}: could not load the pipeline ({type(exc).__name__}: {exc})") from None
+        try:
+            student = read_student_info(Path(source)) if Path(source).is_dir() else None
+        except ValueError:  # an unreadable ddil_student.json: not a LoRA student folder this code wrote
+            student = None
+        if isinstance(student, dict) and student.get("lora"):  # a LoRA student: the teacher's pipeline plus its adapters
+            load_student_lora(pipe, Path(source))
     found = family_of(pipe)
     if family not in ("auto", found):
         raise ModelError(f"{uri}: is an {found} pipeline but the recipe says model.family = {family}")
@@ -156,12 +163,25 @@ def read_student_info(folder: Path) -> Optional[dict]:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def load_student_lora(pipe, folder: Path) -> None:
+    """A LoRA student folder is the teacher's pipeline plus the student's adapters: load them as a user would."""
+    try:
+        pipe.load_lora_weights(str(folder))
+    except Exception as exc:
+        raise ModelError(f"{folder / LORA_WEIGHTS}: could not load the LoRA weights ({type(exc).__name__}: {exc})") from None
+
+
 def save_student_pipeline(teacher_pipe, student_unet, scheduler, out_dir: Path, info: dict) -> None:
-    """Write the student as a plain diffusers pipeline of the teacher's class, atomically."""
+    """Write the student as a plain diffusers pipeline of the teacher's class, atomically. A LoRA student
+    (models/trainable.py) is written as the teacher's pipeline with the student's scheduler plus its adapters in
+    diffusers' LoRA format, which `pipe.load_lora_weights(folder)` reads."""
     import copy
 
+    from ddil_core.models.trainable import lora_layers, uses_lora
+
     components = dict(teacher_pipe.components)
-    unet = copy.deepcopy(student_unet).to("cpu").eval()
+    lora = lora_layers(student_unet) if uses_lora(student_unet) else None
+    unet = copy.deepcopy(teacher_pipe.unet if lora is not None else student_unet).to("cpu").eval()
     if unet.dtype != teacher_pipe.vae.dtype:
         unet.to(teacher_pipe.vae.dtype)
     components["unet"] = unet
@@ -173,8 +193,34 @@ def save_student_pipeline(teacher_pipe, student_unet, scheduler, out_dir: Path, 
         tmp = staging_dir(out_dir)
         try:
             pipe.save_pretrained(str(tmp), safe_serialization=True)
+            if lora is not None:
+                type(pipe).save_lora_weights(str(tmp), unet_lora_layers={k: v.detach().cpu() for k, v in lora.items()},
+                                             weight_name=LORA_WEIGHTS, safe_serialization=True)
             write_json_atomic(tmp / STUDENT_INFO, info)
         except BaseException:  # a full disk, an interruption: nothing half-written is left
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        publish_dir(tmp, out_dir)
+
+
+def save_fused_student(student_dir: Path, out_dir: Path) -> None:
+    """A LoRA student's adapters fused into a full UNet, by plain diffusers (load_lora_weights, fuse_lora,
+    unload_lora_weights), written as a full student pipeline."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(student_dir))
+    pipe.load_lora_weights(str(student_dir))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    info = {**(read_student_info(student_dir) or {}), "lora": None, "fused_from": str(student_dir)}
+    out_dir = Path(out_dir)
+    remove_stale_staging(out_dir)
+    with disk_full_is_clear(out_dir):
+        tmp = staging_dir(out_dir)
+        try:
+            pipe.save_pretrained(str(tmp), safe_serialization=True)
+            write_json_atomic(tmp / STUDENT_INFO, info)
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         publish_dir(tmp, out_dir)

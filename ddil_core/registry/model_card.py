@@ -175,9 +175,10 @@ def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix, obj)]
 
 
-def _usage(model_path: str, steps: Optional[int], guidance: Optional[float]) -> str:
+def _usage(model_path: str, steps: Optional[int], guidance: Optional[float], lora: bool = False) -> str:
     """The two lines that sample the student exactly as it was trained and evaluated: its saved scheduler, its
-    recommended steps and its guidance (diffusers' default 7.5 would add CFG on top of distilled guidance)."""
+    recommended steps and its guidance (diffusers' default 7.5 would add CFG on top of distilled guidance). A LoRA
+    student's folder is the teacher's pipeline with the student's scheduler: one more line loads its adapters."""
     step_arg = f", num_inference_steps={steps}" if steps else ""
     guidance_arg = f", guidance_scale={guidance:g}" if guidance is not None else ""
     lines = ["```python", "from diffusers import DiffusionPipeline", ""]
@@ -188,6 +189,8 @@ def _usage(model_path: str, steps: Optional[int], guidance: Optional[float]) -> 
         model_path = "./student"
     lines += [
         f'pipe = DiffusionPipeline.from_pretrained("{model_path}")',
+        *([f'pipe.load_lora_weights("{model_path}")  # a LoRA student: the adapters beside the teacher\'s weights']
+          if lora else []),
         f'image = pipe("a photo of a cat"{step_arg}{guidance_arg}).images[0]',
         'image.save("sample.png")',
         "```",
@@ -233,6 +236,7 @@ def render_model_card(
     steps = student.get("steps") if isinstance(student.get("steps"), int) else None
     guidance = student.get("guidance_scale") if isinstance(student.get("guidance_scale"), (int, float)) else None
     objective = teacher = None
+    lora = bool(((config or {}).get("training") or {}).get("lora", {}).get("rank")) if config else False
     if config:
         steps = steps or (config.get("objective") or {}).get("student_steps")
         objective = (config.get("objective") or {}).get("name")
@@ -281,7 +285,7 @@ def render_model_card(
         "",
         "## Usage",
         "",
-        _usage(path, steps, guidance),
+        _usage(path, steps, guidance, lora),
     ]
     return str(ModelCard(f"---\n{card_data(objective, teacher).to_yaml()}\n---\n\n" + "\n".join(out)))
 

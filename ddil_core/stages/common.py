@@ -89,6 +89,7 @@ class Teacher:
     schedule: NoiseSchedule  # as configured (for sampling like the pipeline)
     train_schedule: NoiseSchedule  # final alpha 1: the last student step returns its x0 estimate
     uri: str = ""  # model.teacher, for messages
+    unet_fingerprint: Optional[str] = None  # unet_id() of the weights as loaded (distill casts them to model.dtype)
 
     @property
     def unet(self):
@@ -100,8 +101,11 @@ class Teacher:
         return (self.pipe.unet.config.in_channels, side, side)
 
     def unet_id(self) -> str:
-        """The UNet's fingerprint: what teacher-rollouts records and distill and evaluate compare."""
-        return module_fingerprint(self.pipe.unet)
+        """The UNet's fingerprint: what teacher-rollouts records and distill and evaluate compare. Taken once, so a
+        bf16 copy of the frozen teacher (model.dtype) still matches the rollouts its fp32 weights made."""
+        if self.unet_fingerprint is None:
+            self.unet_fingerprint = module_fingerprint(self.pipe.unet)
+        return self.unet_fingerprint
 
     def text_encoder_ids(self) -> list[str]:
         return [module_fingerprint(self.pipe.text_encoder),
@@ -170,7 +174,7 @@ def check_finite_weights(pipe, uri: str) -> None:
 
 @dataclass
 class LatentCache:
-    latents: torch.Tensor  # [N, C, H, W] float16
+    latents: torch.Tensor  # [N, C, H, W] float16 (or ShardRows, streaming)
     cond: Cond  # [N, ...]
     uncond: Cond  # [1, ...]
     captions: list[str]
@@ -187,7 +191,8 @@ def cache_digest(manifest: dict) -> str:
     return hashlib.sha256(json.dumps([e["sha256"] for e in manifest["shards"]]).encode()).hexdigest()[:16]
 
 
-def read_latent_cache(folder: Path, teacher: Optional[Teacher] = None, config: Optional[Config] = None) -> LatentCache:
+def read_latent_cache(folder: Path, teacher: Optional[Teacher] = None, config: Optional[Config] = None,
+                      streaming: bool = False) -> LatentCache:
     """A latent cache, checked against what cache-latents recorded (every shard's sha256, count and shapes; the
     captions, the unconditional embedding), given a teacher against the teacher (VAE, text encoders, resolution,
     family, latent shape), and given a config against the data.* it was made with (so the config a later stage
@@ -205,7 +210,13 @@ def read_latent_cache(folder: Path, teacher: Optional[Teacher] = None, config: O
         if diffs:
             raise ShardError(f"{folder}: the latent cache was made with other data settings than this config ("
                              + "; ".join(d.replace(" -> ", " (cache) vs ", 1) + " (config)" for d in diffs[:6]) + ")")
-    tensors, manifest = load_shards(folder, kind="latents")
+    if streaming:
+        from ddil_core.data.streaming import ShardRows, tensor_keys, verified_shards
+
+        files, manifest = verified_shards(folder, "latents")
+        tensors = {key: ShardRows(files, key) for key in tensor_keys(files)}
+    else:
+        tensors, manifest = load_shards(folder, kind="latents")
     if "latents" not in tensors:
         raise ShardError(f"{folder}: the shards hold no 'latents' tensor (is this a latent cache?)")
     latents = tensors["latents"]
@@ -223,7 +234,7 @@ def read_latent_cache(folder: Path, teacher: Optional[Teacher] = None, config: O
     if not cond or set(uncond) != set(cond):
         raise ShardError(f"{uncond_path}: holds {sorted(uncond)}, the shards' prompt embeddings are {sorted(cond)}")
     for name, tensor in (("latents", latents), *cond.items(), *(("uncond " + k, v) for k, v in uncond.items())):
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not _all_finite(tensor):
             raise ShardError(f"{folder}: the cached {name} hold non-finite values (NaN or infinity); rebuild the cache")
     captions_path = folder / "captions.json"
     try:
@@ -234,6 +245,12 @@ def read_latent_cache(folder: Path, teacher: Optional[Teacher] = None, config: O
                                                                                       for c in captions):
         raise ShardError(f"{captions_path}: expected a list of {latents.shape[0]} captions, one per cached latent")
     return LatentCache(latents, cond, uncond, captions, manifest)
+
+
+def _all_finite(tensor) -> bool:
+    if isinstance(tensor, torch.Tensor):
+        return bool(torch.isfinite(tensor).all())
+    return tensor.all_finite()  # ShardRows: chunk by chunk, never the whole cache in memory
 
 
 def check_cache_matches(manifest: dict, teacher: Teacher, folder: Path) -> None:

@@ -12,6 +12,7 @@ are finite (else BrokenStudent, exit 1; DIR keeps its checkpoints and train log 
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -26,7 +27,7 @@ from ddil_core.method.mixture import DDILMixture, TrainingData
 from ddil_core.method.objectives import ObjectiveContext, build_objective
 from ddil_core.method.rollouts import student_rollout, teacher_interval_step
 from ddil_core.models.denoiser import Denoiser
-from ddil_core.models.pipeline_io import save_student_pipeline
+from ddil_core.models.pipeline_io import LORA_WEIGHTS, save_fused_student, save_student_pipeline
 from ddil_core.progress import Progress
 from ddil_core.registry.lineage import training_lineage
 from ddil_core.stages.common import (load_teacher, read_latent_cache, rollout_guidance, stage_run,
@@ -83,8 +84,6 @@ def effective_plan(config: dict) -> dict:
     """A config dict with PD's steps_per_stage resolved as PD resolves it (training.steps split over the stages), so
     a resume that changes training.steps is refused exactly when it moves a stage hand-off of the checkpointed run
     (with one stage there is no hand-off: its length is the run's, free to grow)."""
-    import copy
-
     from ddil_core.method.objectives.pd import stage_steps
 
     try:
@@ -107,7 +106,7 @@ def _distill(config, latents, rollouts, out, on_log, on_checkpoint, replace_prev
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher = load_teacher(config, device, stage="distill")
     T = teacher.schedule.num_train_timesteps
-    cache = read_latent_cache(Path(latents), teacher, config)
+    cache = read_latent_cache(Path(latents), teacher, config, streaming=config.training.streaming)
     ddil = config.ddil
     refl = ddil.reflection
     if refl.mode == "static" and refl.bound is None and cache.bounds is None:
@@ -121,6 +120,7 @@ def _distill(config, latents, rollouts, out, on_log, on_checkpoint, replace_prev
         raise ConfigError(f"training.batch_size = {config.training.batch_size} must be divisible by the {world} "
                           "processes")
     if config.model.dtype != "float32":  # a half-precision frozen teacher saves memory on GPUs
+        teacher.unet_id()  # fingerprinted as loaded, before the cast: the rollouts recorded those weights
         teacher.unet.to(getattr(torch, config.model.dtype))
     ctx = objective_context(config, teacher, cache, device)
     objective = build_objective(config.objective.name, ctx)
@@ -195,19 +195,32 @@ def _train_and_publish(config, objective, trainer, teacher, cache, buffer, out: 
 
         trainer.on_log, trainer.on_step = log_and_show, progress.update_to
         trainer.train()
+    sharded = "student" in trainer.sharded
+    full = trainer.full_state("student") if sharded else None  # gathered from the shards, on every rank
+    if sharded:  # every rank checks: the student's own sampler gathers its shards as it runs
+        check_student(objective.trainable()["student"], trainer, out, objective, cache, list(full.values()))
     if not trainer.is_main:
         trainer.accelerator.wait_for_everyone()
         return out / "student"
     student = objective.trainable()["student"]
+    if sharded:  # an unsharded copy to write (sharded training is full fine-tuning: the teacher's layout)
+        student = copy.deepcopy(teacher.unet).float()
+        student.load_state_dict(full)
     if trainer.ema is not None:
         trainer.ema.copy_to(student)
-    check_student(student, trainer, out, objective, cache)
+    if not sharded:
+        check_student(student, trainer, out, objective, cache)
+    lora = config.training.lora
     info = {**objective.student_info(), "teacher": config.model.teacher, "teacher_unet": teacher.unet_id(),
             "teacher_family": teacher.family, "steps_trained": trainer.step,
             "updates_applied": trainer.student_updates, "priors": vars(config.ddil.priors),
             "config": {k: v for k, v in resolved_dict(config).items() if k in STUDENT_SECTIONS},
             "lineage": training_lineage(config, latents, rollouts)}
+    if lora.rank:  # the folder is the teacher's pipeline: load the adapters with pipe.load_lora_weights(folder)
+        info["lora"] = {"rank": lora.rank, "alpha": lora.alpha or lora.rank, "weights": LORA_WEIGHTS}
     save_student_pipeline(teacher.pipe, student, objective.student_scheduler(), out / "student", info)
+    if lora.rank and lora.save_fused:
+        save_fused_student(out / "student", out / "student-fused")
     if buffer is not None:
         buffer.save(out / "buffer")
     else:  # no replay buffer in this run: an empty folder, so the stage writes the same outputs (dvc.yaml outs)
@@ -217,14 +230,16 @@ def _train_and_publish(config, objective, trainer, teacher, cache, buffer, out: 
     return out / "student"
 
 
-def check_student(student: torch.nn.Module, trainer: Trainer, out: Path, objective, cache) -> None:
+def check_student(student: torch.nn.Module, trainer: Trainer, out: Path, objective, cache,
+                  tensors: Optional[list] = None) -> None:
     """Never publish a broken student (issue 13, rule 3): at least one update applied to it, every weight finite,
-    and its own sampler, run on two cached prompts from fixed noise, ends in finite latents."""
+    and its own sampler, run on two cached prompts from fixed noise, ends in finite latents. `tensors`: the weights
+    to check when they are not the student's own (sharded: gathered in full)."""
     if trainer.student_updates < 1:
         raise BrokenStudent(
             f"{out}: no update was applied to the student in {trainer.step} steps ({trainer.nonfinite_total} skipped "
             "as non-finite); no student written: check the teacher, the data and training.lr")
-    tensors = [*student.parameters(), *student.buffers()]
+    tensors = tensors if tensors is not None else [*student.parameters(), *student.buffers()]
     bad = sum(int((~torch.isfinite(t)).sum()) for t in tensors if t.is_floating_point())
     if bad:
         total = sum(t.numel() for t in tensors if t.is_floating_point())

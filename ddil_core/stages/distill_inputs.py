@@ -81,7 +81,8 @@ def read_rollouts(folders: Sequence[Path], cache: LatentCache, cache_folder: Pat
                   config: Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Teacher rollouts from one or more folders (the shards of a fan-out), or from a folder of such folders, each
     checked (check_rollout_manifest) before its shards are read, then as a set: shards 0 .. N-1 of one fan-out,
-    each once. Returns states [R, K, C, H, W], timesteps [K], prompt refs [R], final images [R, C, H, W]."""
+    each once. Returns states [R, K, C, H, W], timesteps [K], prompt refs [R], final images [R, C, H, W]; with
+    training.streaming states and images are ShardRows read from the shards on demand (data/streaming.py)."""
     dirs = rollout_folders(folders)
     manifests = []
     for folder in dirs:
@@ -89,17 +90,26 @@ def read_rollouts(folders: Sequence[Path], cache: LatentCache, cache_folder: Pat
         check_rollout_manifest(folder, manifest, teacher, cache, cache_folder, config)
         manifests.append(manifest)
     check_shard_set(dirs, manifests)
-    states, refs, finals = [], [], []
+    states, refs, finals, files = [], [], [], []
     shape = (config.rollouts.teacher_steps, *teacher.latent_shape)
     for folder in dirs:
-        tensors, _ = load_shards(folder, kind="rollouts")
+        if config.training.streaming:
+            from ddil_core.data.streaming import ShardRows, tensor_keys, verified_shards
+
+            folder_files, _ = verified_shards(folder, "rollouts")
+            files += folder_files
+            tensors = {key: ShardRows(folder_files, key) for key in tensor_keys(folder_files)}
+            if "ref" in tensors:
+                tensors["ref"] = tensors["ref"].load()
+        else:
+            tensors, _ = load_shards(folder, kind="rollouts")
         if not {"states", "ref", "x0"} <= set(tensors):
             raise ShardError(f"{folder}: the shards hold {sorted(tensors)}, not rollout states, final images and "
                              "prompt refs")
         if tuple(tensors["states"].shape[1:]) != shape:
             raise ShardError(f"{folder}: rollout states of shape {tuple(tensors['states'].shape[1:])}, this run "
                              f"needs {shape}")
-        if not (bool(torch.isfinite(tensors["states"]).all()) and bool(torch.isfinite(tensors["x0"]).all())):
+        if not (_finite(tensors["states"]) and _finite(tensors["x0"])):
             raise ShardError(f"{folder}: the rollout states hold non-finite values (NaN or infinity)")
         ref = tensors["ref"]
         if ref.numel() and (int(ref.min()) < 0 or int(ref.max()) >= cache.latents.shape[0]):
@@ -109,7 +119,13 @@ def read_rollouts(folders: Sequence[Path], cache: LatentCache, cache_folder: Pat
         refs.append(ref)
         finals.append(tensors["x0"])
     timesteps = torch.tensor(manifests[0]["timesteps"])
+    if config.training.streaming:
+        return ShardRows(files, "states"), timesteps, torch.cat(refs), ShardRows(files, "x0")
     return torch.cat(states), timesteps, torch.cat(refs), torch.cat(finals)
+
+
+def _finite(tensor) -> bool:
+    return bool(torch.isfinite(tensor).all()) if isinstance(tensor, torch.Tensor) else tensor.all_finite()
 
 
 def check_shard_set(dirs: list[Path], manifests: list[dict]) -> None:

@@ -9,9 +9,15 @@ batch of DDIL states from the same generator (so all ranks agree on the student-
 same replay buffer), trains on its slice (the objective's per-sample draws too: method/draws.py), and gradients are
 averaged across ranks before each optimiser step, so the update equals the single-process update on the global
 batch. Rank 0 alone writes logs and checkpoints.
+
+Memory at scale (issue 15): training.grad_accum_steps splits the global batch of an update into micro-batches whose
+gradients add up to the big batch's (the losses' per-sample draws are the big batch's too: method/draws.py);
+training.fsdp shards the trainable networks (training/fsdp.py) and FSDP averages their gradients; LoRA networks
+checkpoint their trainable tensors only (models/trainable.py).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,6 +33,8 @@ from ddil_core.data.shards import ShardError
 from ddil_core.method.draws import SampleDraws
 from ddil_core.method.mixture import SOURCES, DDILMixture, scheduled_priors
 from ddil_core.method.objectives.base import Objective, interval_means, per_source_sums
+from ddil_core.models.trainable import load_trainable_state, trainable_state_dict
+from ddil_core.training import fsdp
 from ddil_core.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from ddil_core.training.ema import EMA
 
@@ -86,13 +94,24 @@ class Trainer:
         self.on_step = on_step  # called with the step count after every step (the stage's progress bar)
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.is_main = self.accelerator.is_main_process
-        if config.training.batch_size % self.world:
+        self.accum = config.training.grad_accum_steps
+        if config.training.batch_size % (self.world * self.accum):
             raise ValueError(f"training.batch_size = {config.training.batch_size} must be divisible by the "
-                             f"{self.world} processes")
+                             f"{self.world} processes x training.grad_accum_steps = {self.accum}")
         if self.world > 1:
             mixture.shared_int = self._broadcast_int
         self.generator = torch.Generator().manual_seed(config.training.seed)
         self.modules = objective.trainable()
+        # frozen half-precision networks (model.dtype) need autocast wherever they run, the rollouts included
+        self.rollout_autocast = config.model.dtype != "float32"
+        self.fsdp = self.world > 1 and fsdp.fsdp_requested(config, self.accelerator)
+        self.sharded: set[str] = set()
+        if self.fsdp:
+            fsdp.check_supported(config, objective.name, len(getattr(objective, "stages", [0])))
+            mesh = fsdp.device_mesh(self.world, self.accelerator.device)
+            self.sharded = set(objective.shardable())
+            for name in self.sharded:
+                fsdp.shard(self.modules[name], mesh)
         self.optimizers = {name: make_optimizer(m, config, objective.lr_for(name)) for name, m in self.modules.items()}
         self.ema = EMA(self.modules["student"], config.training.ema.decay) if config.training.ema.enabled else None
         self.step = 0
@@ -104,13 +123,20 @@ class Trainer:
     # -- state
 
     def _state_tensors(self) -> dict:
-        tensors = {f"model_{name}": m.state_dict() for name, m in self.modules.items()}
+        tensors = {f"model_{name}": trainable_state_dict(m) for name, m in self.modules.items()}
         if self.ema is not None:
             tensors["ema"] = self.ema.shadow
         extra_json, extra_tensors = self.objective.extra_state()
         tensors["objective"] = extra_tensors
         tensors["rng"] = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
+        if self.fsdp:  # every rank takes part in gathering the shards
+            tensors = fsdp.full_tensors(tensors)
         return tensors, extra_json
+
+    def full_state(self, name: str) -> dict:
+        """A trainable network's whole state dict (gathered from the shards under FSDP: call on every rank)."""
+        state = self.modules[name].state_dict()
+        return fsdp.full_tensors(state) if name in self.sharded else state
 
     def _broadcast_int(self, value: int) -> int:
         """Rank 0's value on every rank (e.g. the student-rollout step count of a batch)."""
@@ -129,7 +155,7 @@ class Trainer:
     def _average_gradients(self, module: torch.nn.Module) -> None:
         """All-reduce the gradients of one network as a single flat buffer (mean over ranks)."""
         grads = [p.grad for p in module.parameters() if p.grad is not None]
-        if self.world == 1 or not grads:
+        if self.world == 1 or not grads or any(self.modules[n] is module for n in self.sharded):  # FSDP averaged them
             return
         flat = torch.cat([g.reshape(-1) for g in grads])
         torch.distributed.all_reduce(flat)
@@ -140,13 +166,18 @@ class Trainer:
             offset += g.numel()
 
     def save(self) -> Optional[Path]:
+        if self.fsdp:  # gathered on every rank (collectives), written by rank 0
+            tensors, extra_json = self._state_tensors()
+            pickled = {name: fsdp.optimizer_state(self.modules[name], opt) if name in self.sharded else opt.state_dict()
+                       for name, opt in self.optimizers.items()}
         if not self.is_main:  # one writer; the others wait so nobody runs ahead of a checkpoint
             self.accelerator.wait_for_everyone()
             return None
-        tensors, extra_json = self._state_tensors()
+        if not self.fsdp:
+            tensors, extra_json = self._state_tensors()
+            pickled = {name: opt.state_dict() for name, opt in self.optimizers.items()}
         state = {"step": self.step, "nonfinite_total": self.nonfinite_total, "student_updates": self.student_updates,
                  "nonfinite_in_a_row": self.nonfinite_in_a_row, "objective": extra_json}
-        pickled = {name: opt.state_dict() for name, opt in self.optimizers.items()}
         buffer = self.mixture.buffer
         path = save_checkpoint(self.ckpt_dir, self.step, tensors, state, pickled, buffer,
                                keep=self.config.training.keep_checkpoints)
@@ -175,9 +206,13 @@ class Trainer:
         self.objective.load_extra_state(state["objective"], tensors.get("objective", {}))
         self.mixture.set_grid(self.objective.grid())
         for name, module in self.modules.items():
-            module.load_state_dict(tensors[f"model_{name}"])
             self.optimizers[name] = make_optimizer(module, self.config, self.objective.lr_for(name))
-            self.optimizers[name].load_state_dict(pickled[name])
+            if name in self.sharded:  # every rank read the full state: each keeps its shard
+                fsdp.load_model(module, tensors[f"model_{name}"])
+                fsdp.load_optimizer(module, self.optimizers[name], pickled[name])
+            else:
+                load_trainable_state(module, tensors[f"model_{name}"])
+                self.optimizers[name].load_state_dict(pickled[name])
         if self.ema is not None:
             self.ema.shadow = {k: v.clone() for k, v in tensors["ema"].items()}
         self.generator.set_state(tensors["rng"]["generator"])
@@ -239,26 +274,34 @@ class Trainer:
         acc, iv = self.accelerator, self._interval
         t0 = time.perf_counter()
         total = self.config.training.batch_size
-        batch = self.mixture.sample(self.step, total, self.generator)
-        start, stop = self.rank * total // self.world, (self.rank + 1) * total // self.world
-        batch = batch.slice(start, stop)  # this rank's rows (all of them on one process)
-        draws = SampleDraws(self.generator, start, stop, total)
+        with acc.autocast() if self.rollout_autocast else contextlib.nullcontext():
+            batch = self.mixture.sample(self.step, total, self.generator)
         t1 = time.perf_counter()
-        with acc.autocast():
-            out = self.objective.loss(batch, self.step, draws)
-        t2 = time.perf_counter()
-        # one host sync for all losses (a GPU would otherwise wait once per loss)
-        finite = bool(torch.stack([torch.isfinite(v).all() for v in out.losses.values()]).all())
-        if self.world > 1:  # skip on every rank or on none
-            flag = torch.tensor([float(finite)], device=self.accelerator.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-            finite = bool(flag.item())
+        # micro-batch m holds rows [m * micro, (m + 1) * micro) of the global batch; this rank its share of each
+        micro, shared = total // self.accum, ([] if self.accum > 1 else None)
+        outputs, finite, backward = [], True, 0.0
+        for m in range(self.accum):
+            start = m * micro + self.rank * micro // self.world
+            stop = m * micro + (self.rank + 1) * micro // self.world
+            draws = SampleDraws(self.generator, start, stop, total, shared)
+            with acc.autocast():
+                out = self.objective.loss(batch.slice(start, stop), self.step, draws)
+            # one host sync for all losses (a GPU would otherwise wait once per loss)
+            finite = bool(torch.stack([torch.isfinite(v).all() for v in out.losses.values()]).all())
+            if self.world > 1:  # skip on every rank or on none
+                flag = torch.tensor([float(finite)], device=self.accelerator.device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+                finite = bool(flag.item())
+            outputs.append((out, batch.source[start:stop]))
+            if not finite:
+                break
+            tb = time.perf_counter()
+            self._backward(out.losses)
+            backward += time.perf_counter() - tb
+        t2 = time.perf_counter() - backward  # the backward passes count as the optimiser's part, as before
         if finite:
             self.nonfinite_in_a_row = 0
-            for name, loss in out.losses.items():  # each loss steps its own network only
-                for opt in self.optimizers.values():
-                    opt.zero_grad(set_to_none=True)
-                loss.backward()
+            for name in outputs[0][0].losses:  # each loss steps its own network only
                 self._average_gradients(self.modules[name])
                 if self.config.training.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(self.modules[name].parameters(), self.config.training.grad_clip)
@@ -280,17 +323,39 @@ class Trainer:
                     f"{self.nonfinite_in_a_row} non-finite losses in a row at step {self.step} "
                     f"(training.max_nonfinite_in_a_row = {self.config.training.max_nonfinite_in_a_row}); "
                     "lower training.lr, enable reflection, or check the data")
+        self._account(iv, outputs, t0, t1, t2)
+
+    def _backward(self, losses: dict) -> None:
+        """Each loss's gradient reaches its own network only: what a loss leaves in another network's gradients
+        is discarded, and a network's gradients add up over the micro-batches of an update."""
+        for name, loss in losses.items():
+            others = {n: [(p, p.grad) for p in m.parameters()] for n, m in self.modules.items() if n != name}
+            for pairs in others.values():
+                for p, _ in pairs:
+                    p.grad = None
+            (loss / self.accum if self.accum > 1 else loss).backward()
+            for pairs in others.values():
+                for p, grad in pairs:
+                    p.grad = grad
+
+    def _account(self, iv: dict, outputs: list, t0: float, t1: float, t2: float) -> None:
         t3 = time.perf_counter()
         iv["steps"] += 1
-        iv["samples"] += batch.x_t.shape[0] * self.world
         iv["counts"] += self.mixture.last_counts
         iv["fresh"] += self.mixture.last_fresh
-        source = batch.source.to(next(iter(out.per_sample.values())).device) if out.per_sample else None
-        for term, values in out.per_sample.items():  # per-source sums and counts stay on the device until logged
-            sums, counts = per_source_sums(values.detach().float(), source)
-            acc_sums, acc_counts = iv["loss"].get(term, (0.0, 0.0))
-            iv["loss"][term] = (acc_sums + sums, acc_counts + counts)
-        for key, v in {"rollout": t1 - t0, **out.timings, "optimizer": t3 - t2}.items():
+        timings = {"rollout": t1 - t0}
+        for out, source in outputs:
+            iv["samples"] += source.shape[0] * self.world
+            if out.per_sample:
+                source = source.to(next(iter(out.per_sample.values())).device)
+            for term, values in out.per_sample.items():  # per-source sums and counts stay on the device until logged
+                sums, counts = per_source_sums(values.detach().float(), source)
+                acc_sums, acc_counts = iv["loss"].get(term, (0.0, 0.0))
+                iv["loss"][term] = (acc_sums + sums, acc_counts + counts)
+            for key, v in out.timings.items():
+                timings[key] = timings.get(key, 0.0) + v
+        timings["optimizer"] = t3 - t2
+        for key, v in timings.items():
             iv["time"][key] = iv["time"].get(key, 0.0) + v
 
     def flush_log(self) -> None:

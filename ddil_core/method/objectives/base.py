@@ -55,6 +55,10 @@ class Objective:
         """Networks with an optimiser each; 'student' is the one written as the student pipeline."""
         raise NotImplementedError
 
+    def shardable(self) -> list[str]:
+        """The trainable networks FSDP may shard (training.fsdp); the others are replicated, gradients averaged."""
+        return list(self.trainable())
+
     def grid(self) -> StudentGrid:
         raise NotImplementedError
 

@@ -22,7 +22,6 @@ Networks: the frozen teacher (real score), a trainable fake score initialised fr
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import time
 from typing import Optional
@@ -39,6 +38,7 @@ from ddil_core.method.mixture import StateBatch
 from ddil_core.method.objectives.base import LossOutput, Objective, ObjectiveContext, student_scheduler_config
 from ddil_core.method.objectives.lcm import pseudo_huber
 from ddil_core.models.denoiser import Denoiser
+from ddil_core.models.trainable import trainable_copy
 
 
 def distribution_matching_grad(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
@@ -80,15 +80,24 @@ class BottleneckClassifier(nn.Module):
 
 @contextlib.contextmanager
 def frozen(module: nn.Module):
-    """No gradient for the module's parameters inside the block (it still flows through to its inputs)."""
+    """No gradient for the module's parameters inside the block (it still flows through to its inputs).
+
+    Gradient checkpointing is off for its UNets inside the block: a checkpointed segment is recomputed in backward,
+    after the parameters require grad again, and torch refuses a recomputation that saves other tensors than the
+    forward did (DMD2 also toggles checkpointing around such calls, main/sd_unified_model.py)."""
     flags = [(p, p.requires_grad) for p in module.parameters()]
+    checkpointed = [m for m in module.modules() if getattr(m, "is_gradient_checkpointing", False)]
     for p, _ in flags:
         p.requires_grad_(False)
+    for m in checkpointed:
+        m.disable_gradient_checkpointing()
     try:
         yield
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+        for m in checkpointed:
+            m.enable_gradient_checkpointing()
 
 
 class _Bottleneck(Exception):
@@ -154,9 +163,10 @@ class DistributionMatchingDistillation(Objective):
         self.ctx, self.config, self.cfg = ctx, ctx.config, ctx.config.objective.dmd2
         self.T = ctx.schedule.num_train_timesteps
         self.real = Denoiser(ctx.teacher_unet, ctx.schedule)
-        self.student = copy.deepcopy(ctx.teacher_unet).float().train().requires_grad_(True)
-        self.fake = FakeScore(copy.deepcopy(ctx.teacher_unet).float().train().requires_grad_(True), self.cfg.gan,
-                              ctx.latent_side or ctx.teacher_unet.config.sample_size)
+        t = ctx.config.training
+        self.student = trainable_copy(ctx.teacher_unet, t.lora, t.gradient_checkpointing)
+        self.fake = FakeScore(trainable_copy(ctx.teacher_unet, self.cfg.fake_lora, t.gradient_checkpointing),
+                              self.cfg.gan, ctx.latent_side or ctx.teacher_unet.config.sample_size)
         self.generator_denoiser = Denoiser(self.student, ctx.schedule)
         self.fake_denoiser = Denoiser(self.fake.unet, ctx.schedule)
         self.original_steps, self._grid = dmd2_grid(self.cfg.timesteps, ctx.config.objective.student_steps, self.T)
@@ -167,6 +177,12 @@ class DistributionMatchingDistillation(Objective):
 
     def trainable(self):
         return {"student": self.student, "fake": self.fake}
+
+    def shardable(self):
+        # With the GAN the fake score stays whole under FSDP: the generator's GAN term runs through it with its
+        # weights frozen (frozen() above), which FSDP2's gathered copies do not follow (their requires_grad is fixed
+        # when first gathered), so its gradient would reach the sharded fake score (measured: 6% of its gradient).
+        return ["student"] if self.cfg.gan else ["student", "fake"]
 
     def lr_for(self, name):
         return self.cfg.fake_lr if name == "fake" else self.cfg.generator_lr

@@ -11,6 +11,10 @@ examples/consistency_distillation/train_lcm_distill_sd_wds.py), with its online 
   an EMA copy of the student (decay 0.95); pseudo-Huber loss sqrt(d^2 + c^2) - c, c = 0.001 (or L2).
 - The student samples with multistep consistency sampling (diffusers' LCMScheduler): at each of its timesteps it
   jumps to f(x, t), then re-noises to the next timestep with fresh noise.
+- LoRA students (training.lora.rank > 0) are LCM-LoRA (diffusers train_lcm_distill_lora_sd_wds.py; Luo et al. 2023,
+  "LCM-LoRA"): no guidance embedding (the teacher's CFG w ~ U[w_min, w_max] is distilled unconditionally), so the
+  adapters load onto the teacher's own UNet (`pipe.load_lora_weights`), and the student samples without CFG
+  (guidance_scale 1). The EMA target is kept (ours; the script uses the online student: set ema_decay 0 for that).
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from ddil_core.method.grid import StudentGrid
 from ddil_core.method.mixture import StateBatch
 from ddil_core.method.objectives.base import LossOutput, Objective, ObjectiveContext, student_scheduler_config
 from ddil_core.models.denoiser import Denoiser
+from ddil_core.models.trainable import trainable_copy, trainable_state_dict
 
 
 def add_guidance_conditioning(unet, time_cond_proj_dim: int):
@@ -36,7 +41,9 @@ def add_guidance_conditioning(unet, time_cond_proj_dim: int):
 
     if unet.config.time_cond_proj_dim is not None:
         return copy.deepcopy(unet)
-    config = dict(unet.config)
+    # without diffusers' "_use_default_values" (the keys a loaded config.json lacked, time_cond_proj_dim among them
+    # for SD 1.5 and SDXL): from_config would reset those keys to their defaults, and no projection would be added
+    config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
     config["time_cond_proj_dim"] = time_cond_proj_dim
     student = UNet2DConditionModel.from_config(config)
     missing, unexpected = student.load_state_dict(unet.state_dict(), strict=False)
@@ -61,15 +68,22 @@ class LatentConsistencyDistillation(Objective):
         # The solver grid t = skip, 2 skip, ..., T, minus one (train_lcm_distill_sd_wds.py: DDIMSolver).
         self.solver_timesteps = torch.arange(1, self.cfg.num_ddim_timesteps + 1) * self.skip - 1
         self.teacher = Denoiser(ctx.teacher_unet, ctx.schedule)
-        self.student = add_guidance_conditioning(ctx.teacher_unet, self.cfg.time_cond_proj_dim).float()
-        self.student.train().requires_grad_(True)
+        t = ctx.config.training
+        self.embeds_guidance = not t.lora.rank  # LCM-LoRA: no time_cond_proj (it is no LoRA layer; see above)
+        build = (lambda unet: add_guidance_conditioning(unet, self.cfg.time_cond_proj_dim)) if self.embeds_guidance \
+            else None
+        self.student = trainable_copy(ctx.teacher_unet, t.lora, t.gradient_checkpointing, build)
         self.target = copy.deepcopy(self.student).eval().requires_grad_(False)  # the EMA target network
         self.student_denoiser = Denoiser(self.student, ctx.schedule)
         self.target_denoiser = Denoiser(self.target, ctx.schedule)
         self._grid = StudentGrid.lcm(self.T, ctx.config.objective.student_steps, self.cfg.num_ddim_timesteps)
         self.refl_targets = ctx.reflection("teacher_targets")
         self.refl_rollouts = ctx.reflection("student_rollouts")
-        self.sampling_guidance = (self.cfg.w_min + self.cfg.w_max) / 2
+        self.sampling_guidance = (self.cfg.w_min + self.cfg.w_max) / 2 if self.embeds_guidance else 1.0
+        # what the target tracks: every weight, or a LoRA student's adapters (its frozen base never changes)
+        trained = set(trainable_state_dict(self.student))
+        self._tracked = [(p_t, p_s) for (name, p_t), p_s in zip(self.target.named_parameters(), self.student.parameters())
+                         if name in trained]
 
     def trainable(self):
         return {"student": self.student}
@@ -80,7 +94,9 @@ class LatentConsistencyDistillation(Objective):
     def forward_timesteps(self):
         return self.solver_timesteps
 
-    def w_embedding(self, w: torch.Tensor) -> torch.Tensor:
+    def w_embedding(self, w: torch.Tensor):
+        if not self.embeds_guidance:
+            return None
         return guidance_scale_embedding(w - 1.0, self.cfg.time_cond_proj_dim).to(self.ctx.device)
 
     def consistency(self, denoiser: Denoiser, x, t, cond, w_emb):
@@ -135,8 +151,8 @@ class LatentConsistencyDistillation(Objective):
     @torch.no_grad()
     def after_update(self, step: int) -> None:
         """The target network tracks the student (EMA, decay 0.95 in the reference script)."""
-        target = list(self.target.parameters())
-        source = [p_s.detach().to(p_t.dtype) for p_t, p_s in zip(target, self.student.parameters())]
+        target = [p_t for p_t, _ in self._tracked]
+        source = [p_s.detach().to(p_t.dtype) for p_t, p_s in self._tracked]
         torch._foreach_lerp_(target, source, 1.0 - self.cfg.ema_decay)  # one fused call over all tensors
 
     def student_scheduler(self):
@@ -153,7 +169,9 @@ class LatentConsistencyDistillation(Objective):
                 "timesteps": list(self._grid.steps), "reflection": self.refl_rollouts.describe()}
 
     def extra_state(self):
-        return {}, {f"target.{k}": v for k, v in self.target.state_dict().items()}
+        kept = set(trainable_state_dict(self.student))  # a LoRA target differs from the teacher in its adapters only
+        return {}, {f"target.{k}": v for k, v in self.target.state_dict().items() if k in kept}
 
     def load_extra_state(self, state, tensors):
-        self.target.load_state_dict({k[len("target."):]: v for k, v in tensors.items() if k.startswith("target.")})
+        self.target.load_state_dict({k[len("target."):]: v for k, v in tensors.items() if k.startswith("target.")},
+                                    strict=self.embeds_guidance)

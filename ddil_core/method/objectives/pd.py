@@ -22,6 +22,7 @@ from ddil_core.method.grid import StudentGrid
 from ddil_core.method.mixture import StateBatch
 from ddil_core.method.objectives.base import LossOutput, Objective, ObjectiveContext, student_scheduler_config
 from ddil_core.models.denoiser import Denoiser
+from ddil_core.models.trainable import trainable_copy
 
 
 def pd_target(x_t, x_t2, a_t, s_t, a_t2, s_t2):
@@ -59,7 +60,8 @@ class ProgressiveDistillation(Objective):
         self.T = ctx.schedule.num_train_timesteps
         self.teacher = Denoiser(ctx.teacher_unet, ctx.schedule)
         self.teacher_guidance = ctx.config.objective.guidance_scale
-        self.student = copy.deepcopy(ctx.teacher_unet).float().train().requires_grad_(True)
+        t = ctx.config.training
+        self.student = trainable_copy(ctx.teacher_unet, t.lora, t.gradient_checkpointing)
         self.student_denoiser = Denoiser(self.student, ctx.schedule)
         self.refl_targets = ctx.reflection("teacher_targets")
         self.refl_rollouts = ctx.reflection("student_rollouts")
