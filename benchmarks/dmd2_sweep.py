@@ -1,7 +1,7 @@
 """Which DMD2 recipe makes a few-step student learn on the digits teacher? A sweep over DMD2's ingredients.
 
-Each recipe is a list of config overrides on top of the paper table's DMD2 settings (benchmarks/paper_table.py:
-400 updates at batch 32, the teacher's guidance, 4 student steps); every run distills a student and measures it on
+Each recipe is a list of config overrides on top of `sweep_base` (the first paper table's DMD2: 400 updates at batch
+32, real guidance = the teacher's, TTUR 5, 4 student steps, GAN on, no regression); every run distills a student and measures it on
 the paper table's protocol (FID, precision/recall/density/coverage with k = 5, adherence and diversity in the digit
 classifier's features against the 297 held-out digits, 300 images). Runs are interleaved (seeds outermost, recipes
 inside) so a change in the machine's load touches every recipe alike, and a seed fixes every training draw, so the
@@ -27,13 +27,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.paper_table import (VARIANTS, base_overrides, demo_guidance, measure,  # noqa: E402
-                                    objective_overrides, rollouts_for)
+                                    rollouts_for)
 from ddil_core.config import load_config  # noqa: E402
 from ddil_core.metrics.extractors import load_extractor  # noqa: E402
 from ddil_core.models.pipeline_io import load_pipeline, read_student_info  # noqa: E402
 from ddil_core.stages.cache_latents import cache_latents  # noqa: E402
 from ddil_core.stages.distill import distill  # noqa: E402
 from ddil_core.stages.evaluate_inputs import reference_features  # noqa: E402
+
+def sweep_base(guidance: float) -> list[str]:
+    """What every recipe starts from, pinned so the recipes keep their meaning as the defaults move: the first paper
+    table's DMD2 (real guidance = the teacher's, TTUR 5), with the GAN head on at the reference weights and no
+    regression (the defaults when the sweep ran)."""
+    return ["objective.name=dmd2", f"objective.dmd2.real_guidance_scale={guidance}",
+            "objective.dmd2.dfake_gen_update_ratio=5", "objective.dmd2.gan=true", "objective.dmd2.gan_gen_weight=5e-3",
+            "objective.dmd2.gan_disc_weight=1e-2", "objective.dmd2.regression_weight=0"]
+
 
 GAN_OFF = ["objective.dmd2.gan=false"]
 # What to run: name -> (what it changes, overrides). "old" is the DMD2 of the first paper table (no GAN, the grid
@@ -98,7 +107,7 @@ METRICS = ("fid", "precision", "recall", "density", "coverage", "adherence", "di
 def run_one(demo: Path, work: Path, latents: Path, recipe: str, extra: list[str], variant: str,
             steps: int, student_steps: int, seed: int, guidance: float, extractor, ref, prompts,
             images_per_prompt: int) -> dict:
-    overrides = (base_overrides(demo, steps, student_steps, guidance) + objective_overrides("dmd2", guidance)
+    overrides = (base_overrides(demo, steps, student_steps, guidance) + sweep_base(guidance)
                  + VARIANTS[variant] + RECIPES[recipe][1] + list(extra) + [f"training.seed={seed}"])
     config = load_config("demo", overrides)
     out = work / f"{recipe}-{variant.replace(' ', '').replace('+', '_')}-{student_steps}-{steps}-{seed}"

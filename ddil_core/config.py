@@ -152,7 +152,10 @@ class DMD2Config:
     gan: bool = True  # GAN head on the fake score's bottleneck (on in every final DMD2 recipe)
     gan_gen_weight: float = 5e-3  # generator's softplus(-D(fake)) (SDXL recipes; SD 1.5 stage 2: 1e-3)
     gan_disc_weight: float = 1e-2  # discriminator's softplus(D(fake)) + softplus(-D(real))
-    regression_weight: float = 0.0  # DMD (v1)'s regression on the teacher's noise-image pairs; 0: off, as in DMD2
+    regression_weight: float = 1.0  # DMD (v1)'s regression on the teacher's own noise-image pairs (needs teacher
+    #                                 rollouts); 0: off, as in DMD2's recipes. Ours: the lever that made DMD2 learn on
+    #                                 the digits (docs/dmd2-sweep.md); a weight on latent MSE against DMD2's normalised
+    #                                 gradient, both about unit scale, so it carries over
     regression_loss: Literal["l2", "huber"] = "l2"  # DMD used LPIPS on images, which needs downloaded weights: ours
     #                                                 is in latent space (huber: pseudo-Huber, c = 1e-3 as LCM)
     fake_lora: LoRAConfig = field(default_factory=LoRAConfig)  # LoRA on the fake score (rank 0: trained fully, as DMD2)
