@@ -76,7 +76,7 @@ def build(unet_cfg: dict, objective: str, overrides: list, device):
 
     from ddil_core.config import load_config
     from ddil_core.math.schedule import NoiseSchedule
-    from ddil_core.method.mixture import StateBatch
+    from ddil_core.method.mixture import StateBatch, TeacherPairs
     from ddil_core.method.objectives import ObjectiveContext, build_objective
     from ddil_core.training.loop import make_optimizer
 
@@ -104,7 +104,8 @@ def build(unet_cfg: dict, objective: str, overrides: list, device):
         x0 = torch.randn(n, 4, side, side, device=device)
         t = obj.grid().timesteps.to(device)[torch.arange(n, device=device) % obj.grid().num_steps]
         noise, c, zeros = torch.randn_like(x0), cond(n), torch.zeros(n, dtype=torch.long, device=device)
-        return StateBatch(schedule.add_noise(x0, noise, t), zeros, t, c, zeros, x0, noise, c)
+        pairs = TeacherPairs(torch.randn_like(x0), t, c, x0)  # DMD2's regression term (on by default) costs its pass
+        return StateBatch(schedule.add_noise(x0, noise, t), zeros, t, c, zeros, x0, noise, c, pairs)
 
     return config, obj, opts, batch
 

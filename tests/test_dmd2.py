@@ -7,7 +7,7 @@ import torch
 
 from ddil_core.config import ConfigError
 from ddil_core.method.draws import SampleDraws
-from ddil_core.method.mixture import StateBatch
+from ddil_core.method.mixture import StateBatch, TeacherPairs
 from ddil_core.method.objectives.base import ObjectiveContext
 from ddil_core.method.objectives.dmd2 import (BottleneckClassifier, DistributionMatchingDistillation, FakeScore,
                                               dmd2_grid)
@@ -71,9 +71,11 @@ def _batch(obj, n=4):
     cond = {"encoder_hidden_states": torch.randn(n, 16, 32, generator=g)}
     cond_real = {"encoder_hidden_states": torch.randn(n, 16, 32, generator=g)}
     x0_real = torch.randn(n, 4, 8, 8, generator=g)
+    pairs = TeacherPairs(torch.randn(n, 4, 8, 8, generator=g), torch.full((n,), 499), cond,
+                         torch.randn(n, 4, 8, 8, generator=g))  # the regression term (on by default) needs them
     return StateBatch(torch.randn(n, 4, 8, 8, generator=g), torch.zeros(n, dtype=torch.long),
                       torch.full((n,), 749), cond, torch.tensor([0, 1, 2, 1]), x0_real,
-                      torch.randn(n, 4, 8, 8, generator=g), cond_real)
+                      torch.randn(n, 4, 8, 8, generator=g), cond_real, pairs)
 
 
 def test_discriminator_sees_real_latents_with_their_own_captions_and_draws_of_its_own(monkeypatch):
@@ -140,9 +142,6 @@ def test_each_loss_reaches_only_its_own_network():
     train the fake UNet and the head alone (DMD2 freezes the guidance model during the generator's turn)."""
     obj = _objective("objective.dmd2.regression_weight=0.25")
     batch = _batch(obj)
-    from ddil_core.method.mixture import TeacherPairs
-
-    batch.pairs = TeacherPairs(torch.randn(4, 4, 8, 8), torch.full((4,), 499), batch.cond, torch.randn(4, 4, 8, 8))
     out = obj.loss(batch, step=0, draws=SampleDraws.whole(torch.Generator().manual_seed(0), 4))
     assert {"dm", "gan_g", "regression", "fake", "gan_d"} <= set(out.per_sample)
     out.losses["student"].backward(retain_graph=True)

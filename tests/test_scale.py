@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from ddil_core.config import ConfigError
 from ddil_core.method.draws import SampleDraws
 from ddil_core.method.grid import StudentGrid
-from ddil_core.method.mixture import DDILMixture, StateBatch, TrainingData
+from ddil_core.method.mixture import DDILMixture, StateBatch, TeacherPairs, TrainingData
 from ddil_core.method.objectives import build_objective
 from ddil_core.stages.common import load_teacher, read_latent_cache
 from ddil_core.stages.distill import distill, objective_context
@@ -44,7 +44,8 @@ def _batch(objective, cache, n=4) -> StateBatch:
     t = grid[torch.randint(len(grid), (n,), generator=g)]
     cond = {k: v[:n].float() for k, v in cache.cond.items()}
     zeros = torch.zeros(n, dtype=torch.long)
-    return StateBatch(objective.ctx.schedule.add_noise(x0, noise, t), zeros, t, cond, zeros, x0, noise, cond)
+    pairs = TeacherPairs(torch.randn(x0.shape, generator=g), t, cond, x0)  # DMD2's regression (on by default)
+    return StateBatch(objective.ctx.schedule.add_noise(x0, noise, t), zeros, t, cond, zeros, x0, noise, cond, pairs)
 
 
 def _gradients(objective, batch) -> dict:

@@ -158,7 +158,8 @@ class DDILMixture:
 
         # teacher backward: the teacher's reverse process stopped at a student grid timestep
         is_teacher = source == TEACHER
-        if self.rollout_pos is not None and self.config.teacher_mode == "precomputed":  # precomputed offline
+        # a switched-off source draws nothing: rollouts loaded only for the regression pairs leave the stream alone
+        if self.rollout_pos is not None and self.config.teacher_mode == "precomputed" and self.config.priors.teacher > 0:
             r = torch.randint(self.data.rollout_states.shape[0], (batch_size,), generator=g)
             k_t = torch.randint(n_grid, (batch_size,), generator=g)
             if is_teacher.any():
