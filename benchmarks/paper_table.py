@@ -122,6 +122,28 @@ def vars_protocol(args) -> dict:
             "teacher_steps": args.teacher_steps, "student_steps": args.student_steps, "demo": str(args.demo)}
 
 
+def resumed_rows(args) -> dict:
+    """The rows of the --partial file a cut-short run of the same protocol left, keyed like run()'s table. Entries
+    without a "seed" (files of older runs) are in seed order, seeds outermost, so the i-th is args.seeds[i]."""
+    if not args.resume:
+        return {}
+    if not args.partial or not Path(args.partial).exists():
+        raise SystemExit(f"--resume needs the --partial file of the run it continues ({args.partial}: not found)")
+    partial = json.loads(Path(args.partial).read_text())
+    theirs, ours = partial.get("partial_protocol", {}), vars_protocol(args)
+    for key in ("training_steps", "images_per_prompt", "teacher_steps", "demo"):
+        if theirs.get(key) != ours[key]:
+            raise SystemExit(f"{args.partial}: {key} = {theirs.get(key)!r} there, {ours[key]!r} here; cannot resume")
+    rows = {}
+    for row in partial["rows"]:
+        if row["variant"] != "reference":
+            for i, m in enumerate(row["per_seed"]):
+                m.setdefault("seed", theirs["seeds"][i])
+        key = "reference" if row["variant"] == "reference" else (row["steps"], row["objective"], row["variant"])
+        rows[key] = row
+    return rows
+
+
 def summarise(values: list) -> dict:
     vals = [v for v in values if v is not None]
     if not vals:
@@ -142,19 +164,26 @@ def run(args) -> dict:
     ref, _, _ = reference_features(base, str(demo / "dataset-eval"), 16, extractor)
     prompts = [f"a handwritten digit {w}" for w in
                ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")]
-    teacher = load_pipeline(str(demo / "teacher"))
-    rows = [{"model": f"teacher ({args.teacher_steps} DDIM steps, CFG {guidance:g})", "objective": "-",
-             "variant": "reference", "steps": args.teacher_steps,
-             "per_seed": [measure(teacher, extractor, ref, prompts, args.images_per_prompt, args.teacher_steps,
-                                  guidance, "ddim")]}]
+    done = resumed_rows(args)  # (steps, objective, variant) or "reference" -> row, from --resume
+    if "reference" in done:
+        rows = [done.pop("reference")]
+    else:
+        teacher = load_pipeline(str(demo / "teacher"))
+        rows = [{"model": f"teacher ({args.teacher_steps} DDIM steps, CFG {guidance:g})", "objective": "-",
+                 "variant": "reference", "steps": args.teacher_steps,
+                 "per_seed": [measure(teacher, extractor, ref, prompts, args.images_per_prompt, args.teacher_steps,
+                                      guidance, "ddim")]}]
     latents = work / "latents"
     if not (latents / "manifest.json").exists():
         cache_latents(base, latents)
-    table = {}  # (steps, objective, variant) -> row; seeds outermost so every row has a first seed early
+    table = done  # (steps, objective, variant) -> row; seeds outermost so every row has a first seed early
     for seed in args.seeds:
         for student_steps in args.student_steps:
             for objective in args.objectives:
                 for variant in VARIANTS:
+                    if seed in [m.get("seed") for m in table.get((student_steps, objective, variant), {})
+                                .get("per_seed", [])]:
+                        continue  # measured before the run was cut short (--resume)
                     overrides = (base_overrides(demo, args.steps, student_steps, guidance, args.quick)
                                  + objective_overrides(objective, guidance) + VARIANTS[variant]
                                  + [f"training.seed={seed}"])
@@ -169,6 +198,7 @@ def run(args) -> dict:
                     metrics = measure(pipe, extractor, ref, prompts, args.images_per_prompt,
                                       info["num_inference_steps"], info["guidance_scale"])
                     metrics["seconds_per_update"] = log[-1]["seconds_per_update"]
+                    metrics["seed"] = seed
                     row = table.setdefault((student_steps, objective, variant), {
                         "model": f"{objective} {variant}", "objective": objective, "variant": variant,
                         "steps": student_steps, "per_seed": []})
@@ -246,6 +276,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="docs/results")
     parser.add_argument("--quick", action="store_true", help="CI smoke: 1 seed, 3 steps, few images")
     parser.add_argument("--partial", help="also write the results so far to this JSON file after every run")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run whose --partial file this is: runs it measured are not run again")
     parser.add_argument("--from-partial", help="write the table from a --partial file of a run cut short")
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else __import__("sys").argv[1:]

@@ -2,12 +2,14 @@
 benchmark command does not rot. It asserts the table's structure, not its numbers."""
 import json
 
+import benchmarks.paper_table as paper_table
 from benchmarks.paper_table import METRICS, VARIANTS, main
 
 
-def test_paper_table_quick(tmp_path):
-    main(["--quick", "--demo", str(tmp_path / "demo"), "--work", str(tmp_path / "work"),
-          "--out", str(tmp_path / "results")])
+def test_paper_table_quick(tmp_path, monkeypatch):
+    common = ["--quick", "--demo", str(tmp_path / "demo"), "--work", str(tmp_path / "work"),
+              "--partial", str(tmp_path / "partial.json")]
+    main([*common, "--out", str(tmp_path / "results")])
     result = json.loads((tmp_path / "results.json").read_text())
     rows = result["rows"]
     assert rows[0]["variant"] == "reference"
@@ -18,3 +20,9 @@ def test_paper_table_quick(tmp_path):
         assert row["summary"]["fid"]["mean"] is not None and row["summary"]["seconds_per_update"]["n"] == 1
     md = (tmp_path / "results.md").read_text()
     assert "Does DDIL beat its baseline?" in md and "| dmd2 +DDIL +reflection | 4 |" in md
+
+    # --resume continues from the partial file: nothing measured is trained again, and the table is the same
+    monkeypatch.setattr(paper_table, "distill", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    main([*common, "--resume", "--out", str(tmp_path / "resumed")])
+    resumed = json.loads((tmp_path / "resumed.json").read_text())
+    assert [r["per_seed"] for r in resumed["rows"]] == [r["per_seed"] for r in rows]
