@@ -153,16 +153,29 @@ def test_ddil_sample_default_is_plain_diffusers(tmp_path, data8, objective):
     assert np.abs(ours - (image * 255).round()).max() <= 1  # one PNG quantisation level
 
 
+def _card_snippet_gives_ddil_samples_image(code: str, student, tmp_path, monkeypatch) -> str:
+    """Run the card's snippet as written (our prompt and a seeded generator swapped in) in tmp_path: its sample.png
+    must be `ddil sample`'s image for the same prompt and seed. Returns the snippet as run."""
+    import numpy as np
+    from PIL import Image
+
+    from ddil_core.cli import main
+
+    code = code.replace('"a photo of a cat"', f'"{PROMPT}", generator=__import__("torch").Generator().manual_seed(2)')
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "model-card", "exec"), {})
+    assert main(["sample", "--model", str(student), "--prompt", PROMPT, "--seed", "2", "--out", "ours.png"]) == 0
+    theirs = np.asarray(Image.open("sample.png"), dtype=np.int32)
+    assert np.abs(np.asarray(Image.open("ours.png"), dtype=np.int32) - theirs).max() <= 1
+    return code
+
+
 def test_the_model_card_snippet_runs_the_trained_sampler(tmp_path, data8, monkeypatch):
     """The card's two lines (from_pretrained, then the call with the recommended steps and guidance) run in plain
     diffusers give the image `ddil sample` gives: a DMD2 student, whose diffusers defaults (7.5 CFG, 50-step LCM
     grid) would be wrong."""
     import re
 
-    import numpy as np
-    from PIL import Image
-
-    from ddil_core.cli import main
     from ddil_core.registry import render_model_card
 
     latents, rollouts = data8["sd15"]
@@ -173,12 +186,7 @@ def test_the_model_card_snippet_runs_the_trained_sampler(tmp_path, data8, monkey
     card = render_model_card("s", 1, metrics, None, None, "ddil test", model_path=str(student))
     code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
     assert f"num_inference_steps={info['num_inference_steps']}, guidance_scale={info['guidance_scale']:g}" in code
-    code = code.replace('"a photo of a cat"', f'"{PROMPT}", generator=__import__("torch").Generator().manual_seed(2)')
-    monkeypatch.chdir(tmp_path)
-    exec(compile(code, "model-card", "exec"), {})
-    assert main(["sample", "--model", str(student), "--prompt", PROMPT, "--seed", "2", "--out", "ours.png"]) == 0
-    theirs = np.asarray(Image.open("sample.png"), dtype=np.int32)
-    assert np.abs(np.asarray(Image.open("ours.png"), dtype=np.int32) - theirs).max() <= 1
+    _card_snippet_gives_ddil_samples_image(code, student, tmp_path, monkeypatch)
 
 
 LORA = ["training.lora.rank=4", "training.lora.save_fused=true", "training.lr=1e-2"]  # lr: adapters that matter
@@ -214,7 +222,6 @@ def test_lora_model_card_and_ddil_sample_load_the_adapters(tmp_path, data8, monk
     import numpy as np
     from PIL import Image
 
-    from ddil_core.cli import main
     from ddil_core.registry import render_model_card
 
     latents, rollouts = data8["sd15"]
@@ -226,11 +233,7 @@ def test_lora_model_card_and_ddil_sample_load_the_adapters(tmp_path, data8, monk
                              model_path=str(student))
     code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
     assert f'pipe.load_lora_weights("{student}")' in code
-    code = code.replace('"a photo of a cat"', f'"{PROMPT}", generator=__import__("torch").Generator().manual_seed(2)')
-    monkeypatch.chdir(tmp_path)
-    exec(compile(code, "model-card", "exec"), {})
-    assert main(["sample", "--model", str(student), "--prompt", PROMPT, "--seed", "2", "--out", "ours.png"]) == 0
-    theirs = np.asarray(Image.open("sample.png"), dtype=np.int32)
-    assert np.abs(np.asarray(Image.open("ours.png"), dtype=np.int32) - theirs).max() <= 1
+    code = _card_snippet_gives_ddil_samples_image(code, student, tmp_path, monkeypatch)
     exec(compile(code.replace("pipe.load_lora_weights", "# "), "no-lora", "exec"), {})  # without the adapters
-    assert np.abs(np.asarray(Image.open("sample.png"), dtype=np.int32) - theirs).max() > 1
+    ours = np.asarray(Image.open("ours.png"), dtype=np.int32)  # `ddil sample`'s, with the adapters
+    assert np.abs(np.asarray(Image.open("sample.png"), dtype=np.int32) - ours).max() > 1

@@ -61,6 +61,8 @@ def json_safe(obj: Any) -> Any:
         return [json_safe(v) for v in obj]
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
+    if isinstance(obj, Path):
+        return str(obj)
     return obj
 
 

@@ -17,6 +17,7 @@ from ddil_core.metrics.plots import plot_quality_vs_steps
 from ddil_core.metrics.prdc import precision_recall_density_coverage
 from ddil_core.metrics.report import model_label, write_report
 from ddil_core.registry.gates import check_gates
+from ddil_core.registry.local import json_safe
 from ddil_core.stages.evaluate_inputs import adherence
 from ddil_core.stages.evaluate_sampling import GRID_MAX_ROWS, STRIP_SEEDS, Run
 
@@ -84,18 +85,6 @@ def speedups(models: dict) -> dict:
     speedup["seconds"] = models["student"]["speedup_seconds"]  # teacher seconds / student seconds per image
     speedup["nfe"] = models["student"]["speedup_nfe"]  # teacher NFE / student NFE per image
     return speedup
-
-
-def json_safe(obj):
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 def _write_json(path: Path, data) -> None:
