@@ -307,27 +307,37 @@ def _manifest_problem(manifest: Any) -> Optional[str]:
     return None
 
 
-def load_shards(folder: Path, kind: Optional[str] = None, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
-    """All shards of a folder concatenated, after checking each file's sha256 against the manifest, and each shard's
-    tensors against the manifest's entry (count) and the other shards (the same tensor names and sample shapes)."""
+def verified_shards(folder: Path, kind: Optional[str], verify: bool = True) -> tuple[list[tuple[Path, int]], dict]:
+    """[(shard file, sample count)] of a shard folder after checking each file exists and its sha256 against the
+    manifest (what loading in memory and streaming both start from)."""
     folder = Path(folder)
     manifest = read_manifest(folder, kind)
-    parts: dict[str, list[torch.Tensor]] = {}
-    shapes: Optional[dict[str, tuple]] = None
+    files = []
     for entry in manifest["shards"]:
         path = folder / entry["file"]
         if not path.is_file():
             raise ShardError(f"{path}: listed in the manifest but missing")
         if verify and sha256_file(path) != entry["sha256"]:
             raise ShardError(f"{path}: sha256 does not match the manifest (corrupt or modified shard)")
+        files.append((path, int(entry["count"])))
+    return files, manifest
+
+
+def load_shards(folder: Path, kind: Optional[str] = None, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """All shards of a folder concatenated, after checking each file's sha256 against the manifest, and each shard's
+    tensors against the manifest's entry (count) and the other shards (the same tensor names and sample shapes)."""
+    files, manifest = verified_shards(folder, kind, verify)
+    parts: dict[str, list[torch.Tensor]] = {}
+    shapes: Optional[dict[str, tuple]] = None
+    for path, count in files:
         try:
             tensors = load_file(str(path))
         except Exception as exc:  # safetensors raises its own error types
             raise ShardError(f"{path}: unreadable shard ({exc})") from None
         counts = {k: (v.shape[0] if v.dim() else None) for k, v in tensors.items()}
-        if not tensors or any(n != entry["count"] for n in counts.values()):
+        if not tensors or any(n != count for n in counts.values()):
             raise ShardError(f"{path}: holds {sorted(set(counts.values()), key=str) or 'no'} samples per tensor, the "
-                             f"manifest says {entry['count']}")
+                             f"manifest says {count}")
         mine = {k: tuple(v.shape[1:]) for k, v in tensors.items()}
         recorded = manifest.get("shapes")
         if shapes is None and isinstance(recorded, dict) and {k: tuple(v) for k, v in recorded.items()

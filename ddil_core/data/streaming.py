@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from ddil_core.data.shards import ShardError, read_manifest, sha256_file
+from ddil_core.data.shards import ShardError
 
 DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -32,21 +32,6 @@ def _header(path: Path) -> tuple[dict, int]:
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         return json.loads(f.read(n)), 8 + n
-
-
-def verified_shards(folder: Path, kind: str, verify: bool = True) -> tuple[list[tuple[Path, int]], dict]:
-    """[(shard file, sample count)] of a shard folder after checking each sha256 against its manifest."""
-    folder = Path(folder)
-    manifest = read_manifest(folder, kind)
-    files = []
-    for entry in manifest["shards"]:
-        path = folder / entry["file"]
-        if not path.exists():
-            raise ShardError(f"{path}: listed in the manifest but missing")
-        if verify and sha256_file(path) != entry["sha256"]:
-            raise ShardError(f"{path}: sha256 does not match the manifest (corrupt or modified shard)")
-        files.append((path, int(entry["count"])))
-    return files, manifest
 
 
 class ShardRows:

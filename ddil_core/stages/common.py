@@ -211,7 +211,8 @@ def read_latent_cache(folder: Path, teacher: Optional[Teacher] = None, config: O
             raise ShardError(f"{folder}: the latent cache was made with other data settings than this config ("
                              + "; ".join(d.replace(" -> ", " (cache) vs ", 1) + " (config)" for d in diffs[:6]) + ")")
     if streaming:
-        from ddil_core.data.streaming import ShardRows, tensor_keys, verified_shards
+        from ddil_core.data.shards import verified_shards
+        from ddil_core.data.streaming import ShardRows, tensor_keys
 
         files, manifest = verified_shards(folder, "latents")
         tensors = {key: ShardRows(files, key) for key in tensor_keys(files)}

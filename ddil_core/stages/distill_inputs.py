@@ -94,7 +94,8 @@ def read_rollouts(folders: Sequence[Path], cache: LatentCache, cache_folder: Pat
     shape = (config.rollouts.teacher_steps, *teacher.latent_shape)
     for folder in dirs:
         if config.training.streaming:
-            from ddil_core.data.streaming import ShardRows, tensor_keys, verified_shards
+            from ddil_core.data.shards import verified_shards
+            from ddil_core.data.streaming import ShardRows, tensor_keys
 
             folder_files, _ = verified_shards(folder, "rollouts")
             files += folder_files
