@@ -13,10 +13,11 @@ import signal
 import sys
 from typing import Optional, Sequence
 
+from ddil_core.config.checks import NATURAL, RANGES, Range
+
 EXIT_BAD_INPUT = 2
 EXIT_GATE_FAILED = 3
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what Kubernetes expects of a terminated container
-MAX_SEED = 2**63 - 2**32  # as config_ranges.SEED
 LIGHT_COMMANDS = ("register",)
 TEACHER_HELP = "teacher: diffusers folder, hub id, s3:// or tiny://sd15|sdxl (default: model.teacher)"  # no torch or diffusers: no thread count to choose, no diffusers to quiet
 
@@ -32,8 +33,8 @@ def one_line(text) -> str:
     return " ".join(str(text).split())
 
 
-def _number(kind, low, high=None, what=""):
-    """An argparse type: `kind` (int or float) in [low, high], finite (so --guidance nan is an error)."""
+def _number(kind, allowed: Range, note: str = ""):
+    """An argparse type: `kind` (int or float), finite (so --guidance nan is an error), in the config key's range."""
     def parse(raw: str):
         try:
             value = kind(raw)
@@ -41,18 +42,19 @@ def _number(kind, low, high=None, what=""):
             raise argparse.ArgumentTypeError(f"{raw!r} is not {'an integer' if kind is int else 'a number'}") from None
         if kind is float and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{raw!r} is not a finite number")
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"{raw} must be {what}")
+        if not allowed.contains(value):
+            raise argparse.ArgumentTypeError(f"{raw} must be {allowed.describe()}{note}")
         return value
 
     parse.__name__ = kind.__name__
     return parse
 
 
-_steps = _number(int, 1, what="at least 1")
-_natural = _number(int, 0, what="0 or more")
-_seed = _number(int, 0, MAX_SEED, what=f"in [0, {MAX_SEED}]")
-_guidance = _number(float, 0.0, what="0 or more (1: no guidance)")
+# The flags' bounds are the config keys' (ddil_core/config/checks.py): a flag accepts what its key accepts.
+_steps = _number(int, RANGES["objective.student_steps"])
+_natural = _number(int, NATURAL)
+_seed = _number(int, RANGES["evaluation.seed"])
+_guidance = _number(float, RANGES["objective.guidance_scale"], " (1: no guidance)")
 
 
 def _config(args, **from_flags):

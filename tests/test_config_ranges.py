@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ddil_core.config import Config, ConfigError, load_config
-from ddil_core.config_ranges import RANGES, numeric_fields
+from ddil_core.config.checks import RANGES, numeric_fields
 
 NUMERIC = list(numeric_fields(Config))
 
@@ -146,7 +146,7 @@ def test_config_validation_lets_only_config_error_escape(pairs):
     """Random keys (real and made up) with random values of every kind: loading either succeeds with every float
     finite and every number in its range, or raises ConfigError; nothing else escapes."""
     from ddil_core.config import _merge, config_from_dict
-    from ddil_core.config_ranges import number_problems
+    from ddil_core.config.checks import number_problems
 
     data: dict = {}
     for key, value in pairs:

@@ -37,7 +37,7 @@ def mean_colour_extractor():
 def _digits_16(split: str):
     from torch.nn import functional as F
 
-    from ddil_core.data.datasets import digits_split
+    from ddil_core.data.digits import digits_split
 
     images, labels, _ = digits_split(split)
     x = F.interpolate(torch.from_numpy(images)[:, None], size=(16, 16), mode="bilinear", align_corners=False)
@@ -348,7 +348,8 @@ def test_extractors(demo):
 
 
 def test_prompt_classes_nfe_and_adherence_helpers():
-    from ddil_core.stages.evaluate_inputs import adherence, default_prompts, prompt_class
+    from ddil_core.data.digits import prompt_class
+    from ddil_core.stages.evaluate_inputs import adherence, default_prompts
     from ddil_core.stages.evaluate_sampling import nfe_per_image
 
     assert prompt_class("a handwritten digit seven") == 7

@@ -128,7 +128,7 @@ def test_zero_sizes_of_teacher_rollouts(tiny_data, tmp_path, capsys, override):
 @pytest.mark.parametrize("shard,num_shards,named", [
     ("3", "2", "--shard 3 must be below --num-shards 2"),
     ("2", "2", "--shard 2 must be below --num-shards 2"),
-    ("-1", "2", "argument --shard: -1 must be 0 or more"),
+    ("-1", "2", "argument --shard: -1 must be at least 0"),
     ("0", "0", "argument --num-shards: 0 must be at least 1"),
     ("x", "2", "argument --shard: 'x' is not an integer"),
 ])
@@ -146,7 +146,7 @@ def test_teacher_rollouts_shard_out_of_range(tiny_data, tmp_path, capsys, shard,
     ("--steps", "5000", "cannot sample 5000 steps"),
     ("--guidance", "nan", "argument --guidance: 'nan' is not a finite number"),
     ("--guidance", "inf", "argument --guidance: 'inf' is not a finite number"),
-    ("--guidance", "-2", "argument --guidance: -2 must be 0 or more"),
+    ("--guidance", "-2", "argument --guidance: -2 must be at least 0"),
     ("--seed", "-1", "argument --seed: -1 must be in [0,"),
     ("--seed", str(2**70), "argument --seed:"),
 ])

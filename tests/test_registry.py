@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ddil_core.config import Config, GatesConfig
+from ddil_core.config.schema import Config, GatesConfig
 from ddil_core.registry import GateError, LocalRegistry, check_gates, failed, register_student, render_model_card
 from ddil_core.registry import local as local_mod
 from ddil_core.registry.model_card import current_code_version, git_commit, redact

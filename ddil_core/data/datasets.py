@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ddil_core.models.tiny import DIGIT_WORDS
+from ddil_core.data.digits import digit_caption, digits_split
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MIN_IMAGE_SIDE = 8
@@ -49,23 +49,6 @@ class SkipReport:
         self.skipped += 1
         if len(self.reasons) < 100:
             self.reasons.append(reason)
-
-
-def digit_caption(label: int) -> str:
-    return f"a handwritten digit {DIGIT_WORDS[int(label)]}"
-
-
-def digits_split(split: str = "train"):
-    """scikit-learn's 1,797 digits, split 1,500 / 297 stratified with a fixed seed; (images [N,8,8] in [0,1], labels)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    images = digits.images.astype(np.float32) / 16.0
-    idx = np.arange(len(images))
-    train, held = train_test_split(idx, test_size=297, stratify=digits.target, random_state=0)
-    chosen = np.sort(train if split == "train" else held)
-    return images[chosen], digits.target[chosen], chosen
 
 
 def _digit_loaders(split: str, size: int = 16) -> Iterator[tuple[str, Callable[[], Sample]]]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ddil_core.data.datasets import _digits, image_to_tensor
-from ddil_core.models.tiny import DIGIT_WORDS
+from ddil_core.data.digits import DIGIT_WORDS
 
 RESOLUTION = 16
 

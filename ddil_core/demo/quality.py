@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 
 from ddil_core.metrics.fid import frechet_distance
-from ddil_core.models.tiny import DIGIT_WORDS
+from ddil_core.data.digits import digit_caption
 
 
 def digit_prompts(images_per_digit: int) -> tuple[list[str], torch.Tensor]:
     """'a handwritten digit zero' ... 'nine', each repeated; (prompts, labels), digit-major order."""
     labels = torch.arange(10).repeat_interleave(images_per_digit)
-    return [f"a handwritten digit {DIGIT_WORDS[int(i)]}" for i in labels], labels
+    return [digit_caption(i) for i in labels], labels
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ddil_core.config import DDILConfig
+from ddil_core.config.schema import DDILConfig
 from ddil_core.math.schedule import NoiseSchedule
 from ddil_core.method.buffer import ReplayBuffer
 from ddil_core.method.grid import StudentGrid

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+from ddil_core.data.digits import DIGIT_WORDS
+
 VOCAB_WORDS = (
     ["a", "an", "the", "of", "handwritten", "digit", "number", "photo", "picture", "image", "drawing", "with", "and",
      "on", "in", "cat", "dog", "person", "red", "blue", "green", "black", "white", "small", "large"] + DIGIT_WORDS

@@ -18,7 +18,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
-from ddil_core.config import GatesConfig
+from ddil_core.config.schema import GatesConfig
 
 
 @dataclass

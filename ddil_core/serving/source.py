@@ -93,7 +93,7 @@ def resolve_source(uri: str, registry: Optional[str] = None, kubeflow_registry: 
         if kubeflow_registry:
             source = _from_kubeflow_registry(uri, kubeflow_registry, name, version)
         else:
-            from ddil_core.config import RegistryConfig
+            from ddil_core.config.schema import RegistryConfig
 
             source = _from_local_registry(uri, registry or RegistryConfig().uri, name, version)
     elif uri.startswith("s3://"):

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from ddil_core.config import Config, ConfigError
-from ddil_core.config_ranges import schedule_problems
+from ddil_core.config.checks import schedule_problems
 from ddil_core.data.locks import output_lock
 from ddil_core.data.shards import ShardError, disk_full_is_clear, load_shards, read_manifest
 from ddil_core.math.schedule import NoiseSchedule

@@ -38,10 +38,11 @@ from ddil_core.config import Config
 from ddil_core.data.datasets import DatasetError
 from ddil_core.data.shards import folder_digest, publish_dir, staging_dir
 from ddil_core.metrics.extractors import Extractor, load_extractor
+from ddil_core.data.digits import prompt_class
 from ddil_core.models.pipeline_io import ModelError, check_model_folder, load_pipeline, missing_folder_error
 from ddil_core.stages.common import write_resolved_config
-from ddil_core.stages.evaluate_inputs import (check_teacher_of, default_prompts, prompt_class, read_prompt_file,
-                                              reference_features, reference_uri)
+from ddil_core.stages.evaluate_inputs import (check_teacher_of, default_prompts, read_prompt_file, reference_features,
+                                              reference_uri)
 from ddil_core.stages.evaluate_results import json_safe, model_metrics, speedups, write_outputs
 from ddil_core.stages.evaluate_sampling import Run, Setup, device, free, prepare, sample_run
 from ddil_core.stages.provenance import check_sampling_steps, student_info

@@ -2,18 +2,17 @@
 (their features, streamed), and the teacher, checked to be the one the students were distilled from."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from ddil_core.config import Config, ConfigError
-from ddil_core.config_ranges import schedule_problems
-from ddil_core.data.datasets import DatasetError, SkipReport, digit_caption, image_to_tensor, iter_samples
+from ddil_core.config.checks import schedule_problems
+from ddil_core.data.datasets import DatasetError, SkipReport, image_to_tensor, iter_samples
+from ddil_core.data.digits import DIGIT_WORDS, digit_caption
 from ddil_core.metrics.extractors import Extractor
 from ddil_core.models.pipeline_io import ModelError
-from ddil_core.models.tiny import DIGIT_WORDS
 from ddil_core.stages.common import check_finite_weights, module_fingerprint
 
 
@@ -37,19 +36,6 @@ def default_prompts(reference_uri: str, captions: list[str]) -> list[str]:
     if reference_uri.startswith("demo://digits"):
         return [digit_caption(i) for i in range(len(DIGIT_WORDS))]
     return list(dict.fromkeys(c.strip() for c in captions if c and c.strip()))
-
-
-_NUMERAL = {str(i): i for i in range(10)}
-_WORD = {w: i for i, w in enumerate(DIGIT_WORDS)}
-
-
-def prompt_class(prompt: str) -> Optional[int]:
-    """The digit class a prompt asks for ("a handwritten digit seven" -> 7, "the number 3" -> 3); None when it
-    names no digit or several different ones."""
-    found = {(_WORD.get(tok) if tok in _WORD else _NUMERAL.get(tok)) for tok in re.findall(r"[a-z]+|\d+",
-                                                                                             prompt.lower())}
-    found.discard(None)
-    return found.pop() if len(found) == 1 else None
 
 
 def adherence(predicted: torch.Tensor, wanted: list[int]) -> float:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ddil_core.config import Config, ConfigError
-from ddil_core.data.datasets import digit_caption
+from ddil_core.data.digits import digit_caption
 from ddil_core.data.shards import publish_dir, staging_dir, write_json_atomic
 from ddil_core.demo.data import load_digits, write_image_folder
 from ddil_core.demo.threads import ThreadTuner, torch_threads

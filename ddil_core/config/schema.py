@@ -1,8 +1,8 @@
-"""One typed schema for every stage: YAML recipes, `--set a.b=c` overrides, strict validation.
+"""The typed schema of every stage's config: one dataclass per section, defaults as documented.
 
-A recipe is a YAML file whose keys mirror the dataclasses below. Unknown keys are rejected with the nearest
-valid key named; invalid values are rejected with a message that says what is wrong. `resolved_dict` gives the
-fully-resolved config that every stage writes next to its outputs.
+A recipe is a YAML file whose keys mirror these dataclasses (load.py builds them; checks.py holds the range of
+every number and the rules between keys). This module imports nothing of ddil_core, so any module may import it.
+`resolved_dict` gives the fully-resolved config that every stage writes next to its outputs.
 """
 from __future__ import annotations
 
@@ -305,12 +305,3 @@ def resolved_dict(config: Config) -> dict:
 
 def dump_config(config: Config) -> str:
     return yaml.safe_dump(resolved_dict(config), sort_keys=False)
-
-
-# Loading and validating (the schema above is defined first: those modules import it).
-from ddil_core.config_load import (_merge, config_from_dict, load_config, parse_override, recipe_path,  # noqa: E402
-                                   yaml_error_line)
-from ddil_core.config_rules import config_problems, validate  # noqa: E402
-
-__all__ = ["Config", "ConfigError", "load_config", "config_from_dict", "parse_override", "recipe_path",
-           "yaml_error_line", "validate", "config_problems", "resolved_dict", "dump_config", "_merge"]

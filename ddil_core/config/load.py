@@ -12,8 +12,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from ddil_core.config import Config, ConfigError
-from ddil_core.config_rules import config_problems, validate
+from ddil_core.config.checks import config_problems, validate
+from ddil_core.config.schema import Config, ConfigError
 
 
 def _nearest(key: str, options: list[str]) -> str:
@@ -129,7 +129,7 @@ def recipe_path(name_or_path: str) -> Path:
         if not path.exists():
             raise ConfigError(f"config file not found: {name_or_path}")
         return path
-    for root in (Path.cwd() / "configs", Path(__file__).resolve().parent.parent / "configs"):
+    for root in (Path.cwd() / "configs", Path(__file__).resolve().parents[2] / "configs"):
         candidate = root / f"{name_or_path}.yaml"
         if candidate.exists():
             return candidate

@@ -1,18 +1,25 @@
-"""The allowed range of every numeric config key, and the checks that need the teacher's noise schedule.
+"""Every check of a config, each rule once: the range of every numeric key, the rules between keys, and the
+checks that need the teacher's noise schedule.
 
-One rule for every number of the schema (issue 13, rule 2): a float must be finite (NaN or infinity in a recipe or
-`--set x=.nan` is an error, never "no guidance" or a student of non-finite weights), and every int or float, or each
-entry of a list of them, must lie in the range listed here for its key. tests/test_config_ranges.py checks that
-every numeric field of `Config` has an entry, so a new key cannot be added without one. `schedule_problems` checks
-what a config can only be compared with once the teacher is loaded: its number of training timesteps T.
+1. `number_problems`: a float must be finite (NaN or infinity in a recipe or `--set x=.nan` is an error, never "no
+   guidance" or a student of non-finite weights), and every int or float, or each entry of a list of them, must lie
+   in the range `RANGES` lists for its key. tests/config/test_checks.py checks that every numeric field of `Config`
+   has an entry, so a new key cannot be added without one. The CLI's flags take their bounds from the same `Range`s.
+2. `relation_problems`: rules between keys (priors summing to 1, the progressive teacher's steps a power-of-2
+   multiple of the student's, ...), checked once every number is in range (they assume no zero divisors).
+3. `schedule_problems`: what a config can only be compared with once the teacher is loaded: its number of training
+   timesteps T.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import typing
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
+
+from ddil_core.config.schema import REFLECTION_TARGETS, ConfigError
 
 
 @dataclass(frozen=True)
@@ -209,10 +216,45 @@ def number_problems(config: Any) -> list[str]:
     return problems
 
 
+def validate(config: Any, source: str = "config") -> None:
+    """Raise ConfigError naming `source` and every problem of config_problems."""
+    problems = config_problems(config)
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+
+
+def config_problems(config: Any) -> list[str]:
+    """What is wrong with a config, one line per problem (empty: nothing). Numbers first: the rules between keys
+    assume every value is finite and in its range."""
+    return number_problems(config) or relation_problems(config)
+
+
 def relation_problems(config: Any) -> list[str]:
-    """Checks between keys of one config (no teacher or data needed)."""
+    """Rules between keys of one config (no teacher or data needed); every number is already in its range."""
     problems = []
+    p = config.ddil.priors
+    total = p.forward + p.teacher + p.student
+    if abs(total - 1.0) > 1e-6:
+        problems.append(
+            f"ddil.priors must sum to 1, got forward {p.forward} + teacher {p.teacher} + student {p.student} = {total:g}"
+        )
     o = config.objective
+    if o.name == "pd":
+        t = o.pd.teacher_steps
+        if o.student_steps >= t:
+            problems.append(
+                f"objective.student_steps = {o.student_steps} must be fewer than objective.pd.teacher_steps = {t}"
+            )
+        elif t % o.student_steps or (t // o.student_steps) & (t // o.student_steps - 1):
+            problems.append(
+                f"objective.pd.teacher_steps = {t} must be the student's steps ({o.student_steps}) times a power of 2"
+            )
+    r = config.rollouts
+    if o.name == "pd" and r.teacher_steps % o.student_steps and p.teacher > 0 and config.ddil.teacher_mode == "precomputed":
+        problems.append(
+            f"rollouts.teacher_steps = {r.teacher_steps} must be a multiple of objective.student_steps = "
+            f"{o.student_steps} so the teacher's grid passes through the student's timesteps"
+        )
     if o.lcm.w_min > o.lcm.w_max:
         problems.append(f"objective.lcm.w_min = {o.lcm.w_min} must not exceed objective.lcm.w_max = {o.lcm.w_max}")
     if o.name == "lcm" and o.student_steps > o.lcm.num_ddim_timesteps:
@@ -223,15 +265,36 @@ def relation_problems(config: Any) -> list[str]:
         problems.append(f"objective.dmd2.min_step = {d.min_step} must not exceed objective.dmd2.max_step = "
                         f"{d.max_step}")
     ts = list(d.timesteps or [])
+    if o.name == "dmd2" and d.timesteps is not None and len(ts) != o.student_steps:
+        problems.append(
+            f"objective.dmd2.timesteps has {len(ts)} entries but objective.student_steps = {o.student_steps}"
+        )
     if o.name == "dmd2" and any(a <= b for a, b in zip(ts, ts[1:])):
         problems.append(f"objective.dmd2.timesteps = {ts} must be strictly decreasing (the generator steps from "
                         "high noise to low)")
-    dtype, mp = config.model.dtype, config.training.mixed_precision
+    for target in config.ddil.reflection.apply_to:
+        if target not in REFLECTION_TARGETS:
+            problems.append(
+                f"ddil.reflection.apply_to: unknown target '{target}'{_nearest(target, list(REFLECTION_TARGETS))}"
+            )
+    t = config.training
+    if t.batch_size % t.grad_accum_steps:
+        problems.append(f"training.batch_size = {t.batch_size} must be divisible by training.grad_accum_steps = "
+                        f"{t.grad_accum_steps} (batch_size is the global batch of one update)")
+    for where, lora in (("training.lora", t.lora), ("objective.dmd2.fake_lora", o.dmd2.fake_lora)):
+        if lora.rank > 0 and not lora.target_modules:
+            problems.append(f"{where}.target_modules is empty: a LoRA needs at least one module to adapt")
+    dtype, mp = config.model.dtype, t.mixed_precision
     wanted = {"float16": "fp16", "bfloat16": "bf16"}.get(dtype)
     if wanted is not None and mp != wanted:
         problems.append(f"model.dtype = {dtype} needs training.mixed_precision = {wanted} (the frozen {dtype} teacher "
                         f"takes float32 inputs only under autocast), got {mp}")
     return problems
+
+
+def _nearest(key: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(key, options, n=1, cutoff=0.0)
+    return f"; did you mean '{match[0]}'?" if match else ""
 
 
 def schedule_problems(config: Any, num_train_timesteps: int, stage: str) -> list[str]:
