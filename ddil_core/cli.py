@@ -136,6 +136,19 @@ def cmd_evaluate(args):
     return metrics
 
 
+def cmd_diagnose(args):
+    from ddil_core.stages.diagnose import diagnose
+
+    config = _config(args, **{"model.teacher": _q(args.teacher)})
+    summary = diagnose(config, args.student, config.model.teacher, args.out, prompts=args.prompts,
+                       restart=args.restart)
+    head = summary["headline"]
+    fmt = {k: "n/a" if v is None else f"{v:.3g}" for k, v in head.items()}
+    print(f"covariate shift: R = {fmt['shift_factor_mean']} (mean after the first step), C = {fmt['compounding']}, "
+          f"final drift {fmt['drift_final']} -> {args.out}/diagnose.json")
+    return summary
+
+
 def cmd_register(args):
     from ddil_core.stages.register import register
 
@@ -280,6 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", help="reference images (a dataset URI) for FID/density/coverage (default: the "
                                        "held-out split of data.dataset)")
     p.add_argument("--out", required=True, help="the evaluation folder: metrics.json, report.html, sample grids")
+
+    p = stage("diagnose", cmd_diagnose, "measure the student's covariate shift against its teacher (error on its "
+                                        "own states vs the teacher's, drift, hand-over)")
+    p.add_argument("--student", required=True, help="the student folder distill wrote (DIR/student)")
+    p.add_argument("--teacher", help=TEACHER_HELP)
+    p.add_argument("--prompts", help="a text file, one prompt per line (default: evaluation.prompts, else the "
+                                     "dataset's distinct captions)")
+    p.add_argument("--out", required=True, help="the diagnosis folder: diagnose.json, covariate_shift.png")
 
     p = stage("register", cmd_register, "register the student when it passes the evaluation gates",
               writes_folder=False)

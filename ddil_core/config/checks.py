@@ -138,6 +138,10 @@ RANGES: dict[str, Range] = {
     "evaluation.k": COUNT,
     "evaluation.batch_size": COUNT,
     "evaluation.num_reference": Range(2),
+    "diagnose.num_noises": Range(2, 1_000_000),  # an interval needs two noises
+    "diagnose.seed": SEED,
+    "diagnose.batch_size": COUNT,
+    "diagnose.bootstrap": Range(100, 100_000),
     "registry.kubeflow_port": PORT,
     "registry.gates.fid_factor": POSITIVE,
     "registry.gates.min_coverage": PROBABILITY,

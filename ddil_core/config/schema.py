@@ -232,6 +232,17 @@ class EvaluationConfig:
 
 
 @dataclass
+class DiagnoseConfig:
+    """The covariate-shift measurement of a student against its teacher (stages/diagnose.py; in evaluate too)."""
+
+    num_noises: int = 512  # M: noises z, each paired across teacher and student trajectories
+    seed: int = 0  # noise i uses seed + i (its initial noise is `ddil sample --seed seed+i`'s)
+    batch_size: int = 64  # noises per batch
+    bootstrap: int = 1000  # resamples of the 95% intervals (paired by noise)
+    in_evaluate: bool = True  # evaluate also measures the student (metrics.json "covariate_shift", report plot)
+
+
+@dataclass
 class GatesConfig:
     fid_factor: Optional[float] = None  # student FID <= teacher FID * factor
     min_coverage: Optional[float] = None
@@ -294,6 +305,7 @@ class Config:
     rollouts: RolloutsConfig = field(default_factory=RolloutsConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    diagnose: DiagnoseConfig = field(default_factory=DiagnoseConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)  # prepare-demo only

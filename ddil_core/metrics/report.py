@@ -125,7 +125,7 @@ def _md_cell(s: str) -> str:
 
 def render_markdown(metrics: dict, grids: dict, plot: Optional[str], title: str, out_dir: Path,
                     verdict: Optional[dict] = None, comparison: Optional[dict] = None,
-                    fid_note: Optional[str] = None) -> str:
+                    fid_note: Optional[str] = None, figures: Optional[dict] = None) -> str:
     models = metrics.get("models") or {}
     src = lambda name: quote(_relative_src(out_dir, name))  # noqa: E731
     lines = [f"# {title}", ""]
@@ -149,6 +149,8 @@ def render_markdown(metrics: dict, grids: dict, plot: Optional[str], title: str,
         lines += ["## Which FID", "", fid_note, ""]
     if plot:
         lines += ["## Quality vs steps", "", f"![FID vs steps]({src(plot)})", ""]
+    for heading, figs in (figures or {}).items():
+        lines += [f"## {heading}", ""] + [f"![{caption}]({src(name)})" for caption, name in figs.items()] + [""]
     if comparison and comparison.get("rows"):
         cols = comparison["columns"]
         lines += ["## Samples side by side", "", comparison.get("caption", ""), "",
@@ -203,7 +205,7 @@ def _html_dl(d: dict) -> str:
 
 def render_html(metrics: dict, grids: dict, plot: Optional[str], title: str, out_dir: Path,
                 verdict: Optional[dict] = None, comparison: Optional[dict] = None,
-                fid_note: Optional[str] = None) -> str:
+                fid_note: Optional[str] = None, figures: Optional[dict] = None) -> str:
     e = html.escape
     src = lambda name: e(quote(_relative_src(out_dir, name)))  # noqa: E731
     models = metrics.get("models") or {}
@@ -235,6 +237,9 @@ def render_html(metrics: dict, grids: dict, plot: Optional[str], title: str, out
         body += ["<h2>Quality vs steps</h2>",
                  f'<figure><img src="{src(plot)}" alt="FID vs steps"><figcaption>FID against sampling steps'
                  "</figcaption></figure>"]
+    for heading, figs in (figures or {}).items():
+        body += [f"<h2>{e(heading)}</h2>"] + [f'<figure><img src="{src(name)}" alt="{e(caption)}"><figcaption>'
+                                              f"{e(caption)}</figcaption></figure>" for caption, name in figs.items()]
     if comparison and comparison.get("rows"):
         cols = comparison["columns"]
         head = "".join(f'<th scope="col">{e(c)}</th>' for c in cols)
@@ -260,7 +265,8 @@ def render_html(metrics: dict, grids: dict, plot: Optional[str], title: str, out
 
 def write_report(out_dir, metrics: dict, grids: dict[str, str], plot: Optional[str] = None,
                  title: str = "DDIL evaluation report", *, verdict: Optional[dict] = None,
-                 comparison: Optional[dict] = None, fid_note: Optional[str] = None) -> tuple[Path, Path]:
+                 comparison: Optional[dict] = None, fid_note: Optional[str] = None,
+                 figures: Optional[dict] = None) -> tuple[Path, Path]:
     """Write report.md and report.html into out_dir; images are referenced by paths relative to it.
 
     metrics: {"protocol": {...}, "models": {name: {metric: value}}}, any subset of keys; None/NaN -> "—".
@@ -268,11 +274,12 @@ def write_report(out_dir, metrics: dict, grids: dict[str, str], plot: Optional[s
     verdict: {"gates": [{name, checks, actual, threshold, passed}, ...]} (an empty list: no gates set).
     comparison: {"columns": [model labels], "rows": [{"prompt", "images": [one PNG per column]}], "caption"}.
     fid_note: one paragraph on which FID the table shows.
+    figures: heading -> {caption: PNG name}, a section each after the quality plot (the covariate-shift curves).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     md_path, html_path = out_dir / "report.md", out_dir / "report.html"
-    extra = dict(verdict=verdict, comparison=comparison, fid_note=fid_note)
+    extra = dict(verdict=verdict, comparison=comparison, fid_note=fid_note, figures=figures)
     _atomic_write_bytes(md_path, render_markdown(metrics, grids, plot, title, out_dir, **extra).encode("utf-8"))
     _atomic_write_bytes(html_path, render_html(metrics, grids, plot, title, out_dir, **extra).encode("utf-8"))
     return md_path, html_path

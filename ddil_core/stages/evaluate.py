@@ -43,6 +43,7 @@ from ddil_core.models.pipeline_io import ModelError, check_model_folder, load_pi
 from ddil_core.stages.common import write_resolved_config
 from ddil_core.stages.evaluate_inputs import (check_teacher_of, default_prompts, read_prompt_file, reference_features,
                                               reference_uri)
+from ddil_core.stages.diagnose import measure
 from ddil_core.stages.evaluate_results import json_safe, model_metrics, speedups, write_outputs
 from ddil_core.stages.evaluate_sampling import Run, Setup, device, free, prepare, sample_run
 from ddil_core.stages.provenance import check_sampling_steps, student_info
@@ -75,7 +76,7 @@ def evaluate(config: Config, student: str, teacher: str, out: str | Path, baseli
     return metrics
 
 
-def _check_model_uri(uri: str, role: str, allow_pickle: bool) -> None:
+def check_model_uri(uri: str, role: str, allow_pickle: bool) -> None:
     """A local model folder is validated now; tiny://, s3:// and hub ids are checked when loaded."""
     if uri.startswith(("tiny://", "s3://")):
         return
@@ -105,7 +106,7 @@ def _evaluate(config: Config, student: str, teacher: str, tmp: Path, baseline: O
     # Fail early on bad input: the prompts file, the model folders and the extractor, before any sampling.
     for role, uri in (("student", student), ("baseline", baseline), ("teacher", teacher)):
         if uri:
-            _check_model_uri(uri, role, config.model.allow_pickle)
+            check_model_uri(uri, role, config.model.allow_pickle)
     file_prompts = read_prompt_file(prompts_file or ev.prompts) if (prompts_file or ev.prompts) else None
     student_steps, student_guidance, student_info = _student_settings(student, config, teacher_guidance, "student")
     baseline_settings = (_student_settings(baseline, config, teacher_guidance, "baseline")
@@ -142,14 +143,20 @@ def _evaluate(config: Config, student: str, teacher: str, tmp: Path, baseline: O
     setup = Setup(prompt_list, seeds, resolution, ev.batch_size, dev, extractor, wanted is not None, tmp)
     runs: list[Run] = [sample_run(teacher_pipe, "teacher", "teacher", ev.teacher_steps, teacher_guidance, None,
                                   teacher, setup)]
-    del teacher_pipe
-    free(dev)
+    shift = None
+    if not config.diagnose.in_evaluate:
+        del teacher_pipe
+        free(dev)
     todo = [("student", student, (student_steps, student_guidance, student_info))]
     if baseline:
         todo.append(("baseline", baseline, baseline_settings))
     for role, folder, (steps, guidance, info) in todo:
         pipe = prepare(load_pipeline(folder, "auto", config.model.allow_pickle), dev, config.model.dtype)
         runs.append(sample_run(pipe, role, role, steps, guidance, info, folder, setup))
+        if role == "student" and config.diagnose.in_evaluate:  # the covariate-shift curve (stages/diagnose.py)
+            shift = measure(config, pipe, info or None, teacher_pipe, prompt_list, resolution, extractor)
+            shift.pop("samples")
+            del teacher_pipe
         for n in sorted({n for n in ev.student_steps if n != steps}):
             runs.append(sample_run(pipe, f"{role}@{n}", role, n, guidance, info, folder, setup))
         del pipe
@@ -169,6 +176,8 @@ def _evaluate(config: Config, student: str, teacher: str, tmp: Path, baseline: O
         m["num_images"] = int(r.features.shape[0])
         models[r.key] = m
     speedup = speedups(models)
+    if shift is not None:
+        models["student"].update({f"covariate_{k}": v for k, v in shift["headline"].items()})
 
     protocol = {
         "extractor": extractor.name,
@@ -211,7 +220,8 @@ def _evaluate(config: Config, student: str, teacher: str, tmp: Path, baseline: O
     }
     if student_info:
         protocol["student_info"] = {k: v for k, v in student_info.items() if not isinstance(v, (dict, list))}
-    metrics = {"protocol": protocol, "models": models, "speedup": speedup}
+    metrics = {"protocol": protocol, "models": models, "speedup": speedup,
+               **({"covariate_shift": shift} if shift is not None else {})}
     write_outputs(tmp, config, metrics, runs, extractor.name)
     write_resolved_config(tmp, config, "evaluate")
     return json_safe(metrics)

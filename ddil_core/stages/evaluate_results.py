@@ -27,7 +27,8 @@ METRICS = "metrics.json"
 METRICS_FLAT = "metrics_flat.json"
 PLOT = "quality_vs_steps.png"
 FLAT_KEYS = ("fid", "precision", "recall", "density", "coverage", "adherence", "diversity", "nfe_per_image",
-             "seconds_per_image", "steps", "speedup_seconds", "speedup_nfe")
+             "seconds_per_image", "steps", "speedup_seconds", "speedup_nfe", "covariate_shift_factor_mean",
+             "covariate_compounding", "covariate_drift_final", "covariate_feature_drift_final")
 PREPARE_DEMO_SEEDS = "100000 + i"  # stages/prepare_demo.py EVAL_SEED_BASE: one seed per image
 # What each gate of registry.gates checks (registry/gates.py), for the verdict table.
 GATE_CHECKS = {"fid_factor": "student FID ≤ teacher FID × fid_factor", "min_coverage": "student coverage ≥ minimum",
@@ -140,7 +141,16 @@ def write_outputs(tmp: Path, config: Config, metrics: dict, runs: list[Run], ext
     shown = "" if len(protocol["prompts"]) <= GRID_MAX_ROWS else f" (first {GRID_MAX_ROWS} prompts)"
     grids = {f"{model_label(r.key, {'steps': r.steps})}, guidance {r.guidance_scale:g}{shown}": r.grid for r in runs}
     safe = json_safe(metrics)
-    write_report(tmp, safe, grids, plot, verdict=gate_verdict(safe, config),
+    figures = {}
+    if "covariate_shift" in metrics:
+        from ddil_core.stages.diagnose import write_plots
+
+        shift_png, handover_png = write_plots(tmp, metrics["covariate_shift"])
+        figures["Covariate shift"] = {"R(k): the student's one-step error on its own states over that on the "
+                                      "teacher's, and the drift D(k) from the teacher's trajectory": shift_png.name,
+                                      "Hand-over: the final distance to the teacher when the teacher takes the "
+                                      "first m steps": handover_png.name}
+    write_report(tmp, safe, grids, plot, verdict=gate_verdict(safe, config), figures=figures,
                  comparison=comparison(runs, protocol["prompts"], protocol["seeds"]), fid_note=fid_note(protocol))
     _write_json(tmp / METRICS, metrics)
     flat = {k: v for k, v in models["student"].items() if k in FLAT_KEYS and v is not None}

@@ -1,0 +1,177 @@
+"""Stage diagnose: the covariate-shift curve of a student against its teacher (metrics/covariate_shift.py).
+
+For diagnose.num_noises noises z (noise i from seed diagnose.seed + i, as `ddil sample --seed` draws it) with
+prompts cycled from the evaluation prompts, the student runs its shipped sampler (models/sampling.py: its saved
+scheduler at its recommended steps and guidance, ddil_student.json) and the teacher the teacher's version of each
+step (method/teacher_reference.py, guided at the rollouts' guidance with rollouts.teacher_steps DDIM steps over the
+student's grid). The final images of both are also compared in the evaluation extractor's feature space.
+
+Writes, built under a temporary name and renamed when complete:
+```
+out/diagnose.json        protocol, the curves with 95% intervals (e_T, e_S, R, D, C, hand-over), per-noise values
+out/diagnose_flat.json   the headline scalars, for `dvc metrics show`
+out/covariate_shift.png  R(k) and the drift D(k) against the student step k
+out/handover.png         the final distance to the teacher when the teacher takes the first m steps
+out/resolved_config.yaml
+```
+evaluate runs the same measurement (`measure`) into its metrics.json and report when diagnose.in_evaluate is set.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ddil_core.config import Config
+from ddil_core.data.shards import publish_dir, staging_dir
+from ddil_core.math.schedule import NoiseSchedule
+from ddil_core.method.teacher_reference import TeacherReference
+from ddil_core.metrics.covariate_shift import concat, headline, summarize, trajectory_errors
+from ddil_core.metrics.plots import plot_lines
+from ddil_core.models import placement
+from ddil_core.models.conditioning import encode_prompts, encode_unconditional
+from ddil_core.models.latents import decode_latents
+from ddil_core.models.sampling import ShippedSampler, is_interval_sampler
+
+log = logging.getLogger(__name__)
+RESULT, FLAT, SHIFT_PLOT, HANDOVER_PLOT = "diagnose.json", "diagnose_flat.json", "covariate_shift.png", "handover.png"
+
+
+def teacher_guidance(config: Config) -> float:
+    """The guidance of the teacher's labels: the rollouts' (objective.guidance_scale unless set)."""
+    r = config.rollouts.guidance_scale
+    return float(config.objective.guidance_scale if r is None else r)
+
+
+@torch.no_grad()
+def measure(config: Config, student_pipe, info: Optional[dict], teacher_pipe, prompts: list[str], resolution: int,
+            extractor=None, num_noises: Optional[int] = None) -> dict:
+    """The covariate-shift summary of a loaded student against a loaded teacher (JSON-ready), with per-noise
+    values under "samples"."""
+    from ddil_core.stages.sample import sampling_scheduler, student_sampling
+
+    d = config.diagnose
+    m = int(num_noises or d.num_noises)
+    steps = int(info["num_inference_steps"]) if info else config.objective.student_steps
+    guidance = float(info.get("guidance_scale", 1.0)) if info else teacher_guidance(config)
+    kind, _ = student_sampling(student_pipe, info)
+    scheduler = sampling_scheduler(student_pipe, kind)
+    seeds = [d.seed + i for i in range(m)]
+    row_prompts = [prompts[i % len(prompts)] for i in range(m)]
+    sampler = ShippedSampler(student_pipe, scheduler, steps, guidance, row_prompts, seeds, resolution)
+    w = teacher_guidance(config)
+    t_cond = encode_prompts(teacher_pipe, row_prompts, resolution)
+    t_uncond = encode_unconditional(teacher_pipe, resolution) if w != 1.0 else None
+    # The teacher's last interval ends where the scheduler's last step lands: DDIM on the folder's final alpha, a
+    # consistency step at the clean estimate (alpha 1).
+    final_alpha_one = (bool(scheduler.config.get("set_alpha_to_one", True)) if is_interval_sampler(scheduler)
+                       else True)
+    t_schedule = NoiseSchedule.from_config(dict(teacher_pipe.scheduler.config), set_alpha_to_one=final_alpha_one)
+    reference = TeacherReference(sampler, teacher_pipe.unet, t_schedule, t_cond, t_uncond, w,
+                                 config.rollouts.teacher_steps)
+    device, dtype = placement(student_pipe.unet)
+    side = resolution // student_pipe.vae_scale_factor
+    channels = student_pipe.unet.config.in_channels
+    parts, feature_drift = [], []
+    for start in range(0, m, d.batch_size):
+        rows = torch.arange(start, min(m, start + d.batch_size))
+        z = torch.stack([torch.randn((channels, side, side), generator=torch.Generator("cpu").manual_seed(seeds[i]))
+                         for i in rows.tolist()]).to(device, dtype) * sampler.init_noise_sigma
+        part, x_s, x_t = trajectory_errors(sampler.step, reference.step, z, steps, rows)
+        parts.append(part)
+        if extractor is not None:
+            f_s = extractor.features(decode_latents(student_pipe.vae, x_s))
+            f_t = extractor.features(decode_latents(teacher_pipe.vae, x_t.to(x_s.dtype)))
+            feature_drift.append((f_s - f_t).pow(2).mean(1).numpy())
+    samples = concat(parts)
+    summary = summarize(samples, d.bootstrap, d.seed, np.concatenate(feature_drift) if feature_drift else None)
+    summary["headline"] = headline(summary)
+    summary["protocol"] = {
+        "student_steps": steps, "student_guidance": guidance, "timesteps": sampler.timesteps,
+        "scheduler": type(scheduler).__name__,
+        "reference": ("teacher's guided DDIM over each interval" if is_interval_sampler(scheduler) else
+                      "the scheduler's step with the teacher's clean estimate (guided DDIM to 0), same noise"),
+        "teacher_guidance": w, "teacher_steps": config.rollouts.teacher_steps, "seeds": [seeds[0], seeds[-1]],
+        "prompts": sorted(set(row_prompts)), "resolution": resolution,
+        "distance": "mean squared difference per latent element",
+        **({"feature_distance": f"mean squared difference per {extractor.name} feature of the final images"}
+           if extractor is not None else {}),
+    }
+    summary["samples"] = {"e_teacher": samples.e_teacher.tolist(), "e_student": samples.e_student.tolist(),
+                          "drift_final": samples.drift_final.tolist()}
+    return summary
+
+
+def write_plots(folder: Path, summary: dict, label: str = "student") -> tuple[Path, Path]:
+    """R(k) and D(k) against the step k; the hand-over curve H(m)."""
+    n = summary["num_steps"]
+    shift = {"R(k) = e_S / e_T": [(k, r["value"]) for k, r in enumerate(summary["shift_factor"])
+                                  if r["value"] is not None]}
+    top = max([v for _, v in shift["R(k) = e_S / e_T"]] or [1.0])
+    drift_max = max(r["value"] for r in summary["drift"]) or 1.0
+    shift[f"D(k) drift (scaled: {drift_max:.3g} = {top:.3g})"] = [(k, r["value"] / drift_max * top)
+                                                                  for k, r in enumerate(summary["drift"])]
+    a = plot_lines(shift, folder / SHIFT_PLOT, f"Covariate shift of the {label} ({n} steps)", "student step k",
+                   "factor")
+    b = plot_lines({"final distance to the teacher": [(j, r["value"]) for j, r in enumerate(summary["handover"])]},
+                   folder / HANDOVER_PLOT, "Hand-over: the teacher takes the first m steps", "m", "distance")
+    return a, b
+
+
+def diagnose(config: Config, student: str, teacher: str, out: str | Path, prompts: Optional[str] = None,
+             restart: bool = False) -> dict:
+    """Measure `student` against `teacher` into `out`; returns the summary written to out/diagnose.json."""
+    from ddil_core.metrics.extractors import load_extractor
+    from ddil_core.models.pipeline_io import load_pipeline
+    from ddil_core.stages.common import stage_run
+    from ddil_core.stages.evaluate import check_model_uri
+    from ddil_core.stages.evaluate_inputs import default_prompts, read_prompt_file, reference_uri
+    from ddil_core.stages.evaluate_sampling import device, prepare
+    from ddil_core.stages.outputs import write_resolved_config
+    from ddil_core.stages.provenance import student_info
+
+    out = Path(out)
+    with stage_run(config, "diagnose", out, restart=restart, inputs=(student, teacher, prompts)) as tel:
+        for role, uri in (("student", student), ("teacher", teacher)):
+            check_model_uri(uri, role, config.model.allow_pickle)
+        info = student_info(student)
+        prompt_file = prompts or config.evaluation.prompts
+        prompt_list = (read_prompt_file(prompt_file) if prompt_file else
+                       default_prompts(reference_uri(config, None), _captions(config)))
+        dev = device()
+        teacher_pipe = prepare(load_pipeline(teacher, config.model.family, config.model.allow_pickle), dev,
+                               config.model.dtype)
+        student_pipe = prepare(load_pipeline(student, "auto", config.model.allow_pickle), dev, config.model.dtype)
+        resolution = config.model.resolution or teacher_pipe.unet.config.sample_size * teacher_pipe.vae_scale_factor
+        extractor = load_extractor(config.evaluation.extractor, dev, teacher=teacher)
+        tmp = staging_dir(out)
+        try:
+            summary = measure(config, student_pipe, info, teacher_pipe, prompt_list, resolution, extractor)
+            summary["protocol"]["model_paths"] = {"student": str(student), "teacher": str(teacher)}
+            write_plots(tmp, summary)
+            (tmp / RESULT).write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+            (tmp / FLAT).write_text(json.dumps({k: v for k, v in summary["headline"].items() if v is not None},
+                                               indent=1) + "\n", encoding="utf-8")
+            write_resolved_config(tmp, config, "diagnose")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        publish_dir(tmp, out)
+        tel.eval_results({"models": {"student": {f"covariate_{k}": v for k, v in summary["headline"].items()}}})
+    log.info("covariate shift of %s written to %s: %s", student, out, summary["headline"])
+    return summary
+
+
+def _captions(config: Config) -> list[str]:
+    """The dataset's captions, for prompts when no prompt file is given (the digits: their ten captions)."""
+    from ddil_core.data.datasets import iter_samples
+
+    if config.data.dataset.startswith("demo://digits"):
+        return []
+    return [s.caption for s in iter_samples(config.data.dataset, config.data.images, "skip",
+                                            limit=config.evaluation.num_prompts * 8)]
