@@ -7,7 +7,7 @@ and calls one stage function.
 from components.common import DDIL_IMAGE, DEFAULT_IMAGE
 from components.config import pipeline_overrides, resolve_config, shard_indices
 from components.deploy import deploy
-from components.stages import cache_latents, check_gates, distill, evaluate, register, teacher_rollouts
+from components.stages import cache_latents, check_gates, diagnose, distill, evaluate, register, teacher_rollouts
 from components.trainjob import launch_trainjob
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "DEFAULT_IMAGE",
     "cache_latents",
     "check_gates",
+    "diagnose",
     "deploy",
     "distill",
     "evaluate",

@@ -184,6 +184,28 @@ def evaluate(recipe: str, overrides: List[str], run_id: str, student: Input[Mode
     evaluation.metadata.update({"files": sorted(os.listdir(evaluation.path))})
 
 
+@ddil_component(stage_config, inline_images)
+def diagnose(recipe: str, overrides: List[str], run_id: str, student: Input[Model], metrics: Output[Metrics],
+             curve: Output[HTML], diagnosis: Output[Artifact]):
+    """The student's covariate-shift curve against its teacher (ddil diagnose). `diagnosis`: the whole folder
+    (diagnose.json with the intervals, the PNG plots); `metrics`: the headline scalars (covariate_*); `curve`: the
+    plots in one self-contained page for the Kubeflow UI."""
+    import os
+
+    from ddil_core.stages.diagnose import HANDOVER_PLOT, SHIFT_PLOT
+    from ddil_core.stages.diagnose import diagnose as run_stage
+
+    config = stage_config(recipe, overrides, run_id)
+    summary = run_stage(config, student.path, config.model.teacher, diagnosis.path)
+    for name, value in summary["headline"].items():
+        if value is not None:
+            metrics.log_metric(f"covariate_{name}", value)
+    page = "".join(f'<figure><img src="{name}"></figure>' for name in (SHIFT_PLOT, HANDOVER_PLOT))
+    with open(curve.path, "w", encoding="utf-8") as handle:
+        handle.write(inline_images(f"<html><body><h1>Covariate shift</h1>{page}</body></html>", diagnosis.path))
+    diagnosis.metadata.update({"files": sorted(os.listdir(diagnosis.path))})
+
+
 @ddil_component(stage_config)
 def check_gates(recipe: str, overrides: List[str], evaluation: Input[Artifact]) -> bool:
     """True when the student passes every quality gate of registry.gates (none set: True); prints each gate."""

@@ -12,6 +12,7 @@ Graph (task: inputs):
             teacher-rollouts: recipe, overrides, latents, shard, num_shards              [GPU] -> rollouts
         distill:        recipe, overrides, latents, Collected(rollouts)                  [GPU] -> student, training_log
         evaluate:       recipe, overrides, student        [GPU] -> metrics, report, report_html, evaluation
+        diagnose:       recipe, overrides, student        [GPU] -> metrics, curve, diagnosis (covariate shift)
         check-gates:    recipe, overrides, evaluation -> bool
         if passed: register: recipe, overrides, student, evaluation                      [CPU] -> registration
             if deploy: deploy: student, registration, gpu_type   [CPU; applies a KServe InferenceService] -> URL
@@ -43,6 +44,7 @@ from components import (
     DDIL_IMAGE,
     cache_latents,
     check_gates,
+    diagnose,
     distill,
     evaluate,
     launch_trainjob,
@@ -73,7 +75,7 @@ IO_RETRIES = 2  # stages that read or write remote storage retry on failure (60 
 DISTILL_RETRIES = 3  # a preempted or killed distill pod is retried; each retry resumes from the durable checkpoint
 # Pod deadline (activeDeadlineSeconds) of each attempt: a stuck GPU task does not hold its GPUs for ever.
 TIMEOUTS = {"cache-latents": 24 * 3600, "teacher-rollouts": 24 * 3600, "distill": 7 * 24 * 3600,
-            "evaluate": 12 * 3600, "launch-trainjob": 7 * 24 * 3600 + 3600}
+            "evaluate": 12 * 3600, "diagnose": 12 * 3600, "launch-trainjob": 7 * 24 * 3600 + 3600}
 # Telemetry settings of the cluster (k8s/base ConfigMap ddil-settings), read by every stage (stages/common.py).
 SETTINGS_CONFIG_MAP = "ddil-settings"
 SETTINGS_KEYS = {key: key for key in ("DDIL_PUSHGATEWAY", "DDIL_METRICS_PORT")}
@@ -131,6 +133,8 @@ def _evaluate_and_register(recipe, overrides, student, resources, deploy) -> Non
     """evaluate (GPU) -> check-gates -> register behind dsl.If on the gates (CPU only) -> deploy (when asked)."""
     ev = evaluate(recipe=recipe, overrides=overrides, run_id=RUN_ID, student=student)
     _io_retry(_gpu_stage(ev, *resources))
+    shift = diagnose(recipe=recipe, overrides=overrides, run_id=RUN_ID, student=student)  # beside evaluate
+    _io_retry(_gpu_stage(shift, *resources))
     gates = check_gates(recipe=recipe, overrides=overrides, evaluation=ev.outputs["evaluation"])
     gates.set_caching_options(False)
     with dsl.If(gates.output == True, name="gates-passed"):  # noqa: E712 - a KFP condition, not a Python test

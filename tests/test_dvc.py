@@ -14,7 +14,7 @@ import yaml
 from ddil_core.config import Config, load_config, resolved_dict
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ["prepare-demo", "cache-latents", "teacher-rollouts", "distill", "evaluate", "register"]
+STAGES = ["prepare-demo", "cache-latents", "teacher-rollouts", "distill", "evaluate", "diagnose", "register"]
 
 
 def _dvc_env(**extra) -> dict:
@@ -80,7 +80,7 @@ def test_metrics_and_plots_are_tracked_by_git():
     spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     files = [next(iter(m)) if isinstance(m, dict) else m
              for stage in spec["stages"].values() for m in stage.get("metrics", []) + stage.get("plots", [])]
-    assert len(files) == 5
+    assert len(files) == 7
     for path in files:
         ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0
         assert not ignored, f"{path} is git-ignored"

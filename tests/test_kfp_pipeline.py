@@ -28,7 +28,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINE_YAML = ROOT / "pipelines" / "ddil.yaml"
-GPU_EXECUTORS = ("cache-latents", "teacher-rollouts", "distill", "evaluate")
+GPU_EXECUTORS = ("cache-latents", "teacher-rollouts", "distill", "evaluate", "diagnose")
 CPU_EXECUTORS = ("resolve-config", "shard-indices", "check-gates", "register", "launch-trainjob", "deploy")
 
 
@@ -186,7 +186,7 @@ def test_caching_and_retries():
 
     for stage, cached, retries in (("cache-latents", True, 2), ("teacher-rollouts", True, 2),
                                    ("distill", False, 3), ("launch-trainjob", False, 0),
-                                   ("evaluate", True, 2), ("register", False, 2),
+                                   ("evaluate", True, 2), ("diagnose", True, 2), ("register", False, 2),
                                    ("resolve-config", False, 0), ("check-gates", False, 0)):
         tasks = _tasks_of(spec, stage)
         assert tasks, stage
@@ -231,7 +231,8 @@ def test_every_stage_gets_the_run_id_and_the_telemetry_settings():
     labels the PodMonitor selects."""
     spec, platform = _docs()
     k8s = platform["deploymentSpec"]["executors"]
-    for stage in ("cache-latents", "teacher-rollouts", "distill", "launch-trainjob", "evaluate", "register"):
+    for stage in ("cache-latents", "teacher-rollouts", "distill", "launch-trainjob", "evaluate", "diagnose",
+                  "register"):
         tasks = _tasks_of(spec, stage)
         assert tasks, stage
         for name, task in tasks:
@@ -886,7 +887,7 @@ def test_local_run_every_task_succeeds(local_run):
     tasks = sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("executor_output.json"))
     assert tasks == [
         "cache-latents/executor_output.json", "check-gates/executor_output.json",
-        "distill/executor_output.json", "evaluate/executor_output.json",
+        "diagnose/executor_output.json", "distill/executor_output.json", "evaluate/executor_output.json",
         "for-loop-2-iteration-0/teacher-rollouts/executor_output.json",
         "for-loop-2-iteration-1/teacher-rollouts/executor_output.json",
         "register/executor_output.json", "resolve-config/executor_output.json",
@@ -929,6 +930,19 @@ def test_local_run_model_and_metrics_artifacts(local_run):
 
 
 @pytest.mark.slow
+def test_local_run_diagnoses_the_student(local_run):
+    """`ddil diagnose` as a KFP component: the covariate-shift curve of the pipeline's student, its headline metrics
+    logged, and its plots in one self-contained page."""
+    diag = _executor_output(local_run.dir, "diagnose")
+    metrics = _artifact(diag, "metrics")["metadata"]
+    assert isinstance(metrics["covariate_drift_final"], float) and isinstance(metrics["covariate_compounding"], float)
+    result = json.loads((Path(_artifact(diag, "diagnosis")["uri"]) / "diagnose.json").read_text())
+    assert result["drift"][0]["value"] == 0.0 and result["num_steps"] == 2
+    page = Path(_artifact(diag, "curve")["uri"]).read_text()
+    assert page.count("data:image/png;base64,") == 2
+
+
+@pytest.mark.slow
 def test_local_run_registers_the_student_when_the_gates_pass(local_run):
     assert _executor_output(local_run.dir, "check-gates")["parameterValues"]["Output"] is True
     registration = _artifact(_executor_output(local_run.dir, "register"), "registration")
@@ -955,7 +969,7 @@ def test_local_run_every_stage_pushes_under_the_one_run_id(local_run):
     """Every stage of the run pushed to the Pushgateway ($DDIL_PUSHGATEWAY) under the run's id (KFP's run id
     placeholder), the id the lineage of the registered student names too."""
     groups = _pushed_groups(local_run.pushed)
-    assert set(groups) == {"cache-latents", "teacher-rollouts", "distill", "evaluate", "register"}, groups
+    assert set(groups) == {"cache-latents", "teacher-rollouts", "distill", "evaluate", "diagnose", "register"}, groups
     run_ids = {run_id for by_run in groups.values() for run_id in by_run}
     assert len(run_ids) == 1, groups
     (run_id,) = run_ids
