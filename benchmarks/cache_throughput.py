@@ -1,4 +1,4 @@
-"""Throughput of the two offline stages against their bare model passes (issue 8 part 3; must-show target:
+"""Throughput of the two offline stages against their bare model passes (must-show target:
 cache-latents >= 85% of the bare VAE encode).
 
 cache-latents: images/s of the stage on demo://digits (tiny VAE; generated in memory), on the same images as PNG

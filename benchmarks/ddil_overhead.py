@@ -1,4 +1,4 @@
-"""Training cost of DDIL against its baseline, per objective (issue 8 part 1; method.md section 8).
+"""Training cost of DDIL against its baseline, per objective (docs/method.md section 8).
 
 For PD (2-step), LCM (2-step) and DMD2 (4-step) on the tiny recipe, three variants of the same objective:
   baseline       priors (1, 0, 0): forward-diffused states only

@@ -46,7 +46,8 @@ def sweep_base(guidance: float) -> list[str]:
 
 GAN_OFF = ["objective.dmd2.gan=false"]
 # What to run: name -> (what it changes, overrides). "old" is the DMD2 of the first paper table (no GAN, the grid
-# and GAN draws of before are not reproducible any more: it differs from those runs in the fixes of issue 12 only).
+# and GAN draws of before are not reproducible any more: it differs from those runs only in the
+# sampler fixes of 2026-11: DMD2's GAN on real latents, pure noise at its first step).
 RECIPES: dict[str, tuple[str, list[str]]] = {
     "old": ("GAN off, TTUR 5, real guidance = teacher's", GAN_OFF),
     "gan": ("+ GAN head, weights 5e-3 / 1e-2 (SDXL recipe)", []),

@@ -1,4 +1,4 @@
-"""GPU cost of one training update of each objective on the real architectures (issue 8 part 3, GPU half).
+"""GPU cost of one training update of each objective on the real architectures.
 
 SD1.5's UNet and SSD-1B's UNet, built from their published configs (inline dicts below: nothing is downloaded),
 random weights. A training-step proxy per objective does exactly the UNet work the objective needs per update:

@@ -1,4 +1,4 @@
-"""Memory and throughput at scale (issue 15): what each memory feature buys, and what a GPU update costs.
+"""Memory and throughput at scale: what each memory feature buys, and what a GPU update costs.
 
 (a) CPU, measured:
   updates  peak host memory of one distill update of each objective (the objectives' own loss code, AdamW steps)

@@ -1,4 +1,4 @@
-"""Data-parallel scaling of `ddil distill`: 1 process against N processes (issue 8 part 4).
+"""Data-parallel scaling of `ddil distill`: 1 process against N processes.
 
 Each run is `ddil distill` under a launcher (torchrun by default, gloo on CPU; or `accelerate launch`), reading
 seconds_per_update and samples_per_second from train_log.jsonl (rank 0 writes it; samples count the global batch)

@@ -1,4 +1,4 @@
-"""A bounded load test of `ddil serve` (issue 17): N concurrent clients send a fixed number of requests to the real
+"""A bounded load test of `ddil serve`: N concurrent clients send a fixed number of requests to the real
 KServe ModelServer on 127.0.0.1; latency percentiles (p50/p95/p99), images/s and failed requests, for the server's
 request batching at batch sizes 1, 4 and 8 (`--max-batch-size`).
 

@@ -1,5 +1,5 @@
 """Seconds per image of a few-step student against the teacher at 50 steps with classifier-free guidance
-(issue 8 part 3; must-show target: the student at 4 steps >= 15x faster).
+(must-show target: the student at 4 steps >= 15x faster).
 
 Both run `ddil_core.stages.sample.generate` on the same tiny://sd15 pipeline (text encoding, the sampler and the VAE
 decode are all timed, as a user would see them): the teacher with DDIM at 50 steps and CFG (two UNet evaluations per

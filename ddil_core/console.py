@@ -4,7 +4,7 @@ dropped, and the CPU thread count is chosen (and said) once.
 Dropped, by message, at the logger that emits it (nothing else of these libraries is silenced):
 
 - transformers 5: "`CLIPImageProcessor` requires torchvision (not installed); falling back to ..." (twice at every
-  import; torchvision cannot be installed beside torch 2.13 here, environment.md, and no stage uses an image
+  import; torchvision cannot be installed beside torch 2.13 here (pyproject.toml: the gpu-metrics extra), and no stage uses an image
   processor);
 - diffusers: "You have disabled the safety checker ..." (students and the demo teacher are built without the safety
   checker on purpose: digits need none, and a student keeps its teacher's components);

@@ -1,4 +1,4 @@
-"""What every bad-input test asserts about a `ddil` run (issue 13): the exit code, exactly one error line naming the
+"""What every bad-input test asserts about a `ddil` run: the exit code, exactly one error line naming the
 culprit and no traceback, and what the output location holds afterwards."""
 from __future__ import annotations
 

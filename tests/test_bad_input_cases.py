@@ -1,4 +1,4 @@
-"""Bad input, one test per case (issue 7): the error names the culprit; policy fail exits 2 with nothing written,
+"""Bad input, one test per case: the error names the culprit; policy fail exits 2 with nothing written,
 policy skip counts the sample in the manifest; odd but valid images are converted and accepted."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Rule 2 of issue 13, by rule: every numeric config key is finite and in its range, checked for every key of the
+"""Every numeric config key is finite and in its range, checked for every key of the
 schema (not a list of examples), plus a property-based test that config loading lets only ConfigError escape."""
 from __future__ import annotations
 

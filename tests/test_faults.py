@@ -1,7 +1,7 @@
 """Fault injection: preemption (SIGTERM) and hard kills (SIGKILL) at random points, and flipped bytes in every kind of
 artifact. A real signal to a real `ddil` process is the point of the subprocess tests; everything else runs in-process.
 
-What must hold (design.md, "Failure and bad input"):
+What must hold (docs/architecture.md, "Failure and bad input"):
 - SIGTERM during distill: exit 143 with a checkpoint; the rerun reaches the uninterrupted run's weights.
 - SIGKILL during distill: no checkpoint is ever corrupt, the rerun loses at most one checkpoint interval and reaches
   the uninterrupted run's weights (resume is deterministic).

@@ -332,7 +332,7 @@ def dashboard_exprs(dashboard: dict) -> list[str]:
 
 def implemented_metric_names() -> set[str]:
     """Names registered by ddil_core.telemetry for one stage run (end-of-stage metrics included)."""
-    from ddil_core.telemetry import StageTelemetry
+    from ddil_core.telemetry.stage import StageTelemetry
 
     telemetry = StageTelemetry(stage="dashboard-check", run_id="dashboard-check", pushgateway=None)
     with telemetry:

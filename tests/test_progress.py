@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from ddil_core.progress import Progress, progress_iter
-from ddil_core.telemetry import StageTelemetry
+from ddil_core.telemetry.stage import StageTelemetry
 
 LOGGER = "ddil_core.progress"
 

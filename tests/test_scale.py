@@ -1,4 +1,4 @@
-"""Memory at scale (issue 15) on tiny models: gradient checkpointing gives the gradients of a plain backward,
+"""Memory at scale on tiny models: gradient checkpointing gives the gradients of a plain backward,
 gradient accumulation the update of one big batch, streamed shards the batches of in-memory data, bf16 runs on a
 CPU, and a run stopped and resumed with each feature on reaches the uninterrupted run's weights."""
 import os

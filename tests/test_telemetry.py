@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from ddil_core.telemetry import StageTelemetry
+from ddil_core.telemetry.stage import StageTelemetry
 from tests.pushgateway import free_port, metric_value, pushgateway, read_metrics  # noqa: F401
 
 LOGGER = "ddil_core.telemetry"
@@ -255,6 +255,6 @@ def test_stage_telemetry_honours_the_cluster_settings_in_the_environment(pushgat
     assert tel.pushgateway == pushgateway  # from the environment: the config left it unset
     assert tel.run_id == "from-config" and tel.serve_port is None  # serve=False: no port
     monkeypatch.setenv("DDIL_METRICS_PORT", "nine-thousand")
-    from ddil_core.stages.run_telemetry import telemetry_settings
+    from ddil_core.telemetry.settings import telemetry_settings
 
     assert telemetry_settings(Config())[1] is None  # a bad value serves nothing (telemetry never fails a run)

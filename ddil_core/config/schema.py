@@ -44,7 +44,7 @@ class DataConfig:
 
 @dataclass
 class PriorsConfig:
-    """DDIL state-source probabilities (method.md section 1); they must sum to 1. Baseline = (1, 0, 0)."""
+    """DDIL state-source probabilities (docs/method.md section 1); they must sum to 1. Baseline = (1, 0, 0)."""
 
     forward: float = 0.5
     teacher: float = 0.25
@@ -63,7 +63,7 @@ class BufferConfig:
 
 @dataclass
 class ReflectionConfig:
-    """Reflected diffusion by thresholding x0 estimates (method.md section 2; ddil_core/math/reflection.py).
+    """Reflected diffusion by thresholding x0 estimates (docs/method.md section 2; ddil_core/math/reflection.py).
 
     Student rollouts use the reflection the student's saved scheduler applies in plain diffusers (one scalar static
     bound, or dynamic thresholding); a setting it cannot express is refused when distill starts."""
@@ -268,7 +268,7 @@ class TelemetryConfig:
 
 @dataclass
 class DemoConfig:
-    """The digits demo built by `prepare-demo` (demo-facts.md): training budgets in steps, a wall-clock guard each.
+    """The digits demo built by `prepare-demo` (docs/demo.md): training budgets in steps, a wall-clock guard each.
 
     A guard stops a phase early (logged and recorded in summary.json) so a slow machine still finishes; None: off.
     """
@@ -291,7 +291,7 @@ class DemoConfig:
     vae_max_seconds: Optional[float] = None
     teacher_max_seconds: Optional[float] = None
     threads: int = 1  # torch threads of every phase: fixed, so the same code and seed rebuild the same teacher
-    #                   bit for bit (one thread is also the fastest on a shared 2-core CPU: demo-facts.md)
+    #                   bit for bit (one thread is also the fastest on a shared 2-core CPU: docs/demo.md)
     adapt_threads: bool = False  # instead switch between one thread and all cores by measured speed
     #                              (demo/threads.py: ThreadTuner); not bit-reproducible
 

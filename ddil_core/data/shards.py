@@ -1,7 +1,7 @@
 """Sharded safetensors datasets with a manifest: what cache-latents, teacher-rollouts and the replay buffer write.
 
 A folder holds shard-00000.safetensors, ... and manifest.json with counts, shapes and per-shard sha256.
-Writers build the folder under a temporary name and rename it when complete (design.md: artifact rule), so a
+Writers build the folder under a temporary name and rename it when complete (docs/architecture.md: the artifact rule), so a
 reader never sees a half-written folder; readers verify every shard's sha256 against the manifest.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The digits demo that `ddil prepare-demo` builds (design.md: the embedded default; demo-facts.md: the recipe).
+"""The digits demo that `ddil prepare-demo` builds (docs/demo.md: the embedded default and its recipe).
 
 scikit-learn's bundled digits become an image-caption dataset; on it this package trains, in a few minutes on a
 2-core CPU, a tiny latent text-to-image teacher with the tiny://sd15 shapes (16x16 RGB, AutoencoderKL to 8x8x4,

@@ -1,5 +1,5 @@
 """How good a digits generator is, judged by the demo classifier: prompted-digit accuracy and Fréchet distance
-in the classifier's 128-d features against the held-out digits (demo-facts.md)."""
+in the classifier's 128-d features against the held-out digits (docs/demo.md)."""
 from __future__ import annotations
 
 import torch

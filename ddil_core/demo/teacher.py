@@ -1,6 +1,6 @@
 """The demo teacher: a frozen random CLIP text encoder and a UNet2DConditionModel trained on normalised latents.
 
-demo-facts.md: batch 64, AdamW lr 1e-3, Min-SNR-5 loss weighting (Hang et al. 2023) on epsilon prediction, an EMA
+docs/demo.md: batch 64, AdamW lr 1e-3, Min-SNR-5 loss weighting (Hang et al. 2023) on epsilon prediction, an EMA
 of the weights, 10% caption dropout for classifier-free guidance, SD's scaled_linear DDPM schedule; about 1,800
 steps reach ~99% prompted-digit accuracy at 50 DDIM steps with guidance 3.
 """

@@ -1,6 +1,6 @@
 """The demo's AutoencoderKL: training, and a per-channel latent normalisation folded into its weights.
 
-demo-facts.md: trained with MSE + 0.5 L1 + 1e-4 KL, the digit latents are far from zero mean (about -1.9, std 2.5),
+docs/demo.md: trained with MSE + 0.5 L1 + 1e-4 KL, the digit latents are far from zero mean (about -1.9, std 2.5),
 so a single scaling_factor cannot make them ~N(0, 1). Diffusers' StableDiffusionPipeline decodes
 `latents / scaling_factor` and ignores shift_factor and latents_mean/std, so instead of storing statistics we fold
 them into the weights: with per-channel mean m and std s of the posterior means,

@@ -1,4 +1,4 @@
-"""Conversions between x0, eps and v predictions, and classifier-free guidance (method.md section 3)."""
+"""Conversions between x0, eps and v predictions, and classifier-free guidance (docs/method.md section 3)."""
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,5 @@
 """Reflected diffusion by thresholding x0 estimates (DDIL paper: "we adopt reflected diffusion formulation";
-Lou and Ermon 2023), discretised as thresholding of the x0 estimate after each step (method.md section 2).
+Lou and Ermon 2023), discretised as thresholding of the x0 estimate after each step (docs/method.md section 2).
 
 Two forms, both exactly as diffusers' schedulers compute them, so a student whose rollouts were thresholded in
 training is sampled the same way by its saved scheduler:

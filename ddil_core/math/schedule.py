@@ -1,6 +1,6 @@
 """DDPM noise schedules on the integer training grid t = 0..T-1, and the DDIM inference grids.
 
-a_t = sqrt(abar_t), s_t = sqrt(1 - abar_t) (method.md section 3). Computed in float32 exactly as diffusers'
+a_t = sqrt(abar_t), s_t = sqrt(1 - abar_t) (docs/method.md section 3). Computed in float32 exactly as diffusers'
 DDPMScheduler/DDIMScheduler do, so our samplers match theirs to float32 rounding.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The DDIL state mixture (DDIL paper, arXiv 2410.11971; method.md section 1).
+"""The DDIL state mixture (DDIL paper, arXiv 2410.11971; docs/method.md section 1).
 
 Each training sample's state x_t comes from one of three sources, drawn per sample with the priors:
   forward  - a real latent x0 noised to a student grid timestep (keeps the data marginal, diversity),

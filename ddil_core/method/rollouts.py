@@ -1,5 +1,5 @@
 """Reverse-process rollouts: the teacher's DDIM sampler and the student's own few-step sampler, both with optional
-reflection of x0 (method.md section 2). Batched over samples; the prefix of a student rollout runs without
+reflection of x0 (docs/method.md section 2). Batched over samples; the prefix of a student rollout runs without
 gradient (code: DMD2 backward simulation, tianweiy/DMD2 main/sd_unified_model.py)."""
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class Reflection:
     max_value: float = 1.0
 
     def __call__(self, x_t, x0, eps, a, s):
-        """Teacher side: threshold x0 and recompute eps from it (method.md section 2)."""
+        """Teacher side: threshold x0 and recompute eps from it (docs/method.md section 2)."""
         if self.mode == "off":
             return x0, eps
         return reflect(x_t, x0, a, s, self.mode, self.bound, self.percentile, self.max_value)
@@ -69,7 +69,7 @@ def resolve_reflection(config, where: str, cache_bounds: Optional[torch.Tensor],
 
     Static: ddil.reflection.bound, else the latent cache's per-channel bounds. Dynamic: max_value None caps s at the
     largest per-channel bound of the cache (1 without one). Student rollouts must be sampled the same way by the
-    shipped scheduler (method.md section 2), which holds one scalar range: there a static reflection clips to
+    shipped scheduler (docs/method.md section 2), which holds one scalar range: there a static reflection clips to
     `bound`, else to the largest per-channel bound, and a setting the student's pipeline family cannot express
     (Reflection.scheduler_kwargs) is refused with a ConfigError naming the keys.
     """

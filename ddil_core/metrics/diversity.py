@@ -1,6 +1,6 @@
 """Per-prompt diversity: mean pairwise distance among the K samples of one prompt, averaged over prompts.
 
-The offline stand-in for LPIPS-diversity (method.md section 7): distance in whatever feature space the
+The offline stand-in for LPIPS-diversity (docs/method.md section 7): distance in whatever feature space the
 caller embeds images into.
 """
 from __future__ import annotations

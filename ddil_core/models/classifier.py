@@ -1,6 +1,6 @@
 """A small digit classifier: the offline feature extractor and prompt-adherence judge of the digits demo.
 
-Two 3x3 convolutions (32, 64) with pooling, fc 128, fc 10 (demo-facts.md: 99% on held-out digits in under a
+Two 3x3 convolutions (32, 64) with pooling, fc 128, fc 10 (docs/demo.md: 99% on held-out digits in under a
 minute). Its 128-d penultimate activations are the feature space for Fréchet distance, density/coverage and
 diversity when no Inception/CLIP weights can be had. Saved as config.json + model.safetensors.
 """

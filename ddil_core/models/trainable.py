@@ -1,5 +1,5 @@
 """The trainable copies of the teacher every objective builds (student, DMD2's fake score), and what memory at scale
-changes about them (issue 15; docs/performance.md "what fits where").
+changes about them (docs/performance.md "what fits where").
 
 - Full fine-tuning (training.lora.rank = 0, the default): an fp32 copy of every weight, as before. Under
   training.mixed_precision the forward runs in bf16/fp16 autocast on these fp32 master weights.

@@ -23,8 +23,8 @@ from ddil_core.models.pipeline_io import ModelError, family_of, load_pipeline
 from ddil_core.stages.outputs import (RESOLVED, OutputError, check_out_path, check_rerun, config_differences,
                                      location_error, missing_folders, recorded_config, remove_if_empty,
                                      write_resolved_config)
-from ddil_core.stages.run_telemetry import stage_telemetry, telemetry_settings  # noqa: F401 (re-exported)
-from ddil_core.telemetry import StageTelemetry
+from ddil_core.telemetry.settings import stage_telemetry, telemetry_settings  # noqa: F401 (re-exported)
+from ddil_core.telemetry.stage import StageTelemetry
 
 log = logging.getLogger(__name__)
 __all__ = ["RESOLVED", "OutputError", "StageRun", "write_resolved_config", "stage_run", "load_teacher",

@@ -232,7 +232,7 @@ def _train_and_publish(config, objective, trainer, teacher, cache, buffer, out: 
 
 def check_student(student: torch.nn.Module, trainer: Trainer, out: Path, objective, cache,
                   tensors: Optional[list] = None) -> None:
-    """Never publish a broken student (issue 13, rule 3): at least one update applied to it, every weight finite,
+    """Never publish a broken student: at least one update applied to it, every weight finite,
     and its own sampler, run on two cached prompts from fixed noise, ends in finite latents. `tensors`: the weights
     to check when they are not the student's own (sharded: gathered in full)."""
     if trainer.student_updates < 1:

@@ -1,4 +1,4 @@
-"""What distill checks about its inputs before any work (issue 13, rule 4: no silent success on inconsistent data).
+"""What distill checks about its inputs before any work (no silent success on inconsistent data).
 
 Teacher rollouts are checked against what teacher-rollouts recorded in each manifest and against this run: the
 teacher (family and UNet fingerprint), the latent cache they were made from (its shards' digest), the grid

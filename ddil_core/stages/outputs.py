@@ -5,7 +5,7 @@
   is the probe: a read-only location fails there, before any work, naming the path).
 - Nothing left behind: folders this run had to create for its output are removed again when it fails while they are
   still empty (stage_run), so a bad-input exit leaves the file system as it was.
-- The rerun rule (issue 13, rule 5): a stage records its resolved config in OUT/resolved_config.yaml, headed by a
+- The rerun rule: a stage records its resolved config in OUT/resolved_config.yaml, headed by a
   comment naming the stage. A rerun into an existing output folder must resolve to the same config, except the keys
   of RERUN_MAY_DIFFER, which change no output; otherwise it is refused, naming the keys that differ, before anything
   is written. `--restart` starts over instead: the old output (and a resumable stage's partial folder, or distill's

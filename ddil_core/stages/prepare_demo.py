@@ -1,4 +1,4 @@
-"""Stage prepare-demo: the embedded default's inputs, made from nothing outside the package (design.md).
+"""Stage prepare-demo: the embedded default's inputs, made from nothing outside the package (docs/architecture.md).
 
 Writes, atomically (built under a temporary sibling name, then renamed):
 

@@ -1,4 +1,4 @@
-"""Checks that a stage's inputs belong together (issue 13, rule 4), each refusal naming both sides.
+"""Checks that a stage's inputs belong together, each refusal naming both sides.
 
 - A student and its teacher: distill records the teacher's UNet fingerprint in ddil_student.json (teacher_unet);
   evaluate compares the student with that teacher only.

@@ -14,7 +14,7 @@ from typing import Optional
 from ddil_core.config import Config
 from ddil_core.data.datasets import DatasetError
 from ddil_core.registry import GateError, register_student
-from ddil_core.stages.run_telemetry import stage_telemetry
+from ddil_core.telemetry.settings import stage_telemetry
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ same replay buffer), trains on its slice (the objective's per-sample draws too: 
 averaged across ranks before each optimiser step, so the update equals the single-process update on the global
 batch. Rank 0 alone writes logs and checkpoints.
 
-Memory at scale (issue 15): training.grad_accum_steps splits the global batch of an update into micro-batches whose
+Memory at scale: training.grad_accum_steps splits the global batch of an update into micro-batches whose
 gradients add up to the big batch's (the losses' per-sample draws are the big batch's too: method/draws.py);
 training.fsdp shards the trainable networks (training/fsdp.py) and FSDP averages their gradients; LoRA networks
 checkpoint their trainable tensors only (models/trainable.py).

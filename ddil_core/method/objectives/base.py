@@ -107,7 +107,7 @@ class Objective:
 def student_scheduler_config(teacher_config: dict, reflection: Reflection, family: str, **sampler) -> dict:
     """The student's scheduler config: the teacher's noise schedule and prediction type, the student's sampler
     settings, and the reflection its rollouts used in training, so that plain diffusers loading the saved folder
-    samples exactly as the student's own rollouts did (method.md section 2)."""
+    samples exactly as the student's own rollouts did (docs/method.md section 2)."""
     cfg = {k: v for k, v in teacher_config.items() if not k.startswith("_")}
     cfg.update(sampler)
     cfg.update(reflection.scheduler_kwargs(family))

@@ -51,11 +51,11 @@ from typing import Any, Iterator, Mapping, Optional, Tuple
 
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
-from ddil_core.telemetry_push import PUSH_TIMEOUT_S, GatewayPusher, WarnOnce
+from ddil_core.telemetry.push import PUSH_TIMEOUT_S, GatewayPusher, WarnOnce
 
 __all__ = ["StageTelemetry", "LOSS_SOURCES"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("ddil_core.telemetry")  # one logger for the package (push.py logs to it too)
 
 #: Keys of a per-objective loss dict that name a state source rather than a loss term.
 LOSS_SOURCES = frozenset({"all", "forward", "teacher", "student", "mixed"})

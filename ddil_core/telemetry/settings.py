@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from ddil_core.config import Config
-from ddil_core.telemetry import StageTelemetry
+from ddil_core.telemetry.stage import StageTelemetry
 
 log = logging.getLogger(__name__)
 
