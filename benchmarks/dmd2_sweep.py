@@ -33,7 +33,7 @@ from ddil_core.metrics.extractors import load_extractor  # noqa: E402
 from ddil_core.models.pipeline_io import load_pipeline, read_student_info  # noqa: E402
 from ddil_core.stages.cache_latents import cache_latents  # noqa: E402
 from ddil_core.stages.distill import distill  # noqa: E402
-from ddil_core.stages.evaluate_inputs import reference_features  # noqa: E402
+from ddil_core.stages.evaluate.inputs import reference_features  # noqa: E402
 
 def sweep_base(guidance: float) -> list[str]:
     """What every recipe starts from, pinned so the recipes keep their meaning as the defaults move: the first paper

@@ -31,8 +31,8 @@ from ddil_core.models.pipeline_io import load_pipeline, read_student_info
 from ddil_core.stages.cache_latents import cache_latents
 from ddil_core.stages.distill import distill
 from ddil_core.data.digits import prompt_class
-from ddil_core.stages.evaluate_inputs import adherence, reference_features
-from ddil_core.stages.evaluate_results import model_metrics
+from ddil_core.stages.evaluate.inputs import adherence, reference_features
+from ddil_core.stages.evaluate.results import model_metrics
 from ddil_core.stages.sample import generate
 from ddil_core.stages.teacher_rollouts import teacher_rollouts
 

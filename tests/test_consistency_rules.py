@@ -136,7 +136,7 @@ def test_rollouts_made_by_a_teacher_of_another_family(tiny_data, tmp_path, capsy
 
 def test_rollouts_made_by_another_teacher_of_the_same_family(tiny_data, other_teacher, tmp_path, capsys):
     from ddil_core.models.tiny import build_tiny_pipeline
-    from ddil_core.stages.common import module_fingerprint
+    from ddil_core.models.teacher import module_fingerprint
 
     rollouts = tiny_data["sd15"][1]
     code, err, out = _distill(capsys, tiny_data, tmp_path, teacher=other_teacher)

@@ -172,8 +172,9 @@ def test_regression_pairs_are_the_teachers_own_noise_image_pairs(tmp_path, tiny_
 
     from ddil_core.method.grid import StudentGrid
     from ddil_core.method.mixture import DDILMixture, TrainingData
-    from ddil_core.stages.common import load_teacher, read_latent_cache
-    from ddil_core.stages.distill_inputs import read_rollouts
+    from ddil_core.models.teacher import load_teacher
+    from ddil_core.stages.common import read_latent_cache
+    from ddil_core.stages.distill.inputs import read_rollouts
 
     latents, rollouts = tiny_data["sd15"]
     config = tiny_config("sd15", "objective.name=dmd2")

@@ -83,7 +83,7 @@ def evaluated(demo):
 
 def test_metrics_json_has_every_model_and_the_protocol(evaluated, demo):
     out, m = evaluated
-    assert set(m) == {"protocol", "models", "speedup"}
+    assert set(m) == {"protocol", "models", "speedup", "covariate_shift"}  # the student's, diagnose.in_evaluate
     assert list(m["models"]) == ["student", "student@1", "teacher", "baseline", "baseline@1"]
     p = m["protocol"]
     # The default extractor found DEMO/classifier beside DEMO/teacher.
@@ -140,11 +140,12 @@ def test_adherence_is_the_classifier_accuracy_on_the_prompted_digit(evaluated, d
 
 def test_report_shows_existing_grids_and_the_steps_plot(evaluated):
     out, m = evaluated
-    for name in ("report.md", "report.html", "quality_vs_steps.png"):
+    for name in ("report.md", "report.html", "quality_vs_steps.png", "covariate_shift.png", "handover.png"):
         assert (out / name).exists(), name
     html = (out / "report.html").read_text()
     srcs = [unquote(s) for s in re.findall(r'<img src="([^"]+)"', html)]
-    assert len(srcs) == 1 + len(m["models"]) * (1 + len(PROMPTS))  # the plot; per model its grid and 4 row strips
+    # the steps plot, the two covariate-shift plots; per model its grid and 4 row strips
+    assert len(srcs) == 3 + len(m["models"]) * (1 + len(PROMPTS))
     for src in srcs:
         assert (out / src).is_file(), src
     md = (out / "report.md").read_text()
@@ -349,8 +350,8 @@ def test_extractors(demo):
 
 def test_prompt_classes_nfe_and_adherence_helpers():
     from ddil_core.data.digits import prompt_class
-    from ddil_core.stages.evaluate_inputs import adherence, default_prompts
-    from ddil_core.stages.evaluate_sampling import nfe_per_image
+    from ddil_core.stages.evaluate.inputs import adherence, default_prompts
+    from ddil_core.stages.evaluate.sampling import nfe_per_image
 
     assert prompt_class("a handwritten digit seven") == 7
     assert prompt_class("The number 3") == 3

@@ -13,9 +13,10 @@ from ddil_core.method.draws import SampleDraws
 from ddil_core.method.grid import StudentGrid
 from ddil_core.method.mixture import DDILMixture, StateBatch, TeacherPairs, TrainingData
 from ddil_core.method.objectives import build_objective
-from ddil_core.stages.common import load_teacher, read_latent_cache
+from ddil_core.models.teacher import load_teacher
+from ddil_core.stages.common import read_latent_cache
 from ddil_core.stages.distill import distill, objective_context
-from ddil_core.stages.distill_inputs import read_rollouts
+from ddil_core.stages.distill.inputs import read_rollouts
 from tests.conftest import tiny_config
 
 OBJECTIVES = {

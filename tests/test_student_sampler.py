@@ -11,7 +11,8 @@ from ddil_core.config import ConfigError
 from ddil_core.method.objectives import build_objective
 from ddil_core.method.rollouts import NO_REFLECTION
 from ddil_core.models.conditioning import encode_prompts
-from ddil_core.stages.common import load_teacher, read_latent_cache
+from ddil_core.models.teacher import load_teacher
+from ddil_core.stages.common import read_latent_cache
 from ddil_core.stages.distill import distill, objective_context
 from tests.conftest import tiny_config
 

@@ -10,7 +10,6 @@ A student-backward state depends only on noise, the prompt and the student: neve
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 

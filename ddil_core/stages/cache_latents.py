@@ -28,7 +28,8 @@ from ddil_core.data.shards import ResumableStaging, ShardWriter, disk_full_is_cl
 from ddil_core.models.conditioning import EmbeddingCache, encode_unconditional
 from ddil_core.models.latents import encode_images
 from ddil_core.progress import progress_iter
-from ddil_core.stages.common import load_teacher, stage_run, write_resolved_config
+from ddil_core.models.teacher import load_teacher
+from ddil_core.stages.common import stage_run, write_resolved_config
 from ddil_core.training.loop import Preempted, _StopFlag
 
 log = logging.getLogger(__name__)

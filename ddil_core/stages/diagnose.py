@@ -130,8 +130,8 @@ def diagnose(config: Config, student: str, teacher: str, out: str | Path, prompt
     from ddil_core.models.pipeline_io import load_pipeline
     from ddil_core.stages.common import stage_run
     from ddil_core.stages.evaluate import check_model_uri
-    from ddil_core.stages.evaluate_inputs import default_prompts, read_prompt_file, reference_uri
-    from ddil_core.stages.evaluate_sampling import device, prepare
+    from ddil_core.stages.evaluate.inputs import default_prompts, read_prompt_file, reference_uri
+    from ddil_core.stages.evaluate.sampling import device, prepare
     from ddil_core.stages.outputs import write_resolved_config
     from ddil_core.stages.provenance import student_info
 

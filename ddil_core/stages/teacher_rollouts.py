@@ -24,8 +24,8 @@ from ddil_core.method.rollouts import NO_REFLECTION, ddim_sample, resolve_reflec
 from ddil_core.models.conditioning import index_cond
 from ddil_core.models.denoiser import Denoiser
 from ddil_core.progress import Progress
-from ddil_core.stages.common import (cache_digest, load_teacher, read_latent_cache, rollout_guidance,
-                                     rollout_reflection, stage_run, write_resolved_config)
+from ddil_core.models.teacher import load_teacher, rollout_guidance, rollout_reflection
+from ddil_core.stages.common import cache_digest, read_latent_cache, stage_run, write_resolved_config
 from ddil_core.training.loop import Preempted, _StopFlag
 
 log = logging.getLogger(__name__)

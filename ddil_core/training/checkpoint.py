@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from ddil_core.data.shards import (ShardError, is_disk_full, remove_stale_staging, sha256_file, staging_dir,
+from ddil_core.data.shards import (is_disk_full, remove_stale_staging, sha256_file, staging_dir,
                                   write_json_atomic)
 
 MANIFEST = "manifest.json"

@@ -17,7 +17,8 @@ import torch
 from ddil_core.config import Config, ConfigError
 from ddil_core.data.shards import ShardError, load_shards, read_manifest
 from ddil_core.method.grid import StudentGrid
-from ddil_core.stages.common import LatentCache, Teacher, cache_digest, rollout_guidance, rollout_reflection
+from ddil_core.models.teacher import Teacher, rollout_guidance, rollout_reflection
+from ddil_core.stages.common import LatentCache, cache_digest
 
 REQUIRED = ("family", "unet", "latents_digest", "timesteps", "teacher_steps", "guidance_scale", "shard",
             "num_shards", "num_samples", "seed", "reflection_settings")

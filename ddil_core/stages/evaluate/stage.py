@@ -24,8 +24,8 @@ out/samples_<model>.png     rows = prompts (labelled), columns = seeds; rows/: o
 out/quality_vs_steps.png    FID against sampling steps, per model
 out/resolved_config.yaml
 ```
-The parts: evaluate_inputs.py (prompts, reference), evaluate_sampling.py (how each model is sampled and shown),
-evaluate_results.py (metrics, speed-ups, verdict, report, JSON files); this file runs them in order.
+The parts: inputs.py (prompts, reference), sampling.py (how each model is sampled and shown), results.py (metrics,
+speed-ups, verdict, report, JSON files); this file runs them in order.
 """
 from __future__ import annotations
 
@@ -41,11 +41,11 @@ from ddil_core.metrics.extractors import Extractor, load_extractor
 from ddil_core.data.digits import prompt_class
 from ddil_core.models.pipeline_io import ModelError, check_model_folder, load_pipeline, missing_folder_error
 from ddil_core.stages.common import write_resolved_config
-from ddil_core.stages.evaluate_inputs import (check_teacher_of, default_prompts, read_prompt_file, reference_features,
+from ddil_core.stages.evaluate.inputs import (check_teacher_of, default_prompts, read_prompt_file, reference_features,
                                               reference_uri)
 from ddil_core.stages.diagnose import measure
-from ddil_core.stages.evaluate_results import json_safe, model_metrics, speedups, write_outputs
-from ddil_core.stages.evaluate_sampling import Run, Setup, device, free, prepare, sample_run
+from ddil_core.stages.evaluate.results import json_safe, model_metrics, speedups, write_outputs
+from ddil_core.stages.evaluate.sampling import Run, Setup, device, free, prepare, sample_run
 from ddil_core.stages.provenance import check_sampling_steps, student_info
 
 log = logging.getLogger(__name__)

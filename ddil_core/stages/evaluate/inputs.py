@@ -13,7 +13,7 @@ from ddil_core.data.datasets import DatasetError, SkipReport, image_to_tensor, i
 from ddil_core.data.digits import DIGIT_WORDS, digit_caption
 from ddil_core.metrics.extractors import Extractor
 from ddil_core.models.pipeline_io import ModelError
-from ddil_core.stages.common import check_finite_weights, module_fingerprint
+from ddil_core.models.teacher import check_finite_weights, module_fingerprint
 
 
 def read_prompt_file(path: str) -> list[str]:

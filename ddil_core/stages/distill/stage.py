@@ -6,7 +6,7 @@ and DIR/resolved_config.yaml. Rerunning on an existing DIR with the same config 
 another config it is refused naming the keys that differ, unless `restart` (`--restart`) starts over.
 
 Before DIR is touched every input is checked (the teacher's weights and schedule, the latent cache against the
-teacher, the rollouts against both and the config, every training grid: stages/distill_inputs.py), so bad input
+teacher, the rollouts against both and the config, every training grid: stages/distill/inputs.py), so bad input
 exits 2 leaving no DIR. A student is written only when at least one update was applied to it and all its weights
 are finite (else BrokenStudent, exit 1; DIR keeps its checkpoints and train log to look at, no student).
 """
@@ -30,9 +30,9 @@ from ddil_core.models.denoiser import Denoiser
 from ddil_core.models.pipeline_io import LORA_WEIGHTS, save_fused_student, save_student_pipeline
 from ddil_core.progress import Progress
 from ddil_core.registry.lineage import training_lineage
-from ddil_core.stages.common import (load_teacher, read_latent_cache, rollout_guidance, stage_run,
-                                     write_resolved_config)
-from ddil_core.stages.distill_inputs import check_grids, read_rollouts
+from ddil_core.models.teacher import load_teacher, rollout_guidance
+from ddil_core.stages.common import read_latent_cache, stage_run, write_resolved_config
+from ddil_core.stages.distill.inputs import check_grids, read_rollouts
 from ddil_core.training.checkpoint import latest_checkpoint
 from ddil_core.training.loop import NonFiniteLoss, Trainer
 

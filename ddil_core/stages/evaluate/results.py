@@ -18,8 +18,8 @@ from ddil_core.metrics.prdc import precision_recall_density_coverage
 from ddil_core.metrics.report import model_label, write_report
 from ddil_core.registry.gates import check_gates
 from ddil_core.registry.local import json_safe
-from ddil_core.stages.evaluate_inputs import adherence
-from ddil_core.stages.evaluate_sampling import GRID_MAX_ROWS, STRIP_SEEDS, Run
+from ddil_core.stages.evaluate.inputs import adherence
+from ddil_core.stages.evaluate.sampling import GRID_MAX_ROWS, STRIP_SEEDS, Run
 
 log = logging.getLogger("ddil_core.stages.evaluate")
 
