@@ -229,12 +229,14 @@ LORA = ["training.lora.rank=4", "training.lora.save_fused=true", "training.lr=1e
 LORA_REFLECTION = [*REFLECTION["dynamic"], "ddil.reflection.apply_to=[student_rollouts]"]
 
 
-@pytest.mark.parametrize("objective", ["pd", "lcm", "dmd2"])
+@pytest.mark.parametrize("objective", ["pd", "lcm", "dmd2", "tdd"])
 def test_lora_student_loads_in_plain_diffusers_and_samples_as_trained(tmp_path, data8, objective):
     """The LoRA student folder is the teacher's pipeline with the student's scheduler; plain diffusers plus
-    load_lora_weights(folder) samples as the training-time sampler does, and so does the fused full student."""
+    load_lora_weights(folder) samples as the training-time sampler does, and so does the fused full student. TDD's
+    student is trained at alpha / rank = 1/2 (the reference's is 8/64): the saved alpha makes the reload equal."""
     latents, rollouts = data8["sd15"]
-    config = tiny_config("sd15", *TRAIN, *OBJECTIVES[objective], *LORA_REFLECTION, *LORA)
+    extra = ["training.lora.alpha=2"] if objective == "tdd" else LORA_REFLECTION  # TDD: no student-side reflection
+    config = tiny_config("sd15", *TRAIN, *OBJECTIVES[objective], *extra, *LORA)
     student = distill(config, latents, [rollouts], tmp_path / "run")
     info = json.loads((student / "ddil_student.json").read_text())
     assert info["lora"]["rank"] == 4 and (student / info["lora"]["weights"]).exists()
