@@ -204,3 +204,33 @@ def test_dropped_captions_teach_the_unguided_teacher_on_sd15(sd15):
 def test_bad_tdd_config_names_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         tiny_config("sd15", "objective.name=tdd", *overrides)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("ddil", [False, True])
+def test_lora_tdd_distills_and_reloads_in_plain_diffusers(tmp_path, tiny_data, family, ddil):
+    """LoRA TDD students (alpha/rank 1/2, as the reference's 8/64 is not 1) on both families, baseline and DDIL: the
+    folder plus load_lora_weights samples in plain diffusers (TCD, the card's eta) as ddil_core's generate does."""
+    from diffusers import DiffusionPipeline
+
+    from ddil_core.stages.distill import distill
+    from ddil_core.stages.sample import generate
+
+    latents, rollouts = tiny_data[family]
+    baseline = [] if ddil else ["ddil.priors.forward=1", "ddil.priors.teacher=0", "ddil.priors.student=0"]
+    config = tiny_config(family, "objective.name=tdd", "training.steps=3", "training.lora.rank=4",
+                         "training.lora.alpha=2", "training.lr=1e-2", *baseline)
+    student = distill(config, latents, [rollouts], tmp_path / "run")
+    import json
+    info = json.loads((student / "ddil_student.json").read_text())
+    assert info["lora"]["rank"] == 4
+    pipe = DiffusionPipeline.from_pretrained(str(student))
+    pipe.load_lora_weights(str(student))
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("two", num_inference_steps=info["num_inference_steps"], guidance_scale=info["guidance_scale"],
+                 eta=info["eta"], height=16, width=16, output_type="np",
+                 generator=[torch.Generator().manual_seed(0)]).images
+    ours = generate(pipe, ["two"], [0], info["num_inference_steps"], info["guidance_scale"], resolution=16,
+                    eta=info["eta"])
+    assert np.isfinite(image).all()
+    assert np.abs(ours[0].permute(1, 2, 0).numpy() - image[0]).max() < 1e-5
