@@ -36,7 +36,7 @@ from ddil_core.stages.evaluate.results import model_metrics
 from ddil_core.stages.sample import generate
 from ddil_core.stages.teacher_rollouts import teacher_rollouts
 
-OBJECTIVES = ("pd", "lcm", "dmd2")
+OBJECTIVES = ("pd", "lcm", "dmd2", "tdd")
 
 
 def objective_overrides(objective: str, guidance: float) -> list[str]:
@@ -50,6 +50,11 @@ def objective_overrides(objective: str, guidance: float) -> list[str]:
         # no CFG in the real score (FID against unguided data), TTUR 5, an EMA of the generator for 400 updates
         "dmd2": ["objective.name=dmd2", "objective.dmd2.real_guidance_scale=1", "objective.dmd2.dfake_gen_update_ratio=5",
                  "training.ema.enabled=true", "training.ema.decay=0.99"],
+        # the teacher's CFG at the demo's scale; ours: the student samples without CFG (1 NFE per step, like the
+        # others; the reference validates so too), eta 0.2 (README); rollouts on the 250-step trailing grid, TDD's
+        # solver grid, the one that holds its 4-step timesteps [999, 751, 499, 251]
+        "tdd": ["objective.name=tdd", f"objective.tdd.guidance_scale={guidance}", "objective.tdd.sampling_guidance=1",
+                "rollouts.teacher_steps=250"],
     }[objective]
 
 
@@ -97,19 +102,21 @@ def rollouts_for(config, latents: Path, work: Path) -> Path:
     refl = config.ddil.reflection
     reflected = refl.mode != "off" and "teacher_rollouts" in refl.apply_to
     folder = work / (f"rollouts-reflected-{refl.mode}" if reflected else "rollouts")
+    if config.rollouts.teacher_steps != 100:  # TDD's 250-step grid: its own set
+        folder = folder.with_name(f"{folder.name}-{config.rollouts.teacher_steps}")
     if not (folder / "manifest.json").exists():
         teacher_rollouts(config, latents, folder)
     return folder
 
 
-def measure(pipe, extractor, ref, prompts, per_prompt, steps, guidance, scheduler="own"):
-    """Metrics of `pipe` sampled as plain diffusers samples it: a student with its own saved scheduler ("own"),
-    the teacher with DDIM ("ddim")."""
+def measure(pipe, extractor, ref, prompts, per_prompt, steps, guidance, scheduler="own", eta=0.0):
+    """Metrics of `pipe` sampled as plain diffusers samples it: a student with its own saved scheduler ("own") and
+    its ddil_student.json's eta (TDD), the teacher with DDIM ("ddim")."""
     seeds = [1000 + j for j in range(per_prompt)]
     feats, predicted = [], []
     with torch.no_grad():
         for prompt in prompts:  # prompt-major, as model_metrics expects
-            images = generate(pipe, [prompt] * per_prompt, seeds, steps, guidance, scheduler)
+            images = generate(pipe, [prompt] * per_prompt, seeds, steps, guidance, scheduler, eta=eta)
             feats.append(extractor.features(images))
             predicted.append(extractor.classify(images))
     wanted = [prompt_class(p) for p in prompts for _ in range(per_prompt)]
@@ -197,7 +204,7 @@ def run(args) -> dict:
                     info = read_student_info(student)
                     pipe = load_pipeline(str(student))
                     metrics = measure(pipe, extractor, ref, prompts, args.images_per_prompt,
-                                      info["num_inference_steps"], info["guidance_scale"])
+                                      info["num_inference_steps"], info["guidance_scale"], eta=info.get("eta", 0.0))
                     metrics["seconds_per_update"] = log[-1]["seconds_per_update"]
                     metrics["seed"] = seed
                     row = table.setdefault((student_steps, objective, variant), {

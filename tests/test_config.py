@@ -55,7 +55,7 @@ def test_yaml_off_and_no_stay_choices():
     assert config.training.lr == 1e-4
 
 
-@pytest.mark.parametrize("recipe", ["sd15-pd", "sd15-lcm", "ssd1b-dmd2"])
+@pytest.mark.parametrize("recipe", ["sd15-pd", "sd15-lcm", "ssd1b-dmd2", "sd15-tdd", "sdxl-tdd"])
 def test_paper_recipes_are_valid(recipe):
     config = load_config(recipe)
     assert config.objective.name in recipe

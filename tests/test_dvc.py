@@ -58,6 +58,8 @@ def test_params_yaml_is_the_demo_recipe():
     assert params.objective.guidance_scale == params.demo.guidance_scale  # the measured teacher guidance
     assert any(g is not None for g in vars(params.registry.gates).values()), "registry.gates: no gate is set"
     load_config(str(ROOT / "params.yaml"), ["objective.student_steps=2"])  # what `dvc exp run -S` would try
+    tdd = load_config(str(ROOT / "params.yaml"), ["objective.name=tdd", "rollouts.teacher_steps=250"])
+    assert tdd.objective.tdd.guidance_scale == params.demo.guidance_scale
 
 
 def test_dvc_yaml_stages_call_the_cli_with_params_yaml():

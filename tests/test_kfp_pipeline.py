@@ -378,6 +378,10 @@ def test_resolve_config_validates_and_shard_indices(tmp_path):
     assert yaml.safe_load(Path(out.path).read_text())["training"]["steps"] == 3
     with pytest.raises(ConfigError, match="sum to 1"):
         resolve_config.python_func(resolved_config=out, **dict(kwargs, prior_forward=0.9))
+    merged = resolve_config.python_func(resolved_config=out, **dict(kwargs, recipe="sdxl-tdd", objective="tdd"))
+    assert "objective.name='tdd'" in merged and yaml.safe_load(Path(out.path).read_text())["objective"]["tdd"]["eta"] == 0.2
+    with pytest.raises(ConfigError, match="objective.name"):
+        resolve_config.python_func(resolved_config=out, **dict(kwargs, objective="tdd2"))
     assert shard_indices.python_func(num_shards=3) == [0, 1, 2]
     with pytest.raises(ValueError):
         shard_indices.python_func(num_shards=0)

@@ -25,6 +25,7 @@ OBJECTIVES = {
     "lcm": ["objective.name=lcm", "objective.lcm.w_min=2", "objective.lcm.w_max=4"],
     "dmd2": ["objective.name=dmd2", "objective.student_steps=4", "objective.dmd2.dfake_gen_update_ratio=2",
              "objective.dmd2.gan=true", "objective.dmd2.min_step=20", "objective.dmd2.max_step=980"],
+    "tdd": ["objective.name=tdd", "objective.student_steps=2"],  # [999, 499]: on the tiny rollouts' 4-step grid
 }
 
 
@@ -161,7 +162,7 @@ def _share_data(tiny_data):
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
-@pytest.mark.parametrize("objective", ["pd", "lcm", "dmd2"])
+@pytest.mark.parametrize("objective", ["pd", "lcm", "dmd2", "tdd"])
 def test_objective_end_to_end_baseline_ddil_and_resume(tmp_path, family, objective):
     from diffusers import DiffusionPipeline
 
@@ -176,7 +177,8 @@ def test_objective_end_to_end_baseline_ddil_and_resume(tmp_path, family, objecti
                      guidance_scale=info["guidance_scale"], height=16, width=16, output_type="np",
                      generator=torch.Generator().manual_seed(0)).images
         assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
-        assert type(pipe.scheduler).__name__ == ("DDIMScheduler" if objective == "pd" else "LCMScheduler")
+        assert type(pipe.scheduler).__name__ == {"pd": "DDIMScheduler", "tdd": "TCDScheduler"}.get(objective,
+                                                                                                   "LCMScheduler")
         # our sampler (ddil sample / evaluate) reproduces the diffusers pipeline with the student's scheduler
         ours = generate(pipe, ["a handwritten digit two"], [0], info["num_inference_steps"], info["guidance_scale"],
                         resolution=16)
@@ -194,7 +196,7 @@ def test_objective_end_to_end_baseline_ddil_and_resume(tmp_path, family, objecti
         assert torch.allclose(got[key], reference[key], atol=1e-6, rtol=0), key
 
 
-@pytest.mark.parametrize("objective", ["pd", "lcm", "dmd2"])
+@pytest.mark.parametrize("objective", ["pd", "lcm", "dmd2", "tdd"])
 def test_switched_off_ddil_is_bit_identical_to_the_baseline(tmp_path, objective):
     baseline = _unet(_run("sd15", objective, tmp_path / "a", *BASELINE))
     off = _unet(_run("sd15", objective, tmp_path / "b", *BASELINE, "ddil.buffer.enabled=false",

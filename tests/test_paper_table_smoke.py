@@ -14,12 +14,12 @@ def test_paper_table_quick(tmp_path, monkeypatch):
     rows = result["rows"]
     assert rows[0]["variant"] == "reference"
     assert {(r["objective"], r["variant"]) for r in rows[1:]} == {
-        (o, v) for o in ("pd", "lcm", "dmd2") for v in VARIANTS}
+        (o, v) for o in ("pd", "lcm", "dmd2", "tdd") for v in VARIANTS}
     for row in rows[1:]:
         assert set(row["summary"]) == set(METRICS)
         assert row["summary"]["fid"]["mean"] is not None and row["summary"]["seconds_per_update"]["n"] == 1
     md = (tmp_path / "results.md").read_text()
-    assert "Does DDIL beat its baseline?" in md and "| dmd2 +DDIL +reflection | 4 |" in md
+    assert "Does DDIL beat its baseline?" in md and "| tdd +DDIL +reflection | 4 |" in md
 
     # --resume continues from the partial file: nothing measured is trained again, and the table is the same
     monkeypatch.setattr(paper_table, "distill", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))

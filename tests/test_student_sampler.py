@@ -21,6 +21,8 @@ OBJECTIVES = {
     "pd": ["objective.pd.teacher_steps=8", "objective.student_steps=2"],  # two PD stages: 8 -> 4 -> 2
     "lcm": ["objective.name=lcm", "objective.lcm.w_min=2", "objective.lcm.w_max=4", "objective.student_steps=4"],
     "dmd2": ["objective.name=dmd2", "objective.student_steps=4", "objective.dmd2.dfake_gen_update_ratio=2"],
+    # 2 steps ([999, 499]: on the 100-step rollouts' grid); the default eta 0.2 and CFG 1.7 on the student
+    "tdd": ["objective.name=tdd", "objective.student_steps=2"],
 }
 # On the student's rollouts and the teacher's targets (the shared teacher rollouts below are made without reflection)
 STUDENT_SIDE = "ddil.reflection.apply_to=[teacher_targets,student_rollouts]"
@@ -80,8 +82,9 @@ def training_sampler_latents(config, latents_dir, student_dir, seed: int, reflec
 
 
 def diffusers_latents(student_dir, seed: int, lora: bool = False) -> torch.Tensor:
-    """Plain diffusers, no project code: the folder and the two numbers of ddil_student.json (and for a LoRA student
-    its adapters, loaded with load_lora_weights from the same folder)."""
+    """Plain diffusers, no project code: the folder and the numbers of ddil_student.json (steps, guidance, and a TDD
+    student's eta, which pipelines otherwise pass as 0.0), and for a LoRA student its adapters, loaded with
+    load_lora_weights from the same folder."""
     from diffusers import DiffusionPipeline
 
     info = json.loads((student_dir / "ddil_student.json").read_text())
@@ -90,7 +93,7 @@ def diffusers_latents(student_dir, seed: int, lora: bool = False) -> torch.Tenso
         pipe.load_lora_weights(str(student_dir))
     pipe.set_progress_bar_config(disable=True)
     return pipe(PROMPT, num_inference_steps=info["num_inference_steps"], guidance_scale=info["guidance_scale"],
-                generator=torch.Generator().manual_seed(seed), output_type="latent").images
+                eta=info.get("eta", 0.0), generator=torch.Generator().manual_seed(seed), output_type="latent").images
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -98,15 +101,20 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("reflection", ["off", "static", "dynamic"])
-@pytest.mark.parametrize("objective", ["pd", "lcm", "dmd2"])
+@pytest.mark.parametrize("objective", ["pd", "lcm", "dmd2", "tdd"])
 def test_training_time_sampler_equals_plain_diffusers(tmp_path, data8, objective, reflection):
     latents, rollouts = data8["sd15"]
-    config = tiny_config("sd15", *TRAIN, *OBJECTIVES[objective], *REFLECTION[reflection])
+    reflect = REFLECTION[reflection]
+    if objective == "tdd" and reflection != "off":  # TCDScheduler never thresholds: TDD reflects the teacher only
+        with pytest.raises(ConfigError, match="student_rollouts"):
+            tiny_config("sd15", *TRAIN, *OBJECTIVES[objective], *reflect)
+        reflect = [*reflect, "ddil.reflection.apply_to=[teacher_targets]"]
+    config = tiny_config("sd15", *TRAIN, *OBJECTIVES[objective], *reflect)
     student = distill(config, latents, [rollouts], tmp_path / "run")
     ours = training_sampler_latents(config, latents, student, seed=3)
     theirs = diffusers_latents(student, seed=3)
     assert relative(ours, theirs) <= 1e-5
-    if reflection != "off":  # the test sees reflection: a sampler without it lands elsewhere
+    if reflection != "off" and objective != "tdd":  # the test sees reflection: a sampler without it lands elsewhere
         assert relative(training_sampler_latents(config, latents, student, 3, reflection=False), theirs) > 1e-3
 
 
@@ -132,7 +140,7 @@ def test_a_reflection_the_sd15_scheduler_cannot_hold_is_refused(tmp_path, data8)
     assert (distill(ok, latents, [rollouts], tmp_path / "ok") / "model_index.json").exists()
 
 
-@pytest.mark.parametrize("objective", ["pd", "lcm", "dmd2"])
+@pytest.mark.parametrize("objective", ["pd", "lcm", "dmd2", "tdd"])
 def test_ddil_sample_default_is_plain_diffusers(tmp_path, data8, objective):
     """`ddil sample` with no scheduler flag equals plain diffusers with the recommended steps and guidance."""
     import numpy as np
@@ -142,7 +150,8 @@ def test_ddil_sample_default_is_plain_diffusers(tmp_path, data8, objective):
     from ddil_core.cli import main
 
     latents, rollouts = data8["sd15"]
-    config = tiny_config("sd15", *TRAIN, *OBJECTIVES[objective], *REFLECTION["dynamic"])
+    side = ["ddil.reflection.apply_to=[teacher_targets]"] if objective == "tdd" else []
+    config = tiny_config("sd15", *TRAIN, *OBJECTIVES[objective], *REFLECTION["dynamic"], *side)
     student = distill(config, latents, [rollouts], tmp_path / "run")
     assert main(["sample", "--model", str(student), "--prompt", PROMPT, "--seed", "4",
                  "--out", str(tmp_path / "x.png")]) == 0
@@ -150,7 +159,7 @@ def test_ddil_sample_default_is_plain_diffusers(tmp_path, data8, objective):
     info = json.loads((student / "ddil_student.json").read_text())
     pipe = DiffusionPipeline.from_pretrained(str(student))
     image = pipe(PROMPT, num_inference_steps=info["num_inference_steps"], guidance_scale=info["guidance_scale"],
-                 generator=torch.Generator().manual_seed(4), output_type="np").images[0]
+                 eta=info.get("eta", 0.0), generator=torch.Generator().manual_seed(4), output_type="np").images[0]
     assert np.abs(ours - (image * 255).round()).max() <= 1  # one PNG quantisation level
 
 
@@ -190,17 +199,45 @@ def test_the_model_card_snippet_runs_the_trained_sampler(tmp_path, data8, monkey
     _card_snippet_gives_ddil_samples_image(code, student, tmp_path, monkeypatch)
 
 
+def test_tdd_card_snippet_passes_eta_and_guidance_changes_the_image(tmp_path, data8, monkeypatch):
+    """A TDD student's card gives steps, guidance and eta (pipelines pass eta 0.0 unless told) and runs as `ddil
+    sample`; its guidance is ordinary CFG on the student (decoupled guidance): another scale gives another image."""
+    import re
+
+    from ddil_core.registry import render_model_card
+    from ddil_core.stages.sample import generate
+
+    latents, rollouts = data8["sd15"]
+    config = tiny_config("sd15", *TRAIN, *OBJECTIVES["tdd"])
+    student = distill(config, latents, [rollouts], tmp_path / "run")
+    info = json.loads((student / "ddil_student.json").read_text())
+    assert info["scheduler"] == "TCDScheduler" and info["eta"] == 0.2 and info["guidance_scale"] == 1.7
+    metrics = {"models": {"student": {"steps": info["num_inference_steps"], "guidance_scale": info["guidance_scale"]}}}
+    card = render_model_card("s", 1, metrics, {"objective": {"name": "tdd", "tdd": {"eta": 0.2}}}, None, "t",
+                             model_path=str(student))
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert "num_inference_steps=2, guidance_scale=1.7, eta=0.2" in code
+    _card_snippet_gives_ddil_samples_image(code, student, tmp_path, monkeypatch)
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(student))
+    one, two = (generate(pipe, [PROMPT], [0], 2, g, eta=0.2) for g in (1.0, 2.0))
+    assert (one - two).abs().max() > 1e-3
+
+
 LORA = ["training.lora.rank=4", "training.lora.save_fused=true", "training.lr=1e-2"]  # lr: adapters that matter
 # dynamic reflection of the student's rollouts only: data8's rollouts were made without reflection
 LORA_REFLECTION = [*REFLECTION["dynamic"], "ddil.reflection.apply_to=[student_rollouts]"]
 
 
-@pytest.mark.parametrize("objective", ["pd", "lcm", "dmd2"])
+@pytest.mark.parametrize("objective", ["pd", "lcm", "dmd2", "tdd"])
 def test_lora_student_loads_in_plain_diffusers_and_samples_as_trained(tmp_path, data8, objective):
     """The LoRA student folder is the teacher's pipeline with the student's scheduler; plain diffusers plus
-    load_lora_weights(folder) samples as the training-time sampler does, and so does the fused full student."""
+    load_lora_weights(folder) samples as the training-time sampler does, and so does the fused full student. TDD's
+    student is trained at alpha / rank = 1/2 (the reference's is 8/64): the saved alpha makes the reload equal."""
     latents, rollouts = data8["sd15"]
-    config = tiny_config("sd15", *TRAIN, *OBJECTIVES[objective], *LORA_REFLECTION, *LORA)
+    extra = ["training.lora.alpha=2"] if objective == "tdd" else LORA_REFLECTION  # TDD: no student-side reflection
+    config = tiny_config("sd15", *TRAIN, *OBJECTIVES[objective], *extra, *LORA)
     student = distill(config, latents, [rollouts], tmp_path / "run")
     info = json.loads((student / "ddil_student.json").read_text())
     assert info["lora"]["rank"] == 4 and (student / info["lora"]["weights"]).exists()

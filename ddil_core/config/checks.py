@@ -94,6 +94,17 @@ RANGES: dict[str, Range] = {
     "objective.lcm.ema_decay": DECAY,
     "objective.lcm.huber_c": POSITIVE,
     "objective.lcm.time_cond_proj_dim": COUNT,
+    "objective.tdd.num_ddim_timesteps": COUNT,
+    "objective.tdd.guidance_scale": GUIDANCE,
+    "objective.tdd.min_inference_steps": COUNT,
+    "objective.tdd.max_inference_steps": COUNT,
+    "objective.tdd.target_window": COUNT,
+    "objective.tdd.s_ratio": PROBABILITY,
+    "objective.tdd.caption_dropout": PROBABILITY,
+    "objective.tdd.huber_c": POSITIVE,
+    "objective.tdd.ema_decay": DECAY,
+    "objective.tdd.sampling_guidance": GUIDANCE,
+    "objective.tdd.eta": PROBABILITY,  # TCDScheduler.step asserts 0 <= eta <= 1
     "objective.dmd2.timesteps": NATURAL,  # each entry; below the teacher's T (schedule_problems)
     "objective.dmd2.real_guidance_scale": GUIDANCE,
     "objective.dmd2.generator_lr": LEARNING_RATE,
@@ -264,6 +275,22 @@ def relation_problems(config: Any) -> list[str]:
     if o.name == "lcm" and o.student_steps > o.lcm.num_ddim_timesteps:
         problems.append(f"objective.student_steps = {o.student_steps} must be at most objective.lcm.num_ddim_timesteps "
                         f"= {o.lcm.num_ddim_timesteps} (the LCM student samples on its solver grid)")
+    td = o.tdd
+    if td.min_inference_steps > td.max_inference_steps:
+        problems.append(f"objective.tdd.min_inference_steps = {td.min_inference_steps} must not exceed "
+                        f"objective.tdd.max_inference_steps = {td.max_inference_steps}")
+    if o.name == "tdd" and td.max_inference_steps > td.num_ddim_timesteps:
+        problems.append(f"objective.tdd.max_inference_steps = {td.max_inference_steps} must be at most "
+                        f"objective.tdd.num_ddim_timesteps = {td.num_ddim_timesteps} (schedules on the solver grid)")
+    if o.name == "tdd" and o.student_steps > td.num_ddim_timesteps:
+        problems.append(f"objective.student_steps = {o.student_steps} must be at most objective.tdd.num_ddim_timesteps "
+                        f"= {td.num_ddim_timesteps} (the TDD student samples on its solver grid)")
+    refl = config.ddil.reflection
+    if o.name == "tdd" and refl.mode != "off" and "student_rollouts" in refl.apply_to:
+        problems.append(f"ddil.reflection.apply_to contains student_rollouts with ddil.reflection.mode = {refl.mode}, "
+                        "but a TDD student ships with diffusers' TCDScheduler, whose step never thresholds x0: the "
+                        "student's rollouts must sample as the shipped student does (reflect teacher_targets or "
+                        "teacher_rollouts only)")
     d = o.dmd2
     if d.min_step > d.max_step:
         problems.append(f"objective.dmd2.min_step = {d.min_step} must not exceed objective.dmd2.max_step = "
@@ -318,6 +345,8 @@ def schedule_problems(config: Any, num_train_timesteps: int, stage: str) -> list
             at_most("objective.pd.teacher_steps", o.pd.teacher_steps)
         if o.name == "lcm":
             at_most("objective.lcm.num_ddim_timesteps", o.lcm.num_ddim_timesteps)
+        if o.name == "tdd":
+            at_most("objective.tdd.num_ddim_timesteps", o.tdd.num_ddim_timesteps)
         if o.name == "dmd2":
             for key in ("min_step", "max_step"):
                 if getattr(o.dmd2, key) >= T:

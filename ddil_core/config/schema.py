@@ -118,6 +118,31 @@ class LCMConfig:
     time_cond_proj_dim: int = 256
 
 
+@dataclass
+class TDDConfig:
+    """Target-Driven Distillation (Wang et al. 2024; code: RedAIGC/Target-Driven-Distillation train/SDXL/train_tdd.py
+    and train_tdd.sh). Defaults are the SDXL recipe's unless marked.
+
+    guidance_scale is the teacher's fixed CFG in the Imagen form (the reference's w = 3.5 in the LCM form eps_c + w
+    (eps_c - eps_u) is 4.5 here); the student gets no guidance embedding and samples with ordinary CFG instead.
+    """
+
+    num_ddim_timesteps: int = 250  # the teacher's solver grid (skip T // 250 = 4)
+    guidance_scale: float = 4.5  # teacher CFG, Imagen form (w_min = w_max = 3.5 in the LCM form)
+    min_inference_steps: int = 4  # the candidate targets: the union of the 4..8-step schedules on the solver grid
+    max_inference_steps: int = 8
+    target_window: Optional[int] = None  # c is drawn from [tau - window, tau]; None: T // min_inference_steps + 10 (260)
+    s_ratio: float = 0.3  # s = floor((1 - u s_ratio) c), u ~ U[0, 1)
+    caption_dropout: float = 0.2  # share of captions replaced by "" for the student, teacher-cond and target
+    loss: Literal["huber", "l2"] = "huber"
+    huber_c: float = 0.001
+    ema_decay: float = 0.0  # the target network: 0 is the online student without gradient (the reference)
+    # The shipped sampler (TCDScheduler on the solver grid) and the student's DDIL rollouts: ordinary CFG on the
+    # student and TCD's gamma (diffusers' `eta`). Reference inference (README, demo.py): 1.7 and 0.2 at 4 steps
+    sampling_guidance: float = 1.7
+    eta: float = 0.2
+
+
 # diffusers examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py: its default LoRA targets (attention,
 # feed-forward, resnet convolutions, resamplers and the time-embedding projections of every block).
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
@@ -163,12 +188,13 @@ class DMD2Config:
 
 @dataclass
 class ObjectiveConfig:
-    name: Literal["pd", "lcm", "dmd2"] = "pd"
+    name: Literal["pd", "lcm", "dmd2", "tdd"] = "pd"
     student_steps: int = 4
     guidance_scale: float = 3.0  # teacher CFG scale w (Imagen form: eps_u + w (eps_c - eps_u))
     pd: PDConfig = field(default_factory=PDConfig)
     lcm: LCMConfig = field(default_factory=LCMConfig)
     dmd2: DMD2Config = field(default_factory=DMD2Config)
+    tdd: TDDConfig = field(default_factory=TDDConfig)
 
 
 @dataclass

@@ -177,7 +177,7 @@ def save_student_pipeline(teacher_pipe, student_unet, scheduler, out_dir: Path, 
     diffusers' LoRA format, which `pipe.load_lora_weights(folder)` reads."""
     import copy
 
-    from ddil_core.models.trainable import lora_layers, uses_lora
+    from ddil_core.models.trainable import lora_layers, lora_metadata, uses_lora
 
     components = dict(teacher_pipe.components)
     lora = lora_layers(student_unet) if uses_lora(student_unet) else None
@@ -195,7 +195,8 @@ def save_student_pipeline(teacher_pipe, student_unet, scheduler, out_dir: Path, 
             pipe.save_pretrained(str(tmp), safe_serialization=True)
             if lora is not None:
                 type(pipe).save_lora_weights(str(tmp), unet_lora_layers={k: v.detach().cpu() for k, v in lora.items()},
-                                             weight_name=LORA_WEIGHTS, safe_serialization=True)
+                                             weight_name=LORA_WEIGHTS, safe_serialization=True,
+                                             unet_lora_adapter_metadata=lora_metadata(student_unet))
             write_json_atomic(tmp / STUDENT_INFO, info)
         except BaseException:  # a full disk, an interruption: nothing half-written is left
             shutil.rmtree(tmp, ignore_errors=True)

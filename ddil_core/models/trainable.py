@@ -81,3 +81,12 @@ def lora_layers(unet) -> dict[str, torch.Tensor]:
     from peft.utils import get_peft_model_state_dict
 
     return get_peft_model_state_dict(unet)
+
+
+def lora_metadata(unet) -> dict:
+    """The adapter's LoraConfig (rank, lora_alpha, targets) as diffusers stores it beside the weights
+    (save_lora_weights' unet_lora_adapter_metadata): without it load_lora_weights takes alpha = rank, and a student
+    trained at alpha / rank != 1 reloads at the wrong strength (RedAIGC/Target-Driven-Distillation's SDXL export, r 64
+    and the PEFT default alpha 8, reloads 8x too strong)."""
+    config = unet.peft_config[next(iter(unet.peft_config))].to_dict()
+    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}

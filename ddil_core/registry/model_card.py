@@ -175,12 +175,15 @@ def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix, obj)]
 
 
-def _usage(model_path: str, steps: Optional[int], guidance: Optional[float], lora: bool = False) -> str:
+def _usage(model_path: str, steps: Optional[int], guidance: Optional[float], lora: bool = False,
+           eta: Optional[float] = None) -> str:
     """The two lines that sample the student exactly as it was trained and evaluated: its saved scheduler, its
-    recommended steps and its guidance (diffusers' default 7.5 would add CFG on top of distilled guidance). A LoRA
-    student's folder is the teacher's pipeline with the student's scheduler: one more line loads its adapters."""
+    recommended steps and its guidance (diffusers' default 7.5 would add CFG on top of distilled guidance), and a TDD
+    student's eta (TCDScheduler's gamma, which pipelines pass as 0.0 unless told). A LoRA student's folder is the
+    teacher's pipeline with the student's scheduler: one more line loads its adapters."""
     step_arg = f", num_inference_steps={steps}" if steps else ""
     guidance_arg = f", guidance_scale={guidance:g}" if guidance is not None else ""
+    guidance_arg += f", eta={eta:g}" if eta else ""
     lines = ["```python", "from diffusers import DiffusionPipeline", ""]
     if model_path.startswith("file://"):
         model_path = model_path[len("file://") :]
@@ -237,10 +240,13 @@ def render_model_card(
     guidance = student.get("guidance_scale") if isinstance(student.get("guidance_scale"), (int, float)) else None
     objective = teacher = None
     lora = bool(((config or {}).get("training") or {}).get("lora", {}).get("rank")) if config else False
+    eta = student.get("eta") if isinstance(student.get("eta"), (int, float)) else None
     if config:
         steps = steps or (config.get("objective") or {}).get("student_steps")
         objective = (config.get("objective") or {}).get("name")
         teacher = (config.get("model") or {}).get("teacher")
+        if objective == "tdd" and eta is None:
+            eta = ((config.get("objective") or {}).get("tdd") or {}).get("eta")
     path = redact_string(model_path) if model_path else f"path/to/{name}/v{version}"
 
     out = [f"# {name} (version {version})", ""]
@@ -252,7 +258,8 @@ def render_model_card(
     summary += "."
     if steps:
         summary += f" It samples in {steps} steps"
-        summary += f" at guidance scale {guidance:g}." if guidance is not None else "."
+        summary += f" at guidance scale {guidance:g}" if guidance is not None else ""
+        summary += f" with eta {eta:g} (TCDScheduler's gamma)." if eta else "."
     out += [summary, "", "## Evaluation", "", metrics_table(metrics)]
     if gates:
         out += ["## Quality gates", "", _gates_section(gates)]
@@ -285,7 +292,7 @@ def render_model_card(
         "",
         "## Usage",
         "",
-        _usage(path, steps, guidance, lora),
+        _usage(path, steps, guidance, lora, eta),
     ]
     return str(ModelCard(f"---\n{card_data(objective, teacher).to_yaml()}\n---\n\n" + "\n".join(out)))
 

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from ddil_core.stages.sample import (DEFAULT_GUIDANCE, check_trained_grid, generate, sampling_scheduler,
-                                     student_sampling, to_pil)
+                                     student_eta, student_sampling, to_pil)
 
 DEFAULT_STEPS = 50  # `ddil sample` on a folder without ddil_student.json
 
@@ -43,7 +43,8 @@ def student_images(pipe, info: Optional[dict], prompts: list[str], seeds: list[i
     kind, _ = student_sampling(pipe, info)
     scheduler = sampling_scheduler(pipe, kind)  # a fresh one per batch: set_timesteps keeps state in it
     with torch.no_grad():
-        return generate(pipe, list(prompts), list(seeds), steps, guidance_scale, scheduler, resolution=resolution)
+        return generate(pipe, list(prompts), list(seeds), steps, guidance_scale, scheduler, resolution=resolution,
+                        eta=student_eta(info, kind))
 
 
 def png_bytes(image: torch.Tensor) -> bytes:

@@ -44,14 +44,15 @@ def sampling_scheduler(pipe, kind: str = "own"):
 
 
 def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float, scheduler="own",
-             resolution: Optional[int] = None) -> torch.Tensor:
+             resolution: Optional[int] = None, eta: float = 0.0) -> torch.Tensor:
     """Images [B, 3, H, W] in [0, 1], one CPU generator per seed, as a diffusers pipeline called with
     `generator=[torch.Generator().manual_seed(s) for s in seeds]`.
 
     `scheduler` (a diffusers scheduler, or "own" / "ddim" for sampling_scheduler) is stepped as the pipelines step it:
     its thresholding or clipping, its timesteps and its noise draws are diffusers' own. Classifier-free guidance in one
     batched pass when guidance_scale > 1; a UNet with guidance conditioning (LCM students) gets the scale as an
-    embedding of w - 1 instead, as StableDiffusionPipeline does.
+    embedding of w - 1 instead, as StableDiffusionPipeline does. `eta` is passed to a step that takes it, as the
+    pipelines pass their `eta` (DDIM's eta; TCD's gamma, which a TDD student's ddil_student.json gives).
     """
     scheduler = sampling_scheduler(pipe, scheduler) if isinstance(scheduler, str) else scheduler
     res = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -70,7 +71,7 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance_sc
     denoiser = Denoiser(pipe.unet, NoiseSchedule.from_config(dict(scheduler.config)))
     scheduler.set_timesteps(steps)
     accepts = set(inspect.signature(scheduler.step).parameters)
-    step_kwargs = {k: v for k, v in (("eta", 0.0), ("generator", generators)) if k in accepts}
+    step_kwargs = {k: v for k, v in (("eta", eta), ("generator", generators)) if k in accepts}
     x = noise.to(device, dtype) * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         x_in = scheduler.scale_model_input(x, t)
@@ -88,6 +89,12 @@ def student_sampling(pipe, info: Optional[dict], scheduler: str = "auto") -> tup
     if scheduler == "ddim" or (info is None and scheduler == "auto"):
         return "ddim", None
     return "own", (info or {}).get("timesteps")
+
+
+def student_eta(info: Optional[dict], kind: str) -> float:
+    """The `eta` a student's own scheduler is stepped with: ddil_student.json's (a TDD student's TCD gamma; the
+    pipelines pass 0.0 unless told), 0 for DDIM and for folders without one."""
+    return float((info or {}).get("eta", 0.0)) if kind == "own" else 0.0
 
 
 def check_trained_grid(scheduler, steps: int, expected: Optional[list[int]], where: str) -> None:
@@ -123,8 +130,9 @@ def sample(model: str, prompt: str, steps: Optional[int], seed: int, out: str | 
     kind, trained = student_sampling(pipe, info, scheduler)
     sched = sampling_scheduler(pipe, kind)
     check_trained_grid(sched, steps, trained, model)
+    eta = student_eta(info, kind)
     with torch.no_grad():
-        image = generate(pipe, [prompt], [seed], steps, guidance_scale, sched)[0]
+        image = generate(pipe, [prompt], [seed], steps, guidance_scale, sched, eta=eta)[0]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

@@ -40,6 +40,8 @@ def check_supported(config: Config, objective_name: str, stages: int) -> None:
         why.append("training.ema (the EMA copy would need sharding too)")
     if objective_name == "lcm":
         why.append("objective lcm (its EMA target network would need sharding too)")
+    if objective_name == "tdd" and config.objective.tdd.ema_decay > 0:
+        why.append("objective.tdd.ema_decay > 0 (its EMA target network would need sharding too; 0 uses the student)")
     if objective_name == "pd" and stages > 1:
         why.append("progressive distillation over several stages (the hand-off copies the sharded student)")
     if why:

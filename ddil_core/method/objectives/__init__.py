@@ -15,7 +15,11 @@ def build_objective(name: str, ctx: ObjectiveContext) -> Objective:
         from ddil_core.method.objectives.dmd2 import DistributionMatchingDistillation
 
         return DistributionMatchingDistillation(ctx)
-    raise ValueError(f"unknown objective '{name}' (pd, lcm or dmd2)")
+    if name == "tdd":
+        from ddil_core.method.objectives.tdd import TargetDrivenDistillation
+
+        return TargetDrivenDistillation(ctx)
+    raise ValueError(f"unknown objective '{name}' (pd, lcm, dmd2 or tdd)")
 
 
 __all__ = ["Objective", "ObjectiveContext", "build_objective"]

@@ -1,4 +1,4 @@
-"""The objective interface every base method implements (PD, LCM, DMD2).
+"""The objective interface every base method implements (PD, LCM, DMD2, TDD).
 
 An objective owns its trainable networks and frozen teacher, says which student grid it trains on, provides the
 student's own no-grad step (for DDIL's student rollouts and for sampling), and turns a batch of DDIL states into
@@ -32,6 +32,10 @@ class ObjectiveContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     family: str = "sd15"  # the student pipeline's family: which reflections its saved scheduler can express
     latent_side: Optional[int] = None  # side of the training latents; None: the UNet's sample_size
+    # float32 encodings by the teacher's pipeline (only for objectives that need them, TDD): the prompt "", and the
+    # unconditional embedding the pipeline itself guides with ("" for SD 1.5, zeros for SDXL)
+    empty_prompt: Optional[Cond] = None
+    pipeline_uncond: Optional[Cond] = None
 
     def reflection(self, where: str) -> Reflection:
         """The reflection applied at `where` (teacher_targets, teacher_rollouts, student_rollouts, critic)."""

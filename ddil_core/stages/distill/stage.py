@@ -76,8 +76,21 @@ def objective_context(config: Config, teacher, cache, device: torch.device | str
         teacher_scheduler_config=dict(teacher.pipe.scheduler.config),
         uncond={k: v.to(device, torch.float32) for k, v in cache.uncond.items()},
         reflection_bound=cache.bounds, device=torch.device(device), family=teacher.family,
-        latent_side=teacher.latent_shape[-1],
+        latent_side=teacher.latent_shape[-1], **_prompt_encodings(config, teacher, device),
     )
+
+
+def _prompt_encodings(config: Config, teacher, device) -> dict:
+    """TDD's float32 "" and the pipeline's own unconditional embedding (its dropped captions and its student's CFG)."""
+    if config.objective.name != "tdd":
+        return {}
+    from ddil_core.models.conditioning import encode_prompts, encode_unconditional
+
+    def f32(cond):
+        return {k: v.to(device, torch.float32) for k, v in cond.items()}
+
+    return {"empty_prompt": f32(encode_prompts(teacher.pipe, [""], teacher.resolution)),
+            "pipeline_uncond": f32(encode_unconditional(teacher.pipe, teacher.resolution))}
 
 
 def effective_plan(config: dict) -> dict:

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from ddil_core.metrics.extractors import Extractor
 from ddil_core.metrics.plots import save_grid
 from ddil_core.progress import Progress
-from ddil_core.stages.sample import check_trained_grid, generate, sampling_scheduler
+from ddil_core.stages.sample import check_trained_grid, generate, sampling_scheduler, student_eta
 
 GRID_MAX_SIDE = 256  # larger samples are downscaled in the grids (the metrics use full-size images)
 GRID_MAX_ROWS = 16  # prompts shown in a sample grid (metrics use every prompt)
@@ -56,6 +56,7 @@ class Run:
     nfe: int = 0
     guidance_mode: str = ""
     timesteps: Optional[list[int]] = None
+    eta: float = 0.0  # the `eta` its scheduler was stepped with (a TDD student's TCD gamma)
 
 
 def nfe_per_image(steps: int, guidance_scale: float, guidance_embedded: bool = False) -> int:
@@ -107,7 +108,8 @@ def _sampling(pipe, role: str, steps: int, info: Optional[dict], where: str) -> 
 
 def _scheduler_record(cfg: dict, source: str, class_name: Optional[str], consistency: bool) -> dict:
     return {
-        "sampler": ("multistep consistency (LCMScheduler)" if consistency else "DDIM, eta 0")
+        "sampler": ("multistep consistency (LCMScheduler)" if consistency else
+                    "TCD gamma sampler on the TDD grid" if class_name == "TCDScheduler" else "DDIM, eta 0")
         + f", diffusers {class_name}.step in ddil_core.stages.sample.generate",
         "thresholding": cfg.get("thresholding", False),
         "clip_sample": cfg.get("clip_sample", False),
@@ -152,13 +154,17 @@ def sample_run(pipe, key: str, family: str, steps: int, guidance: float, info: O
     seeds = [s for _ in setup.prompts for s in setup.seeds]
     rows = min(GRID_MAX_ROWS, len(setup.prompts))
     keep, bs = rows * len(setup.seeds), setup.batch_size
-    generate(pipe, prompts[:bs], seeds[:bs], 1, guidance, sampling, setup.resolution)
+    eta = run.eta = student_eta(info, sampling)  # a TDD student's TCD gamma
+    if eta:
+        run.scheduler["sampler"] += f", eta {eta:g}"
+    generate(pipe, prompts[:bs], seeds[:bs], 1, guidance, sampling, setup.resolution, eta=eta)
     feats, predicted, shown, seconds = [], [], [], 0.0
     with Progress(f"evaluate: {key} at {steps} steps", len(prompts), unit="image") as progress:
         for i in range(0, len(prompts), bs):
             _sync(setup.device)
             start = time.perf_counter()
-            images = generate(pipe, prompts[i:i + bs], seeds[i:i + bs], steps, guidance, sampling, setup.resolution)
+            images = generate(pipe, prompts[i:i + bs], seeds[i:i + bs], steps, guidance, sampling, setup.resolution,
+                              eta=eta)
             _sync(setup.device)
             seconds += time.perf_counter() - start
             feats.append(setup.extractor.features(images))

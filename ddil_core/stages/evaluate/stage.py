@@ -169,8 +169,8 @@ def _evaluate(config: Config, student: str, teacher: str, tmp: Path, baseline: O
     dim = int(ref_features.shape[1])
     cross_check = bool(ev.fid_cross_check) and (dim <= CROSS_CHECK_MAX_DIM or dev.type == "cuda")
     for r in runs:
-        m = {"steps": r.steps, "guidance_scale": r.guidance_scale, "nfe_per_image": r.nfe,
-             "seconds_per_image": r.seconds_per_image}
+        m = {"steps": r.steps, "guidance_scale": r.guidance_scale, **({"eta": r.eta} if r.eta else {}),
+             "nfe_per_image": r.nfe, "seconds_per_image": r.seconds_per_image}
         m.update(model_metrics(r.features, ref_features, len(prompt_list), len(seeds), ev.k, r.predicted, wanted,
                                cross_check))
         m["num_images"] = int(r.features.shape[0])
