@@ -1,7 +1,5 @@
 """Metrics and report layer: checked against the reference implementations (prdc, torchmetrics)."""
-import math
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest

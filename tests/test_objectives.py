@@ -8,7 +8,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ddil_core.math.consistency import consistency_function
 from ddil_core.math.schedule import NoiseSchedule
 from ddil_core.method.objectives.base import ObjectiveContext
 from ddil_core.method.objectives.dmd2 import distribution_matching_grad, distribution_matching_loss

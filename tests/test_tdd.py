@@ -15,7 +15,8 @@ from ddil_core.method.draws import SampleDraws
 from ddil_core.method.objectives import build_objective
 from ddil_core.method.objectives.tdd import drop_captions
 from ddil_core.models.conditioning import encode_prompts
-from ddil_core.stages.common import load_teacher, read_latent_cache
+from ddil_core.models.teacher import load_teacher
+from ddil_core.stages.common import read_latent_cache
 from ddil_core.stages.distill import objective_context
 from tests.conftest import tiny_config
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
 import torch
 from diffusers import TCDScheduler
 from diffusers.configuration_utils import register_to_config
