@@ -33,7 +33,7 @@ PREFIX = "/openai/v1"
 # OpenAI's fields and the extensions diffusion clients send; each maps to make_instance's option of that meaning
 EXTENSIONS = {"seed": "seed", "num_inference_steps": "steps", "guidance_scale": "guidance",
               "negative_prompt": "negative_prompt", "eta": "eta"}
-FIELDS = ("prompt", "n", "size", "response_format", "model", "quality", "style", "output_format", "user",
+FIELDS = ("prompt", "n", "size", "response_format", "model", "quality", "style", "output_format", "stream", "user",
           *EXTENSIONS)
 _SIZE = re.compile(r"(\d+)x(\d+)")
 
@@ -70,7 +70,8 @@ def parse_images_request(body: Any, limits: Limits, model_name: str) -> list[Ins
                                       "ask for 'b64_json'")
     if response_format != "b64_json":
         raise _bad("response_format", f"{response_format!r} is not one of 'b64_json'")
-    for field, allowed in (("quality", ("auto", "standard")), ("style", ()), ("output_format", ("png",))):
+    for field, allowed in (("quality", ("auto", "standard")), ("style", ()), ("output_format", ("png",)),
+                           ("stream", (False,))):
         if body.get(field) is not None and body[field] not in allowed:
             raise _bad(field, f"{body[field]!r} is not supported" + (
                 f" (supported: {', '.join(allowed)})" if allowed else ""))
