@@ -212,7 +212,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--http-port", type=_PORT, default=8080, help="HTTP port (default: 8080, KServe's)")
     p.add_argument("--max-batch-size", type=_POSITIVE, default=8,
                    help="most images per request and per generated batch; concurrent requests with the same "
-                        "steps, guidance and size are batched together up to it (default: 8)")
+                        "steps, guidance, size, negative prompt and eta are batched together up to it (default: 8)")
     p.add_argument("--batch-wait-ms", type=_MILLISECONDS, default=0.0,
                    help="how long a batch that is not full waits for more requests (default: 0, no wait)")
     p.add_argument("--max-steps", type=_POSITIVE, default=50,

@@ -3,9 +3,10 @@
 The student is distilled here (tiny://sd15 teacher, objective lcm: an LCMScheduler student with its own
 timesteps) and served from a real S3 server (moto, its own process). That S3 server is paused (SIGSTOP) while
 `ddil serve` starts, so the test sees the server live but the model not ready, then resumes it and sees the
-model become ready. Every image is checked against `ddil sample` (which samples a student with its own
-scheduler) for the same prompt, seed, steps and guidance; every bad request gets a 4xx naming its field, and the
-server answers the next good request.
+model become ready. Every image, over KServe v1 and v2 and over the OpenAI images API through the official `openai`
+client, is checked against `ddil sample` (which samples a student with its own scheduler) for the same prompt,
+seed, steps, guidance and size, square or not; every bad request gets a 4xx naming its field, and the server
+answers the next good request. The server listens on 127.0.0.1 only (`--host`).
 """
 from __future__ import annotations
 
