@@ -57,6 +57,8 @@ def server(lcm_student, tmp_path_factory):
             "v2 ready": httpx.get(f"{serve.url}/v2/models/{NAME}/ready").status_code,
             "v1 predict": httpx.post(f"{serve.url}/v1/models/{NAME}:predict", json={"instances": ["a digit"]},
                                      timeout=30).status_code,
+            "openai": httpx.post(f"{serve.url}/openai/v1/images/generations", json={"prompt": "a digit"},
+                                 timeout=30).status_code,
         }
         s3.resume()
         wait_for(f"{serve.url}/v2/models/{NAME}/ready", process=serve.process, log=serve.log)
@@ -103,7 +105,7 @@ def good_request_succeeds(server) -> None:
 
 
 def test_not_ready_until_the_student_is_loaded(server):
-    assert server.while_loading == {"v1 ready": 503, "v2 ready": 503, "v1 predict": 503}
+    assert server.while_loading == {"v1 ready": 503, "v2 ready": 503, "v1 predict": 503, "openai": 503}
     assert httpx.get(f"{server.url}/v1/models/{NAME}").json() == {"name": NAME, "ready": True}
     assert httpx.get(f"{server.url}/v2/models/{NAME}/ready").json() == {"name": NAME, "ready": True}
 
