@@ -1,13 +1,16 @@
-"""A bounded load test of `ddil serve`: N concurrent clients send a fixed number of requests to the real
-KServe ModelServer on 127.0.0.1; latency percentiles (p50/p95/p99), images/s and failed requests, for the server's
-request batching at batch sizes 1, 4 and 8 (`--max-batch-size`).
+"""A bounded load test of `ddil serve`: N concurrent clients send a fixed number of requests to the real KServe
+ModelServer on 127.0.0.1; latency percentiles (p50/p95/p99), images/s and failed requests, for the server's request
+batching at batch sizes 1, 4 and 8 (`--max-batch-size`), through KServe v1 (`POST /v1/models/NAME:predict`) and
+the OpenAI images API (`POST /openai/v1/images/generations`) side by side.
 
-One server per batch size runs for the whole benchmark (started together, each waited for until ready); the rounds
-visit them in rotated order (B1 B4 B8, B4 B8 B1, ...) so that load from other processes hits every case alike. In
-a round each case gets `--requests` v1 requests of `--images-per-request` images (distinct prompts and seeds) from
-`--clients` client threads, each with its own keep-alive connection, as fast as the answers come. The mean batch
-the server actually formed is read from its /metrics (ddil_serve_images_total / ddil_serve_batches_total).
-Warm-up requests before the first round are left out. Local only: nothing leaves 127.0.0.1.
+One server per batch size runs for the whole benchmark (started together, each waited for until ready) and answers
+both protocols; the rounds visit the cases (batch size, protocol) in rotated order so that load from other
+processes hits every case alike. In a round each case gets `--requests` requests of `--images-per-request` images
+from `--clients` client threads, each with its own keep-alive connection (httpx for both protocols, so the client
+side costs the same), as fast as the answers come: v1 requests carry distinct prompts and seeds, OpenAI requests
+one prompt with `n` images (seeds seed, seed + 1, ...). The mean batch the server actually formed is read from its
+/metrics (ddil_serve_images_total / ddil_serve_batches_total). Warm-up requests before the first round are left
+out. Local only: nothing leaves 127.0.0.1.
 
 The student is a folder (`--model`), or by default a tiny LCM student (tiny://sd15 teacher, 2 steps) distilled
 here in a few seconds: with a 16x16 image the model is small and HTTP, JSON and PNG encoding weigh as much as the
@@ -61,7 +64,7 @@ class Server:
         self.max_batch_size = max_batch_size
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(common.ROOT))
         self.command = [sys.executable, "-m", "ddil_core.cli", "serve", "--model", model, "--name", NAME,
-                        "--http-port", str(self.port), "--max-batch-size", str(max_batch_size)]
+                        "--host", "127.0.0.1", "--http-port", str(self.port), "--max-batch-size", str(max_batch_size)]
         self.log = log
         self.process = subprocess.Popen(self.command, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
@@ -99,8 +102,18 @@ class Server:
         return self.process.wait(60)
 
 
-def load(url: str, requests: int, clients: int, images_per_request: int, offset: int) -> dict:
-    """`requests` v1 requests from `clients` threads; latencies of the successful ones, failures, wall seconds."""
+def request(protocol: str, n: int, images: int) -> tuple[str, dict, str]:
+    """(path, body, the response's list of images) of one request of `images` images starting at index `n`."""
+    if protocol == "openai":
+        return ("/openai/v1/images/generations",
+                {"prompt": f"a handwritten digit {DIGITS[n % 10]}", "n": images, "seed": n}, "data")
+    return (f"/v1/models/{NAME}:predict",
+            {"instances": [{"prompt": f"a handwritten digit {DIGITS[(n + k) % 10]}", "seed": n + k}
+                           for k in range(images)]}, "predictions")
+
+
+def load(url: str, requests: int, clients: int, images_per_request: int, offset: int, protocol: str = "v1") -> dict:
+    """`requests` requests from `clients` threads; latencies of the successful ones, failures, wall seconds."""
     import httpx
 
     latencies, failures, lock = [], [], threading.Lock()
@@ -113,13 +126,11 @@ def load(url: str, requests: int, clients: int, images_per_request: int, offset:
                     i = next(next_index, None)
                 if i is None:
                     return
-                n = offset + i * images_per_request
-                body = {"instances": [{"prompt": f"a handwritten digit {DIGITS[(n + k) % 10]}", "seed": n + k}
-                                      for k in range(images_per_request)]}
+                path, body, images = request(protocol, offset + i * images_per_request, images_per_request)
                 t0 = time.perf_counter()
                 try:
-                    response = http.post(f"{url}/v1/models/{NAME}:predict", json=body)
-                    ok = response.status_code == 200 and len(response.json()["predictions"]) == images_per_request
+                    response = http.post(f"{url}{path}", json=body)
+                    ok = response.status_code == 200 and len(response.json()[images]) == images_per_request
                     detail = None if ok else f"{response.status_code}: {response.text[:200]}"
                 except Exception as exc:  # noqa: BLE001 - a failed request is counted, not fatal
                     ok, detail = False, f"{type(exc).__name__}: {exc}"
@@ -153,60 +164,67 @@ def main(argv=None) -> dict:
     parser.add_argument("--images-per-request", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--warmup", type=int, default=8, help="untimed requests per server before the first round")
+    parser.add_argument("--protocols", default="v1,openai", help="v1 and/or openai, each a case per batch size")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.requests, args.warmup, args.clients = 1, 4, 1, 2
     threads = common.setup(args.threads)
     sizes = [int(s) for s in args.batch_sizes.split(",") if s]
+    protocols = [p for p in args.protocols.split(",") if p]
+    if set(protocols) - {"v1", "openai"}:
+        parser.error(f"--protocols: {args.protocols!r}, expected v1 and/or openai")
+    keys = [(b, p) for b in sizes for p in protocols]
     work = Path(tempfile.mkdtemp(prefix="ddil-serve-load-"))
     model = args.model or str(tiny_student(work, Path(args.data) if args.data else work / "data"))
     servers = {b: Server(model, b, threads, work / f"serve-{b}.log") for b in sizes}
     try:
         for server in servers.values():
             server.wait_ready()
-        for b, server in servers.items():
-            warm = load(server.url, args.warmup, min(args.clients, args.warmup), args.images_per_request, 10**6)
+        for (b, protocol) in keys:
+            warm = load(servers[b].url, args.warmup, min(args.clients, args.warmup), args.images_per_request, 10**6,
+                        protocol)
             if warm["failures"]:
-                raise RuntimeError(f"warm-up failed on batch size {b}: {warm['failures'][:3]}")
-        rounds = {b: [] for b in sizes}
-        counted = {b: [0.0, 0.0] for b in sizes}
+                raise RuntimeError(f"warm-up failed on batch size {b}, {protocol}: {warm['failures'][:3]}")
+        rounds = {k: [] for k in keys}
+        counted = {k: [0.0, 0.0] for k in keys}
         for r in range(args.rounds):
-            for b in common.rotated(sizes, r):
+            for (b, protocol) in common.rotated(keys, r):
                 before = servers[b].counters()
                 result = load(servers[b].url, args.requests, args.clients, args.images_per_request,
-                              r * args.requests * args.images_per_request)
+                              r * args.requests * args.images_per_request, protocol)
                 after = servers[b].counters()
-                counted[b][0] += after[0] - before[0]
-                counted[b][1] += after[1] - before[1]
-                rounds[b].append(result)
+                counted[(b, protocol)][0] += after[0] - before[0]
+                counted[(b, protocol)][1] += after[1] - before[1]
+                rounds[(b, protocol)].append(result)
     finally:
         codes = {b: s.stop() for b, s in servers.items()}
 
     cases, rows = {}, []
-    for b in sizes:
-        latencies = [x for res in rounds[b] for x in res["latencies"]]
-        failures = [f for res in rounds[b] for f in res["failures"]]
-        per_round = [(len(res["latencies"]) * args.images_per_request) / res["seconds"] for res in rounds[b]]
-        images, batches = counted[b]
-        cases[f"batch_{b}"] = {
-            "max_batch_size": b, "requests": len(latencies) + len(failures), "failed_requests": len(failures),
-            "failures_sample": failures[:5], "latency_seconds": {q: percentile(latencies, int(q[1:]))
-                                                                  for q in ("p50", "p95", "p99")},
+    for (b, protocol) in keys:
+        results = rounds[(b, protocol)]
+        latencies = [x for res in results for x in res["latencies"]]
+        failures = [f for res in results for f in res["failures"]]
+        per_round = [(len(res["latencies"]) * args.images_per_request) / res["seconds"] for res in results]
+        images, batches = counted[(b, protocol)]
+        case = cases[f"batch_{b}_{protocol}"] = {
+            "max_batch_size": b, "protocol": protocol, "requests": len(latencies) + len(failures),
+            "failed_requests": len(failures), "failures_sample": failures[:5],
+            "latency_seconds": {q: percentile(latencies, int(q[1:])) for q in ("p50", "p95", "p99")},
             "images_per_second": common.spread(per_round), "images_per_second_per_round": per_round,
             "mean_batch_formed": images / batches if batches else None, "server_exit_code": codes[b]}
-        lat = cases[f"batch_{b}"]["latency_seconds"]
-        rows.append([b, len(latencies) + len(failures), len(failures), lat["p50"] * 1e3 if lat["p50"] else None,
-                     lat["p95"] * 1e3 if lat["p95"] else None, lat["p99"] * 1e3 if lat["p99"] else None,
-                     common.median(per_round), cases[f"batch_{b}"]["mean_batch_formed"]])
-    headers = ["max batch size", "requests", "failed", "p50 ms", "p95 ms", "p99 ms", "images/s (median of rounds)",
+        lat = case["latency_seconds"]
+        rows.append([b, protocol, len(latencies) + len(failures), len(failures),
+                     lat["p50"] * 1e3 if lat["p50"] else None, lat["p95"] * 1e3 if lat["p95"] else None,
+                     lat["p99"] * 1e3 if lat["p99"] else None, common.median(per_round), case["mean_batch_formed"]])
+    headers = ["max batch size", "protocol", "requests", "failed", "p50 ms", "p95 ms", "p99 ms", "images/s (median of rounds)",
                "mean batch formed"]
     print(common.table(headers, rows))
     result = {
         "settings": {"model": args.model or "tiny LCM student (tiny://sd15, 2 steps, 16x16)", "batch_sizes": sizes,
                      "clients": args.clients, "requests_per_round": args.requests, "rounds": args.rounds,
                      "images_per_request": args.images_per_request, "warmup": args.warmup, "threads": threads,
-                     "quick": args.quick, "protocol": "v1",
-                     "server_command": f"ddil serve --model MODEL --name {NAME} --max-batch-size B"},
+                     "quick": args.quick, "protocols": protocols,
+                     "server_command": f"ddil serve --model MODEL --name {NAME} --host 127.0.0.1 --max-batch-size B"},
         "cases": cases,
         "table_markdown": common.table(headers, rows),
     }

@@ -175,7 +175,8 @@ def cmd_sample(args):
     try:
         with disk_full_is_clear(Path(args.out)):
             out = sample(args.model, args.prompt, args.steps, args.seed, args.out, args.guidance, args.scheduler,
-                         args.allow_pickle)
+                         args.allow_pickle, width=args.width, height=args.height,
+                         negative_prompt=args.negative_prompt, eta=args.eta)
     except BaseException:
         remove_if_empty(created)  # nothing of a failed run stays, not even the folders made for the image
         raise
@@ -187,7 +188,8 @@ def cmd_serve(args):
 
     serve(args.model, name=args.name, http_port=args.http_port, max_batch_size=args.max_batch_size,
           batch_wait_ms=args.batch_wait_ms, max_steps=args.max_steps, max_size=args.max_size, device=args.device,
-          dtype=args.dtype, registry=args.registry, kubeflow_registry=args.kubeflow_registry)
+          dtype=args.dtype, registry=args.registry, kubeflow_registry=args.kubeflow_registry, host=args.host,
+          max_request_bytes=args.max_request_bytes)
 
 
 def _checked(kind, check, what):
@@ -209,25 +211,31 @@ _SIDE = _checked(int, lambda v: v >= 8 and v % 8 == 0, "a positive multiple of 8
 
 
 def _add_serve(sub) -> None:
-    p = sub.add_parser("serve", help="serve a student over KServe's v1 and v2 protocols",
-                       description="serve a student with KServe's ModelServer: POST /v1/models/NAME:predict and "
-                                   "/v2/models/NAME/infer answer PNG images (base64); readiness at "
-                                   "/v1/models/NAME and /v2/models/NAME/ready (503 until the model is loaded)")
+    p = sub.add_parser("serve", help="serve a student over KServe's v1 and v2 protocols and OpenAI's images API",
+                       description="serve a student with KServe's ModelServer: POST /v1/models/NAME:predict, "
+                                   "/v2/models/NAME/infer and /openai/v1/images/generations answer PNG images "
+                                   "(base64); readiness at /v1/models/NAME and /v2/models/NAME/ready (503 until "
+                                   "the model is loaded)")
     p.add_argument("--model", required=True,
                    help="the student: a pipeline folder, s3://bucket/path, or registry://NAME/VERSION "
                         "(VERSION a number, vN or latest)")
     p.add_argument("--name", default=None,
                    help="model name in the endpoint paths (default: the registry model name, else ddil-student)")
+    p.add_argument("--host", default="0.0.0.0",
+                   help="address to listen on (default: 0.0.0.0, every interface, as a pod needs; 127.0.0.1: "
+                        "this machine only)")
     p.add_argument("--http-port", type=_PORT, default=8080, help="HTTP port (default: 8080, KServe's)")
     p.add_argument("--max-batch-size", type=_POSITIVE, default=8,
                    help="most images per request and per generated batch; concurrent requests with the same "
-                        "steps, guidance and size are batched together up to it (default: 8)")
+                        "steps, guidance, size, negative prompt and eta are batched together up to it (default: 8)")
     p.add_argument("--batch-wait-ms", type=_MILLISECONDS, default=0.0,
                    help="how long a batch that is not full waits for more requests (default: 0, no wait)")
     p.add_argument("--max-steps", type=_POSITIVE, default=50,
                    help="largest steps a request may ask for (default: 50, at least the recommended steps)")
     p.add_argument("--max-size", type=_SIDE, default=None,
-                   help="largest image side in pixels, a multiple of 8 (default: twice the native size)")
+                   help="largest image width and height in pixels, a multiple of 8 (default: twice the native size)")
+    p.add_argument("--max-request-bytes", type=_POSITIVE, default=1 << 20,
+                   help="largest request body in bytes; a larger one gets 413 (default: 1048576)")
     p.add_argument("--device", default="auto",
                    help="torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
@@ -314,6 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_steps, default=None, help="default: the student's recommended steps, else 50")
     p.add_argument("--seed", type=_seed, default=0, help="the initial noise's seed (default: 0)")
     p.add_argument("--guidance", type=_guidance, default=None, help="default: the student's, else 7.5")
+    p.add_argument("--width", type=_SIDE, default=None, help="image width in pixels (default: the native size)")
+    p.add_argument("--height", type=_SIDE, default=None, help="image height in pixels (default: the native size)")
+    p.add_argument("--negative-prompt", default=None,
+                   help="what to guide away from (classifier-free guidance only; default: the empty prompt)")
+    p.add_argument("--eta", type=_number(float, 0.0, 1.0, what="in [0, 1]"), default=None,
+                   help="the scheduler's eta, for schedulers that take one (DDIM, TCD); default: the student's "
+                        "ddil_student.json eta, else 0")
     p.add_argument("--scheduler", choices=["auto", "student", "ddim"], default="auto",
                    help="auto (default): a student's own saved scheduler (the sampler it was trained with), a "
                         "teacher's DDIM; student: the folder's own scheduler; ddim: DDIM on the folder's config")

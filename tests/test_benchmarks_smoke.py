@@ -135,7 +135,8 @@ def test_scaling_launches_two_processes(tmp_path, bench_data):
 def test_serve_load_runs_the_real_server(tmp_path, bench_data):
     serve_load.main(["--quick", "--batch-sizes", "2", "--data", str(bench_data), "--out", str(tmp_path / "l.json")])
     data = _written(tmp_path / "l.json", "serve_load")
-    assert set(data["cases"]) == {"batch_2"}
+    assert set(data["cases"]) == {"batch_2_v1", "batch_2_openai"}  # both protocols, side by side
+    assert {case["protocol"] for case in data["cases"].values()} == {"v1", "openai"}
     for case in data["cases"].values():
         assert case["failed_requests"] == 0 and case["requests"] == 4 and case["server_exit_code"] == 0
         assert {"p50", "p95", "p99"} == set(case["latency_seconds"])

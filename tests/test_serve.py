@@ -3,9 +3,10 @@
 The student is distilled here (tiny://sd15 teacher, objective lcm: an LCMScheduler student with its own
 timesteps) and served from a real S3 server (moto, its own process). That S3 server is paused (SIGSTOP) while
 `ddil serve` starts, so the test sees the server live but the model not ready, then resumes it and sees the
-model become ready. Every image is checked against `ddil sample` (which samples a student with its own
-scheduler) for the same prompt, seed, steps and guidance; every bad request gets a 4xx naming its field, and the
-server answers the next good request.
+model become ready. Every image, over KServe v1 and v2 and over the OpenAI images API through the official `openai`
+client, is checked against `ddil sample` (which samples a student with its own scheduler) for the same prompt,
+seed, steps, guidance and size, square or not; every bad request gets a 4xx naming its field, and the server
+answers the next good request. The server listens on 127.0.0.1 only (`--host`).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from tests.serve_process import S3Process, ServeProcess, wait_for
 
 NAME = "student"
 MAX_BATCH = 4
+MAX_REQUEST_BYTES = 64 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,8 @@ def server(lcm_student, tmp_path_factory):
     s3 = S3Process(logs / "s3.log")
     uri = s3.upload_folder(lcm_student, "models", "ddil/lcm-student")
     s3.pause()
-    serve = ServeProcess(["--model", uri, "--name", NAME, "--max-batch-size", str(MAX_BATCH)], logs / "serve.log",
+    serve = ServeProcess(["--model", uri, "--name", NAME, "--max-batch-size", str(MAX_BATCH), "--host", "127.0.0.1",
+                          "--max-request-bytes", str(MAX_REQUEST_BYTES)], logs / "serve.log",
                          env=dict(s3.env, DDIL_CACHE=str(tmp_path_factory.mktemp("cache"))))
     try:
         serve.wait_live()
@@ -54,6 +57,8 @@ def server(lcm_student, tmp_path_factory):
             "v2 ready": httpx.get(f"{serve.url}/v2/models/{NAME}/ready").status_code,
             "v1 predict": httpx.post(f"{serve.url}/v1/models/{NAME}:predict", json={"instances": ["a digit"]},
                                      timeout=30).status_code,
+            "openai": httpx.post(f"{serve.url}/openai/v1/images/generations", json={"prompt": "a digit"},
+                                 timeout=30).status_code,
         }
         s3.resume()
         wait_for(f"{serve.url}/v2/models/{NAME}/ready", process=serve.process, log=serve.log)
@@ -78,11 +83,15 @@ def pixels(png: bytes) -> np.ndarray:
 
 def ddil_sample(student, tmp_path, prompt, seed, *extra) -> bytes:
     """The PNG of `ddil sample` with its defaults (a student samples with its own scheduler)."""
-    out = tmp_path / f"sample-{seed}-{len(extra)}.png"
+    out = tmp_path / f"sample-{seed}-{'_'.join(extra)}.png"
     code = main(["sample", "--model", str(student), "--prompt", prompt, "--seed", str(seed), "--out", str(out),
                  *extra])
     assert code == 0
     return out.read_bytes()
+
+
+def prompt_input(prompts, **kw):
+    return dict({"name": "prompt", "datatype": "BYTES", "shape": [len(prompts)], "data": prompts}, **kw)
 
 
 def good_request_succeeds(server) -> None:
@@ -96,7 +105,7 @@ def good_request_succeeds(server) -> None:
 
 
 def test_not_ready_until_the_student_is_loaded(server):
-    assert server.while_loading == {"v1 ready": 503, "v2 ready": 503, "v1 predict": 503}
+    assert server.while_loading == {"v1 ready": 503, "v2 ready": 503, "v1 predict": 503, "openai": 503}
     assert httpx.get(f"{server.url}/v1/models/{NAME}").json() == {"name": NAME, "ready": True}
     assert httpx.get(f"{server.url}/v2/models/{NAME}/ready").json() == {"name": NAME, "ready": True}
 
@@ -145,6 +154,118 @@ def test_size_option_gives_that_square_image(server, lcm_student):
     pipe = load_pipeline(str(lcm_student))
     [image] = student_images(pipe, read_student_info(lcm_student), ["a handwritten digit four"], [1], resolution=24)
     assert np.array_equal(served, pixels(png_bytes(image)))
+
+
+def test_non_square_images_over_v1_and_v2_equal_ddil_sample(server, lcm_student, tmp_path):
+    prompt = "a handwritten digit six"
+    expected = pixels(ddil_sample(lcm_student, tmp_path, prompt, 2, "--width", "24", "--height", "16"))
+    assert expected.shape == (16, 24, 3)  # rows are the height
+    response = v1(server, {"instances": [{"prompt": prompt, "seed": 2, "width": 24, "height": 16}]})
+    assert response.status_code == 200, response.text
+    [prediction] = response.json()["predictions"]
+    assert (prediction["width"], prediction["height"]) == (24, 16)
+    assert np.array_equal(pixels(base64.b64decode(prediction["image"]["b64"])), expected)
+    response = v2(server, {"inputs": [prompt_input([prompt]), {"name": "seed", "datatype": "INT64", "shape": [1],
+                                                               "data": [2]}],
+                           "parameters": {"width": 24, "height": 16}})
+    assert response.status_code == 200, response.text
+    outputs = {o["name"]: o for o in response.json()["outputs"]}
+    assert (outputs["width"]["data"], outputs["height"]["data"]) == ([24], [16])
+    assert np.array_equal(pixels(base64.b64decode(outputs["image"]["data"][0])), expected)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the OpenAI images API, through the official client
+
+
+def openai_client(server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server.url}/openai/v1", api_key="unused", timeout=120, max_retries=0)
+
+
+def test_openai_client_image_equals_ddil_sample(server, lcm_student, tmp_path):
+    prompt = "a handwritten digit seven"
+    result = openai_client(server).images.generate(
+        model=NAME, prompt=prompt, size="16x16", response_format="b64_json",
+        extra_body={"seed": 7, "num_inference_steps": 3, "guidance_scale": 2.0})
+    assert abs(result.created - time.time()) < 600
+    [image] = result.data
+    served = base64.b64decode(image.b64_json)
+    assert served == ddil_sample(lcm_student, tmp_path, prompt, 7, "--steps", "3", "--guidance", "2.0")
+
+
+def test_openai_client_non_square_size_equals_ddil_sample(server, lcm_student, tmp_path):
+    prompt = "a handwritten digit three"
+    [image] = openai_client(server).images.generate(prompt=prompt, size="16x32", extra_body={"seed": 4}).data
+    served = pixels(base64.b64decode(image.b64_json))  # b64_json is the default: the server keeps no files
+    assert served.shape == (32, 16, 3)  # "WIDTHxHEIGHT": 16 wide, 32 high
+    expected = ddil_sample(lcm_student, tmp_path, prompt, 4, "--width", "16", "--height", "32")
+    assert np.array_equal(served, pixels(expected))
+
+
+def test_openai_client_n_images_are_those_of_consecutive_seeds(server, lcm_student, tmp_path):
+    prompt = "a handwritten digit nine"
+    result = openai_client(server).images.generate(model=NAME, prompt=prompt, n=3, size="24x16",
+                                                   response_format="b64_json", extra_body={"seed": 10})
+    assert len(result.data) == 3
+    served = [pixels(base64.b64decode(image.b64_json)) for image in result.data]
+    for seed, got in zip((10, 11, 12), served):
+        expected = pixels(ddil_sample(lcm_student, tmp_path, prompt, seed, "--width", "24", "--height", "16"))
+        assert np.abs(got - expected).max() <= 1  # one batch of 3 against single images: summation order only
+    assert not np.array_equal(served[0], served[1])
+
+
+def test_openai_and_kserve_model_lists_both_answer(server):
+    [model] = openai_client(server).models.list().data
+    assert (model.id, model.object) == (NAME, "model")
+    assert openai_client(server).models.retrieve(NAME).id == NAME
+    assert httpx.get(f"{server.url}/v1/models").json() == {"models": [NAME]}  # KServe's v1 list, unchanged
+    root = httpx.post(f"{server.url}/v1/images/generations", json={"prompt": "a digit", "seed": 1}, timeout=120)
+    assert root.status_code == 200 and len(root.json()["data"]) == 1, root.text
+
+
+OPENAI_BAD = [
+    (dict(prompt="a digit", size="20x16"), "size"),
+    (dict(prompt="a digit", size="16x4096"), "size"),
+    (dict(prompt="a digit", size="big"), "size"),
+    (dict(prompt="a digit", n=MAX_BATCH + 1), "n"),
+    (dict(prompt="a digit", n=0), "n"),
+    (dict(prompt="a digit", response_format="url"), "response_format"),
+    (dict(prompt="x" * 5000), "prompt"),
+    (dict(prompt="a digit", extra_body={"num_inference_steps": 51}), "num_inference_steps"),
+    (dict(prompt="a digit", extra_body={"guidance_scale": 31}), "guidance_scale"),
+    (dict(prompt="a digit", extra_body={"seed": "seven"}), "seed"),
+    (dict(prompt="a digit", extra_body={"eta": 0.3}), "eta"),
+    (dict(prompt="a digit", extra_body={"negative_prompt": "blur"}), "negative_prompt"),
+    (dict(prompt="a digit", extra_body={"steps": 2}), "steps"),
+]
+
+
+@pytest.mark.parametrize("kwargs, param", OPENAI_BAD, ids=[f"openai-{i}-{p}" for i, (_, p) in enumerate(OPENAI_BAD)])
+def test_openai_bad_request_names_the_field(server, kwargs, param):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as info:
+        openai_client(server).images.generate(**kwargs)
+    error = info.value.body
+    assert error["param"] == param and error["message"].startswith(param + ":"), error
+    assert error["type"] == "invalid_request_error" and info.value.status_code == 400
+    good_request_succeeds(server)
+
+
+def test_openai_unknown_model_and_oversized_body(server):
+    import openai
+
+    with pytest.raises(openai.NotFoundError) as info:
+        openai_client(server).images.generate(model="dall-e-3", prompt="a digit")
+    assert info.value.body["code"] == "model_not_found" and info.value.body["param"] == "model"
+    big = httpx.post(f"{server.url}/openai/v1/images/generations", json={"prompt": "a" * MAX_REQUEST_BYTES},
+                     timeout=30)
+    assert big.status_code == 413 and "--max-request-bytes" in big.json()["error"]["message"], big.text
+    big = v1(server, {"instances": ["a" * MAX_REQUEST_BYTES]})
+    assert big.status_code == 413 and big.json()["error"].startswith("request body:"), big.text
+    good_request_succeeds(server)
 
 
 def metric(server, name: str, **labels) -> float:
@@ -211,7 +332,9 @@ V1_BAD = [
     ({"instances": [{"prompt": "a digit", "guidance": 31}]}, "instances[0].guidance"),
     ({"instances": [{"prompt": "a digit", "width": 20}]}, "instances[0].width"),
     ({"instances": [{"prompt": "a digit", "height": 4096}]}, "instances[0].height"),
-    ({"instances": [{"prompt": "a digit", "width": 16, "height": 24}]}, "instances[0].height"),
+    ({"instances": [{"prompt": "a digit", "width": 16, "height": 40}]}, "instances[0].height"),
+    ({"instances": [{"prompt": "a digit", "eta": 0.3}]}, "instances[0].eta"),  # LCMScheduler takes no eta
+    ({"instances": [{"prompt": "a digit", "negative_prompt": "blur"}]}, "instances[0].negative_prompt"),
     ({"instances": [{"prompt": "a digit", "stepz": 2}]}, "instances[0].stepz"),
     ({"instances": ["a digit"] * (MAX_BATCH + 1)}, "instances"),
     ({"instances": ["a digit"], "parameters": {"steps": "two"}}, "parameters.steps"),
@@ -226,10 +349,6 @@ def test_v1_bad_request_names_the_field(server, body, field):
     message = response.json()["error"]
     assert message.startswith(field + ":") or message.startswith(field + " "), message
     good_request_succeeds(server)
-
-
-def prompt_input(prompts, **kw):
-    return dict({"name": "prompt", "datatype": "BYTES", "shape": [len(prompts)], "data": prompts}, **kw)
 
 
 V2_BAD = [
@@ -273,6 +392,7 @@ def test_sigterm_stops_the_server_cleanly_and_client_errors_were_one_line_each(s
     assert server.stop() == 0
     log = server.log.read_text()
     assert "Shutting down" in log
+    assert f"Uvicorn running on http://127.0.0.1:{server.port}" in log  # --host: bound to this machine only
     assert "INFO kserve: ModelNotReady: " in log and "INFO kserve: InvalidInput: instances[0].steps: " in log
     assert "Traceback" not in log, "a bad request or a readiness probe is not a server error"
 

@@ -113,9 +113,37 @@ def test_batcher_waits_for_more_only_when_asked():
 def test_v1_defaults_parameters_and_per_instance_options():
     [a, b] = parse_v1({"instances": ["a digit", {"prompt": "a cat", "seed": 5, "steps": 4, "width": 24}],
                        "parameters": {"guidance": 3}}, LIMITS)
-    assert (a.prompt, a.seed, a.steps, a.guidance, a.size) == ("a digit", 0, 2, 3.0, 16)
-    assert (b.prompt, b.seed, b.steps, b.guidance, b.size) == ("a cat", 5, 4, 3.0, 24)
+    assert (a.prompt, a.seed, a.steps, a.guidance, a.width, a.height) == ("a digit", 0, 2, 3.0, 16, 16)
+    assert (b.prompt, b.seed, b.steps, b.guidance, b.width, b.height) == ("a cat", 5, 4, 3.0, 24, 24)  # one side
     assert a.batch_key != b.batch_key
+
+
+def test_non_square_sizes_never_share_a_batch():
+    [wide, tall, wide_again] = parse_v1({"instances": [{"prompt": "a", "width": 24, "height": 16},
+                                                       {"prompt": "b", "width": 16, "height": 24},
+                                                       {"prompt": "c", "width": 24, "height": 16, "seed": 3}]},
+                                        LIMITS)
+    assert (wide.width, wide.height, tall.width, tall.height) == (24, 16, 16, 24)
+    assert wide.batch_key != tall.batch_key and wide.batch_key == wide_again.batch_key
+
+
+def test_eta_and_negative_prompt_only_where_the_student_can_use_them():
+    tcd = Limits(max_batch_size=4, max_steps=50, native_size=16, max_size=32, default_steps=2,
+                 default_guidance=7.0, accepts_eta=True, default_eta=0.3)
+    [default, given] = parse_v1({"instances": ["a", {"prompt": "b", "eta": 0.7, "negative_prompt": "blur"}]}, tcd)
+    assert (default.eta, given.eta, given.negative_prompt) == (0.3, 0.7, "blur")
+    assert default.batch_key != given.batch_key
+    for body, limits, field in [
+        ({"instances": [{"prompt": "a", "eta": 0.5}]}, LIMITS, "instances[0].eta"),  # LCM-like: no eta
+        ({"instances": [{"prompt": "a", "eta": 1.5}]}, tcd, "instances[0].eta"),
+        ({"instances": ["a"], "parameters": {"negative_prompt": "blur", "guidance": 1.0}}, tcd,
+         "parameters.negative_prompt"),
+        ({"instances": [{"prompt": "a", "negative_prompt": "blur"}]},
+         Limits(4, 50, 16, 32, 2, 7.0, guidance_embedded=True), "instances[0].negative_prompt"),
+    ]:
+        with pytest.raises(BadRequest) as info:
+            parse_v1(body, limits)
+        assert str(info.value).startswith(field + ":"), info.value
 
 
 def v2_request(inputs, parameters=None):
@@ -136,7 +164,7 @@ def test_v2_tensors_broadcast_one_value_or_take_one_per_prompt():
 @pytest.mark.parametrize("inputs, parameters, field", [
     ([{"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["x"]},
       {"name": "width", "shape": [1], "datatype": "INT32", "data": [16]},
-      {"name": "height", "shape": [1], "datatype": "INT32", "data": [24]}], None, "inputs[height][0]"),
+      {"name": "height", "shape": [1], "datatype": "INT32", "data": [44]}], None, "inputs[height][0]"),
     ([{"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["x"]}], {"seed": 2**63}, "parameters.seed"),
     ([{"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["x" * 5000]}], None, "inputs[prompt][0]"),
     ([{"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["x"]},
@@ -155,6 +183,82 @@ def test_limits_reject_impossible_settings():
         Limits(max_batch_size=0, max_steps=50, native_size=16, max_size=32, default_steps=2, default_guidance=7.0)
     with pytest.raises(ValueError, match="max size"):
         Limits(max_batch_size=1, max_steps=50, native_size=16, max_size=20, default_steps=2, default_guidance=7.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the OpenAI images API (over HTTP with the official client: tests/test_serve.py)
+
+
+def test_openai_request_n_images_take_consecutive_seeds_and_the_size_is_width_x_height():
+    from ddil_core.serving.openai_api import parse_images_request
+
+    instances = parse_images_request({"prompt": "a cat", "n": 3, "size": "24x16", "seed": 5,
+                                      "num_inference_steps": 4, "guidance_scale": 1.5, "model": "m",
+                                      "response_format": "b64_json"}, LIMITS, "m")
+    assert [(i.seed, i.width, i.height, i.steps, i.guidance) for i in instances] == [
+        (5, 24, 16, 4, 1.5), (6, 24, 16, 4, 1.5), (7, 24, 16, 4, 1.5)]
+    [default] = parse_images_request({"prompt": "a cat"}, LIMITS, "m")
+    assert (default.seed, default.width, default.height, default.steps) == (0, 16, 16, 2)
+
+
+@pytest.mark.parametrize("body, param, status", [
+    ({}, "prompt", 400),
+    ({"prompt": ""}, "prompt", 400),
+    ({"prompt": "x" * 5000}, "prompt", 400),
+    ({"prompt": "a", "n": 0}, "n", 400),
+    ({"prompt": "a", "n": 5}, "n", 400),  # over --max-batch-size (4 here)
+    ({"prompt": "a", "n": "two"}, "n", 400),
+    ({"prompt": "a", "size": "16"}, "size", 400),
+    ({"prompt": "a", "size": "20x16"}, "size", 400),  # not a multiple of 8
+    ({"prompt": "a", "size": "16x40"}, "size", 400),  # over --max-size (32 here)
+    ({"prompt": "a", "num_inference_steps": 51}, "num_inference_steps", 400),
+    ({"prompt": "a", "guidance_scale": "high"}, "guidance_scale", 400),
+    ({"prompt": "a", "seed": -1}, "seed", 400),
+    ({"prompt": "a", "seed": 1.5}, "seed", 400),
+    ({"prompt": "a", "eta": 0.3}, "eta", 400),  # this student's scheduler takes none
+    ({"prompt": "a", "response_format": "url"}, "response_format", 400),
+    ({"prompt": "a", "response_format": "jpeg"}, "response_format", 400),
+    ({"prompt": "a", "quality": "hd"}, "quality", 400),
+    ({"prompt": "a", "steps": 2}, "steps", 400),  # a typo is named, not ignored
+    ({"prompt": "a", "model": "dall-e-3"}, "model", 404),
+])
+def test_openai_bad_fields_are_named_in_openai_error_shape(body, param, status):
+    from ddil_core.serving.openai_api import OpenAIError, parse_images_request
+
+    with pytest.raises(OpenAIError) as info:
+        parse_images_request(body, LIMITS, "m")
+    error = info.value.body()["error"]
+    assert (info.value.status, error["param"]) == (status, param), error
+    assert error["message"].startswith(param + ":") and error["type"] == "invalid_request_error"
+    assert error["code"] == ("model_not_found" if status == 404 else None)
+
+
+def test_request_size_limit_answers_413_and_411_before_the_route_reads_the_body():
+    from fastapi import FastAPI
+    from starlette.responses import JSONResponse
+    from starlette.testclient import TestClient
+
+    from ddil_core.serving.openai_api import RequestSizeLimit
+
+    app = FastAPI()
+    seen = []
+
+    async def echo(request):
+        seen.append(len(await request.body()))
+        return JSONResponse({"ok": True})
+
+    app.add_route("/v1/models/m:predict", echo, methods=["POST"])
+    app.add_route("/openai/v1/images/generations", echo, methods=["POST"])
+    app.add_middleware(RequestSizeLimit, max_bytes=100)
+    client = TestClient(app)
+    assert client.post("/v1/models/m:predict", content=b"x" * 100).status_code == 200
+    too_big = client.post("/v1/models/m:predict", content=b"x" * 101)
+    assert too_big.status_code == 413 and too_big.json()["error"].startswith("request body: 101 bytes")
+    openai = client.post("/openai/v1/images/generations", content=b"x" * 101)
+    assert openai.status_code == 413 and "--max-request-bytes" in openai.json()["error"]["message"]
+    chunked = client.post("/v1/models/m:predict", content=iter([b"x"] * 3))
+    assert chunked.status_code == 411 and "Content-Length" in chunked.json()["error"]
+    assert seen == [100]  # the refused bodies never reached the route
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -234,7 +338,8 @@ def test_every_serve_option_has_help():
     parser = build_parser()
     serve = parser._subparsers._group_actions[0].choices["serve"]
     options = [a for a in serve._actions if a.option_strings and a.dest != "help"]
-    assert {a.option_strings[0] for a in options} >= {"--model", "--http-port", "--max-batch-size", "--name"}
+    assert {a.option_strings[0] for a in options} >= {"--model", "--host", "--http-port", "--max-batch-size", "--name",
+                                                      "--max-request-bytes"}
     for action in options:
         assert action.help and len(action.help) > 10, action.option_strings
     assert "registry://NAME/VERSION" in serve.format_help()
@@ -249,7 +354,7 @@ def test_serve_rejects_a_bad_model_with_exit_2_and_one_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flag, value", [("--max-size", "20"), ("--max-batch-size", "0"), ("--http-port", "99999"),
-                                         ("--batch-wait-ms", "-1")])
+                                         ("--batch-wait-ms", "-1"), ("--max-request-bytes", "0")])
 def test_serve_rejects_bad_flags(flag, value, capsys):
     from ddil_core.cli import main
 

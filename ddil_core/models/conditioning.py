@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -39,9 +39,13 @@ def _warn_truncated(tokenizer, lengths: list[int], labels: Optional[list[str]]) 
                         f"{labels[i]}: caption" if labels else "a caption", n, tokenizer.model_max_length)
 
 
+Size = Union[int, tuple[int, int]]  # an image side, or (height, width)
+
+
 @torch.no_grad()
-def encode_prompts(pipe, prompts: list[str], resolution: int, names: Optional[list[str]] = None) -> Cond:
+def encode_prompts(pipe, prompts: list[str], resolution: Size, names: Optional[list[str]] = None) -> Cond:
     """The conditional embeddings of `prompts` (StableDiffusionPipeline / StableDiffusionXLPipeline.encode_prompt).
+    `resolution`: the image's side or (height, width), SDXL's size conditioning (original and target size).
 
     Each distinct prompt is encoded once and its embedding repeated: the captions of class-labelled data and the
     images per prompt of evaluation repeat, and the text encoders then cost one pass per distinct prompt.
@@ -61,7 +65,7 @@ def encode_prompts(pipe, prompts: list[str], resolution: int, names: Optional[li
     return index_cond(cond, torch.tensor(index, device=next(iter(cond.values())).device))
 
 
-def _encode_distinct(pipe, prompts: list[str], resolution: int, labels: Optional[list[str]]) -> Cond:
+def _encode_distinct(pipe, prompts: list[str], resolution: Size, labels: Optional[list[str]]) -> Cond:
     device = placement(pipe.unet)[0]
     if getattr(pipe, "text_encoder_2", None) is None:
         enc = pipe.text_encoder
@@ -80,17 +84,20 @@ def _encode_distinct(pipe, prompts: list[str], resolution: int, labels: Optional
         if out[0].ndim == 2:
             pooled = out[0]  # the pooled projection of the second encoder
         hidden.append(out.hidden_states[-2])  # SDXL uses the penultimate layer
-    h = resolution
-    time_ids = torch.tensor([[h, h, 0, 0, h, h]], dtype=pooled.dtype, device=device).repeat(len(prompts), 1)
+    # diffusers' add_time_ids: original_size + crops_coords_top_left + target_size, each (height, width)
+    h, w = (resolution, resolution) if isinstance(resolution, int) else resolution
+    time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=pooled.dtype, device=device).repeat(len(prompts), 1)
     return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled, "time_ids": time_ids}
 
 
 @torch.no_grad()
-def encode_unconditional(pipe, resolution: int) -> Cond:
-    """The embedding of the empty prompt used for classifier-free guidance, batch 1. SDXL pipelines with
-    force_zeros_for_empty_prompt (the default) use zeros, as diffusers does."""
-    cond = encode_prompts(pipe, [""], resolution)
-    if getattr(pipe, "text_encoder_2", None) is not None and pipe.config.get("force_zeros_for_empty_prompt", True):
+def encode_unconditional(pipe, resolution: Size, negative_prompt: Optional[str] = None) -> Cond:
+    """The embedding of the negative prompt (None: the empty prompt) used for classifier-free guidance, batch 1.
+    SDXL pipelines with force_zeros_for_empty_prompt (the default) use zeros when no negative prompt is given, as
+    diffusers does."""
+    cond = encode_prompts(pipe, [negative_prompt or ""], resolution)
+    if (negative_prompt is None and getattr(pipe, "text_encoder_2", None) is not None
+            and pipe.config.get("force_zeros_for_empty_prompt", True)):
         cond = {k: (v if k == "time_ids" else torch.zeros_like(v)) for k, v in cond.items()}
     return cond
 

@@ -4,6 +4,8 @@
 - generate.py   the images: the same sampler, steps, guidance and seeds as `ddil sample`
 - protocol.py   KServe v1 (`/v1/models/NAME:predict`) and v2 open inference (`/v2/models/NAME/infer`) requests,
                 validated against the limits (a bad field is an HTTP 400 naming it), and PNG (base64) responses
+- openai_api.py the OpenAI images API (`/openai/v1/images/generations`, `/openai/v1/models`) on the same server,
+                errors in OpenAI's shape naming the field, and the request-body cap (413)
 - batcher.py    request batching: instances of concurrent requests with the same settings run as one batch
 - predictor.py  the kserve.Model and `serve()`: the server listens at once, readiness turns true when loaded
 

@@ -1,4 +1,5 @@
-"""Request batching: the images of concurrent requests that share steps, guidance and size run as one batch.
+"""Request batching: the images of concurrent requests that share their settings (steps, guidance, width, height,
+negative prompt, eta: Instance.batch_key) run as one batch; different sizes never share one.
 
 Requests queue their instances; one worker takes the oldest waiting instance and every other waiting instance
 with the same settings, up to `max_batch_size`, and generates them together on one thread (the model runs one

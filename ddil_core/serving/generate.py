@@ -4,11 +4,13 @@ One function on top of ddil_core/stages/sample.py's `generate`, with the argumen
 student's recommended steps and guidance from its ddil_student.json when a request gives none, and the scheduler
 `student_sampling` picks (a student's own saved scheduler, stepped as diffusers steps it; a folder without
 ddil_student.json, a teacher, with DDIM). A served image therefore equals the PNG of
-`ddil sample --model STUDENT --prompt P --seed S [--steps N] [--guidance W]` for the same arguments
+`ddil sample --model STUDENT --prompt P --seed S [--steps N] [--guidance W] [--width X --height Y]
+[--negative-prompt N] [--eta E]` for the same arguments
 (tests/test_serve.py checks it byte for byte).
 """
 from __future__ import annotations
 
+import inspect
 import io
 from typing import Optional
 
@@ -34,17 +36,27 @@ def check_student(pipe, info: Optional[dict], where: str) -> None:
     check_trained_grid(sampling_scheduler(pipe, kind), default_steps(info), trained, where)
 
 
+def accepts_eta(pipe, info: Optional[dict]) -> bool:
+    """Whether the scheduler the student samples with takes an eta (DDIM, TCD: yes; LCM: no)."""
+    kind, _ = student_sampling(pipe, info)
+    return "eta" in inspect.signature(sampling_scheduler(pipe, kind).step).parameters
+
+
 def student_images(pipe, info: Optional[dict], prompts: list[str], seeds: list[int], steps: Optional[int] = None,
-                   guidance_scale: Optional[float] = None, resolution: Optional[int] = None) -> torch.Tensor:
-    """Images [B, 3, H, W] in [0, 1], one CPU generator per seed (as `ddil sample`), square of side `resolution`
-    (None: the pipeline's native size). `info`: ddil_student.json, None for a folder without one."""
+                   guidance_scale: Optional[float] = None, resolution: Optional[int] = None, *,
+                   height: Optional[int] = None, width: Optional[int] = None, negative_prompt: Optional[str] = None,
+                   eta: Optional[float] = None) -> torch.Tensor:
+    """Images [B, 3, H, W] in [0, 1], one CPU generator per seed (as `ddil sample`), `height` x `width` (each
+    defaults to `resolution`, else the pipeline's native size). `info`: ddil_student.json, None for a folder
+    without one; eta defaults to its "eta", else the pipeline's (0)."""
     steps = default_steps(info) if steps is None else int(steps)
     guidance_scale = default_guidance(info) if guidance_scale is None else float(guidance_scale)
     kind, _ = student_sampling(pipe, info)
     scheduler = sampling_scheduler(pipe, kind)  # a fresh one per batch: set_timesteps keeps state in it
     with torch.no_grad():
         return generate(pipe, list(prompts), list(seeds), steps, guidance_scale, scheduler, resolution=resolution,
-                        eta=student_eta(info, kind))
+                        height=height, width=width, negative_prompt=negative_prompt,
+                        eta=student_eta(info, kind) if eta is None else eta)
 
 
 def png_bytes(image: torch.Tensor) -> bytes:

@@ -3,7 +3,7 @@
 v1 `POST /v1/models/NAME:predict`:
 
     {"instances": ["a handwritten digit seven", {"prompt": "...", "seed": 3, "steps": 4, "guidance": 2.0,
-                   "width": 512, "height": 512}, ...],
+                   "width": 768, "height": 512, "negative_prompt": "...", "eta": 0.3}, ...],
      "parameters": {"steps": 4, ...}}                              # optional defaults for every instance
     -> {"predictions": [{"image": {"b64": PNG}, "seed": 3, "steps": 4, "guidance": 2.0, "width": 512,
                          "height": 512}, ...]}
@@ -12,12 +12,14 @@ v2 `POST /v2/models/NAME/infer` (https://github.com/kserve/open-inference-protoc
 
     {"inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [2], "data": ["...", "..."]},
                 {"name": "seed", "datatype": "INT64", "shape": [2], "data": [0, 1]}],      # optional
-     "parameters": {"steps": 4, "guidance": 2.0, "width": 512, "height": 512}}             # optional
+     "parameters": {"steps": 4, "guidance": 2.0, "width": 768, "height": 512}}             # optional
     -> {"outputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": [PNG base64, ...]},
-                    {"name": "seed", "datatype": "INT64", "shape": [2], "data": [0, 1]}], ...}
+                    {"name": "seed", "datatype": "INT64", "shape": [2], "data": [0, 1]}, ...
+                    {"name": "width", ...}, {"name": "height", ...}], ...}
 
 In v2 every option may also be an input tensor (one value, or one per prompt). Defaults: seed 0 (as
-`ddil sample`), the student's recommended steps and guidance (ddil_student.json), its native size. Any field that
+`ddil sample`), the student's recommended steps, guidance and eta (ddil_student.json), its native size (one of
+width and height alone: a square of that side). Any field that
 is missing, of the wrong type or out of the limits raises BadRequest naming it: the server answers HTTP 400 and
 keeps serving. The (B)ase64 PNG is the binary convention of KServe v1 ({"b64": ...}) and of JSON BYTES tensors.
 """
@@ -28,7 +30,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-OPTIONS = ("seed", "steps", "guidance", "width", "height")
+OPTIONS = ("seed", "steps", "guidance", "width", "height", "negative_prompt", "eta")
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit seed
 MAX_PROMPT_CHARS = 4096
 SIZE_MULTIPLE = 8  # diffusers' pipelines require height and width divisible by 8 (check_inputs)
@@ -50,6 +52,9 @@ class Limits:
     default_guidance: float
     max_guidance: float = 30.0
     min_size: int = SIZE_MULTIPLE
+    accepts_eta: bool = False  # the student's scheduler takes an eta (DDIM, TCD)
+    default_eta: Optional[float] = None  # ddil_student.json's "eta"; None: the pipeline's default
+    guidance_embedded: bool = False  # guidance as a UNet embedding (LCM): no unconditional pass to steer
 
     def __post_init__(self):
         if self.max_batch_size < 1:
@@ -69,12 +74,15 @@ class Instance:
     seed: int
     steps: int
     guidance: float
-    size: int  # square side in pixels
+    width: int  # pixels
+    height: int
+    negative_prompt: Optional[str] = None  # None: the pipeline's (the empty prompt)
+    eta: Optional[float] = None  # None: the pipeline's default
 
     @property
     def batch_key(self) -> tuple:
-        """Instances with the same key can be generated in one batch."""
-        return (self.steps, self.guidance, self.size)
+        """Instances with the same key can be generated in one batch (one size, one negative embedding)."""
+        return (self.steps, self.guidance, self.width, self.height, self.negative_prompt, self.eta)
 
 
 def _integer(field: str, value: Any) -> int:
@@ -133,10 +141,22 @@ def make_instance(prompt: Any, options: dict, limits: Limits) -> Instance:
         raise BadRequest(f"guidance: {guidance} is outside [0, {limits.max_guidance}]")
     width = None if options.get("width") is None else _size("width", options["width"], limits)
     height = None if options.get("height") is None else _size("height", options["height"], limits)
-    if width is not None and height is not None and width != height:
-        raise BadRequest(f"height: {height} differs from width {width}; the sampler makes square images")
-    size = width or height or limits.native_size
-    return Instance(prompt, seed, steps, guidance, size)
+    width, height = width or height or limits.native_size, height or width or limits.native_size
+    negative = options.get("negative_prompt")
+    if negative is not None and negative != "":
+        negative = _prompt("negative_prompt", negative)
+        if limits.guidance_embedded or guidance <= 1.0:  # diffusers would ignore it silently
+            raise BadRequest("negative_prompt: has no effect on this student "
+                             + ("(its guidance is an embedding, not classifier-free guidance)"
+                                if limits.guidance_embedded else f"at guidance {guidance} (<= 1: no guidance)"))
+    eta = limits.default_eta
+    if options.get("eta") is not None:
+        eta = _number("eta", options["eta"])
+        if not limits.accepts_eta:
+            raise BadRequest("eta: this student's scheduler takes no eta")
+        if not 0.0 <= eta <= 1.0:
+            raise BadRequest(f"eta: {eta} is outside [0, 1]")
+    return Instance(prompt, seed, steps, guidance, width, height, negative, eta)
 
 
 def _check_count(field: str, count: int, limits: Limits) -> None:
@@ -198,7 +218,7 @@ def parse_v1(body: Any, limits: Limits) -> list[Instance]:
 def v1_response(instances: list[Instance], pngs: list[bytes]) -> dict:
     return {"predictions": [
         {"image": {"b64": base64.b64encode(png).decode("ascii")}, "seed": inst.seed, "steps": inst.steps,
-         "guidance": inst.guidance, "width": inst.size, "height": inst.size}
+         "guidance": inst.guidance, "width": inst.width, "height": inst.height}
         for inst, png in zip(instances, pngs)]}
 
 
@@ -247,7 +267,8 @@ def parse_v2(request, limits: Limits) -> list[Instance]:
     columns = {}
     for name in OPTIONS:
         if name in inputs:
-            allowed = _V2_NUMBER if name == "guidance" else _V2_INTEGER
+            allowed = ({"BYTES"} if name == "negative_prompt" else _V2_NUMBER if name in ("guidance", "eta")
+                       else _V2_INTEGER)
             if inputs[name].datatype not in allowed:
                 raise BadRequest(f"inputs[{name}]: datatype {inputs[name].datatype}, expected one of "
                                  f"{', '.join(sorted(allowed))}")
@@ -276,6 +297,7 @@ def v2_response(request, model_name: str, instances: list[Instance], pngs: list[
         InferOutput("seed", [n], "INT64", [inst.seed for inst in instances]),
         InferOutput("steps", [n], "INT64", [inst.steps for inst in instances]),
         InferOutput("guidance", [n], "FP64", [inst.guidance for inst in instances]),
-        InferOutput("size", [n], "INT64", [inst.size for inst in instances]),
+        InferOutput("width", [n], "INT64", [inst.width for inst in instances]),
+        InferOutput("height", [n], "INT64", [inst.height for inst in instances]),
     ]
     return InferResponse(response_id=request.id or "", model_name=model_name, infer_outputs=outputs)

@@ -44,9 +44,11 @@ def sampling_scheduler(pipe, kind: str = "own"):
 
 
 def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float, scheduler="own",
-             resolution: Optional[int] = None, eta: float = 0.0) -> torch.Tensor:
+             resolution: Optional[int] = None, *, height: Optional[int] = None, width: Optional[int] = None,
+             negative_prompt: Optional[str] = None, eta: Optional[float] = None) -> torch.Tensor:
     """Images [B, 3, H, W] in [0, 1], one CPU generator per seed, as a diffusers pipeline called with
-    `generator=[torch.Generator().manual_seed(s) for s in seeds]`.
+    `generator=[torch.Generator().manual_seed(s) for s in seeds]`, `height`, `width` (each defaults to
+    `resolution`, else the native side), `negative_prompt` and `eta`.
 
     `scheduler` (a diffusers scheduler, or "own" / "ddim" for sampling_scheduler) is stepped as the pipelines step it:
     its thresholding or clipping, its timesteps and its noise draws are diffusers' own. Classifier-free guidance in one
@@ -55,23 +57,29 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance_sc
     pipelines pass their `eta` (DDIM's eta; TCD's gamma, which a TDD student's ddil_student.json gives).
     """
     scheduler = sampling_scheduler(pipe, scheduler) if isinstance(scheduler, str) else scheduler
-    res = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    side = res // pipe.vae_scale_factor
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = (height or resolution or native, width or resolution or native)  # (height, width), as diffusers orders
+    latent = (size[0] // pipe.vae_scale_factor, size[1] // pipe.vae_scale_factor)
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    noise = torch.stack([torch.randn((pipe.unet.config.in_channels, side, side), generator=g) for g in generators])
+    noise = torch.stack([torch.randn((pipe.unet.config.in_channels, *latent), generator=g) for g in generators])
     device, dtype = placement(pipe.unet)
-    cond = encode_prompts(pipe, prompts, res)
+    cond = encode_prompts(pipe, prompts, size)
     w_dim = pipe.unet.config.time_cond_proj_dim
     timestep_cond = None
     if w_dim is not None:
         timestep_cond = guidance_scale_embedding(torch.full((len(prompts),), guidance_scale - 1.0), w_dim).to(device,
                                                                                                                 dtype)
     guided = guidance_scale > 1.0 and w_dim is None
-    uncond = encode_unconditional(pipe, res) if guided else None
+    uncond = encode_unconditional(pipe, size, negative_prompt) if guided else None
     denoiser = Denoiser(pipe.unet, NoiseSchedule.from_config(dict(scheduler.config)))
     scheduler.set_timesteps(steps)
     accepts = set(inspect.signature(scheduler.step).parameters)
-    step_kwargs = {k: v for k, v in (("eta", eta), ("generator", generators)) if k in accepts}
+    # eta: 0.0 is what StableDiffusionPipeline passes to any scheduler that takes one (DDIM: deterministic); a
+    # scheduler without it (LCM) must not be given one
+    if eta is not None and eta != 0.0 and "eta" not in accepts:
+        raise ValueError(f"eta: {type(scheduler).__name__} takes no eta")
+    step_kwargs = {k: v for k, v in (("eta", 0.0 if eta is None else float(eta)), ("generator", generators))
+                   if k in accepts}
     x = noise.to(device, dtype) * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         x_in = scheduler.scale_model_input(x, t)
@@ -91,10 +99,12 @@ def student_sampling(pipe, info: Optional[dict], scheduler: str = "auto") -> tup
     return "own", (info or {}).get("timesteps")
 
 
-def student_eta(info: Optional[dict], kind: str) -> float:
+def student_eta(info: Optional[dict], kind: str = "own") -> Optional[float]:
     """The `eta` a student's own scheduler is stepped with: ddil_student.json's (a TDD student's TCD gamma; the
-    pipelines pass 0.0 unless told), 0 for DDIM and for folders without one."""
-    return float((info or {}).get("eta", 0.0)) if kind == "own" else 0.0
+    pipelines pass 0.0 unless told); None (the pipeline's 0.0) for DDIM and for folders without one."""
+    if kind != "own" or not info or info.get("eta") is None:
+        return None
+    return float(info["eta"])
 
 
 def check_trained_grid(scheduler, steps: int, expected: Optional[list[int]], where: str) -> None:
@@ -116,9 +126,14 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 
 
 def sample(model: str, prompt: str, steps: Optional[int], seed: int, out: str | Path,
-           guidance_scale: Optional[float] = None, scheduler: str = "auto", allow_pickle: bool = False) -> Path:
+           guidance_scale: Optional[float] = None, scheduler: str = "auto", allow_pickle: bool = False,
+           width: Optional[int] = None, height: Optional[int] = None, negative_prompt: Optional[str] = None,
+           eta: Optional[float] = None) -> Path:
     if steps is not None and steps < 1:
         raise ValueError(f"--steps {steps} must be at least 1")
+    for flag, side in (("--width", width), ("--height", height)):
+        if side is not None and (side < 8 or side % 8):
+            raise ValueError(f"{flag} {side} must be a positive multiple of 8")
     if guidance_scale is not None and not math.isfinite(guidance_scale):
         raise ValueError(f"--guidance {guidance_scale} must be a finite number")
     pipe = load_pipeline(model, allow_pickle=allow_pickle)
@@ -130,9 +145,10 @@ def sample(model: str, prompt: str, steps: Optional[int], seed: int, out: str | 
     kind, trained = student_sampling(pipe, info, scheduler)
     sched = sampling_scheduler(pipe, kind)
     check_trained_grid(sched, steps, trained, model)
-    eta = student_eta(info, kind)
+    eta = student_eta(info, kind) if eta is None else eta
     with torch.no_grad():
-        image = generate(pipe, [prompt], [seed], steps, guidance_scale, sched, eta=eta)[0]
+        image = generate(pipe, [prompt], [seed], steps, guidance_scale, sched, height=height, width=width,
+                         negative_prompt=negative_prompt, eta=eta)[0]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

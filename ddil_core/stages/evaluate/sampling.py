@@ -154,7 +154,8 @@ def sample_run(pipe, key: str, family: str, steps: int, guidance: float, info: O
     seeds = [s for _ in setup.prompts for s in setup.seeds]
     rows = min(GRID_MAX_ROWS, len(setup.prompts))
     keep, bs = rows * len(setup.seeds), setup.batch_size
-    eta = run.eta = student_eta(info, sampling)  # a TDD student's TCD gamma
+    eta = student_eta(info, sampling)  # a TDD student's TCD gamma; None: the pipelines' 0.0
+    run.eta = eta or 0.0
     if eta:
         run.scheduler["sampler"] += f", eta {eta:g}"
     generate(pipe, prompts[:bs], seeds[:bs], 1, guidance, sampling, setup.resolution, eta=eta)
