@@ -33,7 +33,7 @@ from ddil_core.stages.distill import distill
 from ddil_core.data.digits import prompt_class
 from ddil_core.stages.evaluate.inputs import adherence, reference_features
 from ddil_core.stages.evaluate.results import model_metrics
-from ddil_core.stages.sample import generate
+from ddil_core.models.sampling import generate
 from ddil_core.stages.teacher_rollouts import teacher_rollouts
 
 OBJECTIVES = ("pd", "lcm", "dmd2", "tdd")

@@ -48,7 +48,7 @@ def main(argv=None) -> dict:
     from ddil_core.models.conditioning import encode_prompts, encode_unconditional
     from ddil_core.models.latents import decode_latents
     from ddil_core.models.pipeline_io import load_pipeline
-    from ddil_core.stages.sample import generate
+    from ddil_core.models.sampling import generate
 
     pipe = load_pipeline(args.teacher)
     prompts = [f"a handwritten digit {DIGITS[i % 10]}" for i in range(args.batch)]

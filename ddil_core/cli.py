@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=_SIDE, default=None, help="image height in pixels (default: the native size)")
     p.add_argument("--negative-prompt", default=None,
                    help="what to guide away from (classifier-free guidance only; default: the empty prompt)")
-    p.add_argument("--eta", type=_number(float, 0.0, 1.0, what="in [0, 1]"), default=None,
+    p.add_argument("--eta", type=_number(float, RANGES["objective.tdd.eta"]), default=None,
                    help="the scheduler's eta, for schedulers that take one (DDIM, TCD); default: the student's "
                         "ddil_student.json eta, else 0")
     p.add_argument("--scheduler", choices=["auto", "student", "ddim"], default="auto",

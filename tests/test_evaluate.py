@@ -127,7 +127,7 @@ def test_nfe_counts_guidance_and_speedup(evaluated):
 def test_adherence_is_the_classifier_accuracy_on_the_prompted_digit(evaluated, demo):
     from ddil_core.metrics.extractors import load_extractor
     from ddil_core.models.pipeline_io import load_pipeline
-    from ddil_core.stages.sample import generate
+    from ddil_core.models.sampling import generate
 
     _, m = evaluated
     pipe = load_pipeline(str(demo / "student"))

@@ -14,7 +14,7 @@ from ddil_core.method.objectives.dmd2 import distribution_matching_grad, distrib
 from ddil_core.method.objectives.lcm import LatentConsistencyDistillation, add_guidance_conditioning, pseudo_huber
 from ddil_core.models.tiny import tiny_unet
 from ddil_core.stages.distill import distill
-from ddil_core.stages.sample import generate
+from ddil_core.models.sampling import generate
 from tests.conftest import tiny_config
 
 SCHED = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "epsilon"}

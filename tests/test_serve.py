@@ -145,7 +145,7 @@ def test_v2_batch_equals_ddil_sample_per_image(server, lcm_student, tmp_path):
 
 def test_size_option_gives_that_square_image(server, lcm_student):
     from ddil_core.models.pipeline_io import load_pipeline, read_student_info
-    from ddil_core.serving.generate import png_bytes, student_images
+    from ddil_core.models.sampling import png_bytes, student_images
 
     response = v1(server, {"instances": [{"prompt": "a handwritten digit four", "seed": 1, "width": 24}]})
     assert response.status_code == 200, response.text

@@ -205,7 +205,7 @@ def test_tdd_card_snippet_passes_eta_and_guidance_changes_the_image(tmp_path, da
     import re
 
     from ddil_core.registry import render_model_card
-    from ddil_core.stages.sample import generate
+    from ddil_core.models.sampling import generate
 
     latents, rollouts = data8["sd15"]
     config = tiny_config("sd15", *TRAIN, *OBJECTIVES["tdd"])

@@ -215,7 +215,7 @@ def test_lora_tdd_distills_and_reloads_in_plain_diffusers(tmp_path, tiny_data, f
     from diffusers import DiffusionPipeline
 
     from ddil_core.stages.distill import distill
-    from ddil_core.stages.sample import generate
+    from ddil_core.models.sampling import generate
 
     latents, rollouts = tiny_data[family]
     baseline = [] if ddil else ["ddil.priors.forward=1", "ddil.priors.teacher=0", "ddil.priors.student=0"]

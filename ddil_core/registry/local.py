@@ -82,7 +82,7 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def check_student(student_dir: str) -> None:
+def check_student_folder(student_dir: str) -> None:
     """A local student must be a diffusers pipeline folder (model_index.json at its root)."""
     if is_remote(student_dir):
         return
@@ -202,7 +202,7 @@ class LocalRegistry:
                 "starting with a letter or digit"
             )
         student_dir = os.fspath(student_dir)
-        check_student(student_dir)
+        check_student_folder(student_dir)
         remote = is_remote(student_dir)
         extra = dict(extra or {})
         gates = extra.pop("gates", [])

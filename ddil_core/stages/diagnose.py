@@ -53,7 +53,7 @@ def measure(config: Config, student_pipe, info: Optional[dict], teacher_pipe, pr
             extractor=None, num_noises: Optional[int] = None) -> dict:
     """The covariate-shift summary of a loaded student against a loaded teacher (JSON-ready), with per-noise
     values under "samples"."""
-    from ddil_core.stages.sample import sampling_scheduler, student_sampling
+    from ddil_core.models.sampling import sampling_scheduler, student_sampling
 
     d = config.diagnose
     m = int(num_noises or d.num_noises)

@@ -41,7 +41,7 @@ from ddil_core.models.classifier import train_digit_classifier
 from ddil_core.models.tiny import tiny_scheduler
 from ddil_core.progress import Progress
 from ddil_core.stages.common import write_resolved_config
-from ddil_core.stages.sample import generate
+from ddil_core.models.sampling import generate
 
 log = logging.getLogger(__name__)
 SUMMARY = "summary.json"

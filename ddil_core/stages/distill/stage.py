@@ -211,7 +211,7 @@ def _train_and_publish(config, objective, trainer, teacher, cache, buffer, out: 
     sharded = "student" in trainer.sharded
     full = trainer.full_state("student") if sharded else None  # gathered from the shards, on every rank
     if sharded:  # every rank checks: the student's own sampler gathers its shards as it runs
-        check_student(objective.trainable()["student"], trainer, out, objective, cache, list(full.values()))
+        check_trained_student(objective.trainable()["student"], trainer, out, objective, cache, list(full.values()))
     if not trainer.is_main:
         trainer.accelerator.wait_for_everyone()
         return out / "student"
@@ -222,7 +222,7 @@ def _train_and_publish(config, objective, trainer, teacher, cache, buffer, out: 
     if trainer.ema is not None:
         trainer.ema.copy_to(student)
     if not sharded:
-        check_student(student, trainer, out, objective, cache)
+        check_trained_student(student, trainer, out, objective, cache)
     lora = config.training.lora
     info = {**objective.student_info(), "teacher": config.model.teacher, "teacher_unet": teacher.unet_id(),
             "teacher_family": teacher.family, "steps_trained": trainer.step,
@@ -243,7 +243,7 @@ def _train_and_publish(config, objective, trainer, teacher, cache, buffer, out: 
     return out / "student"
 
 
-def check_student(student: torch.nn.Module, trainer: Trainer, out: Path, objective, cache,
+def check_trained_student(student: torch.nn.Module, trainer: Trainer, out: Path, objective, cache,
                   tensors: Optional[list] = None) -> None:
     """Never publish a broken student: at least one update applied to it, every weight finite,
     and its own sampler, run on two cached prompts from fixed noise, ends in finite latents. `tensors`: the weights

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from ddil_core.metrics.extractors import Extractor
 from ddil_core.metrics.plots import save_grid
 from ddil_core.progress import Progress
-from ddil_core.stages.sample import check_trained_grid, generate, sampling_scheduler, student_eta
+from ddil_core.models.sampling import check_trained_grid, generate, sampling_scheduler, student_eta
 
 GRID_MAX_SIDE = 256  # larger samples are downscaled in the grids (the metrics use full-size images)
 GRID_MAX_ROWS = 16  # prompts shown in a sample grid (metrics use every prompt)
