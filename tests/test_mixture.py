@@ -44,8 +44,7 @@ def test_sources_appear_in_the_proportions_of_the_priors():
     # and through the mixture itself, batch after batch
     mixture, g, total = _mixture(_data(0)), torch.Generator().manual_seed(1), torch.zeros(3)
     for step in range(300):
-        mixture.sample(step, 16, g)
-        total += mixture.last_counts
+        total += mixture.sample(step, 16, g).counts
     share = total / total.sum()
     for p, s in zip((0.5, 0.25, 0.25), share):
         assert abs(float(s) - p) < 4 * math.sqrt(p * (1 - p) / float(total.sum()))

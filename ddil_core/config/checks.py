@@ -79,6 +79,7 @@ RANGES: dict[str, Range] = {
     "ddil.warmup_steps": NATURAL,
     "ddil.mixed_teacher_steps": NATURAL,
     "ddil.bernoulli_teacher_p": PROBABILITY,
+    "ddil.student_min_steps": NATURAL,
     "ddil.buffer.capacity": COUNT,
     "ddil.buffer.refresh_fraction": FRACTION,
     "ddil.reflection.percentile": FRACTION,
@@ -308,6 +309,12 @@ def relation_problems(config: Any) -> list[str]:
             problems.append(
                 f"ddil.reflection.apply_to: unknown target '{target}'{_nearest(target, list(REFLECTION_TARGETS))}"
             )
+    if p.student > 0 and config.ddil.student_min_steps >= o.student_steps:
+        problems.append(f"ddil.student_min_steps = {config.ddil.student_min_steps} must be below "
+                        f"objective.student_steps = {o.student_steps} (a student of N steps has own states after "
+                        "0 .. N - 1 of them; with ddil.priors.student > 0)")
+    if config.ddil.rollout_policy == "ema" and not config.training.ema.enabled:
+        problems.append("ddil.rollout_policy = ema needs training.ema.enabled = true (no EMA to roll out with)")
     t = config.training
     if t.batch_size % t.grad_accum_steps:
         problems.append(f"training.batch_size = {t.batch_size} must be divisible by training.grad_accum_steps = "

@@ -89,6 +89,13 @@ class DDILConfig:
     bernoulli_teacher_p: float = 0.5  # bernoulli: probability the teacher takes each step
     buffer: BufferConfig = field(default_factory=BufferConfig)
     reflection: ReflectionConfig = field(default_factory=ReflectionConfig)
+    # The student's own states come from j >= student_min_steps of its steps (0: a rollout of 0 steps, pure noise,
+    # counts as a student state; 1: only states the student's steps made: the student prior then means what it says)
+    student_min_steps: int = 0
+    rollout_policy: Literal["online", "ema"] = "online"  # ema: student rollouts by the EMA weights (what ships)
+    # timestep_matched: a control arm, not DDIL: every state forward-diffused, those the teacher and student sources
+    # would have made at a student grid timestep drawn as they draw theirs (separates a timestep effect from DDIL's)
+    control: Literal["none", "timestep_matched"] = "none"
 
 
 @dataclass
@@ -239,6 +246,9 @@ class TrainingConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # LoRA student (rank > 0); saved for load_lora_weights
     fsdp: bool = False  # shard the trainable networks over the processes (FSDP2 fully_shard; training/fsdp.py)
     streaming: bool = False  # read latents, embeddings and rollout states from the shards per batch, not into memory
+    # one: every draw from one generator; separate: batch data, sources, rollouts and loss draws each from their own
+    # (method/streams.py), so arms that differ only in their sources share everything else (common random numbers)
+    random_streams: Literal["one", "separate"] = "one"
 
 
 @dataclass

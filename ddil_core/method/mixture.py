@@ -20,6 +20,7 @@ from ddil_core.math.schedule import NoiseSchedule
 from ddil_core.method.buffer import ReplayBuffer
 from ddil_core.method.grid import StudentGrid
 from ddil_core.method.rollouts import student_rollout
+from ddil_core.method.streams import RandomStreams
 from ddil_core.models.conditioning import Cond, index_cond
 
 SOURCES = ("forward", "teacher", "student")
@@ -57,6 +58,11 @@ class StateBatch:
     noise: torch.Tensor  # [B, C, H, W] fresh noise for objectives that need one per sample
     cond_real: Cond  # the real latents' own captions (a teacher or student state carries its rollout's prompt)
     pairs: Optional[TeacherPairs] = None  # teacher noise-image pairs, for objectives with a regression loss
+    # What the whole global batch was made of (not sliced): per-source counts [3], fresh student rollouts, and the
+    # student states made by at least one student step (a rollout of j = 0 steps is pure noise)
+    counts: Optional[torch.Tensor] = None
+    fresh: int = 0
+    student_induced: int = 0
 
     def slice(self, start: int, end: int) -> "StateBatch":
         """Samples [start, end): one rank's share of a global batch."""
@@ -64,7 +70,8 @@ class StateBatch:
                           {key: v[start:end] for key, v in self.cond.items()}, self.source[start:end],
                           self.x0_real[start:end], self.noise[start:end],
                           {key: v[start:end] for key, v in self.cond_real.items()},
-                          self.pairs.slice(start, end) if self.pairs is not None else None)
+                          self.pairs.slice(start, end) if self.pairs is not None else None,
+                          self.counts, self.fresh, self.student_induced)
 
 
 @dataclass
@@ -125,8 +132,6 @@ class DDILMixture:
         self.rollout_pos = None
         if data.rollout_states is not None and (config.teacher_mode == "precomputed" or teacher_pairs):
             self.rollout_pos = grid.position_in(data.rollout_timesteps)
-        self.last_counts = torch.zeros(3, dtype=torch.long)
-        self.last_fresh = 0
 
     def set_grid(self, grid: StudentGrid) -> None:
         """A new student grid (progressive distillation halves it): buffered states of the old grid are dropped."""
@@ -136,20 +141,29 @@ class DDILMixture:
         if self.buffer is not None:
             self.buffer.clear()
 
-    def sample(self, step: int, batch_size: int, generator: torch.Generator) -> StateBatch:
-        g, dev, n_grid = generator, self.device, self.grid.num_steps
+    def sample(self, step: int, batch_size: int, generator) -> StateBatch:
+        """A global batch of states. `generator`: the run's RandomStreams, or one torch.Generator for every draw."""
+        streams = RandomStreams.of(generator)
+        g, dev, n_grid = streams.rollout, self.device, self.grid.num_steps
         grid_t = self.grid.timesteps
         forward_t = grid_t if self.forward_timesteps is None else self.forward_timesteps
-        idx = torch.randint(self.data.latents.shape[0], (batch_size,), generator=g)
-        source = draw_sources(scheduled_priors(self.config, step), batch_size, g)
-        k = torch.randint(len(forward_t), (batch_size,), generator=g)
-        noise = torch.randn(batch_size, *self.data.latents.shape[1:], generator=g)
+        idx = torch.randint(self.data.latents.shape[0], (batch_size,), generator=streams.data)
+        source = draw_sources(scheduled_priors(self.config, step), batch_size, streams.source)
+        k = torch.randint(len(forward_t), (batch_size,), generator=streams.data)
+        noise = torch.randn(batch_size, *self.data.latents.shape[1:], generator=streams.data)
         x0_real = self.data.latents[idx].float()
         cond = {key: v.float() for key, v in index_cond(self.data.cond, idx).items()}  # caches hold fp16
         cond_real = {key: v.clone() for key, v in cond.items()}
 
         # forward: q(x_t | x0) at the drawn timestep
         t = forward_t[k]
+        if self.config.control == "timestep_matched":
+            # the control: every sample a forward state, those of the teacher and student sources at a student grid
+            # timestep drawn as those sources draw theirs (uniform over the grid), so the DDIL arm's timestep
+            # distribution is matched and only the states' origin differs
+            other = source != FORWARD
+            t[other] = grid_t[torch.randint(n_grid, (batch_size,), generator=g)[other]]
+            source = torch.zeros_like(source)
         x_t = self.schedule.add_noise(x0_real, noise, t)
         if self.pure_noise_first_step:
             first = t == grid_t[0]
@@ -175,21 +189,23 @@ class DDILMixture:
                 x_t[is_teacher] = self._mixed_rollout(j_t, teacher_takes, idx[is_teacher], g)
                 t[is_teacher] = grid_t[j_t]
 
-        # student backward: the student's own rollout for j < N steps, shared by the batch (and all ranks)
-        j = self.shared_int(int(torch.randint(n_grid, (1,), generator=g)))
+        # student backward: the student's own rollout for j < N steps (j >= ddil.student_min_steps), shared by the
+        # batch (and all ranks)
+        j = self.shared_int(int(torch.randint(min(self.config.student_min_steps, n_grid - 1), n_grid, (1,),
+                                              generator=g)))
         is_student = source == STUDENT
         n_student = int(is_student.sum())
-        self.last_fresh = 0
+        fresh, induced = 0, 0
         if n_student:
-            states, ks, refs = self._student_states(step, j, idx[is_student], n_student, g)
+            states, ks, refs, fresh = self._student_states(step, j, idx[is_student], n_student, g)
             x_t[is_student], t[is_student] = states, grid_t[ks]
+            induced = int((ks > 0).sum())
             for key in cond:
                 cond[key][is_student] = self.data.cond[key][refs].to(cond[key].dtype)
-        self.last_counts = torch.bincount(source, minlength=3)
-        pairs = self._teacher_pairs(batch_size, g).to(dev) if self.teacher_pairs else None
+        pairs = self._teacher_pairs(batch_size, streams.data).to(dev) if self.teacher_pairs else None
         return StateBatch(x_t.to(dev), k.to(dev), t.to(dev), {kk: v.to(dev) for kk, v in cond.items()},
                           source.to(dev), x0_real.to(dev), noise.to(dev), {kk: v.to(dev) for kk, v in cond_real.items()},
-                          pairs)
+                          pairs, torch.bincount(source, minlength=3), fresh, induced)
 
     def _teacher_pairs(self, n: int, g: torch.Generator) -> TeacherPairs:
         """n (state on a teacher rollout at a student grid timestep, the rollout's final image) pairs."""
@@ -225,7 +241,6 @@ class DDILMixture:
             n_fresh = int(want) + int(float(torch.rand(1, generator=g)) < want - int(want))
             if len(self.buffer) == 0:
                 n_fresh = max(n_fresh, 1)
-        self.last_fresh = n_fresh
         if n_fresh:
             refs = prompt_idx[:n_fresh]
             fresh_noise = torch.randn(n_fresh, *self.data.latents.shape[1:], generator=g)
@@ -234,7 +249,7 @@ class DDILMixture:
                                      cond).cpu()
             ks = torch.full((n_fresh,), j, dtype=torch.long)
             if self.buffer is None:
-                return states, ks, refs
+                return states, ks, refs, n_fresh
             self.buffer.insert(states, ks, refs, step, g)
         pick = self.buffer.sample(n_student, g)
-        return self.buffer.x[pick].float(), self.buffer.k[pick].clone(), self.buffer.ref[pick].clone()
+        return self.buffer.x[pick].float(), self.buffer.k[pick].clone(), self.buffer.ref[pick].clone(), n_fresh

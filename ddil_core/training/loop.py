@@ -2,7 +2,8 @@
 
 Short on purpose: the mixture makes states, the objective makes losses, this file steps optimisers, keeps EMA,
 logs, checkpoints (every N steps, on SIGTERM/SIGINT, at the wall-clock guard) and resumes bit-exactly: every random
-draw comes from one explicit generator whose state is checkpointed with the weights, optimisers and buffer.
+draw comes from explicit generators (one, or one per kind of draw: method/streams.py) whose states are checkpointed
+with the weights, optimisers and buffer.
 
 Several processes (`accelerate launch` / torchrun; gloo on CPU, NCCL on GPUs): every rank draws the same global
 batch of DDIL states from the same generator (so all ranks agree on the student-rollout step count and hold the
@@ -33,10 +34,12 @@ from ddil_core.data.shards import ShardError
 from ddil_core.method.draws import SampleDraws
 from ddil_core.method.mixture import SOURCES, DDILMixture, scheduled_priors
 from ddil_core.method.objectives.base import Objective, interval_means, per_source_sums
+from ddil_core.method.streams import RandomStreams
 from ddil_core.models.trainable import load_trainable_state, trainable_state_dict
 from ddil_core.training import fsdp
 from ddil_core.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from ddil_core.training.ema import EMA
+from ddil_core.training.train_log import bin_by_step, by_step
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +103,9 @@ class Trainer:
                              f"{self.world} processes x training.grad_accum_steps = {self.accum}")
         if self.world > 1:
             mixture.shared_int = self._broadcast_int
-        self.generator = torch.Generator().manual_seed(config.training.seed)
+        seed = config.training.seed
+        self.streams = (RandomStreams.separate(seed) if config.training.random_streams == "separate" else
+                        RandomStreams.single(torch.Generator().manual_seed(seed)))
         self.modules = objective.trainable()
         # frozen half-precision networks (model.dtype) need autocast wherever they run, the rollouts included
         self.rollout_autocast = config.model.dtype != "float32"
@@ -128,7 +133,8 @@ class Trainer:
             tensors["ema"] = self.ema.shadow
         extra_json, extra_tensors = self.objective.extra_state()
         tensors["objective"] = extra_tensors
-        tensors["rng"] = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
+        tensors["rng"] = {"generator": self.streams.data.get_state(), "torch": torch.get_rng_state(),
+                          **{f"stream_{kind}": state for kind, state in self.streams.get_state().items()}}
         if self.fsdp:  # every rank takes part in gathering the shards
             tensors = fsdp.full_tensors(tensors)
         return tensors, extra_json
@@ -215,7 +221,8 @@ class Trainer:
                 self.optimizers[name].load_state_dict(pickled[name])
         if self.ema is not None:
             self.ema.shadow = {k: v.clone() for k, v in tensors["ema"].items()}
-        self.generator.set_state(tensors["rng"]["generator"])
+        self.streams.data.set_state(tensors["rng"]["generator"])
+        self.streams.set_state({k[len("stream_"):]: v for k, v in tensors["rng"].items() if k.startswith("stream_")})
         torch.set_rng_state(tensors["rng"]["torch"])
         if self.mixture.buffer is not None and (ckpt / "buffer").exists():
             self.mixture.buffer.load(ckpt / "buffer")
@@ -241,8 +248,8 @@ class Trainer:
     # -- the loop
 
     def _new_interval(self) -> dict:
-        return {"steps": 0, "counts": torch.zeros(3, dtype=torch.long), "loss": {}, "time": {}, "fresh": 0,
-                "wall": time.perf_counter(), "samples": 0}
+        return {"steps": 0, "counts": torch.zeros(3, dtype=torch.long), "loss": {}, "loss_k": {}, "time": {},
+                "fresh": 0, "induced": 0, "wall": time.perf_counter(), "samples": 0}
 
     def train(self) -> None:
         cfg = self.config.training
@@ -275,7 +282,8 @@ class Trainer:
         t0 = time.perf_counter()
         total = self.config.training.batch_size
         with acc.autocast() if self.rollout_autocast else contextlib.nullcontext():
-            batch = self.mixture.sample(self.step, total, self.generator)
+            with self._rollout_weights():
+                batch = self.mixture.sample(self.step, total, self.streams)
         t1 = time.perf_counter()
         # micro-batch m holds rows [m * micro, (m + 1) * micro) of the global batch; this rank its share of each
         micro, shared = total // self.accum, ([] if self.accum > 1 else None)
@@ -283,7 +291,7 @@ class Trainer:
         for m in range(self.accum):
             start = m * micro + self.rank * micro // self.world
             stop = m * micro + (self.rank + 1) * micro // self.world
-            draws = SampleDraws(self.generator, start, stop, total, shared)
+            draws = SampleDraws(self.streams.loss, start, stop, total, shared)
             with acc.autocast():
                 out = self.objective.loss(batch.slice(start, stop), self.step, draws)
             # one host sync for all losses (a GPU would otherwise wait once per loss)
@@ -292,7 +300,7 @@ class Trainer:
                 flag = torch.tensor([float(finite)], device=self.accelerator.device)
                 torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
                 finite = bool(flag.item())
-            outputs.append((out, batch.source[start:stop]))
+            outputs.append((out, batch.source[start:stop], batch.t[start:stop]))
             if not finite:
                 break
             tb = time.perf_counter()
@@ -323,7 +331,22 @@ class Trainer:
                     f"{self.nonfinite_in_a_row} non-finite losses in a row at step {self.step} "
                     f"(training.max_nonfinite_in_a_row = {self.config.training.max_nonfinite_in_a_row}); "
                     "lower training.lr, enable reflection, or check the data")
-        self._account(iv, outputs, t0, t1, t2)
+        self._account(iv, batch, outputs, t0, t1, t2)
+
+    @contextlib.contextmanager
+    def _rollout_weights(self):
+        """The student's own rollouts by the EMA weights when ddil.rollout_policy = ema (the policy that ships):
+        the EMA is swapped in for the batch's rollouts and the online weights put back after."""
+        if self.config.ddil.rollout_policy != "ema" or self.ema is None or self.config.ddil.priors.student <= 0:
+            yield
+            return
+        student = self.modules["student"]
+        online = {k: v.detach().clone() for k, v in trainable_state_dict(student).items()}
+        self.ema.copy_to(student)
+        try:
+            yield
+        finally:
+            load_trainable_state(student, online)
 
     def _backward(self, losses: dict) -> None:
         """Each loss's gradient reaches its own network only: what a loss leaves in another network's gradients
@@ -338,13 +361,17 @@ class Trainer:
                 for p, grad in pairs:
                     p.grad = grad
 
-    def _account(self, iv: dict, outputs: list, t0: float, t1: float, t2: float) -> None:
+    def _account(self, iv: dict, batch, outputs: list, t0: float, t1: float, t2: float) -> None:
         t3 = time.perf_counter()
         iv["steps"] += 1
-        iv["counts"] += self.mixture.last_counts
-        iv["fresh"] += self.mixture.last_fresh
+        iv["counts"] += batch.counts
+        iv["fresh"] += batch.fresh
+        iv["induced"] += batch.student_induced
         timings = {"rollout": t1 - t0}
-        for out, source in outputs:
+        grid = self.objective.grid().timesteps
+        for out, source, t in outputs:
+            for term, values in out.per_sample.items():  # the per-source loss by student grid index k (a proxy of
+                bin_by_step(iv["loss_k"], term, values.detach().float(), source, t, grid)  # covariate shift)
             iv["samples"] += source.shape[0] * self.world
             if out.per_sample:
                 source = source.to(next(iter(out.per_sample.values())).device)
@@ -376,6 +403,9 @@ class Trainer:
             "source_share": dict(zip(SOURCES, (counts / counts.sum()).tolist())),
             "source_count": dict(zip(SOURCES, iv["counts"].tolist())),
             "fresh_student_rollouts": iv["fresh"],
+            # student states made by at least one student step (a rollout of 0 steps is pure noise)
+            "student_induced_share": iv["induced"] / max(1, int(iv["counts"].sum())),
+            "loss_by_step": {term: by_step(*held) for term, held in iv["loss_k"].items()},
             "buffer": {"size": len(buffer), "mean_age": buffer.mean_age(self.step)} if buffer is not None else None,
             "seconds_per_update": seconds / n,
             "seconds_split": {k: v / n for k, v in iv["time"].items()},
