@@ -1,0 +1,256 @@
+"""Does DDIL work? A paired benchmark powered to answer, on the digits teacher (docs/results.md, the design).
+
+One question: does a DDIL student imitate its teacher better than the same student trained on forward states at the
+same timesteps? Per objective and student step count, over seeds s (the same seeds in every arm):
+- arms: `baseline` (forward states only), `control` (forward states at the DDIL arm's timestep distribution:
+  ddil.control = timestep_matched), `ddil` (0.5 / 0.25 / 0.25, replay buffer, rollouts by the EMA), and for DMD2 its
+  published `backward_sim` (the generator's own states only, online rollouts);
+- common random numbers: training.random_streams = separate, so arms differ only in their states; an EMA on every
+  student; student states made by at least one student step (ddil.student_min_steps = 1);
+- evaluation: `--images` images per student with their own noise each (the same noises in every arm), KID (unbiased,
+  with its standard error) and FD to `--teacher-images` samples of the teacher (made once; the primary imitation
+  measures), FD, KID, precision, recall, density and coverage to the held-out digits, adherence; the covariate-shift
+  curve of every student (stages/diagnose.py: R after the first step, C, final drift); the teacher at the student's
+  N DDIM steps as the "no distillation" row;
+- statistics: per-seed paired differences (ddil - control, ddil - baseline, control - baseline), their mean with a
+  95% t-interval and an exact sign-flip p, Holm's correction over the (objective, steps) family of the primary
+  comparison, and the smallest effect the run could detect (metrics/paired.py). The rule fixed in advance: start
+  with `--seeds` seeds; while the primary interval contains 0 and the detectable effect exceeds `--target-effect`,
+  add seeds, up to `--max-seeds`.
+Go/no-go first: the baseline students' covariate-shift factors are reported before any comparison; R near 1 and
+C near 1 mean there is little shift for DDIL to fix on this task.
+
+    python benchmarks/ddil_evidence.py --demo runs/demo/demo --work runs/evidence     # resumable; about 90 min an
+                                                                                     # objective on 2 cores
+    python benchmarks/ddil_evidence.py --quick --demo /tmp/demo-quick --work /tmp/ev  # smoke: tiny budgets
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.paper_table import base_overrides, demo_guidance, objective_overrides, prepare_quick_demo, rollouts_for
+from ddil_core.config import load_config
+from ddil_core.data.digits import DIGIT_WORDS, digit_caption, prompt_class
+from ddil_core.metrics.extractors import load_extractor
+from ddil_core.metrics.fid import frechet_distance
+from ddil_core.metrics.kernel_distance import kid
+from ddil_core.metrics.paired import holm, paired
+from ddil_core.metrics.prdc import precision_recall_density_coverage as prdc
+from ddil_core.models.pipeline_io import load_pipeline, read_student_info
+from ddil_core.models.sampling import generate
+from ddil_core.stages.cache_latents import cache_latents
+from ddil_core.stages.diagnose import measure as covariate_shift
+from ddil_core.stages.distill import distill
+from ddil_core.stages.evaluate.inputs import adherence, reference_features
+
+PRIMARY = "kid_teacher"
+COMMON = ["training.random_streams=separate", "training.ema.enabled=true", "training.ema.decay=0.99",
+          "ddil.student_min_steps=1", "ddil.reflection.mode=off"]
+DDIL = ["ddil.priors.forward=0.5", "ddil.priors.teacher=0.25", "ddil.priors.student=0.25"]
+ARMS = {
+    "baseline": ["ddil.priors.forward=1", "ddil.priors.teacher=0", "ddil.priors.student=0"],
+    "control": DDIL + ["ddil.control=timestep_matched"],
+    "ddil": DDIL + ["ddil.rollout_policy=ema"],
+    "backward_sim": ["ddil.priors.forward=0", "ddil.priors.teacher=0", "ddil.priors.student=1"],  # DMD2 only
+}
+COMPARISONS = (("ddil", "control"), ("ddil", "baseline"), ("control", "baseline"), ("backward_sim", "baseline"))
+METRICS = ("kid_teacher", "fd_teacher", "kid_data", "fd_data", "precision", "recall", "density", "coverage",
+           "adherence", "shift_factor", "compounding", "drift_final")
+PROMPTS = [digit_caption(i) for i in range(len(DIGIT_WORDS))]
+
+
+def arms_of(objective: str) -> list[str]:
+    return [a for a in ARMS if a != "backward_sim" or objective == "dmd2"]
+
+
+def images_features(pipe, extractor, n: int, steps: int, guidance: float, scheduler, eta=None, batch: int = 100):
+    """Features and predicted classes of n images, prompts cycled, image i from its own seed 100000 + i (the same
+    noises for every model)."""
+    feats, preds = [], []
+    with torch.no_grad():
+        for start in range(0, n, batch):
+            idx = range(start, min(n, start + batch))
+            images = generate(pipe, [PROMPTS[i % len(PROMPTS)] for i in idx], [100000 + i for i in idx], steps,
+                              guidance, scheduler, eta=eta)
+            feats.append(extractor.features(images))
+            preds.append(extractor.classify(images))
+    return torch.cat(feats), torch.cat(preds)
+
+
+def image_metrics(feats, preds, teacher_feats, data_feats, k: int = 5) -> dict:
+    wanted = [prompt_class(PROMPTS[i % len(PROMPTS)]) for i in range(len(feats))]
+    to_teacher, to_data = kid(feats, teacher_feats), kid(feats, data_feats, subset_size=len(data_feats))
+    return {"kid_teacher": to_teacher["kid"], "kid_teacher_se": to_teacher["se"],
+            "fd_teacher": frechet_distance(teacher_feats, feats), "kid_data": to_data["kid"],
+            "fd_data": frechet_distance(data_feats, feats), **prdc(data_feats, feats, k),
+            "adherence": adherence(preds, wanted)}
+
+
+def run_one(args, objective, arm, seed, ctx) -> dict:
+    overrides = (base_overrides(ctx["demo"], args.updates, args.student_steps, ctx["guidance"], args.quick)
+                 + objective_overrides(objective, ctx["guidance"]) + COMMON + ARMS[arm] + [f"training.seed={seed}"])
+    if objective == "pd":
+        overrides.append(f"objective.pd.teacher_steps={2 * args.student_steps}")
+    config = load_config("demo", overrides)
+    out = Path(args.work) / f"{objective}-{arm}-{args.student_steps}-{seed}"
+    student = distill(config, ctx["latents"], [rollouts_for(config, ctx["latents"], Path(args.work))], out)
+    info = read_student_info(student)
+    pipe = load_pipeline(str(student))
+    feats, preds = images_features(pipe, ctx["extractor"], args.images, info["num_inference_steps"],
+                                   info["guidance_scale"], "own", info.get("eta"))
+    metrics = image_metrics(feats, preds, ctx["teacher_feats"], ctx["data_feats"])
+    shift = covariate_shift(config, pipe, info, ctx["teacher"], PROMPTS, 16, None, args.diagnose_noises)
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    metrics.update({"shift_factor": shift["headline"]["shift_factor_mean"],
+                    "compounding": shift["headline"]["compounding"], "drift_final": shift["headline"]["drift_final"],
+                    "student_induced_share": log[-1].get("student_induced_share"),
+                    "seconds_per_update": log[-1]["seconds_per_update"], "seed": seed})
+    return metrics
+
+
+def analyse(runs: dict, objectives, steps: int) -> dict:
+    """Paired comparisons per objective; Holm over the family of the primary comparison."""
+    out, primary_p = {}, {}
+    for objective in objectives:
+        by_arm = {arm: {m["seed"]: m for m in runs.get(f"{objective}/{arm}", [])} for arm in arms_of(objective)}
+        for a, b in COMPARISONS:
+            if a not in by_arm or b not in by_arm:
+                continue
+            seeds = sorted(set(by_arm[a]) & set(by_arm[b]))
+            result = {metric: paired([by_arm[a][s][metric] for s in seeds], [by_arm[b][s][metric] for s in seeds])
+                      for metric in METRICS if seeds and all(by_arm[x][s].get(metric) is not None
+                                                             for x in (a, b) for s in seeds)}
+            out[f"{objective}/{a}-{b}"] = result
+            if (a, b) == ("ddil", "control") and PRIMARY in result and result[PRIMARY]["p_sign_flip"] is not None:
+                primary_p[f"{objective}@{steps}"] = result[PRIMARY]["p_sign_flip"]
+    return {"comparisons": out, "primary_holm": holm(primary_p) if primary_p else {}}
+
+
+def needs_more_seeds(analysis: dict, objective: str, target: float) -> bool:
+    result = analysis["comparisons"].get(f"{objective}/ddil-control", {}).get(PRIMARY)
+    if not result or result["ci95"] is None:
+        return True
+    low, high = result["ci95"]
+    return low <= 0 <= high and result["detectable_effect"] > target
+
+
+def run(args) -> dict:
+    demo = Path(args.demo)
+    if not (demo / "teacher" / "model_index.json").exists():
+        if not args.quick:
+            raise SystemExit(f"{demo}: no demo teacher; run `ddil prepare-demo --out {demo}` first")
+        prepare_quick_demo(demo)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    partial = work / "runs.json"
+    runs = json.loads(partial.read_text()) if partial.exists() else {}  # resumable: "objective/arm" -> per seed
+    guidance = args.guidance or demo_guidance(demo)
+    extractor = load_extractor(f"classifier:{demo / 'classifier'}")
+    base = load_config("demo", base_overrides(demo, args.updates, args.student_steps, guidance, args.quick))
+    data_feats, _, _ = reference_features(base, str(demo / "dataset-eval"), 16, extractor)
+    teacher = load_pipeline(str(demo / "teacher"))
+    cached = work / f"teacher-{args.teacher_images}.pt"
+    if not cached.exists():  # the teacher's own samples: the imitation target, made once
+        torch.save(images_features(teacher, extractor, args.teacher_images, 50, guidance, "ddim")[0], cached)
+    ctx = {"demo": demo, "guidance": guidance, "extractor": extractor, "data_feats": data_feats, "teacher": teacher,
+           "teacher_feats": torch.load(cached), "latents": work / "latents"}
+    if not (ctx["latents"] / "manifest.json").exists():
+        cache_latents(base, ctx["latents"])
+    if "teacher/ddim" not in runs:  # no distillation: the teacher at the student's step count
+        feats, preds = images_features(teacher, extractor, args.images, args.student_steps, guidance, "ddim")
+        runs["teacher/ddim"] = [image_metrics(feats, preds, ctx["teacher_feats"], data_feats)]
+    for objective in args.objectives:
+        seeds = list(range(args.seeds))
+        while True:
+            for seed in seeds:
+                for arm in arms_of(objective):
+                    done = runs.setdefault(f"{objective}/{arm}", [])
+                    if any(m["seed"] == seed for m in done):
+                        continue
+                    done.append(run_one(args, objective, arm, seed, ctx))
+                    partial.write_text(json.dumps(runs, indent=1))
+                    print(f"{objective} {arm} seed {seed}: " + ", ".join(
+                        f"{k} {done[-1][k]:.4g}" for k in METRICS if done[-1].get(k) is not None), flush=True)
+            analysis = analyse(runs, [objective], args.student_steps)
+            if len(seeds) >= args.max_seeds or not needs_more_seeds(analysis, objective, args.target_effect):
+                break
+            seeds.append(len(seeds))
+    return {"command": "python benchmarks/ddil_evidence.py " + " ".join(args.argv),
+            "date": datetime.date.today().isoformat(),
+            "machine": f"{platform.processor() or platform.machine()}, 1 torch thread",
+            "protocol": {"student_steps": args.student_steps, "updates": args.updates, "images": args.images,
+                         "teacher_images": args.teacher_images, "guidance": guidance, "primary": PRIMARY,
+                         "diagnose_noises": args.diagnose_noises, "common": COMMON, "arms": ARMS,
+                         "seed_rule": {"start": args.seeds, "max": args.max_seeds,
+                                       "target_effect": args.target_effect}},
+            "go_no_go": {o: runs.get(f"{o}/baseline", []) and
+                         {k: [m.get(k) for m in runs[f"{o}/baseline"]] for k in ("shift_factor", "compounding")}
+                         for o in args.objectives},
+            "runs": runs, **analyse(runs, args.objectives, args.student_steps)}
+
+
+def to_markdown(result: dict) -> str:
+    lines = ["# Does DDIL work? (generated by benchmarks/ddil_evidence.py)", "",
+             f"Command: `{result['command']}`; {result['machine']}; {result['date']}.", "",
+             "## Paired differences (treatment - control arm; KID and FD: lower is better)", "",
+             "| comparison | metric | mean | 95% interval | sign-flip p | detectable effect | seeds |",
+             "|---|---|---:|---|---:|---:|---:|"]
+    for name, metrics in result["comparisons"].items():
+        for metric in (PRIMARY, "fd_teacher", "fd_data", "coverage", "shift_factor"):
+            r = metrics.get(metric)
+            if r is None or r["ci95"] is None:
+                continue
+            lines.append(f"| {name} | {metric} | {r['mean_difference']:.4g} | [{r['ci95'][0]:.4g}, {r['ci95'][1]:.4g}]"
+                         f" | {r['p_sign_flip']:.3g} | {r['detectable_effect']:.3g} | {r['n']} |")
+    lines += ["", f"Holm-adjusted p of ddil - control on {PRIMARY}: {json.dumps(result['primary_holm'])}", "",
+              f"Go/no-go (baseline students): {json.dumps(result['go_no_go'])}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--demo", required=True)
+    parser.add_argument("--work", required=True, help="latents, rollouts, students and runs.json (resumable)")
+    parser.add_argument("--objectives", nargs="+", default=["pd", "lcm", "dmd2"],
+                        choices=["pd", "lcm", "dmd2", "tdd"])
+    parser.add_argument("--student-steps", type=int, default=4)
+    parser.add_argument("--seeds", type=int, default=6, help="seeds to start with (the same in every arm)")
+    parser.add_argument("--max-seeds", type=int, default=12)
+    parser.add_argument("--target-effect", type=float, default=0.0,
+                        help=f"stop adding seeds once the detectable {PRIMARY} effect is below this")
+    parser.add_argument("--updates", type=int, default=800, help="training updates per student")
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--teacher-images", type=int, default=5000)
+    parser.add_argument("--diagnose-noises", type=int, default=256)
+    parser.add_argument("--guidance", type=float)
+    parser.add_argument("--out", help="write OUT.json and OUT.md (default: in --work; docs/results for the record)")
+    parser.add_argument("--quick", action="store_true", help="smoke: 2 seeds, 3 updates, few images")
+    args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    if args.quick:
+        args.seeds, args.max_seeds, args.updates, args.images = 2, 2, 3, 40
+        args.teacher_images, args.diagnose_noises = 60, 4
+    torch.set_num_threads(1)
+    started = time.time()
+    result = run(args)
+    result["wall_seconds"] = time.time() - started
+    out = Path(args.out or Path(args.work) / "evidence")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    out.with_suffix(".md").write_text(to_markdown(result))
+    print(to_markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""The evidence benchmark in its quick mode (a low-budget demo, 2 seeds, 3 updates): a smoke test only, so the command
+does not rot. It asserts the structure of what it writes and that a rerun resumes, not its numbers."""
+import json
+
+import benchmarks.ddil_evidence as evidence
+
+
+def test_ddil_evidence_quick(tmp_path, monkeypatch):
+    args = ["--quick", "--demo", str(tmp_path / "demo"), "--work", str(tmp_path / "work"), "--objectives", "lcm"]
+    evidence.main(args)
+    result = json.loads((tmp_path / "work" / "evidence.json").read_text())
+    assert {key: len(v) for key, v in result["runs"].items()} == {"teacher/ddim": 1, "lcm/baseline": 2,
+                                                                  "lcm/control": 2, "lcm/ddil": 2}
+    ddil_vs_control = result["comparisons"]["lcm/ddil-control"]["kid_teacher"]
+    assert ddil_vs_control["n"] == 2 and len(ddil_vs_control["ci95"]) == 2
+    assert set(result["primary_holm"]) == {"lcm@4"}
+    assert len(result["go_no_go"]["lcm"]["shift_factor"]) == 2
+    assert "| lcm/ddil-control | kid_teacher |" in (tmp_path / "work" / "evidence.md").read_text()
+    # resumable: nothing measured is trained again
+    monkeypatch.setattr(evidence, "distill", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    evidence.main(args)
