@@ -161,16 +161,20 @@ def cmd_sample(args):
 
     from ddil_core.data.shards import disk_full_is_clear
     from ddil_core.stages.outputs import check_out_path, missing_folders, probe_writable, remove_if_empty
-    from ddil_core.stages.provenance import check_sampling_steps, student_info
+    from ddil_core.config.limits import check_text
+    from ddil_core.models.sampling import default_steps
+    from ddil_core.models.student_record import check_sampling_steps, validate_student_folder
     from ddil_core.stages.sample import sample
 
     # Before the model is loaded: the image path (and that it can be written), the student's record, the step
     # count its scheduler can run.
+    check_text(args.prompt, "--prompt")
+    check_text(args.negative_prompt or "", "--negative-prompt")
     check_out_path(Path(args.out), "file", [args.model])
     probe_writable(Path(args.out))
     if Path(args.model).is_dir():
-        info = student_info(args.model)
-        check_sampling_steps(args.model, "model", [args.steps or (info["num_inference_steps"] if info else 50)])
+        info = validate_student_folder(args.model, "model")
+        check_sampling_steps(args.model, "model", [args.steps or default_steps(info)])
     created = missing_folders(Path(args.out).parent)
     try:
         with disk_full_is_clear(Path(args.out)):

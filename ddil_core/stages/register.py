@@ -81,8 +81,9 @@ def register(config: Config, student: str, metrics_path: str | Path, registry: O
             if not Path(student).is_dir():
                 raise ModelError(f"student not found: {student} (a student folder written by distill)")
             check_model_folder(Path(student), config.model.allow_pickle)
+        info = student_info(student) if Path(str(student)).is_dir() else None  # the validator sample/serve use
         check_metrics_belong(metrics, Path(metrics_path), str(student))
-        check_config_of(config, str(student), student_info(student))
+        check_config_of(config, str(student), info)
         entry = register_student(config, str(student), metrics, registry, model_uri=model_uri)
     log.info("registered %s version %s", entry.get("name"), entry.get("version"))
     return entry
