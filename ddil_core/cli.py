@@ -30,7 +30,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def one_line(text) -> str:
-    return " ".join(str(text).split())
+    """An error message in one line, with no secret in it (ddil_core/config/redaction.py)."""
+    from ddil_core.config.redaction import redact_string
+
+    return redact_string(" ".join(str(text).split()))
 
 
 def _number(kind, allowed: Range, note: str = ""):
@@ -358,6 +361,17 @@ def os_error_line(exc: OSError) -> str:
     return f"{' -> '.join(paths)}: {what}" if paths else what
 
 
+def _redact_log_record(record: logging.LogRecord) -> bool:
+    """A log line carries no secret: its message with every URL redacted (ddil_core/config/redaction.py)."""
+    from ddil_core.config.redaction import redact_string
+
+    message = record.getMessage()
+    clean = redact_string(message)
+    if clean != message:
+        record.msg, record.args = clean, ()
+    return True
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -365,6 +379,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        if _redact_log_record not in handler.filters:
+            handler.addFilter(_redact_log_record)
     for noisy in ("diffusers", "transformers", "accelerate", "urllib3", "botocore", "s3fs", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from ddil_core.console import choose_threads, quiet_libraries
