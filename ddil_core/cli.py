@@ -356,20 +356,13 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 def os_error_line(exc: OSError) -> str:
     """'PATH: what the OS said' (both paths of a rename), in one line."""
+    if exc.args and isinstance(exc.args[0], list) and exc.args[0]:  # shutil.Error: [(src, dst, why), ...]
+        first = exc.args[0][0]
+        return one_line(f"{first[1] if len(first) == 3 else first}: {first[2] if len(first) == 3 else exc}"
+                        + (f" (and {len(exc.args[0]) - 1} more files)" if len(exc.args[0]) > 1 else ""))
     paths = [str(p) for p in (exc.filename, getattr(exc, "filename2", None)) if p]
     what = exc.strerror or one_line(exc)
     return f"{' -> '.join(paths)}: {what}" if paths else what
-
-
-def _redact_log_record(record: logging.LogRecord) -> bool:
-    """A log line carries no secret: its message with every URL redacted (ddil_core/config/redaction.py)."""
-    from ddil_core.config.redaction import redact_string
-
-    message = record.getMessage()
-    clean = redact_string(message)
-    if clean != message:
-        record.msg, record.args = clean, ()
-    return True
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -379,9 +372,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for handler in logging.getLogger().handlers:
-        if _redact_log_record not in handler.filters:
-            handler.addFilter(_redact_log_record)
+    from ddil_core.config.redaction import redact_log_record
+
+    for handler in logging.getLogger().handlers:  # a log line carries no secret
+        if redact_log_record not in handler.filters:
+            handler.addFilter(redact_log_record)
     for noisy in ("diffusers", "transformers", "accelerate", "urllib3", "botocore", "s3fs", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from ddil_core.console import choose_threads, quiet_libraries

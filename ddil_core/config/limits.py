@@ -79,13 +79,22 @@ def check_json_nesting(body: bytes | str, where: str) -> None:
 
 
 def bounded_lines(stream: BinaryIO, where: str, max_line: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes]]:
-    """(line number, line) of a binary stream, never holding more than one line of at most `max_line` bytes."""
-    lineno = 0
-    while True:
-        line = stream.readline(max_line + 1)
-        if not line:
-            return
-        lineno += 1
-        if len(line) > max_line and not line.endswith(b"\n"):
+    """(line number, line) of a binary stream read in chunks (any file object: fsspec's readline takes no limit),
+    never holding more than one line of at most `max_line` bytes plus one chunk."""
+    def checked(line: bytes, lineno: int) -> tuple[int, bytes]:
+        if len(line) > max_line:
             raise LimitExceeded(f"{where}:{lineno}: a line longer than the limit of {max_line} bytes")
-        yield lineno, line.rstrip(b"\r\n")
+        return lineno, line.rstrip(b"\r")
+
+    lineno, pending = 0, b""
+    while True:
+        chunk = stream.read(max_line)
+        *lines, pending = (pending + chunk).split(b"\n")  # pending: the unfinished last line
+        for line in lines:
+            lineno += 1
+            yield checked(line, lineno)
+        checked(pending, lineno + 1)
+        if not chunk:
+            if pending:
+                yield checked(pending, lineno + 1)
+            return

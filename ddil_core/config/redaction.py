@@ -63,3 +63,12 @@ def redact(obj: Any) -> Any:
     if isinstance(obj, str):
         return redact_string(obj)
     return obj
+
+
+def redact_log_record(record) -> bool:
+    """A logging filter (the CLI puts it on its handlers): the record's message with every URL redacted."""
+    message = record.getMessage()
+    clean = redact_string(message)
+    if clean != message:
+        record.msg, record.args = clean, ()
+    return True
