@@ -30,7 +30,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def one_line(text) -> str:
-    return " ".join(str(text).split())
+    """An error message in one line, with no secret in it (ddil_core/config/redaction.py)."""
+    from ddil_core.config.redaction import redact_string
+
+    return redact_string(" ".join(str(text).split()))
 
 
 def _number(kind, allowed: Range, note: str = ""):
@@ -161,16 +164,20 @@ def cmd_sample(args):
 
     from ddil_core.data.shards import disk_full_is_clear
     from ddil_core.stages.outputs import check_out_path, missing_folders, probe_writable, remove_if_empty
-    from ddil_core.stages.provenance import check_sampling_steps, student_info
+    from ddil_core.config.limits import check_text
+    from ddil_core.models.sampling import default_steps
+    from ddil_core.models.student_record import check_sampling_steps, validate_student_folder
     from ddil_core.stages.sample import sample
 
     # Before the model is loaded: the image path (and that it can be written), the student's record, the step
     # count its scheduler can run.
+    check_text(args.prompt, "--prompt")
+    check_text(args.negative_prompt or "", "--negative-prompt")
     check_out_path(Path(args.out), "file", [args.model])
     probe_writable(Path(args.out))
     if Path(args.model).is_dir():
-        info = student_info(args.model)
-        check_sampling_steps(args.model, "model", [args.steps or (info["num_inference_steps"] if info else 50)])
+        info = validate_student_folder(args.model, "model")
+        check_sampling_steps(args.model, "model", [args.steps or default_steps(info)])
     created = missing_folders(Path(args.out).parent)
     try:
         with disk_full_is_clear(Path(args.out)):
@@ -349,6 +356,10 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 def os_error_line(exc: OSError) -> str:
     """'PATH: what the OS said' (both paths of a rename), in one line."""
+    if exc.args and isinstance(exc.args[0], list) and exc.args[0]:  # shutil.Error: [(src, dst, why), ...]
+        first = exc.args[0][0]
+        return one_line(f"{first[1] if len(first) == 3 else first}: {first[2] if len(first) == 3 else exc}"
+                        + (f" (and {len(exc.args[0]) - 1} more files)" if len(exc.args[0]) > 1 else ""))
     paths = [str(p) for p in (exc.filename, getattr(exc, "filename2", None)) if p]
     what = exc.strerror or one_line(exc)
     return f"{' -> '.join(paths)}: {what}" if paths else what
@@ -361,6 +372,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ddil_core.config.redaction import redact_log_record
+
+    for handler in logging.getLogger().handlers:  # a log line carries no secret
+        if redact_log_record not in handler.filters:
+            handler.addFilter(redact_log_record)
     for noisy in ("diffusers", "transformers", "accelerate", "urllib3", "botocore", "s3fs", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from ddil_core.console import choose_threads, quiet_libraries

@@ -1,5 +1,6 @@
 """The error types that mean 'bad input' (a clear one-line message, exit code 2), gathered for the CLI."""
 from ddil_core.config import ConfigError
+from ddil_core.config.limits import LimitExceeded
 from ddil_core.data.datasets import DatasetError
 from ddil_core.data.locks import OutputLockedError
 from ddil_core.data.shards import ShardError
@@ -10,4 +11,4 @@ from ddil_core.training.checkpoint import CheckpointError
 from ddil_core.stages.register import MetricsError
 
 BAD_INPUT_ERRORS = (ConfigError, DatasetError, ShardError, ModelError, CheckpointError, MetricsError, OutputLockedError,
-                    OutputError, RegistryError, FileNotFoundError)
+                    OutputError, RegistryError, LimitExceeded, FileNotFoundError)

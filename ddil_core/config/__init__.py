@@ -2,7 +2,8 @@
 every check, each rule once (checks.py). Unknown keys are rejected with the nearest valid key named; invalid values
 with a message naming the key and what is wrong.
 
-The modules import in one direction, schema <- checks <- load, so each imports on its own in any order.
+The modules import in one direction, schema <- checks <- load, so each imports on its own in any order; limits.py
+(the bound of every input) and redaction.py (secrets masked in everything written) import nothing.
 """
 from ddil_core.config.checks import config_problems, validate
 from ddil_core.config.load import (_merge, config_from_dict, load_config, parse_override, recipe_path,

@@ -13,6 +13,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from ddil_core.config.checks import config_problems, validate
+from ddil_core.config.limits import MAX_OVERRIDE_CHARS, MAX_RECIPE_BYTES, LimitExceeded, check_size, check_yaml
 from ddil_core.config.schema import Config, ConfigError
 
 
@@ -100,6 +101,11 @@ def parse_override(item: str) -> dict:
         raise ConfigError(f"override '{item}' must look like key.path=value")
     key, raw = item.split("=", 1)
     try:
+        check_size(len(item), MAX_OVERRIDE_CHARS, f"--set {key.strip()[:80]}", "characters")
+        check_yaml(raw, f"--set {key.strip()[:80]}", MAX_OVERRIDE_CHARS)
+    except LimitExceeded as exc:
+        raise ConfigError(str(exc)) from None
+    try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override '{item}': the value is not valid YAML ({yaml_error_line(exc)})") from None
@@ -142,7 +148,12 @@ def _read_recipe(recipe: Optional[str]) -> tuple[dict, str]:
         return {}, "defaults"
     path = recipe_path(recipe)
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        check_size(path.stat().st_size, MAX_RECIPE_BYTES, str(path))  # before reading it
+        text = path.read_text(encoding="utf-8")
+        check_yaml(text, str(path))
+        loaded = yaml.safe_load(text)
+    except LimitExceeded as exc:
+        raise ConfigError(str(exc)) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({yaml_error_line(exc)})") from None
     except UnicodeDecodeError:

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ddil_core.config.limits import (MAX_INDEX_BYTES, MAX_SHARD_MEMBER_BYTES, LimitExceeded, bounded_lines,
+                                     check_size, check_text)
 from ddil_core.data.digits import digit_caption, digits_split
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -106,16 +108,20 @@ def check_caption(caption, name: str) -> str:
         raise DatasetError(f"{name}: caption is not text ({caption!r})")
     if not caption.strip():
         raise DatasetError(f"{name}: empty caption")
-    return caption.strip()
+    return check_text(caption.strip(), f"{name}: caption")
 
 
 def _folder(fs, root: str) -> Iterator[tuple[str, callable]]:
     index = f"{root.rstrip('/')}/captions.jsonl"
     if not fs.exists(index):
         raise DatasetError(f"{index}: missing (an image folder needs captions.jsonl with file and caption per line)")
-    raw = _open(fs, index)
+    with fs.open(index, "rb") as stream:  # line by line, each line bounded: never a whole file in memory
+        yield from _folder_lines(fs, root, index, bounded_lines(stream, index))
+
+
+def _folder_lines(fs, root: str, index: str, lines) -> Iterator[tuple[str, callable]]:
     seen: set[str] = set()
-    for lineno, line in enumerate(raw.split(b"\n"), 1):
+    for lineno, line in lines:
         where = f"{index}:{lineno}"
         if not line.strip():
             continue
@@ -144,9 +150,10 @@ def _folder(fs, root: str) -> Iterator[tuple[str, callable]]:
 
 
 def _coco(fs, annotations: str, images: Optional[str]) -> Iterator[tuple[str, callable]]:
+    check_size(fs.size(annotations), MAX_INDEX_BYTES, annotations)
     try:
         data = json.loads(_open(fs, annotations).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise DatasetError(f"{annotations}: not a COCO captions JSON ({type(exc).__name__}: {exc})") from None
     files, anns = _coco_tables(data, annotations)
     root = images or str(PurePosixPath(annotations).parent)
@@ -217,8 +224,10 @@ def _tars(fs, uri: str) -> Iterator[tuple[str, callable]]:
                 for member in tar:
                     if not member.isfile():
                         continue
+                    check_size(member.size, MAX_SHARD_MEMBER_BYTES, f"{tar_path}:{member.name}")
                     key, _, ext = member.name.partition(".")
                     groups.setdefault(key, {})[ext.lower()] = tar.extractfile(member).read()
+                check_tar_end(tar.fileobj, tar, tar_path)
         except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
             if isinstance(exc, OSError) and storage_error(tar_path, exc):
                 raise
@@ -248,6 +257,16 @@ def _tars(fs, uri: str) -> Iterator[tuple[str, callable]]:
                 return Sample(key, decode_image(parts[image_ext], f"{where}.{image_ext}"), check_caption(caption, where))
 
             yield key, make
+
+
+def check_tar_end(stream, tar: tarfile.TarFile, tar_path: str) -> None:  # stream: the tar's uncompressed bytes
+    """A tar ends with an end-of-archive marker, two 512-byte blocks of zeros after its last member: a shard cut
+    on a block boundary reads as a shorter archive without it (tarfile stops quietly at the end of the file)."""
+    stream.seek(tar.offset)
+    marker = stream.read(2 * tarfile.BLOCKSIZE)
+    if len(marker) < 2 * tarfile.BLOCKSIZE or marker.strip(b"\0"):
+        raise DatasetError(f"{tar_path}: truncated tar (no end-of-archive marker after its last member at byte "
+                           f"{tar.offset}); the file was cut short")
 
 
 CONNECTION_ERRORS = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
@@ -285,6 +304,8 @@ def as_dataset_error(uri: str, where: str, exc: Exception) -> DatasetError:
     fatal), else a bad sample or listing (DatasetError)."""
     if isinstance(exc, DatasetError):
         return exc
+    if isinstance(exc, LimitExceeded):  # its message names the input and the limit
+        return DatasetError(str(exc))
     message = storage_error(uri, exc)
     if message is not None:
         return StorageError(message)

@@ -29,6 +29,8 @@ import os
 from pathlib import Path
 from typing import Iterable, Optional
 
+from ddil_core.config.redaction import redact_values
+
 MANIFEST = "manifest.json"
 STUDENT_INFO = "ddil_student.json"
 LINEAGE_KEYS = ("git_sha", "dataset", "dataset_sha256", "latent_cache_sha256", "rollouts_sha256", "run_id",
@@ -87,7 +89,7 @@ def training_lineage(config, latents: str | Path, rollouts: Iterable[str | Path]
         "run_id": config.telemetry.run_id or os.environ.get("DDIL_RUN_ID") or None,
         "kfp_run_id": os.environ.get("DDIL_KFP_RUN_ID") or None,
     }
-    return {k: v for k, v in record.items() if v}
+    return redact_values({k: v for k, v in record.items() if v})
 
 
 def s3_uri(uri: Optional[str]) -> Optional[str]:
@@ -126,7 +128,7 @@ def registration_lineage(student_dir: str | Path, model_uri: Optional[str] = Non
     for key, value in extra.items():
         if value and not lineage.get(key):
             lineage[key] = value
-    return {k: lineage[k] for k in LINEAGE_KEYS if lineage.get(k)}
+    return redact_values({k: lineage[k] for k in LINEAGE_KEYS if lineage.get(k)})
 
 
 def model_source(lineage: dict) -> dict:

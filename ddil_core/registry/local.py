@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import fcntl
 import json
 import math
@@ -93,6 +94,24 @@ def check_student_folder(student_dir: str) -> None:
         raise FileNotFoundError(
             f"{student_dir} is not a diffusers pipeline folder: {path / 'model_index.json'} is missing"
         )
+
+
+def copy_folder(source: Path, tmp: Path, final: Path) -> None:
+    """shutil.copytree into `tmp`; a failure is one OSError naming `final` (the folder the user asked for), not
+    shutil.Error's list of every file of a temporary folder that is removed at once."""
+    try:
+        shutil.copytree(source, tmp)
+    except shutil.Error as exc:
+        raise folder_copy_error(exc, source, final) from None
+
+
+def folder_copy_error(exc: shutil.Error, source: Path, final: Path) -> OSError:
+    failures = exc.args[0] if exc.args and isinstance(exc.args[0], list) else []
+    why = str(failures[0][2]) if failures and len(failures[0]) == 3 else str(exc)
+    found = re.match(r"\[Errno (\d+)\] ([^:]+)", why)
+    code, text = (int(found.group(1)), found.group(2)) if found else (errno.EIO, why.split(":")[0])
+    more = f" ({len(failures)} files not copied)" if len(failures) > 1 else ""
+    return OSError(code, f"copying {source} failed: {text}{more}", str(final))
 
 
 class LocalRegistry:
@@ -219,7 +238,7 @@ class LocalRegistry:
                 if remote:
                     tmp.mkdir()
                 else:
-                    shutil.copytree(_local_path(student_dir), tmp)
+                    copy_folder(_local_path(student_dir), tmp, final)
                 final_s = str(final.resolve())
                 model_uri = redact_string(student_dir) if remote else final_s
                 card = card_markdown(version, model_uri) if callable(card_markdown) else card_markdown

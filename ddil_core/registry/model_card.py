@@ -16,12 +16,12 @@ import re
 import subprocess
 from pathlib import Path
 from typing import Any, Optional
-from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
-SENSITIVE_WORDS = ("secret", "password", "token", "key")
+from ddil_core.config.redaction import SENSITIVE_WORDS, is_sensitive, redact, redact_string  # noqa: F401
+
 _MODEL_ORDER = ("student", "teacher", "baseline")
 _METRIC_ORDER = (
     "fid",
@@ -35,7 +35,6 @@ _METRIC_ORDER = (
     "seconds_per_image",
     "steps",
 )
-_SIGNED_QUERY = re.compile(r"signature|credential|token|secret|password|key", re.IGNORECASE)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 TAGS = ["ddil", "distillation", "text-to-image", "diffusers"]
 
@@ -44,38 +43,7 @@ TAGS = ["ddil", "distillation", "text-to-image", "diffusers"]
 # Redaction
 
 
-def is_sensitive(key: Any) -> bool:
-    low = str(key).lower()
-    return any(word in low for word in SENSITIVE_WORDS)
-
-
-def redact_string(value: str) -> str:
-    """Mask user:password@ in URLs and drop query strings that carry signatures or credentials."""
-    if "://" not in value:
-        return value
-    try:
-        parts = urlsplit(value)
-    except ValueError:
-        return value
-    netloc, query = parts.netloc, parts.query
-    if "@" in netloc:
-        netloc = "***@" + netloc.rsplit("@", 1)[1]
-    if query and _SIGNED_QUERY.search(query):
-        query = ""
-    if (netloc, query) == (parts.netloc, parts.query):
-        return value
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-def redact(obj: Any) -> Any:
-    """A copy of obj without credential-like keys (at any depth) and with URLs masked."""
-    if isinstance(obj, dict):
-        return {k: redact(v) for k, v in obj.items() if not is_sensitive(k)}
-    if isinstance(obj, (list, tuple)):
-        return [redact(v) for v in obj]
-    if isinstance(obj, str):
-        return redact_string(obj)
-    return obj
+# is_sensitive, redact_string and redact: ddil_core/config/redaction.py, the one redaction of every writer
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import re
 import time
 from typing import Any, Optional
 
+from ddil_core.config.limits import LimitExceeded, check_json_nesting
 from ddil_core.serving.protocol import BadRequest, Instance, Limits, _integer, make_instance
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,11 @@ def openai_router(predictor):
     async def generate(request):
         try:
             try:
-                body = json.loads(await request.body())
+                raw = await request.body()
+                check_json_nesting(raw, "request body")
+                body = json.loads(raw)
+            except LimitExceeded as exc:
+                raise OpenAIError(400, str(exc)) from None
             except (ValueError, UnicodeDecodeError) as exc:
                 raise OpenAIError(400, f"request: not JSON ({exc})") from None
             if not predictor.ready:

@@ -153,9 +153,14 @@ class StudentPredictor(kserve.Model):
 def _json_body(body):
     import json
 
+    from ddil_core.config.limits import LimitExceeded, check_json_nesting
+
     try:
+        check_json_nesting(body, "request body")
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
+        if isinstance(exc, LimitExceeded):
+            raise BadRequest(str(exc)) from None
         raise BadRequest(f"request: not JSON ({exc})") from None
 
 

@@ -30,6 +30,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ddil_core.models.student_record import MAX_GUIDANCE
+
 OPTIONS = ("seed", "steps", "guidance", "width", "height", "negative_prompt", "eta")
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit seed
 MAX_PROMPT_CHARS = 4096
@@ -50,7 +52,7 @@ class Limits:
     max_size: int
     default_steps: int
     default_guidance: float
-    max_guidance: float = 30.0
+    max_guidance: float = MAX_GUIDANCE  # a student record may recommend no more (models/student_record.py)
     min_size: int = SIZE_MULTIPLE
     accepts_eta: bool = False  # the student's scheduler takes an eta (DDIM, TCD)
     default_eta: Optional[float] = None  # ddil_student.json's "eta"; None: the pipeline's default

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ddil_core.models.pipeline_io import (ModelError, check_model_folder, fetch_model, load_pipeline,
-                                          read_student_info)
+from ddil_core.models.pipeline_io import ModelError, check_model_folder, fetch_model, load_pipeline
+from ddil_core.models.student_record import validate_student_folder
 
 REGISTRY_SCHEME = "registry://"
 _VERSION = re.compile(r"^v?(\d+)$")
@@ -107,6 +107,7 @@ def resolve_source(uri: str, registry: Optional[str] = None, kubeflow_registry: 
             raise ModelError(f"model folder not found: {source.location}" +
                              (f" (recorded for {uri})" if source.location != uri else ""))
         check_model_folder(Path(source.location))
+        validate_student_folder(source.location, "served model")  # refused at start, as `ddil sample` refuses it
     return source
 
 
@@ -120,8 +121,9 @@ class LoadedStudent:
 def load_student(source: ModelSource, device: Optional[str] = None, dtype: Optional[str] = None) -> LoadedStudent:
     """Download (s3://, cached) and load the pipeline, as every stage does (ddil_core.models.pipeline_io)."""
     folder = fetch_model(source.location)
+    info = validate_student_folder(folder, "served model")  # an s3:// student: checked once downloaded
     pipe = load_pipeline(str(folder), dtype=dtype)
     if device:
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    return LoadedStudent(pipe, read_student_info(folder), folder)
+    return LoadedStudent(pipe, info, folder)

@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Optional
 import yaml
 
 from ddil_core.config import Config, resolved_dict
+from ddil_core.config.redaction import redact_values
 
 log = logging.getLogger(__name__)
 RESOLVED = "resolved_config.yaml"
@@ -104,11 +105,10 @@ def location_error(out: Path, exc: OSError) -> OutputError:
 
 
 def write_resolved_config(folder: Path, config: Config, stage: Optional[str] = None) -> None:
-    from ddil_core.config import dump_config
-
     Path(folder).mkdir(parents=True, exist_ok=True)
     header = HEADER.format(stage=stage) + "\n" if stage else ""
-    (Path(folder) / RESOLVED).write_text(header + dump_config(config))
+    resolved = redact_values(resolved_dict(config))  # no secret is ever written (config/redaction.py)
+    (Path(folder) / RESOLVED).write_text(header + yaml.safe_dump(resolved, sort_keys=False))
 
 
 def flatten_config(data, prefix: str = "") -> dict:
@@ -129,7 +129,7 @@ def config_differences(recorded: dict, config: Config, sections: Optional[tuple]
     `sections` if given); `effective` maps a config dict to the values the stage will really use (a default
     derived from other keys) before the comparison."""
     effective = effective or (lambda d: d)
-    old, new = flatten_config(effective(recorded)), flatten_config(effective(resolved_dict(config)))
+    old, new = flatten_config(effective(recorded)), flatten_config(effective(redact_values(resolved_dict(config))))
     skip = RERUN_MAY_DIFFER + tuple(may_differ)
     diffs = []
     for key in sorted(set(old) | set(new)):

@@ -6,59 +6,19 @@
   register registers a student only with metrics made for exactly that folder's contents.
 - A student and the config it is registered under: distill records the config sections that made the student
   (ddil_student.json "config"); register's model card shows register's config, so the two must agree.
-- What a student folder can sample: an LCMScheduler samples at most its solver grid's steps.
+- What a student folder can sample, and its record: ddil_core/models/student_record.py (the one validator).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 from ddil_core.config import Config, ConfigError, resolved_dict
 from ddil_core.data.shards import folder_digest
-from ddil_core.models.pipeline_io import STUDENT_INFO, ModelError
+from ddil_core.models.pipeline_io import ModelError
+from ddil_core.models.student_record import check_sampling_steps  # noqa: F401  (re-exported)
+from ddil_core.models.student_record import validate_student_folder as student_info  # noqa: F401  (the one validator)
 from ddil_core.stages.outputs import RERUN_MAY_DIFFER, flatten_config
-
-
-def student_info(folder) -> Optional[dict]:
-    """ddil_student.json of a student folder (None when there is none), its layout checked."""
-    path = Path(str(folder)) / STUDENT_INFO
-    if not path.is_file():
-        return None
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
-    steps, guidance = (info.get("num_inference_steps"), info.get("guidance_scale", 1.0)) if isinstance(info, dict) \
-        else (None, None)
-    if (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1
-            or not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or guidance != guidance
-            or guidance in (float("inf"), float("-inf")) or guidance < 0):
-        raise ModelError(f"{path}: expected num_inference_steps (at least 1) and a finite guidance_scale (0 or more)")
-    timesteps = info.get("timesteps")
-    if timesteps is not None and (not isinstance(timesteps, list) or not all(
-            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in timesteps)):
-        raise ModelError(f"{path}: 'timesteps' must be a list of non-negative integers, got {timesteps!r}"[:300])
-    return info
-
-
-def check_sampling_steps(folder: str, role: str, steps: list[int]) -> None:
-    """Refuse step counts the folder's scheduler cannot sample, before any image is made: an LCMScheduler at most
-    its original_inference_steps, any scheduler at most its num_train_timesteps."""
-    path = Path(str(folder)) / "scheduler" / "scheduler_config.json"
-    if not path.is_file():
-        return
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-        limit = int(cfg.get("num_train_timesteps", 1000))
-        if cfg.get("_class_name") == "LCMScheduler":
-            limit = min(limit, int(cfg.get("original_inference_steps") or limit))
-    except (OSError, ValueError, TypeError, AttributeError) as exc:
-        raise ModelError(f"{path}: unreadable scheduler config ({type(exc).__name__}: {exc})") from None
-    for n in steps:
-        if n > limit:
-            raise ModelError(f"{folder}: the {role} cannot sample {n} steps (its {cfg.get('_class_name')} allows at "
-                             f"most {limit})")
 
 
 def check_metrics_belong(metrics: dict, metrics_path: Path, student: str) -> None:

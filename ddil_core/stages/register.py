@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -17,6 +18,8 @@ from ddil_core.registry import GateError, register_student
 from ddil_core.telemetry.settings import stage_telemetry
 
 log = logging.getLogger(__name__)
+
+GATED_METRICS = ("fid", "coverage", "adherence")  # the metrics registry/gates.py judges
 
 __all__ = ["GateError", "MetricsError", "read_metrics", "register"]
 
@@ -47,7 +50,21 @@ def read_metrics(path: str | Path) -> dict:
                            "mapping of metric names to values)")
     if not isinstance(metrics.get("protocol", {}), dict):
         raise MetricsError(f"{path}: not an evaluate metrics file ('protocol' must be a mapping)")
+    check_metric_values(metrics, path)
     return metrics
+
+
+def check_metric_values(metrics: dict, path: Path) -> None:
+    """A gate judges only well-formed metrics (exit 3): a gated metric that is present must be a finite number
+    (evaluate writes null for one it could not compute); anything else is a malformed file (exit 2)."""
+    for model, entry in metrics["models"].items():
+        for key in GATED_METRICS:
+            value = entry.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise MetricsError(f"{path}: models.{model}.{key} = {str(value)[:40]!r} is not a finite number "
+                                   "(evaluate writes a number or null)")
 
 
 def register(config: Config, student: str, metrics_path: str | Path, registry: Optional[str] = None,
@@ -81,8 +98,9 @@ def register(config: Config, student: str, metrics_path: str | Path, registry: O
             if not Path(student).is_dir():
                 raise ModelError(f"student not found: {student} (a student folder written by distill)")
             check_model_folder(Path(student), config.model.allow_pickle)
+        info = student_info(student) if Path(str(student)).is_dir() else None  # the validator sample/serve use
         check_metrics_belong(metrics, Path(metrics_path), str(student))
-        check_config_of(config, str(student), student_info(student))
+        check_config_of(config, str(student), info)
         entry = register_student(config, str(student), metrics, registry, model_uri=model_uri)
     log.info("registered %s version %s", entry.get("name"), entry.get("version"))
     return entry

@@ -11,9 +11,10 @@ from typing import Optional
 
 import torch
 
-from ddil_core.models.pipeline_io import load_pipeline, read_student_info
+from ddil_core.models.pipeline_io import load_pipeline
 from ddil_core.models.sampling import (check_trained_grid, default_guidance, default_steps, generate,
                                        sampling_scheduler, student_eta, student_sampling, to_pil)
+from ddil_core.models.student_record import validate_student_folder
 
 
 def sample(model: str, prompt: str, steps: Optional[int], seed: int, out: str | Path,
@@ -27,8 +28,8 @@ def sample(model: str, prompt: str, steps: Optional[int], seed: int, out: str | 
             raise ValueError(f"{flag} {side} must be a positive multiple of 8")
     if guidance_scale is not None and not math.isfinite(guidance_scale):
         raise ValueError(f"--guidance {guidance_scale} must be a finite number")
+    info = validate_student_folder(model, "model") if Path(model).is_dir() else None
     pipe = load_pipeline(model, allow_pickle=allow_pickle)
-    info = read_student_info(Path(model)) if Path(model).is_dir() else None
     if steps is None:
         steps = default_steps(info)
     if guidance_scale is None:

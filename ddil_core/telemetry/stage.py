@@ -51,6 +51,7 @@ from typing import Any, Iterator, Mapping, Optional, Tuple
 
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
+from ddil_core.config.redaction import redact_string
 from ddil_core.telemetry.push import PUSH_TIMEOUT_S, GatewayPusher, WarnOnce
 
 __all__ = ["StageTelemetry", "LOSS_SOURCES"]
@@ -104,7 +105,7 @@ class StageTelemetry:
         self.job = str(job)
         self.push_interval_s = float(push_interval_s)
         self.push_timeout_s = float(push_timeout_s)
-        self.grouping_key = {"run_id": self.run_id, "stage": self.stage}
+        self.grouping_key = {"run_id": redact_string(self.run_id), "stage": self.stage}  # labels: no secret
         self.registry = CollectorRegistry(auto_describe=True)
 
         self._warn_once = WarnOnce()

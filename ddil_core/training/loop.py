@@ -44,8 +44,9 @@ from ddil_core.training.train_log import bin_by_step, by_step
 log = logging.getLogger(__name__)
 
 
-class Preempted(RuntimeError):
-    """SIGTERM/SIGINT (or the wall-clock guard) stopped training after writing a checkpoint."""
+class Preempted(BaseException):
+    """SIGTERM/SIGINT (or the wall-clock guard) stopped a stage. A BaseException, as KeyboardInterrupt: no `except
+    Exception` (a reader turning failures into bad input, a best-effort metric) can swallow a signal."""
 
 
 class NonFiniteLoss(RuntimeError):

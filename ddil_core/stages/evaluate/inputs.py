@@ -9,6 +9,7 @@ import torch
 
 from ddil_core.config import Config, ConfigError
 from ddil_core.config.checks import schedule_problems
+from ddil_core.config.limits import MAX_PROMPT_FILE_BYTES, check_size, check_text
 from ddil_core.data.datasets import DatasetError, SkipReport, image_to_tensor, iter_samples
 from ddil_core.data.digits import DIGIT_WORDS, digit_caption
 from ddil_core.metrics.extractors import Extractor
@@ -21,11 +22,12 @@ def read_prompt_file(path: str) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"prompts file not found: {path}")
+    check_size(p.stat().st_size, MAX_PROMPT_FILE_BYTES, f"{path}: prompts file")
     try:
         lines = p.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
         raise DatasetError(f"{path}: prompts file is not valid UTF-8") from None
-    prompts = [line.strip() for line in lines if line.strip()]
+    prompts = [check_text(line.strip(), f"{path}:{n}: prompt") for n, line in enumerate(lines, 1) if line.strip()]
     if not prompts:
         raise DatasetError(f"{path}: prompts file has no prompts (one per line)")
     return prompts
