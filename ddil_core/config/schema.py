@@ -216,6 +216,18 @@ class EMAConfig:
 
 
 @dataclass
+class AlarmConfig:
+    """When the in-training measure (training.eval_every) degrades past `factor` x its best (plus `margin`), or is
+    not finite, for `patience` evaluations in a row: "stop" (checkpoint, then exit 1 naming the best checkpoint),
+    "warn" (a log line and a gauge), or "off". training/watch.py."""
+    action: Literal["stop", "warn", "off"] = "stop"
+    metric: Literal["drift", "kid", "shift_factor"] = "drift"  # lower is better for each
+    factor: float = 3.0
+    margin: float = 0.0
+    patience: int = 1
+
+
+@dataclass
 class TrainingConfig:
     steps: int = 20
     batch_size: int = 8
@@ -239,6 +251,11 @@ class TrainingConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # LoRA student (rank > 0); saved for load_lora_weights
     fsdp: bool = False  # shard the trainable networks over the processes (FSDP2 fully_shard; training/fsdp.py)
     streaming: bool = False  # read latents, embeddings and rollout states from the shards per batch, not into memory
+    # --- watching a run (training/watch.py): every eval_every updates (0: never) the student (its EMA if any) is
+    # measured against the teacher from eval_num_noises fixed noises; the best one's checkpoint is kept
+    eval_every: int = 0
+    eval_num_noises: int = 16
+    alarm: AlarmConfig = field(default_factory=AlarmConfig)
 
 
 @dataclass

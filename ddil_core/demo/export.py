@@ -35,6 +35,8 @@ def loss_rows(log_path: Path) -> list[dict]:
         if not line.strip():
             continue
         record = json.loads(line)
+        if "loss" not in record:  # an in-training evaluation's line (eval_rows)
+            continue
         row = {"step": record["step"], "stage": record.get("stage", 0), "student_steps": record.get("student_steps")}
         losses = record.get("loss") or {}
         by_source = next(iter(losses.values()), {}) if losses else {}
