@@ -92,9 +92,8 @@ def test_a_queued_sweep_of_two_prior_settings_ranks_by_the_watched_metric(tmp_pa
     for commit in shown:
         for exp in commit.get("experiments") or []:
             for revision in exp.get("revs") or []:
-                data = revision.get("data") or {}
-                if data.get("name") in grid:
-                    runs[data["name"]] = data
+                if revision.get("name") in grid:
+                    runs[revision["name"]] = revision["data"]
     assert set(runs) == set(grid)
     for name, (f, t, s) in grid.items():
         params = runs[name]["params"]["params.yaml"]["data"]["ddil"]["priors"]

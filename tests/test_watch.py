@@ -93,3 +93,24 @@ def test_the_alarm_can_only_warn(tiny_data, tmp_path, caplog):
         distill(config, latents, [rollouts], tmp_path / "run")
     assert "training.alarm: drift" in caplog.text and "training goes on" in caplog.text
     assert [r["step"] for r in _log(tmp_path / "run") if "eval" in r][-1] == 12
+
+
+def test_the_metric_line_is_what_katibs_default_stdout_filter_reads():
+    import re
+
+    from ddil_core.telemetry.metric_line import KATIB_DEFAULT_FILTER, metric_line
+
+    line = metric_line({"step": 200, "drift": 0.0123, "kid": -1.5e-07, "shift_factor": None, "bad": math.inf,
+                        "flag": True, "adherence": 1.0}, "watch_")
+    assert line.startswith("ddil-metric ")
+    found = {m.group(1): float(m.group(2)) for m in re.finditer(KATIB_DEFAULT_FILTER, line)}
+    assert found == {"watch_step": 200, "watch_drift": 0.0123, "watch_kid": -1.5e-07, "watch_adherence": 1.0}
+
+
+def test_a_watched_distill_prints_the_metric_line(tiny_data, tmp_path, capsys):
+    latents, rollouts = tiny_data["sd15"]
+    distill(tiny_config("sd15", "training.eval_every=3", "training.eval_num_noises=4"), latents, [rollouts],
+            tmp_path / "run")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ddil-metric ")]
+    assert [line.split()[1] for line in lines] == ["watch_step=0", "watch_step=3", "watch_step=6"]
+    assert all("watch_drift=" in line and "watch_kid=" in line for line in lines)

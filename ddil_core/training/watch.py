@@ -9,7 +9,8 @@ teacher its guided DDIM over each interval of that grid (method/rollouts.py teac
 - drift: the mean squared latent distance between the two final samples, paired by noise (D(N) of
   metrics/covariate_shift.py);
 - kid: unbiased KID (metrics/kid.py) between the student's and the teacher's final samples, on the evaluation
-  classifier's features of the decoded images when there is one, else on the latents flattened; the teacher's
+  classifier's features of the decoded images when there is one, else on the latents flattened, both standardised
+  by the teacher's per-dimension mean and spread (the cubic kernel assumes features of order one); the teacher's
   features are cached per grid;
 - shift_factor: the covariate-shift factor R (mean over the steps after the first; none at one step), the
   teacher's interval step as the reference (exact for interval samplers such as PD's DDIM; for consistency samplers,
@@ -41,11 +42,13 @@ from ddil_core.method.objectives.base import Objective
 from ddil_core.metrics.covariate_shift import trajectory_errors
 from ddil_core.metrics.kid import kid
 from ddil_core.models.conditioning import Cond, index_cond
+from ddil_core.telemetry.metric_line import metric_line
 from ddil_core.models.trainable import load_trainable_state, trainable_state_dict
 from ddil_core.training.checkpoint import latest_checkpoint
 from ddil_core.training.loop import NonFiniteLoss
 
 log = logging.getLogger(__name__)
+WATCHED = ("drift", "kid", "shift_factor", "adherence")
 BEST = "best"  # checkpoints/best/step-NNNNNNN: the best measured state
 
 
@@ -98,13 +101,15 @@ def measure(objective: Objective, ema, probe: Probe, teacher_cache: Optional[dic
     features = probe.features or (lambda x: x.flatten(1).double().cpu())
     cache = teacher_cache if teacher_cache is not None else {}
     key = tuple(grid.steps)
-    if key not in cache:
-        cache[key] = features(x_t)
+    if key not in cache:  # the teacher's features, and their per-dimension mean and spread to standardise both sets
+        f_t = features(x_t)
+        cache[key] = (f_t, f_t.mean(0), f_t.std(0).clamp_min(1e-8))
+    f_t, mean, spread = cache[key]
     f_s = features(x_s)
     finite = bool(torch.isfinite(x_s).all()) and bool(torch.isfinite(f_s).all())
     out = {"student_steps": n, "num_noises": int(probe.noise.shape[0]),
            "drift": float(np.mean(samples.drift_final)) if finite else math.inf,
-           "kid": kid(f_s, cache[key]) if finite else math.inf}
+           "kid": kid((f_s - mean) / spread, (f_t - mean) / spread) if finite else math.inf}
     ratios = [samples.e_student[:, k].mean() / samples.e_teacher[:, k].mean() for k in range(1, n)
               if samples.e_teacher[:, k].mean() > 0]
     out["shift_factor"] = float(np.mean(ratios)) if ratios and finite else (math.inf if not finite else None)
@@ -153,6 +158,8 @@ class Watch:
                 f.write(json.dumps(record) + "\n")
         if trainer.on_log is not None:
             trainer.on_log(record)
+        if trainer.is_main:  # for a tuner reading stdout (Katib): telemetry/metric_line.py
+            print(metric_line({"step": trainer.step, **{k: values.get(k) for k in WATCHED}}, "watch_"), flush=True)
         streak = 0
         for r in reversed(self.history):
             if not r["eval"].get("degraded"):
