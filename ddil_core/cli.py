@@ -136,7 +136,21 @@ def cmd_evaluate(args):
     metrics = evaluate(config, args.student, config.model.teacher, args.out, baseline=args.baseline,
                        prompts=args.prompts, reference=args.reference, restart=args.restart)
     print(f"metrics -> {args.out}/metrics.json; report -> {args.out}/report.html")
+    _print_metric_line(args.out)
     return metrics
+
+
+def _print_metric_line(out) -> None:
+    """The student's scalar metrics as one `ddil-metric` line (telemetry/metric_line.py), for Katib."""
+    import json
+    from pathlib import Path
+
+    from ddil_core.telemetry.metric_line import metric_line
+
+    flat = Path(out) / "metrics_flat.json"
+    if flat.is_file():
+        values = json.loads(flat.read_text())
+        print(metric_line(values))
 
 
 def cmd_diagnose(args):

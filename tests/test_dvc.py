@@ -82,7 +82,7 @@ def test_metrics_and_plots_are_tracked_by_git():
     spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     files = [next(iter(m)) if isinstance(m, dict) else m
              for stage in spec["stages"].values() for m in stage.get("metrics", []) + stage.get("plots", [])]
-    assert len(files) == 7
+    assert len(files) == 9
     for path in files:
         ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0
         assert not ignored, f"{path} is git-ignored"
@@ -254,7 +254,9 @@ def test_dvc_deps_cover_all_the_code_each_stage_runs():
         assert "ddil_core/math/ddim.py" in code_closure(name, ""), name
 
 
-def test_registry_persists_and_distill_caches_only_the_student_and_log():
+def test_registry_persists_and_distill_caches_and_persists_what_a_resume_needs():
+    """Every distill out is cached (so `dvc push` carries it; tests/test_dvc_runs.py moves a run), and all but the
+    student persist between runs; `--restart` makes a run of another config start over instead of resuming."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
     def outs(stage):
@@ -264,11 +266,12 @@ def test_registry_persists_and_distill_caches_only_the_student_and_log():
     assert outs("register")["runs/demo/registry"].get("persist") is True
     distill = outs("distill")
     assert "runs/demo/distill" not in distill
-    for heavy in ("runs/demo/distill/checkpoints", "runs/demo/distill/buffer"):
-        assert distill[heavy].get("cache") is False and not distill[heavy].get("persist"), heavy
-    for cached in ("runs/demo/distill/student", "runs/demo/distill/train_log.jsonl"):
-        assert distill[cached].get("cache", True) is True, cached
-    assert not any(v.get("persist") for v in distill.values()), "a persistent distill out would resume stale runs"
+    for kept in ("checkpoints", "buffer", "train_log.jsonl", "resolved_config.yaml"):
+        entry = distill[f"runs/demo/distill/{kept}"]
+        assert entry.get("cache", True) is True and entry.get("persist") is True, kept
+    assert distill["runs/demo/distill/student"].get("cache", True) and not distill["runs/demo/distill/student"].get(
+        "persist")
+    assert "--restart" in stages["distill"]["cmd"].split()
 
 
 def _project_copy(tmp_path: Path) -> Path:

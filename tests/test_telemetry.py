@@ -258,3 +258,17 @@ def test_stage_telemetry_honours_the_cluster_settings_in_the_environment(pushgat
     from ddil_core.telemetry.settings import telemetry_settings
 
     assert telemetry_settings(Config())[1] is None  # a bad value serves nothing (telemetry never fails a run)
+
+
+def test_the_in_training_measure_reaches_the_gateway(pushgateway):  # noqa: F811
+    """A watched run's eval line (training/watch.py) becomes ddil_train_eval{measure=...} at the real gateway."""
+    run_id = _run_id()
+    key = {"job": "ddil", "run_id": run_id, "stage": "distill"}
+    with StageTelemetry("distill", run_id, pushgateway, push_interval_s=0) as tel:
+        tel.log_train(4, {"step": 4, "eval": {"drift": 0.25, "kid": 0.01, "shift_factor": None, "degraded": True,
+                                              "student_steps": 2}})
+    text = read_metrics(pushgateway)
+    assert metric_value(text, "ddil_train_eval", measure="drift", **key) == pytest.approx(0.25)
+    assert metric_value(text, "ddil_train_eval", measure="kid", **key) == pytest.approx(0.01)
+    assert metric_value(text, "ddil_train_eval", measure="degraded", **key) == 1
+    assert metric_value(text, "ddil_train_eval", measure="shift_factor", **key) is None

@@ -139,6 +139,11 @@ RANGES: dict[str, Range] = {
     "training.max_nonfinite_in_a_row": COUNT,
     "training.wall_clock_limit_s": POSITIVE,
     "training.grad_accum_steps": COUNT,
+    "training.eval_every": NATURAL,  # 0: no in-training evaluation
+    "training.eval_num_noises": Range(2, 4096),  # KID needs two samples a side
+    "training.alarm.factor": Range(1.0),  # 1: any worsening from the best
+    "training.alarm.margin": NON_NEGATIVE,
+    "training.alarm.patience": COUNT,
     "training.lora.rank": NATURAL,  # 0: full fine-tuning
     "training.lora.alpha": POSITIVE,
     "evaluation.num_prompts": COUNT,

@@ -223,6 +223,18 @@ class EMAConfig:
 
 
 @dataclass
+class AlarmConfig:
+    """When the in-training measure (training.eval_every) degrades past `factor` x its best (plus `margin`), or is
+    not finite, for `patience` evaluations in a row: "stop" (checkpoint, then exit 1 naming the best checkpoint),
+    "warn" (a log line and a gauge), or "off". training/watch.py."""
+    action: Literal["stop", "warn", "off"] = "stop"
+    metric: Literal["drift", "kid", "shift_factor"] = "drift"  # lower is better for each
+    factor: float = 3.0
+    margin: float = 0.0
+    patience: int = 1
+
+
+@dataclass
 class TrainingConfig:
     steps: int = 20
     batch_size: int = 8
@@ -249,6 +261,11 @@ class TrainingConfig:
     # one: every draw from one generator; separate: batch data, sources, rollouts and loss draws each from their own
     # (method/streams.py), so arms that differ only in their sources share everything else (common random numbers)
     random_streams: Literal["one", "separate"] = "one"
+    # --- watching a run (training/watch.py): every eval_every updates (0: never) the student (its EMA if any) is
+    # measured against the teacher from eval_num_noises fixed noises; the best one's checkpoint is kept
+    eval_every: int = 0
+    eval_num_noises: int = 16
+    alarm: AlarmConfig = field(default_factory=AlarmConfig)
 
 
 @dataclass

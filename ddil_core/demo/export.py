@@ -11,6 +11,8 @@ count-weighted mean over state sources) and loss_<source> for each DDIL state so
 loss-png: the same curve drawn as a PNG (metrics/plots.py): `dvc plots show` embeds image plots as they are, so the
 page shows the loss offline, where its vega charts (loaded from a CDN) stay blank; evaluate's FID-vs-steps PNG is
 copied beside it for the same reason.
+train-eval: a watched run's in-training measures (training.eval_every) as rows of step, drift, kid, shift_factor,
+adherence for `dvc plots`; watch-summary: their best and last values, the metrics a sweep ranks by.
 copy: a file copied atomically.
 demo-summary: the headline scalars of prepare-demo's summary.json (teacher accuracy and Fréchet distance at 50 and
 at few steps, the floor, VAE and classifier quality, seconds), flat.
@@ -21,6 +23,7 @@ under the git-ignored demo/ and runs/) for `dvc metrics diff` and `dvc exp show`
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -35,6 +38,8 @@ def loss_rows(log_path: Path) -> list[dict]:
         if not line.strip():
             continue
         record = json.loads(line)
+        if "loss" not in record:  # an in-training evaluation's line (eval_rows)
+            continue
         row = {"step": record["step"], "stage": record.get("stage", 0), "student_steps": record.get("student_steps")}
         losses = record.get("loss") or {}
         by_source = next(iter(losses.values()), {}) if losses else {}
@@ -49,6 +54,32 @@ def loss_rows(log_path: Path) -> list[dict]:
             row[f"loss_{src}"] = value
         rows.append(row)
     return rows
+
+
+def eval_rows(log_path: Path) -> list[dict]:
+    """The in-training measures of a watched run (training/watch.py): one row per measure with step and each
+    finite number (drift, kid, shift_factor, adherence); `dvc plots` draws them against the step."""
+    rows = []
+    for line in Path(log_path).read_text().splitlines():
+        record = json.loads(line) if line.strip() else {}
+        if isinstance(record.get("eval"), dict):
+            row = {"step": record["step"]}
+            row.update({k: v for k, v in record["eval"].items() if isinstance(v, (int, float))
+                        and not isinstance(v, bool) and k in WATCHED and math.isfinite(v)})
+            rows.append(row)
+    return rows
+
+
+def watch_summary(rows: list[dict]) -> dict:
+    """The scalars a sweep ranks by (`dvc exp show`): the best (lowest) drift and KID of the run and their steps,
+    and the last of each; empty for an unwatched run (training.eval_every = 0)."""
+    out = {}
+    for key in ("drift", "kid"):
+        scored = [r for r in rows if key in r]
+        if scored:
+            best = min(scored, key=lambda r: r[key])
+            out.update({f"best_{key}": best[key], f"best_{key}_step": best["step"], f"last_{key}": scored[-1][key]})
+    return out
 
 
 def demo_summary(summary: dict) -> dict:
@@ -71,9 +102,10 @@ def copy_atomic(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-COMMANDS = ("train-loss", "loss-png", "copy", "demo-summary")
+WATCHED = ("drift", "kid", "shift_factor", "adherence")
+COMMANDS = ("train-loss", "loss-png", "copy", "demo-summary", "train-eval", "watch-summary")
 USAGE = ("usage: python -m ddil_core.demo.export {train-loss TRAIN_LOG.jsonl | loss-png TRAIN_LOG.jsonl | "
-         "demo-summary SUMMARY.json | copy SRC} DST")
+         "train-eval TRAIN_LOG.jsonl | watch-summary TRAIN_LOG.jsonl | demo-summary SUMMARY.json | copy SRC} DST")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     dst.parent.mkdir(parents=True, exist_ok=True)
     if what == "train-loss":
         write_json_atomic(dst, loss_rows(src))
+    elif what == "train-eval":
+        write_json_atomic(dst, eval_rows(src))
+    elif what == "watch-summary":
+        write_json_atomic(dst, watch_summary(eval_rows(src)))
     elif what == "loss-png":
         from ddil_core.metrics.plots import plot_loss
 

@@ -161,6 +161,9 @@ class StageTelemetry:
             "ddil_items_processed_total", "Items processed by a batch stage (images cached, rollouts made).",
             registry=None,
         )
+        self.train_eval = Gauge("ddil_train_eval", "In-training measure of the student against the teacher "
+                                "(training.eval_every; training/watch.py): drift, kid, shift_factor, adherence, and "
+                                "degraded (1 while the alarm's threshold is passed).", ["measure"], registry=None)
         self.progress_ratio = Gauge("ddil_progress_ratio", "Fraction of the stage's items done, 0 to 1.", registry=None)
         # The gauges above without labels are registered when first set (`_use`), so a stage exposes only what it
         # reports (no zeros for a buffer that cache-latents never had). Registered only when the stage ends, so a
@@ -247,6 +250,12 @@ class StageTelemetry:
             if v is not None:
                 self._use(gauge).set(v)
 
+        watched = record.get("eval")
+        if isinstance(watched, Mapping):
+            for measure, value in watched.items():
+                v = _number(float(value) if isinstance(value, bool) else value)
+                if v is not None:
+                    self._use(self.train_eval).labels(measure=str(measure)).set(v)
         losses = record.get("loss")
         if isinstance(losses, Mapping):
             for objective, entry in losses.items():

@@ -96,6 +96,7 @@ class Trainer:
                                                       cpu=not torch.cuda.is_available())
         self.on_log, self.on_checkpoint = on_log, on_checkpoint
         self.on_step = on_step  # called with the step count after every step (the stage's progress bar)
+        self.watch = None  # training/watch.py Watch: measures the student every training.eval_every updates
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.is_main = self.accelerator.is_main_process
         self.accum = config.training.grad_accum_steps
@@ -172,7 +173,8 @@ class Trainer:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
 
-    def save(self) -> Optional[Path]:
+    def save(self, root: Optional[Path] = None, keep: Optional[int] = None) -> Optional[Path]:
+        """A checkpoint in `root` (default checkpoints/), keeping the newest `keep` (training.keep_checkpoints)."""
         if self.fsdp:  # gathered on every rank (collectives), written by rank 0
             tensors, extra_json = self._state_tensors()
             pickled = {name: fsdp.optimizer_state(self.modules[name], opt) if name in self.sharded else opt.state_dict()
@@ -186,8 +188,8 @@ class Trainer:
         state = {"step": self.step, "nonfinite_total": self.nonfinite_total, "student_updates": self.student_updates,
                  "nonfinite_in_a_row": self.nonfinite_in_a_row, "objective": extra_json}
         buffer = self.mixture.buffer
-        path = save_checkpoint(self.ckpt_dir, self.step, tensors, state, pickled, buffer,
-                               keep=self.config.training.keep_checkpoints)
+        path = save_checkpoint(root or self.ckpt_dir, self.step, tensors, state, pickled, buffer,
+                               keep=keep or self.config.training.keep_checkpoints)
         if self.on_checkpoint:
             self.on_checkpoint()
         self.accelerator.wait_for_everyone()
@@ -270,6 +272,8 @@ class Trainer:
                     self.on_step(self.step)
                 if self.step % cfg.checkpoint_every == 0 or self.step == total:
                     self.save()
+                if self.watch is not None:
+                    self.watch.after_update(self)
                 out_of_time = bool(cfg.wall_clock_limit_s and time.monotonic() - started > cfg.wall_clock_limit_s)
                 if self._any_rank(stop.signal is not None or out_of_time):
                     if self.step % cfg.checkpoint_every and self.step != total:

@@ -33,6 +33,7 @@ from ddil_core.registry.lineage import training_lineage
 from ddil_core.models.teacher import load_teacher, rollout_guidance
 from ddil_core.stages.common import read_latent_cache, stage_run, write_resolved_config
 from ddil_core.stages.distill.inputs import check_grids, read_rollouts
+from ddil_core.stages.distill.watching import build_watch
 from ddil_core.training.checkpoint import latest_checkpoint
 from ddil_core.training.loop import NonFiniteLoss, Trainer
 
@@ -162,6 +163,7 @@ def _distill(config, latents, rollouts, out, on_log, on_checkpoint, replace_prev
                           buffer, device, forward_timesteps=objective.forward_timesteps(), teacher_step=teacher_step,
                           pure_noise_first_step=objective.pure_noise_first_step, teacher_pairs=wants_pairs)
     trainer = Trainer(config, objective, mixture, out, on_log=on_log, on_checkpoint=on_checkpoint)
+    trainer.watch = build_watch(config, objective, trainer, teacher, cache, ctx, device)
 
     done = latest_checkpoint(out / "checkpoints") if not replace_previous else None
     if done is not None and int(done.name.split("-")[-1]) > objective.total_steps():
@@ -207,6 +209,8 @@ def _train_and_publish(config, objective, trainer, teacher, cache, buffer, out: 
                 log_record(record)
 
         trainer.on_log, trainer.on_step = log_and_show, progress.update_to
+        if trainer.watch is not None and trainer.step == 0:  # the starting point: the teacher-initialised student
+            trainer.watch.evaluate(trainer)
         trainer.train()
     sharded = "student" in trainer.sharded
     full = trainer.full_state("student") if sharded else None  # gathered from the shards, on every rank
