@@ -44,7 +44,7 @@ from ddil_core.config import load_config
 from ddil_core.data.digits import DIGIT_WORDS, digit_caption, prompt_class
 from ddil_core.metrics.extractors import load_extractor
 from ddil_core.metrics.fid import frechet_distance
-from ddil_core.metrics.kernel_distance import kid
+from ddil_core.metrics.kid import kid_with_se
 from ddil_core.metrics.paired import holm, paired
 from ddil_core.metrics.prdc import precision_recall_density_coverage as prdc
 from ddil_core.models.pipeline_io import load_pipeline, read_student_info
@@ -90,7 +90,7 @@ def images_features(pipe, extractor, n: int, steps: int, guidance: float, schedu
 
 def image_metrics(feats, preds, teacher_feats, data_feats, k: int = 5) -> dict:
     wanted = [prompt_class(PROMPTS[i % len(PROMPTS)]) for i in range(len(feats))]
-    to_teacher, to_data = kid(feats, teacher_feats), kid(feats, data_feats, subset_size=len(data_feats))
+    to_teacher, to_data = kid_with_se(feats, teacher_feats), kid_with_se(feats, data_feats, len(data_feats))
     return {"kid_teacher": to_teacher["kid"], "kid_teacher_se": to_teacher["se"],
             "fd_teacher": frechet_distance(teacher_feats, feats), "kid_data": to_data["kid"],
             "fd_data": frechet_distance(data_feats, feats), **prdc(data_feats, feats, k),

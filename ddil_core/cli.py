@@ -13,7 +13,7 @@ import signal
 import sys
 from typing import Optional, Sequence
 
-from ddil_core.config.checks import NATURAL, RANGES, Range
+from ddil_core.config.checks import COUNT, NATURAL, NON_NEGATIVE, PORT, RANGES, Range
 
 EXIT_BAD_INPUT = 2
 EXIT_GATE_FAILED = 3
@@ -36,7 +36,7 @@ def one_line(text) -> str:
     return redact_string(" ".join(str(text).split()))
 
 
-def _number(kind, allowed: Range, note: str = ""):
+def _number(kind, allowed: Range, note: str = "", multiple_of: int = 1):
     """An argparse type: `kind` (int or float), finite (so --guidance nan is an error), in the config key's range."""
     def parse(raw: str):
         try:
@@ -45,7 +45,7 @@ def _number(kind, allowed: Range, note: str = ""):
             raise argparse.ArgumentTypeError(f"{raw!r} is not {'an integer' if kind is int else 'a number'}") from None
         if kind is float and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{raw!r} is not a finite number")
-        if not allowed.contains(value):
+        if not allowed.contains(value) or value % multiple_of:
             raise argparse.ArgumentTypeError(f"{raw} must be {allowed.describe()}{note}")
         return value
 
@@ -213,22 +213,10 @@ def cmd_serve(args):
           max_request_bytes=args.max_request_bytes)
 
 
-def _checked(kind, check, what):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if not check(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
-        return value
-    return parse
-
-
-_PORT = _checked(int, lambda v: 0 < v < 65536, "a port number")
-_POSITIVE = _checked(int, lambda v: v >= 1, "a positive integer")
-_MILLISECONDS = _checked(float, lambda v: v >= 0, "a number of milliseconds >= 0")
-_SIDE = _checked(int, lambda v: v >= 8 and v % 8 == 0, "a positive multiple of 8")
+_PORT = _number(int, PORT)
+_POSITIVE = _number(int, COUNT)
+_MILLISECONDS = _number(float, NON_NEGATIVE)
+_SIDE = _number(int, Range(8), ", a multiple of 8", multiple_of=8)
 
 
 def _add_serve(sub) -> None:

@@ -3,7 +3,6 @@ pulled into a fresh clone in another folder and resumed there to exactly the wei
 a queued sweep of two experiments (`dvc exp run --queue -S ...`, `dvc exp show`). The distill stage is dvc.yaml's
 own (its cmd, outs, metrics and plots), with the tiny recipe's paths."""
 import json
-import shutil
 
 import torch
 import yaml

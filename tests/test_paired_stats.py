@@ -7,16 +7,16 @@ import pytest
 import torch
 from scipy import stats
 
-from ddil_core.metrics.kernel_distance import kid, polynomial_mmd2
+from ddil_core.metrics.kid import kid, kid_with_se
 from ddil_core.metrics.paired import holm, paired, sign_flip_p
 
 
-def test_polynomial_mmd2_equals_torchmetrics_poly_mmd():
+def test_kid_equals_torchmetrics_poly_mmd():
     from torchmetrics.image.kid import poly_mmd
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(50, 8, generator=g, dtype=torch.float64), torch.randn(50, 8, generator=g, dtype=torch.float64)
-    assert polynomial_mmd2(x, y + 0.3) == pytest.approx(float(poly_mmd(x, y + 0.3)), rel=1e-10)
+    assert kid(x, y + 0.3) == pytest.approx(float(poly_mmd(x, y + 0.3)), rel=1e-10)
 
 
 def test_kid_is_unbiased_where_frechet_distance_is_not():
@@ -27,11 +27,11 @@ def test_kid_is_unbiased_where_frechet_distance_is_not():
     kids, fds = [], []
     for _ in range(20):
         a, b = torch.randn(100, 16, generator=g), torch.randn(100, 16, generator=g)
-        kids.append(kid(a, b, subset_size=50)["kid"])
+        kids.append(kid_with_se(a, b, subset_size=50)["kid"])
         fds.append(frechet_distance(a, b))
     assert abs(np.mean(kids)) < 3 * np.std(kids) / math.sqrt(len(kids))
     assert np.mean(fds) > 10 * np.std(fds) / math.sqrt(len(fds))  # the Fréchet distance's small-sample bias
-    shifted = kid(torch.randn(200, 16, generator=g), torch.randn(200, 16, generator=g) + 0.5, subset_size=50)
+    shifted = kid_with_se(torch.randn(200, 16, generator=g), torch.randn(200, 16, generator=g) + 0.5, subset_size=50)
     assert shifted["kid"] > 3 * shifted["se"] and shifted["subsets"] == 4
 
 

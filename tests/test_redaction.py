@@ -5,7 +5,6 @@ lines, Prometheus labels."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
