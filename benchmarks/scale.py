@@ -76,7 +76,7 @@ def build(unet_cfg: dict, objective: str, overrides: list, device):
 
     from ddil_core.config import load_config
     from ddil_core.math.schedule import NoiseSchedule
-    from ddil_core.method.mixture import StateBatch, TeacherPairs
+    from ddil_core.method.batch import StateBatch, TeacherPairs
     from ddil_core.method.objectives import ObjectiveContext, build_objective
     from ddil_core.training.loop import make_optimizer
 

@@ -6,7 +6,8 @@ import torch.distributed as dist
 from ddil_core.config import load_config
 from ddil_core.math.schedule import NoiseSchedule
 from ddil_core.method.grid import StudentGrid
-from ddil_core.method.mixture import DDILMixture, TrainingData
+from ddil_core.method.batch import TrainingData
+from ddil_core.method.mixture import DDILMixture
 
 
 def main():

@@ -8,7 +8,8 @@ import torch
 
 from ddil_core.config import ConfigError, load_config
 from ddil_core.method.grid import StudentGrid
-from ddil_core.method.mixture import DDILMixture, FORWARD
+from ddil_core.method.batch import FORWARD
+from ddil_core.method.mixture import DDILMixture
 from ddil_core.method.streams import RandomStreams
 from tests.conftest import tiny_config
 from tests.test_mixture import SCHED, _data, _student_step

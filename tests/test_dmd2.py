@@ -7,7 +7,7 @@ import torch
 
 from ddil_core.config import ConfigError
 from ddil_core.method.draws import SampleDraws
-from ddil_core.method.mixture import StateBatch, TeacherPairs
+from ddil_core.method.batch import StateBatch, TeacherPairs
 from ddil_core.method.objectives.base import ObjectiveContext
 from ddil_core.method.objectives.dmd2 import (BottleneckClassifier, DistributionMatchingDistillation, FakeScore,
                                               dmd2_grid)
@@ -155,7 +155,7 @@ def test_each_loss_reaches_only_its_own_network():
 
 def test_regression_term_alone_pulls_g_toward_the_teachers_image():
     """Only the regression term: its gradient is that of ||G(x_t) - x0_teacher||^2 at the pair's state."""
-    from ddil_core.method.mixture import TeacherPairs
+    from ddil_core.method.batch import TeacherPairs
 
     obj = _objective("objective.dmd2.regression_weight=1", "objective.dmd2.gan=false")
     x_t, x0 = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
@@ -171,7 +171,8 @@ def test_regression_pairs_are_the_teachers_own_noise_image_pairs(tmp_path, tiny_
     from safetensors.torch import load_file
 
     from ddil_core.method.grid import StudentGrid
-    from ddil_core.method.mixture import DDILMixture, TrainingData
+    from ddil_core.method.batch import TrainingData
+    from ddil_core.method.mixture import DDILMixture
     from ddil_core.models.teacher import load_teacher
     from ddil_core.stages.common import read_latent_cache
     from ddil_core.stages.distill.inputs import read_rollouts

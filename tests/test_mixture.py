@@ -8,7 +8,8 @@ from ddil_core.config import load_config
 from ddil_core.math.schedule import NoiseSchedule
 from ddil_core.method.buffer import ReplayBuffer
 from ddil_core.method.grid import StudentGrid
-from ddil_core.method.mixture import DDILMixture, TrainingData, draw_sources, scheduled_priors
+from ddil_core.method.batch import TrainingData
+from ddil_core.method.mixture import DDILMixture, draw_sources, scheduled_priors
 
 SCHED = NoiseSchedule.from_config({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
                                   set_alpha_to_one=True)

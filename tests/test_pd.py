@@ -3,7 +3,7 @@ import torch
 
 from ddil_core.math.ddim import ddim_step
 from ddil_core.method.draws import SampleDraws
-from ddil_core.method.mixture import StateBatch
+from ddil_core.method.batch import StateBatch
 from ddil_core.method.objectives.base import ObjectiveContext
 from ddil_core.method.objectives.pd import ProgressiveDistillation, stage_steps
 from ddil_core.models.tiny import tiny_unet

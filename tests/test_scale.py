@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from ddil_core.config import ConfigError
 from ddil_core.method.draws import SampleDraws
 from ddil_core.method.grid import StudentGrid
-from ddil_core.method.mixture import DDILMixture, StateBatch, TeacherPairs, TrainingData
+from ddil_core.method.batch import StateBatch, TeacherPairs, TrainingData
+from ddil_core.method.mixture import DDILMixture
 from ddil_core.method.objectives import build_objective
 from ddil_core.models.teacher import load_teacher
 from ddil_core.stages.common import read_latent_cache

@@ -155,7 +155,7 @@ def test_loss_equals_the_reference_training_step(sd15):
     ref_loss = torch.mean(torch.sqrt((model_pred.float() - target.float()) ** 2 + 0.001**2) - 0.001)
 
     tdd.select_targets = lambda t, draws: s
-    from ddil_core.method.mixture import StateBatch
+    from ddil_core.method.batch import StateBatch
     batch = StateBatch(x, torch.zeros(5, dtype=torch.long), start, cond, torch.zeros(5, dtype=torch.long), x, x, cond)
     ours = tdd.loss(batch, 0, SampleDraws.whole(torch.Generator().manual_seed(0), 5)).losses["student"]
     assert ref_loss > 1e-4

@@ -10,81 +10,18 @@ A student-backward state depends only on noise, the prompt and the student: neve
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
 from ddil_core.config.schema import DDILConfig
 from ddil_core.math.schedule import NoiseSchedule
+from ddil_core.method.batch import FORWARD, STUDENT, TEACHER, StateBatch, TeacherPairs, TrainingData
 from ddil_core.method.buffer import ReplayBuffer
 from ddil_core.method.grid import StudentGrid
 from ddil_core.method.rollouts import student_rollout
 from ddil_core.method.streams import RandomStreams
-from ddil_core.models.conditioning import Cond, index_cond
-
-SOURCES = ("forward", "teacher", "student")
-FORWARD, TEACHER, STUDENT = 0, 1, 2
-
-
-@dataclass
-class TeacherPairs:
-    """DMD (v1)'s regression pairs: a state on the teacher's own deterministic trajectory (pure noise at its first
-    step) and the image that trajectory ended at, with the rollout's prompt (tianweiy/DMD2 main/train_sd_ode.py,
-    --denoising: one trajectory point per sample)."""
-
-    x_t: torch.Tensor  # [B, C, H, W]
-    t: torch.Tensor  # [B] a student grid timestep
-    cond: Cond
-    x0: torch.Tensor  # [B, C, H, W] the teacher's final sample
-
-    def slice(self, start: int, end: int) -> "TeacherPairs":
-        return TeacherPairs(self.x_t[start:end], self.t[start:end], {k: v[start:end] for k, v in self.cond.items()},
-                            self.x0[start:end])
-
-    def to(self, device) -> "TeacherPairs":
-        return TeacherPairs(self.x_t.to(device), self.t.to(device), {k: v.to(device) for k, v in self.cond.items()},
-                            self.x0.to(device))
-
-
-@dataclass
-class StateBatch:
-    x_t: torch.Tensor  # [B, C, H, W]
-    k: torch.Tensor  # [B] index of a forward state's timestep in the forward grid (bookkeeping only)
-    t: torch.Tensor  # [B] timestep
-    cond: Cond  # per-sample prompt embeddings
-    source: torch.Tensor  # [B] 0 forward, 1 teacher, 2 student
-    x0_real: torch.Tensor  # [B, C, H, W] the batch's real latents (DMD2's GAN uses them; never the states)
-    noise: torch.Tensor  # [B, C, H, W] fresh noise for objectives that need one per sample
-    cond_real: Cond  # the real latents' own captions (a teacher or student state carries its rollout's prompt)
-    pairs: Optional[TeacherPairs] = None  # teacher noise-image pairs, for objectives with a regression loss
-    # What the whole global batch was made of (not sliced): per-source counts [3], fresh student rollouts, and the
-    # student states made by at least one student step (a rollout of j = 0 steps is pure noise)
-    counts: Optional[torch.Tensor] = None
-    fresh: int = 0
-    student_induced: int = 0
-
-    def slice(self, start: int, end: int) -> "StateBatch":
-        """Samples [start, end): one rank's share of a global batch."""
-        return StateBatch(self.x_t[start:end], self.k[start:end], self.t[start:end],
-                          {key: v[start:end] for key, v in self.cond.items()}, self.source[start:end],
-                          self.x0_real[start:end], self.noise[start:end],
-                          {key: v[start:end] for key, v in self.cond_real.items()},
-                          self.pairs.slice(start, end) if self.pairs is not None else None,
-                          self.counts, self.fresh, self.student_induced)
-
-
-@dataclass
-class TrainingData:
-    """What the mixture draws from: the latent cache and the teacher rollouts, as tensors."""
-
-    latents: torch.Tensor  # [N, C, H, W]
-    cond: Cond  # [N, ...]
-    rollout_states: Optional[torch.Tensor] = None  # [R, K, C, H, W] teacher states at rollout_timesteps
-    rollout_timesteps: Optional[torch.Tensor] = None  # [K]
-    rollout_ref: Optional[torch.Tensor] = None  # [R] index of each rollout's prompt in `cond`
-    rollout_x0: Optional[torch.Tensor] = None  # [R, C, H, W] the image each rollout ended at
-
+from ddil_core.models.conditioning import index_cond
 
 def scheduled_priors(config: DDILConfig, step: int) -> torch.Tensor:
     """[forward, teacher, student] probabilities at a training step: constant, or linear from forward-only."""
@@ -141,9 +78,12 @@ class DDILMixture:
         if self.buffer is not None:
             self.buffer.clear()
 
-    def sample(self, step: int, batch_size: int, generator) -> StateBatch:
-        """A global batch of states. `generator`: the run's RandomStreams, or one torch.Generator for every draw."""
+    def sample(self, step: int, batch_size: int, generator, shared_int: Optional[Callable[[int], int]] = None
+               ) -> StateBatch:
+        """A global batch of states. `generator`: the run's RandomStreams, or one torch.Generator for every draw;
+        `shared_int`: how this call agrees a value across ranks (default: the constructor's)."""
         streams = RandomStreams.of(generator)
+        share = shared_int or self.shared_int
         g, dev, n_grid = streams.rollout, self.device, self.grid.num_steps
         grid_t = self.grid.timesteps
         forward_t = grid_t if self.forward_timesteps is None else self.forward_timesteps
@@ -183,7 +123,7 @@ class DDILMixture:
                 for key in cond:
                     cond[key][is_teacher] = self.data.cond[key][ref].to(cond[key].dtype)
         elif self.config.teacher_mode != "precomputed" and self.config.priors.teacher > 0:  # online rollouts
-            j_t = self.shared_int(int(torch.randint(n_grid, (1,), generator=g)))
+            j_t = share(int(torch.randint(n_grid, (1,), generator=g)))
             teacher_takes = self._teacher_plan(j_t, g)
             if is_teacher.any():
                 x_t[is_teacher] = self._mixed_rollout(j_t, teacher_takes, idx[is_teacher], g)
@@ -191,7 +131,7 @@ class DDILMixture:
 
         # student backward: the student's own rollout for j < N steps (j >= ddil.student_min_steps), shared by the
         # batch (and all ranks)
-        j = self.shared_int(int(torch.randint(min(self.config.student_min_steps, n_grid - 1), n_grid, (1,),
+        j = share(int(torch.randint(min(self.config.student_min_steps, n_grid - 1), n_grid, (1,),
                                               generator=g)))
         is_student = source == STUDENT
         n_student = int(is_student.sum())

@@ -32,7 +32,8 @@ import torch
 from ddil_core.config import Config
 from ddil_core.data.shards import ShardError
 from ddil_core.method.draws import SampleDraws
-from ddil_core.method.mixture import SOURCES, DDILMixture, scheduled_priors
+from ddil_core.method.batch import SOURCES
+from ddil_core.method.mixture import DDILMixture, scheduled_priors
 from ddil_core.method.objectives.base import Objective, interval_means, per_source_sums
 from ddil_core.method.streams import RandomStreams
 from ddil_core.models.trainable import load_trainable_state, trainable_state_dict
@@ -103,8 +104,6 @@ class Trainer:
         if config.training.batch_size % (self.world * self.accum):
             raise ValueError(f"training.batch_size = {config.training.batch_size} must be divisible by the "
                              f"{self.world} processes x training.grad_accum_steps = {self.accum}")
-        if self.world > 1:
-            mixture.shared_int = self._broadcast_int
         seed = config.training.seed
         self.streams = (RandomStreams.separate(seed) if config.training.random_streams == "separate" else
                         RandomStreams.single(torch.Generator().manual_seed(seed)))
@@ -288,7 +287,8 @@ class Trainer:
         total = self.config.training.batch_size
         with acc.autocast() if self.rollout_autocast else contextlib.nullcontext():
             with self._rollout_weights():
-                batch = self.mixture.sample(self.step, total, self.streams)
+                batch = self.mixture.sample(self.step, total, self.streams,
+                                            self._broadcast_int if self.world > 1 else None)
         t1 = time.perf_counter()
         # micro-batch m holds rows [m * micro, (m + 1) * micro) of the global batch; this rank its share of each
         micro, shared = total // self.accum, ([] if self.accum > 1 else None)

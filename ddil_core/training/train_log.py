@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ddil_core.method.mixture import SOURCES
+from ddil_core.method.batch import SOURCES
 
 
 def bin_by_step(bins: dict, term: str, values: torch.Tensor, source: torch.Tensor, t: torch.Tensor,

@@ -16,7 +16,7 @@ from ddil_core.config import Config
 from ddil_core.math.schedule import NoiseSchedule
 from ddil_core.method.draws import SampleDraws
 from ddil_core.method.grid import StudentGrid
-from ddil_core.method.mixture import SOURCES, StateBatch
+from ddil_core.method.batch import SOURCES, StateBatch
 from ddil_core.method.rollouts import Reflection, resolve_reflection
 from ddil_core.models.conditioning import Cond
 

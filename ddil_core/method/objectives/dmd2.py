@@ -34,7 +34,7 @@ from ddil_core.math.parameterization import to_x0_eps
 from ddil_core.method.draws import SampleDraws
 from ddil_core.config import ConfigError
 from ddil_core.method.grid import StudentGrid, lcm_original_steps_for, lcm_scheduler_timesteps
-from ddil_core.method.mixture import StateBatch
+from ddil_core.method.batch import StateBatch
 from ddil_core.method.objectives.base import LossOutput, Objective, ObjectiveContext, student_scheduler_config
 from ddil_core.method.objectives.lcm import pseudo_huber
 from ddil_core.models.denoiser import Denoiser

@@ -28,7 +28,7 @@ from ddil_core.math.guidance_embedding import guidance_scale_embedding
 from ddil_core.math.parameterization import to_x0_eps
 from ddil_core.method.draws import SampleDraws
 from ddil_core.method.grid import StudentGrid
-from ddil_core.method.mixture import StateBatch
+from ddil_core.method.batch import StateBatch
 from ddil_core.method.objectives.base import LossOutput, Objective, ObjectiveContext, student_scheduler_config
 from ddil_core.models.denoiser import Denoiser
 from ddil_core.models.trainable import trainable_copy, trainable_state_dict

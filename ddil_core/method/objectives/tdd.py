@@ -33,7 +33,7 @@ from ddil_core.math.target_timesteps import (candidate_targets, ddim_jump, defau
                                              solver_timesteps, target_timesteps)
 from ddil_core.method.draws import SampleDraws
 from ddil_core.method.grid import StudentGrid
-from ddil_core.method.mixture import StateBatch
+from ddil_core.method.batch import StateBatch
 from ddil_core.method.objectives.base import LossOutput, Objective, ObjectiveContext, student_scheduler_config
 from ddil_core.method.objectives.lcm import pseudo_huber
 from ddil_core.models.conditioning import Cond

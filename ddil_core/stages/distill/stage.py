@@ -23,7 +23,8 @@ import torch
 
 from ddil_core.config import Config, ConfigError, resolved_dict
 from ddil_core.method.buffer import ReplayBuffer
-from ddil_core.method.mixture import DDILMixture, TrainingData
+from ddil_core.method.batch import TrainingData
+from ddil_core.method.mixture import DDILMixture
 from ddil_core.method.objectives import ObjectiveContext, build_objective
 from ddil_core.method.rollouts import student_rollout, teacher_interval_step
 from ddil_core.models.denoiser import Denoiser
