@@ -7,6 +7,11 @@ declares `additionalProperties` nor sets `x-kubernetes-preserve-unknown-fields` 
 validation turns a pruned field into an error, so such schemas get `additionalProperties: false`. The root
 `metadata` (an ObjectMeta the CRD leaves untyped) is validated as a ConfigMap's with kubernetes-validate.
 
+Katib's Experiment CRD (kubeflow.org/v1beta1) declares no structure (x-kubernetes-preserve-unknown-fields; Katib's
+admission webhook checks the spec), so an Experiment is validated against the v1beta1 OpenAPI definitions of the
+same Katib release (tests/crd_schemas/katib-*.json, see extract.py), strict in the same way; its trialSpec (an
+Unstructured object) is left to the caller (a TrainJob: validate it as one).
+
 Not evaluated: the CRDs' CEL rules (`x-kubernetes-validations`). Most are transition rules (`self == oldSelf`);
 the create-time rules that touch what ddil writes (TrainJob name pattern and length, one ML policy per runtime)
 are checked by hand in `errors()`, with the object name rule of every kind.
@@ -25,11 +30,17 @@ SCHEMAS = Path(__file__).resolve().parent / "crd_schemas"
 # The releases ddil claims to support (docs/kubeflow.md), per kind.
 TRAINER_VERSIONS = ("v2.1.0", "v2.2.1", "v2.3.0")
 TRAINING_OPERATOR_VERSIONS = ("v1.9.4",)
+KATIB_VERSIONS = ("v0.19.0",)
 FILES = {
     "TrainJob": {v: f"trainer-{v}-trainjob.json" for v in TRAINER_VERSIONS},
     "TrainingRuntime": {v: f"trainer-{v}-trainingruntime.json" for v in TRAINER_VERSIONS},
     "PyTorchJob": {v: f"training-operator-{v}-pytorchjob.json" for v in TRAINING_OPERATOR_VERSIONS},
+    "Experiment": {v: f"katib-{v}-experiment.json" for v in KATIB_VERSIONS},
 }
+# Kubernetes types the Katib OpenAPI document refers to without defining: ObjectMeta is checked by
+# validate_metadata, the trial spec by its own kind's schema; the rest ddil does not write.
+KATIB_EXTERNAL = ("v1.ObjectMeta", "v1.unstructured.Unstructured", "v1.Container", "v1.HTTPGetAction", "v1.Time",
+                  "v1.ListMeta")
 ML_POLICIES = ("torch", "mpi", "jax", "xgboost", "flux")
 
 
@@ -66,6 +77,12 @@ def strict(schema: dict) -> dict:
 @functools.lru_cache(maxsize=None)
 def crd(kind: str, version: str) -> dict:
     data = json.loads((SCHEMAS / FILES[kind][version]).read_text())
+    if kind == "Experiment":
+        root = data["openAPIV3Schema"]
+        definitions = {name: strict(sub) for name, sub in root["definitions"].items()}
+        definitions.update({name: {"type": "object"} for name in KATIB_EXTERNAL})
+        data["strict"] = {"$ref": root["$ref"], "definitions": definitions}
+        return data
     schema = strict(data["openAPIV3Schema"])
     schema["properties"]["metadata"] = {"type": "object"}  # ObjectMeta: checked separately (validate_metadata)
     data["strict"] = schema
@@ -85,7 +102,7 @@ class SchemaError(ValueError):
 
 
 def errors(obj: dict, version: str) -> list[str]:
-    """Every violation of `obj` (a TrainJob, TrainingRuntime or PyTorchJob) against the CRD of `version`, as
+    """Every violation of `obj` (a TrainJob, TrainingRuntime, PyTorchJob or Katib Experiment) against the CRD of `version`, as
     'path: message' lines; [] when the API server would accept it."""
     kind = obj.get("kind")
     if kind not in FILES:
@@ -112,6 +129,33 @@ def errors(obj: dict, version: str) -> list[str]:
         policy = (obj.get("spec") or {}).get("mlPolicy") or {}
         if sum(key in policy for key in ML_POLICIES) > 1:
             found.append("spec.mlPolicy: only one of " + ", ".join(ML_POLICIES) + " may be set")
+    if kind == "Experiment":
+        found += _experiment_rules((obj.get("spec") or {}))
+    return found
+
+
+def _experiment_rules(spec: dict) -> list[str]:
+    """The create-time rules of Katib's webhook (pkg/webhook/v1beta1/experiment/validator) that ddil's Experiment
+    could break: an objective metric, typed parameters with a feasible space, trial parameters that reference
+    declared parameters, a trial spec with apiVersion and kind."""
+    found = []
+    if not (spec.get("objective") or {}).get("objectiveMetricName"):
+        found.append("spec.objective.objectiveMetricName: required")
+    declared = set()
+    for param in spec.get("parameters") or []:
+        declared.add(param.get("name"))
+        space = param.get("feasibleSpace") or {}
+        if param.get("parameterType") in ("double", "int") and not ("min" in space and "max" in space):
+            found.append(f"spec.parameters[{param.get('name')}].feasibleSpace: min and max are required")
+        if param.get("parameterType") in ("categorical", "discrete") and not space.get("list"):
+            found.append(f"spec.parameters[{param.get('name')}].feasibleSpace.list: required")
+    template = spec.get("trialTemplate") or {}
+    for trial_param in template.get("trialParameters") or []:
+        if trial_param.get("reference") not in declared:
+            found.append(f"spec.trialTemplate.trialParameters[{trial_param.get('name')}]: references no parameter")
+    trial_spec = template.get("trialSpec") or {}
+    if not (trial_spec.get("apiVersion") and trial_spec.get("kind")):
+        found.append("spec.trialTemplate.trialSpec: apiVersion and kind are required")
     return found
 
 

@@ -7,6 +7,8 @@ What it serves, as the API server does (paths, status codes, Status bodies, watc
 - trainer.kubeflow.org/v1alpha1 trainjobs and trainingruntimes, kubeflow.org/v1 pytorchjobs: create (POST; strict
   validation against the released CRD schemas, tests/crd_validate.py: 422 naming the field; 409 when the name
   exists), get, list (also `?watch=true`: newline-delimited ADDED / MODIFIED / DELETED events), delete;
+- kubeflow.org/v1beta1 experiments (Katib): create (strict validation against the v1beta1 API of Katib v0.19.0,
+  tests/crd_validate.py), get, list, delete; no controller runs them;
 - core/v1 pods (get, list by label selector) and pod logs (`follow=true` streams until the pod ends);
 - the Trainer's version ConfigMap is absent (404: the SDK only warns).
 
@@ -34,7 +36,9 @@ from tests import crd_validate
 RUNTIME = Path(__file__).resolve().parents[1] / "k8s" / "training" / "trainingruntime.yaml"
 # the CRD release whose schema a create is validated against
 VALIDATED = {"trainjobs": "v2.3.0", "pytorchjobs": "v1.9.4"}
-KINDS = {"trainjobs": "TrainJob", "pytorchjobs": "PyTorchJob", "trainingruntimes": "TrainingRuntime"}
+KINDS = {"trainjobs": "TrainJob", "pytorchjobs": "PyTorchJob", "trainingruntimes": "TrainingRuntime",
+         "experiments": "Experiment"}
+STORED = {"experiments": "v0.19.0"}  # validated on create, stored as created (no simulated controller)
 
 
 def condition(type_: str, reason: str = "", message: str = "") -> dict:
@@ -227,7 +231,8 @@ class KubeApiStub:
         return h._send(200, {"kind": f"{KINDS[plural]}List", "items": items, "metadata": {"resourceVersion": "1"}})
 
     def _create(self, h, plural: str, namespace: str, obj: dict) -> None:
-        problems = crd_validate.errors(obj, VALIDATED[plural]) if plural in VALIDATED else []
+        release = VALIDATED.get(plural) or STORED.get(plural)
+        problems = crd_validate.errors(obj, release) if release else []
         if problems:
             status = {"reason": "Invalid", "message": "; ".join(problems)}
             self.rejected.append(status)
