@@ -109,6 +109,40 @@ def inline_images(text: str, folder: str) -> str:
     return re.sub(r"(!\[[^\]]*\]\()([^)\s]+)((?:\s+\"[^\"]*\")?\))", md_link, text)
 
 
+def watch_scalars(log_path: str) -> dict:
+    """The in-training measures of a watched run (train_log.jsonl lines with "eval", training/watch.py) for a KFP
+    Metrics artifact: the last measure's finite numbers as watch_<name>, its step as watch_step, and the best value
+    of each as watch_best_<name> (lowest; adherence highest). Empty for an unwatched run."""
+    import json
+    import math
+    import os
+
+    if not os.path.exists(log_path):
+        return {}
+    measures = []
+    with open(log_path, encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("eval"), dict):
+                measures.append(record)
+    out = {}
+    if measures:
+        out["watch_step"] = float(measures[-1].get("step", 0))
+    for i, record in enumerate(measures):
+        for key, value in record["eval"].items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+                continue
+            if i == len(measures) - 1:
+                out[f"watch_{key}"] = float(value)
+            best, higher = out.get(f"watch_best_{key}"), key == "adherence"
+            if best is None or (value > best if higher else value < best):
+                out[f"watch_best_{key}"] = float(value)
+    return out
+
+
 def student_scalars(metrics: dict) -> dict:
     """Finite numeric metrics of evaluate's metrics.json for a KFP Metrics artifact: the student's under their own
     names (fid, precision, recall, density, coverage, adherence, diversity, nfe_per_image, seconds_per_image, ...),

@@ -9,7 +9,8 @@ from typing import List
 
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
-from components.common import copy_folder, ddil_component, inline_images, stage_config, student_scalars
+from components.common import (copy_folder, ddil_component, inline_images, stage_config, student_scalars,
+                               watch_scalars)
 
 
 @ddil_component(stage_config)
@@ -65,9 +66,10 @@ def durable_distill_dir(checkpoint_root: str, run_id: str) -> str:
     return f"{checkpoint_root.rstrip('/')}/{run}/distill"
 
 
-@ddil_component(stage_config, copy_folder, accelerate_distill_command, durable_distill_dir)
+@ddil_component(stage_config, copy_folder, accelerate_distill_command, durable_distill_dir, watch_scalars)
 def distill(recipe: str, overrides: List[str], run_id: str, latents: Input[Dataset], rollouts: Input[List[Dataset]],
-            student: Output[Model], training_log: Output[Artifact], checkpoint_root: str = "/data/ddil-runs"):
+            student: Output[Model], training_log: Output[Artifact], watch: Output[Metrics],
+            checkpoint_root: str = "/data/ddil-runs"):
     """Train the few-step student in this pod: in-process on one GPU (or the CPU), with `accelerate launch` (DDP)
     when the pod has several GPUs (gpu_count > 1; $DDIL_NUM_PROCESSES overrides the count).
 
@@ -75,7 +77,8 @@ def distill(recipe: str, overrides: List[str], run_id: str, latents: Input[Datas
     ddil-data volume (a path) or mirrored to object storage after every checkpoint (an s3:// prefix). A retry of
     the task (preemption, node loss, OOM kill) resumes there from the last checkpoint to the weights of an
     uninterrupted run; the folder is removed once the student is out. Outputs: the student (a plain diffusers
-    pipeline folder, lineage in its metadata) and the training log (train_log.jsonl, resolved_config.yaml).
+    pipeline folder, lineage in its metadata), the training log (train_log.jsonl, resolved_config.yaml) and, for a
+    watched run (training.eval_every), its in-training measures as metrics the KFP UI shows (watch_scalars).
     """
     import json
     import os
@@ -140,6 +143,8 @@ def distill(recipe: str, overrides: List[str], run_id: str, latents: Input[Datas
         for name in ("train_log.jsonl", "resolved_config.yaml"):
             if os.path.exists(os.path.join(out, name)):
                 shutil.copy2(os.path.join(out, name), os.path.join(training_log.path, name))
+        for name, value in watch_scalars(os.path.join(training_log.path, "train_log.jsonl")).items():
+            watch.log_metric(name, value)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     # the student is out: the run's checkpoints are no longer needed

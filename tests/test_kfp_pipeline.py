@@ -426,6 +426,20 @@ def test_student_scalars():
     assert student_scalars(metrics) == {"fid": 3.5, "steps": 4.0, "teacher_fid": 2.0}
 
 
+def test_watch_scalars_show_a_watched_runs_last_and_best_measures(tmp_path):
+    """What the distill component logs as its `watch` Metrics artifact, from the train log's measure lines."""
+    from components.common import watch_scalars
+
+    log = tmp_path / "train_log.jsonl"
+    lines = [{"step": 1, "loss": {"pd": {"all": 0.5}}}, {"step": 0, "eval": {"kid": 0.4, "adherence": 0.6}},
+             {"step": 2, "eval": {"kid": 0.1, "adherence": 0.9, "note": "x"}},
+             {"step": 4, "eval": {"kid": 0.3, "adherence": 0.7, "drift": float("nan")}}]
+    log.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    assert watch_scalars(str(log)) == {"watch_step": 4.0, "watch_kid": 0.3, "watch_adherence": 0.7,
+                                       "watch_best_kid": 0.1, "watch_best_adherence": 0.9}
+    assert watch_scalars(str(tmp_path / "absent.jsonl")) == {}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # (d) `kfp run create` / `run submit` / `pipeline create` against the API stub
 
