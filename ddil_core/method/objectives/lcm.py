@@ -58,6 +58,13 @@ def pseudo_huber(pred: torch.Tensor, target: torch.Tensor, c: float) -> torch.Te
     return (torch.sqrt((pred.float() - target.float()) ** 2 + c**2) - c).flatten(1).mean(1)
 
 
+def consistency_distance(pred: torch.Tensor, target: torch.Tensor, loss: str, huber_c: float) -> torch.Tensor:
+    """Per sample: pseudo-Huber ("huber") or the mean squared error ("l2"), the two losses of LCM and TDD."""
+    if loss == "huber":
+        return pseudo_huber(pred, target, huber_c)
+    return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
 class LatentConsistencyDistillation(Objective):
     name = "lcm"
 
@@ -140,10 +147,7 @@ class LatentConsistencyDistillation(Objective):
         target = self.targets(x, t, cond, w, w_emb)
         t1 = time.perf_counter()
         pred = self.consistency(self.student_denoiser, x, t, cond, w_emb)
-        if self.cfg.loss == "huber":
-            per_sample = pseudo_huber(pred, target, self.cfg.huber_c)
-        else:
-            per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+        per_sample = consistency_distance(pred, target, self.cfg.loss, self.cfg.huber_c)
         t2 = time.perf_counter()
         return LossOutput({"student": per_sample.mean()}, {"lcm": per_sample.detach()},
                           {"teacher": t1 - t0, "student": t2 - t1})

@@ -35,7 +35,7 @@ from ddil_core.method.draws import SampleDraws
 from ddil_core.method.grid import StudentGrid
 from ddil_core.method.batch import StateBatch
 from ddil_core.method.objectives.base import LossOutput, Objective, ObjectiveContext, student_scheduler_config
-from ddil_core.method.objectives.lcm import pseudo_huber
+from ddil_core.method.objectives.lcm import consistency_distance
 from ddil_core.models.conditioning import Cond
 from ddil_core.models.denoiser import Denoiser
 from ddil_core.models.trainable import trainable_copy, trainable_state_dict
@@ -156,10 +156,7 @@ class TargetDrivenDistillation(Objective):
         target = self.targets(x, t, s, cond)
         t1 = time.perf_counter()
         pred = self._jump(self.student_denoiser, x, t, s, cond)
-        if self.cfg.loss == "huber":
-            per_sample = pseudo_huber(pred, target, self.cfg.huber_c)
-        else:
-            per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+        per_sample = consistency_distance(pred, target, self.cfg.loss, self.cfg.huber_c)
         t2 = time.perf_counter()
         return LossOutput({"student": per_sample.mean()}, {"tdd": per_sample.detach()},
                           {"teacher": t1 - t0, "student": t2 - t1})
