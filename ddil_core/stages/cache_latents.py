@@ -158,6 +158,8 @@ def _encode_all(config: Config, teacher, staging: ResumableStaging, telemetry, s
         log.info("cache-latents: reused %d shards of the interrupted run", state["reused"])
     values = torch.cat(abs_values, dim=1)
     bounds = torch.quantile(values[:, :MAX_BOUND_SAMPLES], dcfg.latent_bound_percentile, dim=1)
+    # the dataset's own captions and keys, copied verbatim: data, not a credential (the redaction would rewrite a
+    # caption that reads like user:password@host)
     (staging.folder / "captions.json").write_text(json.dumps(captions))
     (staging.folder / "keys.json").write_text(json.dumps(keys))
     manifest = writer.finish(

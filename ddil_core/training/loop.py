@@ -30,6 +30,7 @@ from typing import Callable, Optional
 import torch
 
 from ddil_core.config import Config
+from ddil_core.config.redaction import redacted_json
 from ddil_core.data.shards import ShardError
 from ddil_core.method.draws import SampleDraws
 from ddil_core.method.mixture import SOURCES, DDILMixture, scheduled_priors
@@ -420,7 +421,7 @@ class Trainer:
         if torch.cuda.is_available():
             record["gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
         with open(self.log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(redacted_json(record) + "\n")
         if self.on_log:
             self.on_log(record)
         self._interval = self._new_interval()
