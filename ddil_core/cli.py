@@ -46,7 +46,7 @@ def _number(kind, allowed: Range, note: str = "", multiple_of: int = 1):
             raise argparse.ArgumentTypeError(f"{raw!r} is not {'an integer' if kind is int else 'a number'}") from None
         if kind is float and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{raw!r} is not a finite number")
-        if not allowed.contains(value) or value % multiple_of:
+        if not allowed.contains(value) or (multiple_of > 1 and value % multiple_of):  # 4.5 % 1 is not 0
             raise argparse.ArgumentTypeError(f"{raw} must be {allowed.describe()}{note}")
         return value
 
