@@ -18,6 +18,7 @@ from ddil_core.config.checks import COUNT, NATURAL, NON_NEGATIVE, PORT, RANGES, 
 EXIT_BAD_INPUT = 2
 EXIT_GATE_FAILED = 3
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what Kubernetes expects of a terminated container
+EXIT_INTERRUPTED = 130  # 128 + SIGINT (Ctrl-C): a stage stopped by a signal exits 128 + that signal
 LIGHT_COMMANDS = ("register",)
 TEACHER_HELP = "teacher: diffusers folder, hub id, s3:// or tiny://sd15|sdxl (default: model.teacher)"  # no torch or diffusers: no thread count to choose, no diffusers to quiet
 
@@ -45,7 +46,7 @@ def _number(kind, allowed: Range, note: str = "", multiple_of: int = 1):
             raise argparse.ArgumentTypeError(f"{raw!r} is not {'an integer' if kind is int else 'a number'}") from None
         if kind is float and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{raw!r} is not a finite number")
-        if not allowed.contains(value) or value % multiple_of:
+        if not allowed.contains(value) or (multiple_of > 1 and value % multiple_of):  # 4.5 % 1 is not 0
             raise argparse.ArgumentTypeError(f"{raw} must be {allowed.describe()}{note}")
         return value
 
@@ -402,15 +403,17 @@ def _run(args) -> int:
     from ddil_core.registry import GateError
     from ddil_core.training.loop import NonFiniteLoss, Preempted
 
-    def preempt(signum, frame):  # anywhere outside a loop that checkpoints: stop cleanly (staging removed, exit 143)
-        raise Preempted(f"stopped by signal {signum}")
+    def preempt(signum, frame):  # anywhere outside a loop that checkpoints: stop cleanly (staging removed)
+        raise Preempted(f"stopped by signal {signum}", signum=signum)
 
-    previous = signal.signal(signal.SIGTERM, preempt)  # put back on return: main() called in-process leaves no trace
+    # SIGTERM and SIGINT alike: one exception, exit 128 + the signal (143, 130). Put back on return: main() called
+    # in-process leaves no trace
+    previous = {sig: signal.signal(sig, preempt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         args.func(args)
     except Preempted as exc:
         print(f"ddil {args.command}: {one_line(exc)}", file=sys.stderr)
-        return EXIT_PREEMPTED
+        return exc.exit_code
     except BAD_INPUT_ERRORS as exc:
         print(f"ddil {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -432,11 +435,12 @@ def _run(args) -> int:
         else:
             raise
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print(f"ddil {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt:  # raised by a library's own SIGINT handler
+        print(f"ddil {args.command}: interrupted by signal {int(signal.SIGINT)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 

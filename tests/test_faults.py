@@ -326,8 +326,9 @@ def test_sigterm_during_cache_latents_leaves_nothing_visible_and_the_rerun_resum
     assert not staging.exists()
 
 
-def _interrupt_after_records(monkeypatch, n: int):
-    """SIGTERM this process right after the n-th shard is recorded (as a preempted pod receives it)."""
+def _interrupt_after_records(monkeypatch, n: int, signum: int = signal.SIGTERM):
+    """Send `signum` (SIGTERM: as a preempted pod receives it) to this process right after the n-th shard is
+    recorded."""
     from ddil_core.data import shards
 
     real = shards.ResumableStaging.record
@@ -337,7 +338,7 @@ def _interrupt_after_records(monkeypatch, n: int):
         real(self, *args, **kwargs)
         calls["n"] += 1
         if calls["n"] == n:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signum)
 
     monkeypatch.setattr(shards.ResumableStaging, "record", record)
 

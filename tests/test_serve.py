@@ -388,6 +388,16 @@ def test_malformed_bodies_are_4xx(server):
     good_request_succeeds(server)
 
 
+def test_a_deeply_nested_body_under_the_byte_cap_is_400_naming_the_limit_on_every_route(server):
+    deep = b'{"instances": ' + b"[" * 30_000 + b'"a digit"' + b"]" * 30_000 + b"}"  # 60 KB, under the 64 KiB cap
+    for route in (f"/v1/models/{NAME}:predict", f"/v2/models/{NAME}/infer", "/openai/v1/images/generations"):
+        response = httpx.post(server.url + route, content=deep, headers={"content-type": "application/json"},
+                              timeout=30)
+        assert response.status_code == 400, (route, response.status_code, response.text[:300])
+        assert "request body: " in response.text and "levels of nesting, more than the limit of 32" in response.text
+    good_request_succeeds(server)  # the server is still up and answers
+
+
 def test_sigterm_stops_the_server_cleanly_and_client_errors_were_one_line_each(server):
     assert server.stop() == 0
     log = server.log.read_text()

@@ -1,5 +1,7 @@
-"""The one redaction of secrets, applied by every writer: resolved configs (stages/outputs.py), JSON files
-(data/shards.py write_json_atomic: manifests, ddil_student.json, metrics), lineage (registry/lineage.py), model cards
+"""The one redaction of secrets, applied by every writer: resolved configs (stages/outputs.py), JSON files and
+JSON lines (`redacted_json` below, the only json.dumps of a file's contents: data/shards.py write_json_atomic
+(manifests, ddil_student.json, summary.json), evaluate's and the registry's metrics.json, diagnose.json, the train
+log, checkpoints' state.json; tests/test_redaction.py holds ddil_core to it), reports (metrics/report.py), lineage (registry/lineage.py), model cards
 and registry entries (registry/), log lines (the CLI's log filter) and Prometheus labels (telemetry/).
 
 A URL's user:password@ becomes ***@ (also quoted without its scheme), a query string that carries a signature or credential is dropped, wherever the
@@ -7,6 +9,7 @@ URL stands in a text; `redact` also drops mapping keys that name a credential (s
 """
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -63,6 +66,11 @@ def redact(obj: Any) -> Any:
     if isinstance(obj, str):
         return redact_string(obj)
     return obj
+
+
+def redacted_json(obj: Any, **kwargs: Any) -> str:
+    """json.dumps(obj, **kwargs) with every string in obj redacted: how every JSON file or line ddil writes is made."""
+    return json.dumps(redact_values(obj), **kwargs)
 
 
 def redact_log_record(record) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 import zlib
 from dataclasses import dataclass, field
@@ -140,6 +141,7 @@ def _folder_lines(fs, root: str, index: str, lines) -> Iterator[tuple[str, calla
             raise DatasetError(f"{where}: duplicate file name '{name}'")
         seen.add(name)
         path = f"{root.rstrip('/')}/{name}"
+        _check_resolves_inside(fs, root, path, f"{where}: 'file' {name!r}", "the dataset folder")
 
         def make(path=path, caption=record["caption"], where=where):
             if not fs.exists(path):
@@ -164,6 +166,8 @@ def _coco(fs, annotations: str, images: Optional[str]) -> Iterator[tuple[str, ca
             continue
         done.add(image_id)
         path = f"{root.rstrip('/')}/{files[image_id]}"
+        _check_resolves_inside(fs, root, path, f"{annotations}: image id {image_id} file_name {files[image_id]!r}",
+                               "the image folder")
 
         def make(path=path, caption=ann.get("caption"), image_id=image_id):
             if not fs.exists(path):
@@ -211,6 +215,17 @@ def _inside(name: str) -> bool:
     """A relative path that stays inside its folder (no absolute path, no '..', not empty)."""
     parts = PurePosixPath(name).parts
     return bool(name.strip()) and "\0" not in name and not PurePosixPath(name).is_absolute() and ".." not in parts
+
+
+def _check_resolves_inside(fs, root: str, path: str, entry: str, folder: str) -> None:
+    """What a dataset names stays inside it: on a local disk, `path` (a name that passed `_inside`) must not resolve
+    through a symlink to a place outside `root` (object stores have no symlinks, and `_inside` refuses '..' keys)."""
+    protocol = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    if not {"file", "local"} & set(protocol):
+        return
+    real_root, real = os.path.realpath(root), os.path.realpath(path)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise DatasetError(f"{entry} resolves to {real}, outside {folder} {real_root}")
 
 
 def _tars(fs, uri: str) -> Iterator[tuple[str, callable]]:

@@ -18,7 +18,7 @@ from typing import Any, Iterator, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from ddil_core.config.redaction import redact_values
+from ddil_core.config.redaction import redacted_json
 
 MANIFEST = "manifest.json"
 
@@ -90,7 +90,7 @@ def folder_digest(folder: Path) -> str:
 def write_json_atomic(path: Path, data: Any) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(redact_values(data), indent=2, sort_keys=False))  # no secret is ever written
+    tmp.write_text(redacted_json(data, indent=2, sort_keys=False))  # no secret is ever written
     os.replace(tmp, path)
 
 

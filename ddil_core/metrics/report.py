@@ -19,6 +19,8 @@ from urllib.parse import quote
 import numpy as np
 import torch
 
+from ddil_core.config.redaction import redact_string
+
 # Metric key -> display label; keys not listed are shown as they are, after these.
 METRIC_LABELS = {
     "fid": "FID ↓ (see “Which FID”)",
@@ -41,9 +43,9 @@ MISSING = "—"
 
 
 # ----------------------------------------------------------------------------------------- helpers
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
+    tmp.write_bytes(redact_string(text).encode("utf-8"))  # no secret is ever written (config/redaction.py)
     os.replace(tmp, path)  # readers never see a half-written file
 
 
@@ -280,6 +282,6 @@ def write_report(out_dir, metrics: dict, grids: dict[str, str], plot: Optional[s
     out_dir.mkdir(parents=True, exist_ok=True)
     md_path, html_path = out_dir / "report.md", out_dir / "report.html"
     extra = dict(verdict=verdict, comparison=comparison, fid_note=fid_note, figures=figures)
-    _atomic_write_bytes(md_path, render_markdown(metrics, grids, plot, title, out_dir, **extra).encode("utf-8"))
-    _atomic_write_bytes(html_path, render_html(metrics, grids, plot, title, out_dir, **extra).encode("utf-8"))
+    _atomic_write_text(md_path, render_markdown(metrics, grids, plot, title, out_dir, **extra))
+    _atomic_write_text(html_path, render_html(metrics, grids, plot, title, out_dir, **extra))
     return md_path, html_path

@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 from safetensors.torch import load_file, save_file
 
+from ddil_core.config.redaction import redacted_json
 from ddil_core.data.shards import publish_dir, staging_dir
 from ddil_core.progress import progress_iter
 
@@ -43,7 +44,7 @@ class DigitClassifier(nn.Module):
     def save(self, folder: Path) -> None:
         folder = Path(folder)
         tmp = staging_dir(folder)
-        (tmp / "config.json").write_text(json.dumps({"class": "DigitClassifier", **self.config}, indent=2))
+        (tmp / "config.json").write_text(redacted_json({"class": "DigitClassifier", **self.config}, indent=2))
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(tmp / "model.safetensors"))
         publish_dir(tmp, folder)
 

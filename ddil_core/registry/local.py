@@ -32,6 +32,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
+from ddil_core.config.redaction import redacted_json
+
 from .model_card import redact, redact_string
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -155,7 +157,7 @@ class LocalRegistry:
     def _write_index(self, index: dict) -> None:
         tmp = self.root / f"index.json.tmp-{os.getpid()}"
         try:
-            _write_file(tmp, json.dumps(json_safe(index), indent=2, sort_keys=False) + "\n")
+            _write_file(tmp, redacted_json(json_safe(index), indent=2, sort_keys=False) + "\n")
             os.replace(tmp, self.index_path)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -243,7 +245,7 @@ class LocalRegistry:
                 model_uri = redact_string(student_dir) if remote else final_s
                 card = card_markdown(version, model_uri) if callable(card_markdown) else card_markdown
                 _write_file(tmp / "README.md", card)
-                _write_file(tmp / "metrics.json", json.dumps(json_safe(metrics), indent=2) + "\n")
+                _write_file(tmp / "metrics.json", redacted_json(json_safe(metrics), indent=2) + "\n")
                 os.rename(tmp, final)
                 renamed = True
                 _fsync_dir(model_dir)

@@ -171,9 +171,11 @@ def openai_router(predictor):
 
 
 class RequestSizeLimit:
-    """ASGI middleware: a request body over `max_bytes` (by its Content-Length) is answered 413 before it is read,
-    and a body without a Content-Length (chunked) 411, so no route reads an unbounded body. uvicorn holds a body
-    to its declared length."""
+    """ASGI middleware, in front of every route (KServe's v1 / v2 and the OpenAI ones): a request body over
+    `max_bytes` (by its Content-Length) is answered 413 before it is read, and a body without a Content-Length
+    (chunked) 411, so no route reads an unbounded body (uvicorn holds a body to its declared length). A JSON body
+    (or one without a content type, which KServe parses as JSON) nested deeper than the limit is answered 400 before
+    any parser recurses into it (KServe's orjson and FastAPI's json.loads would answer 500 or fail)."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, int(max_bytes)
@@ -190,7 +192,22 @@ class RequestSizeLimit:
             problem = 413, (f"request body: {length.decode('latin-1')} bytes, more than the limit of "
                             f"{self.max_bytes} (--max-request-bytes)")
         if problem is None:
-            return await self.app(scope, receive, send)
+            content_type = headers.get(b"content-type", b"application/json").lower()
+            if b"json" not in content_type:
+                return await self.app(scope, receive, send)
+            body, more = b"", True  # at most max_bytes: its Content-Length was checked
+            while more:
+                event = await receive()
+                if event["type"] != "http.request":  # the client went away
+                    return await self.app(scope, _replay(b"", event, receive), send)
+                body += event.get("body", b"")
+                more = event.get("more_body", False)
+            try:
+                check_json_nesting(body, "request body")
+            except LimitExceeded as exc:
+                problem = 400, str(exc)
+            else:
+                return await self.app(scope, _replay(body, None, receive), send)
         status, message = problem
         log.info("%d %s", status, message)
         if scope["path"].startswith((PREFIX + "/", "/v1/images/")):
@@ -202,3 +219,16 @@ class RequestSizeLimit:
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(data)).encode())]})
         await send({"type": "http.response.body", "body": data})
+
+
+def _replay(body: bytes, first, receive):
+    """An ASGI receive that gives the body already read (or the message that ended the reading), then the rest."""
+    sent = []
+
+    async def replay():
+        if not sent:
+            sent.append(True)
+            return first if first is not None else {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay

@@ -136,7 +136,7 @@ def _encode_all(config: Config, teacher, staging: ResumableStaging, telemetry, s
     for sample in progress_iter(samples, dcfg.limit, "cache-latents", unit="image", telemetry=telemetry):
         if stop.signal is not None:
             raise Preempted(f"stopped by signal {stop.signal} after {len(captions)} samples; {len(writer.shards)} "
-                            f"complete shards kept in {staging.folder}: rerun to resume")
+                            f"complete shards kept in {staging.folder}: rerun to resume", signum=stop.signal)
         state["digest"].update(sample.digest)
         state["count"] += 1
         captions.append(sample.caption)
@@ -153,11 +153,13 @@ def _encode_all(config: Config, teacher, staging: ResumableStaging, telemetry, s
         end_shard()
     if stop.signal is not None:
         raise Preempted(f"stopped by signal {stop.signal}; {len(writer.shards)} complete shards kept in "
-                        f"{staging.folder}: rerun to resume")
+                        f"{staging.folder}: rerun to resume", signum=stop.signal)
     if state["reused"]:
         log.info("cache-latents: reused %d shards of the interrupted run", state["reused"])
     values = torch.cat(abs_values, dim=1)
     bounds = torch.quantile(values[:, :MAX_BOUND_SAMPLES], dcfg.latent_bound_percentile, dim=1)
+    # the dataset's own captions and keys, copied verbatim: data, not a credential (the redaction would rewrite a
+    # caption that reads like user:password@host)
     (staging.folder / "captions.json").write_text(json.dumps(captions))
     (staging.folder / "keys.json").write_text(json.dumps(keys))
     manifest = writer.finish(

@@ -18,7 +18,6 @@ evaluate runs the same measurement (`measure`) into its metrics.json and report 
 """
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from ddil_core.config import Config
+from ddil_core.config.redaction import redacted_json
 from ddil_core.data.shards import publish_dir, staging_dir
 from ddil_core.math.schedule import NoiseSchedule
 from ddil_core.method.teacher_reference import TeacherReference
@@ -154,8 +154,8 @@ def diagnose(config: Config, student: str, teacher: str, out: str | Path, prompt
             summary = measure(config, student_pipe, info, teacher_pipe, prompt_list, resolution, extractor)
             summary["protocol"]["model_paths"] = {"student": str(student), "teacher": str(teacher)}
             write_plots(tmp, summary)
-            (tmp / RESULT).write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n", encoding="utf-8")
-            (tmp / FLAT).write_text(json.dumps({k: v for k, v in summary["headline"].items() if v is not None},
+            (tmp / RESULT).write_text(redacted_json(summary, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+            (tmp / FLAT).write_text(redacted_json({k: v for k, v in summary["headline"].items() if v is not None},
                                                indent=1) + "\n", encoding="utf-8")
             write_resolved_config(tmp, config, "diagnose")
         except BaseException:

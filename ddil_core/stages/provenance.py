@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from ddil_core.config import Config, ConfigError, resolved_dict
+from ddil_core.config.redaction import redact_values
 from ddil_core.data.shards import folder_digest
 from ddil_core.models.pipeline_io import ModelError
 from ddil_core.models.student_record import check_sampling_steps  # noqa: F401  (re-exported)
@@ -44,7 +45,9 @@ def check_config_of(config: Config, student: str, info: Optional[dict]) -> None:
     if not isinstance(recorded, dict):
         return  # a plain pipeline folder (no record of how it was made): nothing to compare
     old = flatten_config(recorded)
-    new = {k: v for k, v in flatten_config(resolved_dict(config)).items() if k.split(".", 1)[0] in recorded}
+    # the record was redacted when it was written (config/redaction.py): compare with this config redacted alike
+    new = {k: v for k, v in flatten_config(redact_values(resolved_dict(config))).items()
+           if k.split(".", 1)[0] in recorded}
     diffs = [f"{k}: {old.get(k, '(absent)')!r} (student) vs {new.get(k, '(absent)')!r} (this config)"
              for k in sorted(set(old) | set(new))
              if not k.startswith(RERUN_MAY_DIFFER) and old.get(k, "(absent)") != new.get(k, "(absent)")]

@@ -89,7 +89,7 @@ def _teacher_rollouts(config: Config, latents: Path, out: Path, shard: int, num_
             for start in range(0, len(chunk), rcfg.batch_size):
                 if stop.signal is not None:
                     raise Preempted(f"stopped by signal {stop.signal}; {len(writer.shards)} complete shards kept "
-                                    f"in {staging.folder}: rerun to resume")
+                                    f"in {staging.folder}: rerun to resume", signum=stop.signal)
                 ids = chunk[start:start + rcfg.batch_size]
                 noise = torch.stack([torch.randn(teacher.latent_shape,
                                                  generator=torch.Generator().manual_seed(rcfg.seed + int(i)))

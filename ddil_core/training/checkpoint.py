@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from ddil_core.config.redaction import redacted_json
 from ddil_core.data.shards import (is_disk_full, remove_stale_staging, sha256_file, staging_dir,
                                   write_json_atomic)
 
@@ -46,7 +47,7 @@ def save_checkpoint(root: Path, step: int, tensors: dict[str, dict[str, torch.Te
         for stem, sd in tensors.items():
             save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp / f"{stem}.safetensors"))
         torch.save(pickled, tmp / "optimizers.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        (tmp / "state.json").write_text(redacted_json(state, indent=2))
         if buffer is not None:
             buffer.save(tmp / "buffer")
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())

@@ -30,6 +30,7 @@ from typing import Callable, Optional
 import torch
 
 from ddil_core.config import Config
+from ddil_core.config.redaction import redacted_json
 from ddil_core.data.shards import ShardError
 from ddil_core.method.draws import SampleDraws
 from ddil_core.method.batch import SOURCES
@@ -47,7 +48,16 @@ log = logging.getLogger(__name__)
 
 class Preempted(BaseException):
     """SIGTERM/SIGINT (or the wall-clock guard) stopped a stage. A BaseException, as KeyboardInterrupt: no `except
-    Exception` (a reader turning failures into bad input, a best-effort metric) can swallow a signal."""
+    Exception` (a reader turning failures into bad input, a best-effort metric) can swallow a signal. `signum` is the
+    signal that stopped it (SIGTERM for the wall-clock guard); the CLI exits 128 + signum (130 SIGINT, 143 SIGTERM)."""
+
+    def __init__(self, message: str = "", signum: Optional[int] = None):
+        super().__init__(message)
+        self.signum = int(signum) if signum is not None else int(signal.SIGTERM)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
 
 
 class NonFiniteLoss(RuntimeError):
@@ -279,7 +289,8 @@ class Trainer:
                         self.save()
                     why = f"signal {stop.signal}" if stop.signal is not None else (
                         "the wall-clock limit" if out_of_time else "another rank's stop")
-                    raise Preempted(f"stopped by {why} at step {self.step}; checkpoint written, rerun to resume")
+                    raise Preempted(f"stopped by {why} at step {self.step}; checkpoint written, rerun to resume",
+                                    signum=stop.signal)
 
     def train_step(self) -> None:
         acc, iv = self.accelerator, self._interval
@@ -420,7 +431,7 @@ class Trainer:
         if torch.cuda.is_available():
             record["gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
         with open(self.log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(redacted_json(record) + "\n")
         if self.on_log:
             self.on_log(record)
         self._interval = self._new_interval()

@@ -38,6 +38,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from ddil_core.config.redaction import redacted_json
 from ddil_core.method.objectives.base import Objective
 from ddil_core.metrics.covariate_shift import trajectory_errors
 from ddil_core.metrics.kid import kid
@@ -155,7 +156,7 @@ class Watch:
         self.history.append(record)
         if trainer.is_main:
             with open(trainer.log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(redacted_json(record) + "\n")
         if trainer.on_log is not None:
             trainer.on_log(record)
         if trainer.is_main:  # for a tuner reading stdout (Katib): telemetry/metric_line.py

@@ -2,7 +2,6 @@
 (with its side-by-side samples and the statement of which FID it is), metrics.json and metrics_flat.json."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Optional
 import torch
 
 from ddil_core.config import Config
+from ddil_core.config.redaction import redacted_json
 from ddil_core.metrics.diversity import mean_pairwise_distance
 from ddil_core.metrics.fid import frechet_distance
 from ddil_core.metrics.plots import plot_quality_vs_steps
@@ -89,7 +89,7 @@ def speedups(models: dict) -> dict:
 
 
 def _write_json(path: Path, data) -> None:
-    path.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")
+    path.write_text(redacted_json(json_safe(data), indent=2, allow_nan=False) + "\n")  # no secret is ever written
 
 
 def gate_verdict(metrics: dict, config: Config) -> dict:
