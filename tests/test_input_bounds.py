@@ -88,7 +88,7 @@ def test_generated_nested_overrides_are_accepted_or_refused_in_one_line(capsys, 
         load_config("tiny", [f"model.teacher={value}"])
     message = " ".join(str(refused.value).split())  # as the CLI prints it (a block value echoes its newlines)
     assert "--set model.teacher" in message and "Recursion" not in message
-    if len(value) <= MAX_OVERRIDE_CHARS:  # else refused by size first
+    if len(f"model.teacher={value}") <= MAX_OVERRIDE_CHARS:  # the whole KEY=VALUE is measured; else size first
         assert ("levels of nesting" in message) == (depth > MAX_NESTING), message
 
 
