@@ -339,8 +339,8 @@ def test_register_refuses_a_model_name_the_registry_cannot_hold(evaluated, tmp_p
 
 @pytest.mark.parametrize("info,named", [
     ("{not json", "ddil_student.json: unreadable (JSONDecodeError"),
-    ('{"num_inference_steps": 0, "guidance_scale": 1.0}', "expected num_inference_steps (at least 1)"),
-    ('{"num_inference_steps": 2, "guidance_scale": NaN}', "a finite guidance_scale"),
+    ('{"num_inference_steps": 0, "guidance_scale": 1.0}', "'num_inference_steps' = 0 must be at least 1"),
+    ('{"num_inference_steps": 2, "guidance_scale": NaN}', "'guidance_scale' = nan must be in [0, 30]"),
     ('{"num_inference_steps": 2, "guidance_scale": 1.0, "timesteps": ["999", 499]}', "'timesteps' must be a list"),
 ])
 def test_a_student_record_that_is_not_what_distill_writes(evaluated, tmp_path, capsys, info, named):
