@@ -34,7 +34,8 @@ from components import distill
 a = json.loads(sys.argv[1])
 distill.python_func(recipe="tiny", overrides=a["overrides"], run_id=a["run_id"], latents=A(path=a["latents"]),
                     rollouts=[A(path=a["rollouts"])], student=A(path=a["student"], metadata={}),
-                    training_log=A(path=a["log"], metadata={}), checkpoint_root=a["root"])
+                    training_log=A(path=a["log"], metadata={}), watch=A(log_metric=lambda *_: None),
+                    checkpoint_root=a["root"])
 """
 
 
