@@ -1049,7 +1049,7 @@ exec "{sys.executable}" -m "$@"
         monkeypatch.setenv(key, "")
     distill.python_func(recipe="tiny", overrides=LOCAL_RUN_OVERRIDES, run_id="accelerate-run", latents=latents,
                         rollouts=rollouts, student=student, training_log=training_log,
-                        checkpoint_root=str(tmp_path / "durable"))
+                        watch=SimpleNamespace(log_metric=lambda *_: None), checkpoint_root=str(tmp_path / "durable"))
     args = record.read_text().splitlines()
     assert args[:9] == ["launch", "--num_machines", "1", "--num_processes", "2", "--multi_gpu", "-m",
                         "ddil_core.cli", "distill"]
