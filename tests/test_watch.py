@@ -107,10 +107,21 @@ def test_the_metric_line_is_what_katibs_default_stdout_filter_reads():
     assert found == {"watch_step": 200, "watch_drift": 0.0123, "watch_kid": -1.5e-07, "watch_adherence": 1.0}
 
 
-def test_a_watched_distill_prints_the_metric_line(tiny_data, tmp_path, capsys):
+def test_a_watched_distill_prints_the_metric_line(tiny_data, tmp_path):
+    """`ddil distill` in its own process, as a tuner (Katib's stdout collector) reads it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
     latents, rollouts = tiny_data["sd15"]
-    distill(tiny_config("sd15", "training.eval_every=3", "training.eval_num_noises=4"), latents, [rollouts],
-            tmp_path / "run")
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ddil-metric ")]
+    proc = subprocess.run([sys.executable, "-m", "ddil_core.cli", "distill", "--config", "tiny",
+                           "--set", "model.teacher=tiny://sd15", "--set", "training.eval_every=3",
+                           "--set", "training.eval_num_noises=4", "--latents", str(latents), "--rollouts",
+                           str(rollouts), "--out", str(tmp_path / "run")], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1"), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("ddil-metric ")]
     assert [line.split()[1] for line in lines] == ["watch_step=0", "watch_step=3", "watch_step=6"]
     assert all("watch_drift=" in line and "watch_kid=" in line for line in lines)
