@@ -37,15 +37,10 @@ from ddil_core.models import placement
 from ddil_core.models.conditioning import encode_prompts, encode_unconditional
 from ddil_core.models.latents import decode_latents
 from ddil_core.models.sampling import ShippedSampler, is_interval_sampler
+from ddil_core.models.teacher import rollout_guidance
 
 log = logging.getLogger(__name__)
 RESULT, FLAT, SHIFT_PLOT, HANDOVER_PLOT = "diagnose.json", "diagnose_flat.json", "covariate_shift.png", "handover.png"
-
-
-def teacher_guidance(config: Config) -> float:
-    """The guidance of the teacher's labels: the rollouts' (objective.guidance_scale unless set)."""
-    r = config.rollouts.guidance_scale
-    return float(config.objective.guidance_scale if r is None else r)
 
 
 @torch.no_grad()
@@ -58,13 +53,13 @@ def measure(config: Config, student_pipe, info: Optional[dict], teacher_pipe, pr
     d = config.diagnose
     m = int(num_noises or d.num_noises)
     steps = int(info["num_inference_steps"]) if info else config.objective.student_steps
-    guidance = float(info.get("guidance_scale", 1.0)) if info else teacher_guidance(config)
+    guidance = float(info.get("guidance_scale", 1.0)) if info else float(rollout_guidance(config))
     kind, _ = student_sampling(student_pipe, info)
     scheduler = sampling_scheduler(student_pipe, kind)
     seeds = [d.seed + i for i in range(m)]
     row_prompts = [prompts[i % len(prompts)] for i in range(m)]
     sampler = ShippedSampler(student_pipe, scheduler, steps, guidance, row_prompts, seeds, resolution)
-    w = teacher_guidance(config)
+    w = float(rollout_guidance(config))
     t_cond = encode_prompts(teacher_pipe, row_prompts, resolution)
     t_uncond = encode_unconditional(teacher_pipe, resolution) if w != 1.0 else None
     # The teacher's last interval ends where the scheduler's last step lands: DDIM on the folder's final alpha, a
