@@ -17,7 +17,7 @@ import torch
 from ddil_core.math.parameterization import to_model_output
 from ddil_core.math.schedule import NoiseSchedule
 from ddil_core.method.grid import StudentGrid
-from ddil_core.method.rollouts import ddim_sample
+from ddil_core.method.rollouts import teacher_interval_step
 from ddil_core.models.conditioning import Cond, index_cond
 from ddil_core.models.denoiser import Denoiser
 from ddil_core.models.sampling import ShippedSampler, is_interval_sampler
@@ -29,10 +29,11 @@ class TeacherReference:
     def __init__(self, sampler: ShippedSampler, teacher_unet, teacher_schedule: NoiseSchedule, cond: Cond,
                  uncond: Optional[Cond], guidance_scale: float, teacher_steps: int):
         self.sampler = sampler
-        self.cond, self.uncond, self.guidance = cond, uncond, guidance_scale
-        self.denoiser = Denoiser(teacher_unet, teacher_schedule)
+        self.cond = cond
         self.grid = StudentGrid.from_timesteps(sampler.timesteps)
-        self.substeps = max(1, int(teacher_steps) // self.grid.num_steps)
+        # the teacher over one interval of the grid with teacher_steps / N guided DDIM steps of its own
+        self.interval_step = teacher_interval_step(Denoiser(teacher_unet, teacher_schedule), int(teacher_steps),
+                                                   uncond, guidance_scale)
         self.interval = is_interval_sampler(sampler.scheduler)
         if self.interval:  # DDIM lands on t - T // N: the scheduler's own transitions, not the next grid point
             T = teacher_schedule.num_train_timesteps
@@ -43,12 +44,7 @@ class TeacherReference:
         """The teacher's guided DDIM from grid point `start` through the intervals before `end`."""
         cond = index_cond(self.cond, rows)
         for k in range(start, end):
-            a, b = self.grid.steps[k], self.grid.next_steps[k]
-            points = torch.linspace(a, max(b, 0), self.substeps + 1).round().long()
-            ts, prev = points[:-1], points[1:].clone()
-            if b < 0:
-                prev[-1] = b
-            x = ddim_sample(self.denoiser, x, ts, prev, cond, self.uncond, self.guidance)
+            x = self.interval_step(x, self.grid, k, cond)
         return x
 
     @torch.no_grad()
