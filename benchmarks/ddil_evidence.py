@@ -29,9 +29,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import multiprocessing
 import platform
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -74,12 +76,13 @@ def arms_of(objective: str) -> list[str]:
     return [a for a in ARMS if a != "backward_sim" or objective == "dmd2"]
 
 
-def images_features(pipe, extractor, n: int, steps: int, guidance: float, scheduler, eta=None, batch: int = 100):
-    """Features and predicted classes of n images, prompts cycled, image i from its own seed 100000 + i (the same
-    noises for every model)."""
+def images_features(pipe, extractor, n: int, steps: int, guidance: float, scheduler, eta=None, batch: int = 100,
+                    first: int = 0):
+    """Features and predicted classes of images first..n-1, prompts cycled, image i from its own seed 100000 + i (the
+    same noises for every model)."""
     feats, preds = [], []
     with torch.no_grad():
-        for start in range(0, n, batch):
+        for start in range(first, n, batch):
             idx = range(start, min(n, start + batch))
             images = generate(pipe, [PROMPTS[i % len(PROMPTS)] for i in idx], [100000 + i for i in idx], steps,
                               guidance, scheduler, eta=eta)
@@ -97,12 +100,16 @@ def image_metrics(feats, preds, teacher_feats, data_feats, k: int = 5) -> dict:
             "adherence": adherence(preds, wanted)}
 
 
-def run_one(args, objective, arm, seed, ctx) -> dict:
+def run_overrides(args, objective: str, arm: str, seed: int, ctx) -> list[str]:
     overrides = (base_overrides(ctx["demo"], args.updates, args.student_steps, ctx["guidance"], args.quick)
                  + objective_overrides(objective, ctx["guidance"]) + COMMON + ARMS[arm] + [f"training.seed={seed}"])
     if objective == "pd":
         overrides.append(f"objective.pd.teacher_steps={2 * args.student_steps}")
-    config = load_config("demo", overrides)
+    return overrides
+
+
+def run_one(args, objective, arm, seed, ctx) -> dict:
+    config = load_config("demo", run_overrides(args, objective, arm, seed, ctx))
     out = Path(args.work) / f"{objective}-{arm}-{args.student_steps}-{seed}"
     student = distill(config, ctx["latents"], [rollouts_for(config, ctx["latents"], Path(args.work))], out)
     info = read_student_info(student)
@@ -117,6 +124,50 @@ def run_one(args, objective, arm, seed, ctx) -> dict:
                     "student_induced_share": log[-1].get("student_induced_share"),
                     "seconds_per_update": log[-1]["seconds_per_update"], "seed": seed})
     return metrics
+
+
+_WORKER_CTX: dict = {}  # a worker's copy of the parent's context (inherited through fork, never pickled)
+
+
+def _worker_init(ctx: dict) -> None:
+    torch.set_num_threads(1)
+    _WORKER_CTX.update(ctx)
+
+
+def _worker_run(args, objective, arm, seed):
+    return objective, arm, run_one(args, objective, arm, seed, _WORKER_CTX)
+
+
+def _teacher_part(n, first, guidance, ctx=None):
+    ctx = ctx or _WORKER_CTX
+    return images_features(ctx["teacher"], ctx["extractor"], n, 50, guidance, "ddim", first=first)[0]
+
+
+def teacher_features(args, teacher, extractor, guidance) -> torch.Tensor:
+    """The teacher's own samples at 50 DDIM steps (the imitation target), split over --workers processes in
+    contiguous index ranges: the same features as one process makes, since every image has its own seed."""
+    n, parts = args.teacher_images, max(1, args.workers)
+    bounds = [n * i // parts for i in range(parts + 1)]
+    ctx = {"teacher": teacher, "extractor": extractor}
+    if parts == 1:
+        return _teacher_part(n, 0, guidance, ctx)
+    fork = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(parts, mp_context=fork, initializer=_worker_init, initargs=(ctx,)) as pool:
+        futures = [pool.submit(_teacher_part, bounds[i + 1], bounds[i], guidance) for i in range(parts)]
+        return torch.cat([f.result() for f in futures])
+
+
+def run_jobs(args, jobs, ctx):
+    """(objective, arm, metrics) of each job as it finishes; --workers processes of one thread each. Every run is
+    seeded by its own config, so the results do not depend on the number of workers or their order."""
+    if args.workers <= 1 or len(jobs) <= 1:
+        for objective, arm, seed in jobs:
+            yield objective, arm, run_one(args, objective, arm, seed, ctx)
+        return
+    fork = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(args.workers, mp_context=fork, initializer=_worker_init, initargs=(ctx,)) as pool:
+        for future in as_completed([pool.submit(_worker_run, args, *job) for job in jobs]):
+            yield future.result()
 
 
 def analyse(runs: dict, objectives, steps: int) -> dict:
@@ -162,7 +213,7 @@ def run(args) -> dict:
     teacher = load_pipeline(str(demo / "teacher"))
     cached = work / f"teacher-{args.teacher_images}.pt"
     if not cached.exists():  # the teacher's own samples: the imitation target, made once
-        torch.save(images_features(teacher, extractor, args.teacher_images, 50, guidance, "ddim")[0], cached)
+        torch.save(teacher_features(args, teacher, extractor, guidance), cached)
     ctx = {"demo": demo, "guidance": guidance, "extractor": extractor, "data_feats": data_feats, "teacher": teacher,
            "teacher_feats": torch.load(cached), "latents": work / "latents"}
     if not (ctx["latents"] / "manifest.json").exists():
@@ -170,25 +221,31 @@ def run(args) -> dict:
     if "teacher/ddim" not in runs:  # no distillation: the teacher at the student's step count
         feats, preds = images_features(teacher, extractor, args.images, args.student_steps, guidance, "ddim")
         runs["teacher/ddim"] = [image_metrics(feats, preds, ctx["teacher_feats"], data_feats)]
-    for objective in args.objectives:
-        seeds = list(range(args.seeds))
-        while True:
-            for seed in seeds:
-                for arm in arms_of(objective):
-                    done = runs.setdefault(f"{objective}/{arm}", [])
-                    if any(m["seed"] == seed for m in done):
-                        continue
-                    done.append(run_one(args, objective, arm, seed, ctx))
-                    partial.write_text(json.dumps(runs, indent=1))
-                    print(f"{objective} {arm} seed {seed}: " + ", ".join(
-                        f"{k} {done[-1][k]:.4g}" for k in METRICS if done[-1].get(k) is not None), flush=True)
-            analysis = analyse(runs, [objective], args.student_steps)
-            if len(seeds) >= args.max_seeds or not needs_more_seeds(analysis, objective, args.target_effect):
-                break
-            seeds.append(len(seeds))
+    for objective in args.objectives:  # made before any worker starts, so no two workers make one set
+        rollouts_for(load_config("demo", run_overrides(args, objective, "ddil", 0, ctx)), ctx["latents"], work)
+    seeds = {objective: list(range(args.seeds)) for objective in args.objectives}
+    while True:
+        jobs = [(objective, arm, seed) for seed in range(max(map(len, seeds.values())))
+                for objective in args.objectives if seed < len(seeds[objective])
+                for arm in arms_of(objective) if arm in args.arms
+                if not any(m["seed"] == seed for m in runs.get(f"{objective}/{arm}", []))]
+        for objective, arm, metrics in run_jobs(args, jobs, ctx):
+            runs.setdefault(f"{objective}/{arm}", []).append(metrics)
+            partial.write_text(json.dumps(runs, indent=1))
+            print(f"{objective} {arm} seed {metrics['seed']}: " + ", ".join(
+                f"{k} {metrics[k]:.4g}" for k in METRICS if metrics.get(k) is not None), flush=True)
+        if any(arm not in args.arms for objective in args.objectives for arm in arms_of(objective)):
+            break  # a partial run (the go/no-go's baselines): no comparison to power
+        analysis = analyse(runs, args.objectives, args.student_steps)
+        grow = [o for o in args.objectives
+                if len(seeds[o]) < args.max_seeds and needs_more_seeds(analysis, o, args.target_effect)]
+        if not grow:
+            break
+        for objective in grow:  # the seed rule fixed in advance, one seed at a time
+            seeds[objective].append(len(seeds[objective]))
     return {"command": "python benchmarks/ddil_evidence.py " + " ".join(args.argv),
             "date": datetime.date.today().isoformat(),
-            "machine": f"{platform.processor() or platform.machine()}, 1 torch thread",
+            "machine": f"{platform.processor() or platform.machine()}, {args.workers} run(s) at once, 1 torch thread each",
             "protocol": {"student_steps": args.student_steps, "updates": args.updates, "images": args.images,
                          "teacher_images": args.teacher_images, "guidance": guidance, "primary": PRIMARY,
                          "diagnose_noises": args.diagnose_noises, "common": COMMON, "arms": ARMS,
@@ -225,6 +282,8 @@ def main(argv=None) -> None:
     parser.add_argument("--objectives", nargs="+", default=["pd", "lcm", "dmd2"],
                         choices=["pd", "lcm", "dmd2", "tdd"])
     parser.add_argument("--student-steps", type=int, default=4)
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS),
+                        help="run only these arms (the go/no-go: --arms baseline); a later full run reuses them")
     parser.add_argument("--seeds", type=int, default=6, help="seeds to start with (the same in every arm)")
     parser.add_argument("--max-seeds", type=int, default=12)
     parser.add_argument("--target-effect", type=float, default=0.0,
@@ -234,6 +293,7 @@ def main(argv=None) -> None:
     parser.add_argument("--teacher-images", type=int, default=5000)
     parser.add_argument("--diagnose-noises", type=int, default=256)
     parser.add_argument("--guidance", type=float)
+    parser.add_argument("--workers", type=int, default=1, help="runs at once, one torch thread each (one per core)")
     parser.add_argument("--out", help="write OUT.json and OUT.md (default: in --work; docs/results for the record)")
     parser.add_argument("--quick", action="store_true", help="smoke: 2 seeds, 3 updates, few images")
     args = parser.parse_args(argv)

@@ -1,12 +1,13 @@
 """The evidence benchmark in its quick mode (a low-budget demo, 2 seeds, 3 updates): a smoke test only, so the command
-does not rot. It asserts the structure of what it writes and that a rerun resumes, not its numbers."""
+does not rot. It asserts the structure of what it writes (two runs at once) and that a rerun resumes, not its
+numbers."""
 import json
 
 import benchmarks.ddil_evidence as evidence
 
 
 def test_ddil_evidence_quick(tmp_path, monkeypatch):
-    args = ["--quick", "--demo", str(tmp_path / "demo"), "--work", str(tmp_path / "work"), "--objectives", "lcm"]
+    args = ["--quick", "--demo", str(tmp_path / "demo"), "--work", str(tmp_path / "work"), "--objectives", "lcm", "--workers", "2"]
     evidence.main(args)
     result = json.loads((tmp_path / "work" / "evidence.json").read_text())
     assert {key: len(v) for key, v in result["runs"].items()} == {"teacher/ddim": 1, "lcm/baseline": 2,
