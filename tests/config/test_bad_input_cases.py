@@ -16,7 +16,7 @@ from PIL import Image
 
 from ddil_core.cli import EXIT_BAD_INPUT, main
 from ddil_core.data.shards import partial_dir
-from tests.s3_server import s3_server  # noqa: F401
+from tests.fakes.s3_server import s3_server  # noqa: F401
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from tests.cli_checks import assert_fails, assert_untouched, run, snapshot
+from tests.fakes.cli_checks import assert_fails, assert_untouched, run, snapshot
 
 
 def _save_teacher(folder, change=None):

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from ddil_core.config.limits import MAX_NESTING, MAX_OVERRIDE_CHARS, MAX_TEXT_CHARS, LimitExceeded, check_json_nesting
-from tests.cli_checks import assert_fails, assert_untouched, error_lines, run
+from tests.fakes.cli_checks import assert_fails, assert_untouched, error_lines, run
 
 
 def _png() -> bytes:

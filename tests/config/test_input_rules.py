@@ -10,8 +10,8 @@ import tarfile
 import pytest
 from PIL import Image
 
-from tests.cli_checks import assert_fails, assert_untouched, run
-from tests.s3_server import free_port
+from tests.fakes.cli_checks import assert_fails, assert_untouched, run
+from tests.fakes.s3_server import free_port
 
 
 def _png() -> bytes:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from ddil_core.cli import main
 from ddil_core.config.redaction import redact, redact_string, redact_values
-from tests.pushgateway import pushgateway, read_metrics  # noqa: F401
+from tests.fakes.pushgateway import pushgateway, read_metrics  # noqa: F401
 
 PASSWORD = "PASSW0RD-in-url"
 

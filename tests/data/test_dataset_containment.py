@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from ddil_core.data.datasets import DatasetError, list_samples
-from tests.cli_checks import assert_fails, assert_untouched, run
+from tests.fakes.cli_checks import assert_fails, assert_untouched, run
 
 
 def _png() -> bytes:

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from ddil_core.data.datasets import DatasetError, iter_samples
-from tests.s3_server import s3_server  # noqa: F401
+from tests.fakes.s3_server import s3_server  # noqa: F401
 
 
 def _png(color) -> bytes:

@@ -23,7 +23,7 @@ the declared type; required inputs (no default, not optional) must be given. Err
 {"error", "code", "message"} body of grpc-gateway. Every request is recorded in `stub.requests` (method, path,
 query, json body or uploaded files) for the tests to inspect.
 
-Standalone: python -m tests.kfp_api_stub --port 8888   (then: kfp --endpoint http://127.0.0.1:8888 run create ...)
+Standalone: python -m tests.fakes.kfp_api_stub --port 8888   (then: kfp --endpoint http://127.0.0.1:8888 run create ...)
 """
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
-from tests import crd_validate
+from tests.fakes import crd_validate
 
 RUNTIME = Path(__file__).resolve().parents[1] / "k8s" / "training" / "trainingruntime.yaml"
 # the CRD release whose schema a create is validated against

@@ -2,7 +2,7 @@
 
 Usage from any test module::
 
-    from tests.pushgateway import pushgateway, read_metrics, metric_value  # noqa: F401
+    from tests.fakes.pushgateway import pushgateway, read_metrics, metric_value  # noqa: F401
 
     def test_something(pushgateway):          # pushgateway == "http://127.0.0.1:PORT"
         ...

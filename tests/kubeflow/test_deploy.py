@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from tests.kube_api_stub import KubeApiStub, crd_validator, schema_errors
+from tests.fakes.kube_api_stub import KubeApiStub, crd_validator, schema_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "k8s" / "serving" / "inferenceservice.yaml"

@@ -13,8 +13,8 @@ import sys
 import pytest
 
 from components import katib
-from tests import crd_validate
-from tests.kube_training_stub import KubeApiStub
+from tests.fakes import crd_validate
+from tests.fakes.kube_training_stub import KubeApiStub
 
 PATHS = ("/data/sweep/config.yaml", "/data/sweep/latents", "/data/sweep/rollouts", "/data/sweep/trials")
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.s3_server import s3_server  # noqa: F401
+from tests.fakes.s3_server import s3_server  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = ["model.teacher=tiny://sd15", "training.steps=40", "training.checkpoint_every=4"]

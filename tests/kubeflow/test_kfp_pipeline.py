@@ -458,7 +458,7 @@ def _kfp(stub_url: str, home: Path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture()
 def api_stub():
-    from tests.kfp_api_stub import KfpApiStub
+    from tests.fakes.kfp_api_stub import KfpApiStub
 
     with KfpApiStub() as stub:
         yield stub
@@ -660,7 +660,7 @@ def _used_beyond_the_role(requests: list) -> list:
 
 def test_trainjob_runs_through_the_trainer_client_streams_rank0_and_is_deleted():
     from components.trainjob import run_trainjob
-    from tests.kube_training_stub import KubeApiStub, condition
+    from tests.fakes.kube_training_stub import KubeApiStub, condition
 
     script = [[], [condition("Complete", "JobsCompleted", "all nodes finished")]]
     with KubeApiStub(script, logs=["step 1", "step 2"], step_s=2.5) as stub:
@@ -681,7 +681,7 @@ def test_trainjob_runs_through_the_trainer_client_streams_rank0_and_is_deleted()
 
 def test_trainjob_failure_names_the_reason_and_the_job_is_deleted():
     from components.trainjob import run_trainjob
-    from tests.kube_training_stub import KubeApiStub, condition
+    from tests.fakes.kube_training_stub import KubeApiStub, condition
 
     with KubeApiStub([[], [condition("Failed", "JobFailed", "node-0 exited with 2")]], step_s=0.5) as stub:
         with pytest.raises(RuntimeError, match="failed: JobFailed: node-0 exited with 2"):
@@ -691,7 +691,7 @@ def test_trainjob_failure_names_the_reason_and_the_job_is_deleted():
 
 def test_trainjob_timeout_and_interruption_delete_the_job():
     from components.trainjob import run_trainjob
-    from tests.kube_training_stub import KubeApiStub
+    from tests.fakes.kube_training_stub import KubeApiStub
 
     with KubeApiStub([[]]) as stub:
         with pytest.raises(TimeoutError):
@@ -712,7 +712,7 @@ def test_an_invalid_trainjob_is_refused_by_the_api_and_nothing_is_left():
     from kubernetes.client.exceptions import ApiException
 
     from components.trainjob import run_trainjob
-    from tests.kube_training_stub import KubeApiStub
+    from tests.fakes.kube_training_stub import KubeApiStub
 
     bad = _trainjob()
     bad["spec"]["trainer"]["numProcPerNode"] = "auto"
@@ -725,7 +725,7 @@ def test_an_invalid_trainjob_is_refused_by_the_api_and_nothing_is_left():
 
 def test_pytorchjob_is_watched_to_success_with_the_master_log():
     from components.trainjob import run_pytorchjob
-    from tests.kube_training_stub import KubeApiStub, condition
+    from tests.fakes.kube_training_stub import KubeApiStub, condition
 
     script = [[condition("Created")], [condition("Created"), condition("Running")],
               [condition("Created"), condition("Succeeded", "PyTorchJobSucceeded", "done")]]
@@ -745,7 +745,7 @@ def test_pytorchjob_failure_and_a_job_left_by_an_earlier_attempt():
     import time as _time
 
     from components.trainjob import run_pytorchjob
-    from tests.kube_training_stub import KubeApiStub, condition
+    from tests.fakes.kube_training_stub import KubeApiStub, condition
 
     with KubeApiStub([[condition("Created")], [condition("Failed", "PyTorchJobFailed", "master exited 2")]],
                      step_s=0.5) as stub:
@@ -770,7 +770,7 @@ def test_launch_trainjob_component_stages_runs_and_returns_the_student(tmp_path,
     import kubernetes
 
     from components import launch_trainjob
-    from tests.kube_training_stub import KubeApiStub, condition
+    from tests.fakes.kube_training_stub import KubeApiStub, condition
 
     def train(body):
         spec = body["spec"]
@@ -854,7 +854,7 @@ def local_run(tmp_path_factory):
     from kfp import components as kfp_components
     from kfp import local
 
-    from tests.pushgateway import start_pushgateway
+    from tests.fakes.pushgateway import start_pushgateway
 
     root = tmp_path_factory.mktemp("kfp-local")
     warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*", category=RuntimeWarning)
@@ -873,7 +873,7 @@ def local_run(tmp_path_factory):
                      num_shards=2, registry_uri=str(root / "registry"), fid_factor=1000.0, min_coverage=0.0,
                      checkpoint_root=str(root / "durable"))
             elapsed = time.monotonic() - start
-            from tests.pushgateway import read_metrics
+            from tests.fakes.pushgateway import read_metrics
 
             pushed = read_metrics(gateway)
         finally:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests import crd_validate
+from tests.fakes import crd_validate
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING = ROOT / "k8s" / "training"

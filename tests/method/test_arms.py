@@ -12,7 +12,7 @@ from ddil_core.method.batch import FORWARD
 from ddil_core.method.mixture import DDILMixture
 from ddil_core.method.streams import RandomStreams
 from tests.conftest import tiny_config
-from tests.test_mixture import SCHED, _data, _student_step
+from tests.method.test_mixture import SCHED, _data, _student_step
 
 
 def _arm(priors, *extra, forward_timesteps=None, grid_steps=4):

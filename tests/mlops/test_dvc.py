@@ -330,7 +330,7 @@ def test_two_forced_repros_leave_registry_versions_1_and_2(tmp_path):
 
     from ddil_core.data.shards import folder_digest
     from ddil_core.models.tiny import build_tiny_pipeline
-    from tests.test_registry import make_metrics
+    from tests.mlops.test_registry import make_metrics
 
     env = _dvc_env()
     repo = _project_copy(tmp_path)

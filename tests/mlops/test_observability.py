@@ -9,7 +9,7 @@ import pytest
 
 from ddil_core.stages.distill import distill
 from tests.conftest import tiny_config
-from tests.pushgateway import free_port, metric_value, pushgateway, read_metrics  # noqa: F401
+from tests.fakes.pushgateway import free_port, metric_value, pushgateway, read_metrics  # noqa: F401
 
 RUN_ID = "test-run"
 SOURCES = ("forward", "teacher", "student")

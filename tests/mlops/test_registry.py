@@ -21,9 +21,8 @@ from ddil_core.registry import GateError, LocalRegistry, check_gates, failed, re
 from ddil_core.registry import local as local_mod
 from ddil_core.registry.model_card import current_code_version, git_commit, redact
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kubeflow_registry_stub import PREFIX, KubeflowRegistryStub  # noqa: E402
+from tests import ROOT
+from tests.fakes.kubeflow_registry_stub import PREFIX, KubeflowRegistryStub
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -287,7 +286,7 @@ _WRITER = textwrap.dedent(
 def test_concurrent_registrations_get_distinct_versions(student, tmp_path):
     root, sync = tmp_path / "registry", tmp_path / "sync"
     sync.mkdir()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     per_writer = 3
     procs = [
         subprocess.Popen(

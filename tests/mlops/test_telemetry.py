@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from ddil_core.telemetry.stage import StageTelemetry
-from tests.pushgateway import free_port, metric_value, pushgateway, read_metrics  # noqa: F401
+from tests.fakes.pushgateway import free_port, metric_value, pushgateway, read_metrics  # noqa: F401
 
 LOGGER = "ddil_core.telemetry"
 

@@ -11,7 +11,7 @@ import pytest
 
 from ddil_core.cli import main
 from ddil_core.models.pipeline_io import ModelError, load_pipeline
-from tests.pushgateway import pushgateway, read_metrics  # noqa: F401
+from tests.fakes.pushgateway import pushgateway, read_metrics  # noqa: F401
 
 SECRETS = {
     "AWS_SECRET_ACCESS_KEY": "SECRETVALUE123",

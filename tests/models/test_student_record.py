@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from ddil_core.models.pipeline_io import ModelError
 from ddil_core.models.student_record import MAX_GUIDANCE, validate_student_folder
-from tests.cli_checks import assert_fails, assert_untouched, run
+from tests.fakes.cli_checks import assert_fails, assert_untouched, run
 
 STEPS = 4
 

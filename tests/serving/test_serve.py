@@ -24,7 +24,7 @@ from PIL import Image
 
 from ddil_core.cli import main
 from tests.conftest import tiny_config
-from tests.serve_process import S3Process, ServeProcess, wait_for
+from tests.fakes.serve_process import S3Process, ServeProcess, wait_for
 
 NAME = "student"
 MAX_BATCH = 4

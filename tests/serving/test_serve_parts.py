@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,9 +16,7 @@ from ddil_core.models.pipeline_io import ModelError
 from ddil_core.serving.batcher import Batcher
 from ddil_core.serving.protocol import BadRequest, Limits, parse_v1, parse_v2
 from ddil_core.serving.source import parse_registry_uri, resolve_source, storage_location
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kubeflow_registry_stub import KubeflowRegistryStub  # noqa: E402
+from tests.fakes.kubeflow_registry_stub import KubeflowRegistryStub
 
 LIMITS = Limits(max_batch_size=4, max_steps=50, native_size=16, max_size=32, default_steps=2, default_guidance=7.0)
 

@@ -11,7 +11,7 @@ import pytest
 
 from ddil_core.cli import main
 from tests.conftest import tiny_config
-from tests.serve_process import ServeProcess, wait_for
+from tests.fakes.serve_process import ServeProcess, wait_for
 
 NAME = "tdd"
 

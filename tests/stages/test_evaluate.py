@@ -336,14 +336,14 @@ def test_extractors(demo):
     assert clf.features(images).shape == (5, 128) and clf.classify(images).shape == (5,)
     assert load_extractor("classifier", teacher=str(demo / "teacher")).name == f"classifier:{(demo / 'classifier').resolve()}"
 
-    mod = load_extractor("tests.test_evaluate:mean_colour_extractor")
+    mod = load_extractor("tests.stages.test_evaluate:mean_colour_extractor")
     assert torch.allclose(mod.features(images), images.double().mean(dim=(2, 3)))
     assert mod.classify(images) is None and mod.resize == "none (mean colour)"
 
     with pytest.raises(ExtractorError, match="gpu-metrics"):
         load_extractor("inception")  # torch-fidelity is not in the CPU environment
     with pytest.raises(ExtractorError, match="no 'nothing'"):
-        load_extractor("tests.test_evaluate:nothing")
+        load_extractor("tests.stages.test_evaluate:nothing")
     with pytest.raises(ExtractorError, match="not a classifier folder"):
         load_extractor(f"classifier:{demo / 'teacher'}")
 

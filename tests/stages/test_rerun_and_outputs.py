@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from tests.cli_checks import assert_fails, assert_untouched, leftovers, run, snapshot
+from tests.fakes.cli_checks import assert_fails, assert_untouched, leftovers, run, snapshot
 
 
 def _distill_args(tiny_data, out, *sets, family="sd15"):

@@ -11,7 +11,7 @@ import signal
 import pytest
 
 from ddil_core.cli import EXIT_PREEMPTED
-from tests.cli_checks import assert_fails, leftovers, run
+from tests.fakes.cli_checks import assert_fails, leftovers, run
 
 
 def _sigterm_once(monkeypatch, module, name):
@@ -135,7 +135,7 @@ def test_sigint_during_cache_latents_is_130_and_the_rerun_equals_an_uninterrupte
                                                                                        monkeypatch):
     from ddil_core.cli import EXIT_INTERRUPTED
     from ddil_core.data.shards import partial_dir
-    from tests.test_faults import _image_folder, _interrupt_after_records, _same_cache
+    from tests.stages.test_faults import _image_folder, _interrupt_after_records, _same_cache
 
     data = _image_folder(tmp_path / "data", 8)
     args = ["cache-latents", "--config", "tiny", "--dataset", data, "--set", "data.limit=null",
@@ -156,7 +156,7 @@ def test_sigint_during_distill_is_130_with_a_checkpoint_and_the_rerun_reaches_th
         tiny_data, tmp_path, capsys, monkeypatch):
     from ddil_core.cli import EXIT_INTERRUPTED
     from ddil_core.training.loop import Trainer
-    from tests.test_faults import _assert_same_weights, _unet
+    from tests.stages.test_faults import _assert_same_weights, _unet
 
     latents, rollouts = tiny_data["sd15"]
     args = ["distill", "--config", "tiny", "--latents", latents, "--rollouts", rollouts,

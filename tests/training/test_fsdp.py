@@ -11,7 +11,7 @@ from ddil_core.config import ConfigError
 from ddil_core.stages.distill import distill
 from ddil_core.training.fsdp import check_supported
 from tests.conftest import tiny_config
-from tests.test_ddp import _distill_on_two, _unet
+from tests.training.test_ddp import _distill_on_two, _unet
 
 FSDP = ["training.fsdp=true"]
 DMD2 = ["objective.name=dmd2", "objective.student_steps=4", "objective.dmd2.dfake_gen_update_ratio=2",

@@ -58,7 +58,7 @@ def test_a_watched_run_logs_the_measure_and_keeps_the_best_checkpoint(tiny_data,
 
 
 def test_a_watched_run_trains_exactly_as_an_unwatched_one(tiny_data, tmp_path):
-    from tests.test_stages import _weights
+    from tests.stages.test_stages import _weights
 
     latents, rollouts = tiny_data["sd15"]
     plain = _weights(distill(tiny_config("sd15"), latents, [rollouts], tmp_path / "plain").parent)
