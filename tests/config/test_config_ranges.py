@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from ddil_core.config import Config, ConfigError, load_config
 from ddil_core.config.checks import RANGES, numeric_fields
+from tests import ROOT
 
 NUMERIC = list(numeric_fields(Config))
 
@@ -83,10 +84,7 @@ def test_ints_beyond_64_bits_are_refused():
 
 
 def test_the_shipped_recipes_are_valid():
-    import pathlib
-
-    root = pathlib.Path(__file__).resolve().parents[1]
-    for recipe in sorted((root / "configs").glob("*.yaml")) + [root / "params.yaml"]:
+    for recipe in sorted((ROOT / "configs").glob("*.yaml")) + [ROOT / "params.yaml"]:
         load_config(str(recipe))
 
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from ddil_core.cli import main
 from ddil_core.config.redaction import redact, redact_string, redact_values
+from tests import ROOT
 from tests.fakes.pushgateway import pushgateway, read_metrics  # noqa: F401
 
 PASSWORD = "PASSW0RD-in-url"
@@ -132,12 +133,11 @@ def test_every_json_a_file_holds_is_made_by_the_one_redacting_writer():
     """The mechanism, held: json.dumps in ddil_core only inside redaction.py, or where its text is no file a user
     may publish (a hash, an HTTP reply) or is a dataset's own content (captions and keys copied verbatim, the generated demo set)."""
     import ast
-    from pathlib import Path
 
     allowed = {"config/redaction.py": 1, "models/teacher.py": 2, "stages/common.py": 1, "data/shards.py": 1,
                "serving/openai_api.py": 1, "metrics/report.py": 1, "stages/cache_latents.py": 2,
                "demo/data.py": 1}
-    package = Path(__file__).resolve().parents[1] / "ddil_core"
+    package = ROOT / "ddil_core"
     found = {}
     for path in package.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):

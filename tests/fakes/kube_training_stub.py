@@ -25,15 +25,15 @@ import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Callable, Optional
 from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
+from tests import ROOT
 from tests.fakes import crd_validate
 
-RUNTIME = Path(__file__).resolve().parents[1] / "k8s" / "training" / "trainingruntime.yaml"
+RUNTIME = ROOT / "k8s" / "training" / "trainingruntime.yaml"
 # the CRD release whose schema a create is validated against
 VALIDATED = {"trainjobs": "v2.3.0", "pytorchjobs": "v1.9.4"}
 KINDS = {"trainjobs": "TrainJob", "pytorchjobs": "PyTorchJob", "trainingruntimes": "TrainingRuntime",

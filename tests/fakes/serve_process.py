@@ -15,9 +15,9 @@ from typing import Optional
 
 import httpx
 
+from tests import ROOT
 from tests.fakes.s3_server import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 

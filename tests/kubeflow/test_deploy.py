@@ -13,15 +13,14 @@ import copy
 import json
 import os
 import re
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
 
+from tests import ROOT
 from tests.fakes.kube_api_stub import KubeApiStub, crd_validator, schema_errors
 
-ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "k8s" / "serving" / "inferenceservice.yaml"
 PIPELINE_YAML = ROOT / "pipelines" / "ddil.yaml"
 

@@ -28,7 +28,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests import ROOT
+
 K8S = ROOT / "k8s"
 DOCKERFILE = ROOT / "images" / "Dockerfile"
 DASHBOARD = K8S / "base" / "grafana" / "ddil-dashboard.json"

@@ -21,9 +21,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests import ROOT
 from tests.fakes.s3_server import s3_server  # noqa: F401
 
-ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = ["model.teacher=tiny://sd15", "training.steps=40", "training.checkpoint_every=4"]
 RUN = "2f8e6d4c-1b3a-4c5d-9e7f-0a1b2c3d4e5f"  # a KFP run id (dsl.PIPELINE_JOB_ID_PLACEHOLDER)
 

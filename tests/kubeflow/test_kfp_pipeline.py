@@ -26,7 +26,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests import ROOT
+
 PIPELINE_YAML = ROOT / "pipelines" / "ddil.yaml"
 GPU_EXECUTORS = ("cache-latents", "teacher-rollouts", "distill", "evaluate", "diagnose")
 CPU_EXECUTORS = ("resolve-config", "shard-indices", "check-gates", "register", "launch-trainjob", "deploy")

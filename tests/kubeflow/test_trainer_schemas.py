@@ -5,14 +5,13 @@ v2.2.1 and v2.3.0 (TrainJob, TrainingRuntime: trainer.kubeflow.org/v1alpha1) and
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import yaml
 
+from tests import ROOT
 from tests.fakes import crd_validate
 
-ROOT = Path(__file__).resolve().parents[1]
 TRAINING = ROOT / "k8s" / "training"
 SHIPPED = {"trainjob.yaml": "TrainJob", "trainingruntime.yaml": "TrainingRuntime", "pytorchjob.yaml": "PyTorchJob"}
 

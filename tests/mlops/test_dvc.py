@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from ddil_core.config import Config, load_config, resolved_dict
+from tests import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["prepare-demo", "cache-latents", "teacher-rollouts", "distill", "evaluate", "diagnose", "register"]
 
 

@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from ddil_core.config import load_config, resolved_dict
 from ddil_core.stages.distill import distill
-from tests.mlops.test_dvc import ROOT, _dvc, _dvc_env, _run, s3_server  # noqa: F401
+from tests import ROOT
+from tests.mlops.test_dvc import _dvc, _dvc_env, _run, s3_server  # noqa: F401
 
 TINY = ["model.teacher=tiny://sd15", "data.limit=32", "training.steps=4", "training.eval_every=2",
         "training.eval_num_noises=4", "training.keep_checkpoints=1", "rollouts.num_samples=8"]

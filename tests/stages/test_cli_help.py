@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import argparse
 import re
-from pathlib import Path
 
 import pytest
 
 from ddil_core.cli import build_parser, main
+from tests import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 COMMON = {"--config", "--set"}  # every stage's; the README says so once under the table
 
 

@@ -7,11 +7,11 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests import ROOT
+
 NOISE = ("torchvision", "safety checker", "safety_checker", "Loading pipeline components", "Loading weights",
          "Writing model shards")
 

@@ -30,9 +30,9 @@ from ddil_core.cli import EXIT_BAD_INPUT, EXIT_PREEMPTED, main
 from ddil_core.data.shards import ShardError, load_shards, partial_dir, sha256_file
 from ddil_core.stages.distill import distill
 from ddil_core.training.checkpoint import CheckpointError, checkpoint_dirs, verify_checkpoint
+from tests import ROOT
 from tests.conftest import tiny_config
 
-ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
 STEPS, EVERY = 8, 2
 SEEDS = [int(x) for x in os.environ.get("DDIL_FAULT_SEEDS", "0,1").split(",")]  # more: DDIL_FAULT_SEEDS=0,1,2,3

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from ddil_core.stages.distill import distill
+from tests import ROOT
 from tests.conftest import tiny_config
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -43,7 +44,7 @@ def test_all_ranks_agree_on_the_student_rollout_step_count():
 def _distill_on_two(latents, rollouts, out, *overrides):
     sets = [a for o in overrides for a in ("--set", o)]
     return _torchrun("-m", "ddil_core.cli", "distill", "--config", "tiny", "--latents", str(latents),
-                     "--rollouts", str(rollouts), "--out", str(out), *sets, cwd=Path(__file__).resolve().parents[1])
+                     "--rollouts", str(rollouts), "--out", str(out), *sets, cwd=ROOT)
 
 
 def test_two_processes_match_one_process_and_resume(tiny_data, tmp_path):

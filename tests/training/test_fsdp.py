@@ -10,6 +10,7 @@ import torch
 from ddil_core.config import ConfigError
 from ddil_core.stages.distill import distill
 from ddil_core.training.fsdp import check_supported
+from tests import ROOT
 from tests.conftest import tiny_config
 from tests.training.test_ddp import _distill_on_two, _unet
 
@@ -75,12 +76,10 @@ def test_what_sharding_does_not_do_is_refused_with_the_reason(overrides, why):
 
 
 def test_the_accelerate_fsdp_config_is_what_accelerate_reads_as_fsdp2():
-    from pathlib import Path
-
     from accelerate.commands.config.config_args import load_config_from_file
     from accelerate.utils import DistributedType
 
-    path = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "fsdp.yaml"
+    path = ROOT / "configs" / "accelerate" / "fsdp.yaml"
     config = load_config_from_file(str(path))
     assert config.distributed_type == DistributedType.FSDP and config.fsdp_config["fsdp_version"] == 2
     assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT" and config.mixed_precision == "bf16"

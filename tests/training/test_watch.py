@@ -8,6 +8,7 @@ import torch
 
 from ddil_core.metrics.kid import kid
 from ddil_core.stages.distill import distill
+from tests import ROOT
 from tests.conftest import tiny_config
 
 
@@ -112,15 +113,13 @@ def test_a_watched_distill_prints_the_metric_line(tiny_data, tmp_path):
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
     latents, rollouts = tiny_data["sd15"]
     proc = subprocess.run([sys.executable, "-m", "ddil_core.cli", "distill", "--config", "tiny",
                            "--set", "model.teacher=tiny://sd15", "--set", "training.eval_every=3",
                            "--set", "training.eval_num_noises=4", "--latents", str(latents), "--rollouts",
                            str(rollouts), "--out", str(tmp_path / "run")], capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1"), timeout=600)
+                          env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"), timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("ddil-metric ")]
     assert [line.split()[1] for line in lines] == ["watch_step=0", "watch_step=3", "watch_step=6"]
