@@ -270,8 +270,8 @@ def test_latents_cached_with_another_vae(tiny_data, teacher_folder, tmp_path, ca
 
 @pytest.fixture
 def s3_without_credentials(s3_server, monkeypatch):  # noqa: F811
-    """The moto S3 server (tests/s3_server.py) with a bucket holding a one-image dataset, then an environment with no
-    credentials at all (no keys, no profile files, no instance metadata); AWS_ENDPOINT_URL still points at it."""
+    """The moto S3 server (tests/fakes/s3_server.py) with a bucket holding a one-image dataset, then an environment with
+    no credentials at all (no keys, no profile files, no instance metadata); AWS_ENDPOINT_URL still points at it."""
     import boto3
 
     s3 = boto3.client("s3", endpoint_url=s3_server)

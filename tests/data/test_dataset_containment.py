@@ -2,7 +2,7 @@
 '..', an absolute path, or a symlink (to a file or a folder) that resolves outside the root is refused through the
 CLI with exit 2 and one line naming the entry, before any output is made (ddil_core/data/datasets.py); a symlink that
 stays inside is read as usual. '..' and absolute names are also refused on an object store (keys are joined there).
-The plain '..' and absolute cases of a local folder are in tests/test_input_rules.py."""
+The plain '..' and absolute cases of a local folder are in tests/config/test_input_rules.py."""
 from __future__ import annotations
 
 import io

@@ -1,6 +1,6 @@
 """Strict validation of Kubeflow Trainer / Training Operator objects against the CRD schemas of named releases.
 
-The schemas are the `openAPIV3Schema` of each CRD as released (tests/crd_schemas/, extracted from
+The schemas are the `openAPIV3Schema` of each CRD as released (tests/fakes/crd_schemas/, extracted from
 github.com/kubeflow/trainer at the tag named in each file). The API server's strict field validation
 (`kubectl apply --validate=strict`, the default since kubectl 1.25) is emulated: an object schema that neither
 declares `additionalProperties` nor sets `x-kubernetes-preserve-unknown-fields` prunes unknown fields, and strict
@@ -9,7 +9,7 @@ validation turns a pruned field into an error, so such schemas get `additionalPr
 
 Katib's Experiment CRD (kubeflow.org/v1beta1) declares no structure (x-kubernetes-preserve-unknown-fields; Katib's
 admission webhook checks the spec), so an Experiment is validated against the v1beta1 OpenAPI definitions of the
-same Katib release (tests/crd_schemas/katib-*.json, see extract.py), strict in the same way; its trialSpec (an
+same Katib release (tests/fakes/crd_schemas/katib-*.json, see extract.py), strict in the same way; its trialSpec (an
 Unstructured object) is left to the caller (a TrainJob: validate it as one).
 
 Not evaluated: the CRDs' CEL rules (`x-kubernetes-validations`). Most are transition rules (`self == oldSelf`);

@@ -4,7 +4,7 @@ A real API server with KServe's controller cannot run here (no cluster, no conta
 implements what the `kubernetes` client calls for `CustomObjectsApi` create / get / replace of
 serving.kserve.io/v1beta1 inferenceservices, with the API server's answers: 201 on create, 409 AlreadyExists,
 404 NotFound, 409 Conflict on a stale resourceVersion, 422 Invalid when the body fails the CRD's schema (KServe
-0.20.0's, tests/schemas/, checked strictly as `kubectl apply --validate=strict` does: unknown fields are errors),
+0.20.0's, tests/fakes/schemas/, checked strictly as `kubectl apply --validate=strict` does: unknown fields are errors),
 `metav1.Status` bodies for errors; resourceVersion and generation are kept as the API server keeps them.
 It also plays KServe's controller: a stored service turns Ready (status.conditions, observedGeneration, url)
 after `ready_after_gets` reads of it, or never when that is None. Every request is recorded in `stub.requests`.

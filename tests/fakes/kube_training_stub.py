@@ -5,10 +5,10 @@ Training Operator controllers cannot run here.
 What it serves, as the API server does (paths, status codes, Status bodies, watch streams, log streams):
 
 - trainer.kubeflow.org/v1alpha1 trainjobs and trainingruntimes, kubeflow.org/v1 pytorchjobs: create (POST; strict
-  validation against the released CRD schemas, tests/crd_validate.py: 422 naming the field; 409 when the name
+  validation against the released CRD schemas, tests/fakes/crd_validate.py: 422 naming the field; 409 when the name
   exists), get, list (also `?watch=true`: newline-delimited ADDED / MODIFIED / DELETED events), delete;
 - kubeflow.org/v1beta1 experiments (Katib): create (strict validation against the v1beta1 API of Katib v0.19.0,
-  tests/crd_validate.py), get, list, delete; no controller runs them;
+  tests/fakes/crd_validate.py), get, list, delete; no controller runs them;
 - core/v1 pods (get, list by label selector) and pod logs (`follow=true` streams until the pod ends);
 - the Trainer's version ConfigMap is absent (404: the SDK only warns).
 

@@ -1,9 +1,9 @@
 """Serving on the cluster: k8s/serving/inferenceservice.yaml, the pipeline's deploy step and its place in the DAG.
 
-- The InferenceService validates against KServe 0.20.0's CRD schema (tests/schemas/, strict: unknown fields are
+- The InferenceService validates against KServe 0.20.0's CRD schema (tests/fakes/schemas/, strict: unknown fields are
   errors) and its predictor, a pod spec, against the core/v1 Pod schema (kubernetes-validate, strict); the
   manifest the deploy step builds is the checked-in template with the run's values.
-- The deploy component runs against tests/kube_api_stub.py, a stub of the Kubernetes API server (the real one,
+- The deploy component runs against tests/fakes/kube_api_stub.py, a stub of the Kubernetes API server (the real one,
   with KServe's controller, cannot run here), through the real `kubernetes` client and a kubeconfig.
 - The compiled pipeline runs deploy only inside the gates' condition and only when `deploy` is true.
 """

@@ -1,7 +1,7 @@
 """Sweeps on a cluster (components/katib.py): the Katib Experiment that Kubeflow's OptimizerClient creates for the
-DDIL knobs, checked against the Katib v0.19.0 API (tests/crd_schemas/katib-v0.19.0-experiment.json) and its trial
+DDIL knobs, checked against the Katib v0.19.0 API (tests/fakes/crd_schemas/katib-v0.19.0-experiment.json) and its trial
 TrainJob against the Trainer CRDs, through the real SDK (kubeflow==0.5.0) and kubernetes client. The Kubernetes API
-is a stub (tests/kube_training_stub.py) standing in for an API server with Katib and the Trainer installed: it
+is a stub (tests/fakes/kube_training_stub.py) standing in for an API server with Katib and the Trainer installed: it
 validates what is created and stores it; nothing runs the trials."""
 from __future__ import annotations
 

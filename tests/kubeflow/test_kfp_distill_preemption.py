@@ -4,7 +4,7 @@ weights of an uninterrupted run.
 
 Durable storage both ways the pipeline offers: a folder (the ddil-data PVC in the cluster; a temporary folder here,
 which outlives the killed process as the volume outlives the pod) with SIGKILL (OOM kill, node loss: no chance to
-write a last checkpoint), and an s3:// prefix on a real S3 server (moto, tests/s3_server.py) with SIGTERM
+write a last checkpoint), and an s3:// prefix on a real S3 server (moto, tests/fakes/s3_server.py) with SIGTERM
 (preemption: Kubernetes' signal, then the grace period; a last checkpoint is written and mirrored).
 """
 from __future__ import annotations

@@ -5,10 +5,10 @@
   retries, and that every channel a nested task uses is wired through its enclosing groups;
 - the checked-in YAML equals a fresh compile (`make compile`);
 - `kfp --endpoint URL run create|submit ...` and `kfp pipeline create|create-version` against a local stub of
-  the KFP v2beta1 API (tests/kfp_api_stub.py; the real API server needs a cluster);
+  the KFP v2beta1 API (tests/fakes/kfp_api_stub.py; the real API server needs a cluster);
 - the multi-node launcher: the TrainJob / PyTorchJob manifests (cross-checked with k8s/training/) and the
   create / wait / log / delete logic (the Kubeflow SDK's TrainerClient, the kubernetes watch API) against a stub of
-  the Kubernetes API (tests/kube_training_stub.py) that validates jobs against the Trainer CRDs;
+  the Kubernetes API (tests/fakes/kube_training_stub.py) that validates jobs against the Trainer CRDs;
 - the distill task's one run id, telemetry settings, retries, CPU/memory requests and limits and deadlines.
 """
 from __future__ import annotations
@@ -111,7 +111,7 @@ def test_pipeline_parameters():
     assert {k: v["parameterType"] for k, v in params.items()} == expected
     assert all("defaultValue" in v for v in params.values()), "every parameter has a default (no optional inputs)"
     assert params["recipe"]["defaultValue"] == "tiny" and params["multi_node"]["defaultValue"] is False
-    assert params["deploy"]["defaultValue"] is False  # serving is opt-in (tests/test_deploy.py)
+    assert params["deploy"]["defaultValue"] is False  # serving is opt-in (tests/kubeflow/test_deploy.py)
     assert spec["pipelineInfo"]["name"] == "ddil"
 
 
@@ -613,8 +613,8 @@ def test_launch_script_rejects_an_unknown_operator():
         accelerate_launch_script("v3")
 
 
-# The launcher's job handling against a stub of the Kubernetes API (tests/kube_training_stub.py): the Kubeflow SDK's
-# TrainerClient and the kubernetes client speak HTTP to it, jobs are validated against the Trainer CRDs on create.
+# The launcher's job handling against a stub of the Kubernetes API (tests/fakes/kube_training_stub.py): the Kubeflow
+# SDK's TrainerClient and the kubernetes client speak HTTP to it, jobs are validated against the Trainer CRDs on create.
 
 def _trainer(stub):
     from kubeflow.common.types import KubernetesBackendConfig

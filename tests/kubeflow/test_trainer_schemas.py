@@ -1,7 +1,8 @@
 """Every Kubeflow Trainer / Training Operator object ddil ships (k8s/training/) or creates (components/trainjob.py)
 is valid, under the API server's strict field validation, on every release we claim to support: Trainer v2.1.0,
 v2.2.1 and v2.3.0 (TrainJob, TrainingRuntime: trainer.kubeflow.org/v1alpha1) and Training Operator v1.9.4
-(PyTorchJob: kubeflow.org/v1). Schemas: the released CRDs (tests/crd_schemas/, see tests/crd_validate.py)."""
+(PyTorchJob: kubeflow.org/v1). Schemas: the released CRDs (tests/fakes/crd_schemas/, see
+tests/fakes/crd_validate.py)."""
 from __future__ import annotations
 
 import copy

@@ -255,7 +255,7 @@ def test_dvc_deps_cover_all_the_code_each_stage_runs():
 
 
 def test_registry_persists_and_distill_caches_and_persists_what_a_resume_needs():
-    """Every distill out is cached (so `dvc push` carries it; tests/test_dvc_runs.py moves a run), and all but the
+    """Every distill out is cached (so `dvc push` carries it; tests/mlops/test_dvc_runs.py moves a run), and all but the
     student persist between runs; `--restart` makes a run of another config start over instead of resuming."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 

@@ -1,4 +1,4 @@
-"""Runs under real DVC on tiny models: a distill pushed to an S3 remote (the moto server of tests/test_dvc.py),
+"""Runs under real DVC on tiny models: a distill pushed to an S3 remote (the moto server of tests/mlops/test_dvc.py),
 pulled into a fresh clone in another folder and resumed there to exactly the weights of the uninterrupted run; and
 a queued sweep of two experiments (`dvc exp run --queue -S ...`, `dvc exp show`). The distill stage is dvc.yaml's
 own (its cmd, outs, metrics and plots), with the tiny recipe's paths."""

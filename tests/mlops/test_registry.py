@@ -1,7 +1,7 @@
 """The register stage: gates, model cards, the local registry (with concurrent writers) and the Kubeflow adapter.
 
 No real models are built: a student is a folder with a model_index.json and a dummy weights file. The Kubeflow
-Model Registry server cannot run here; the adapter is exercised against tests/kubeflow_registry_stub.py.
+Model Registry server cannot run here; the adapter is exercised against tests/fakes/kubeflow_registry_stub.py.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ddil_core.telemetry against a real Prometheus Pushgateway (tests/pushgateway.py)."""
+"""ddil_core.telemetry against a real Prometheus Pushgateway (tests/fakes/pushgateway.py)."""
 
 from __future__ import annotations
 

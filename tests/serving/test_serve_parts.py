@@ -1,7 +1,7 @@
 """The parts of `ddil serve` on their own: the request batcher, request parsing, model sources and the command line.
 
-The Kubeflow Model Registry server cannot run here: registry:// lookups in it go to tests/kubeflow_registry_stub.py.
-The server itself, over HTTP, is tests/test_serve.py.
+The Kubeflow Model Registry server cannot run here: registry:// lookups in it go to
+tests/fakes/kubeflow_registry_stub.py. The server itself, over HTTP, is tests/serving/test_serve.py.
 """
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def test_batcher_waits_for_more_only_when_asked():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# request parsing (the HTTP side of the same messages is in tests/test_serve.py)
+# request parsing (the HTTP side of the same messages is in tests/serving/test_serve.py)
 
 
 def test_v1_defaults_parameters_and_per_instance_options():
@@ -183,7 +183,7 @@ def test_limits_reject_impossible_settings():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the OpenAI images API (over HTTP with the official client: tests/test_serve.py)
+# the OpenAI images API (over HTTP with the official client: tests/serving/test_serve.py)
 
 
 def test_openai_request_n_images_take_consecutive_seeds_and_the_size_is_width_x_height():

@@ -129,7 +129,8 @@ def test_a_full_disk_while_register_copies_is_one_line_naming_the_version_folder
 
 # -------------------------------------------------------------- SIGINT is 130, SIGTERM 143, in the loops and outside
 # cache-latents and teacher-rollouts (their own stop flag) and distill (its training loop) under SIGTERM:
-# tests/test_faults.py. Here SIGINT in a loop stage and both signals in a stage that only the CLI's handler stops.
+# tests/stages/test_faults.py. Here SIGINT in a loop stage and both signals in a stage that only the CLI's handler
+# stops.
 
 def test_sigint_during_cache_latents_is_130_and_the_rerun_equals_an_uninterrupted_cache(tmp_path, capsys,
                                                                                        monkeypatch):

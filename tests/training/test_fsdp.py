@@ -48,7 +48,7 @@ def test_sharded_pd_matches_one_process_and_resumes_with_its_optimiser_state(tin
 
 
 def test_sharded_dmd2_with_gan_and_checkpointing_matches_one_process(tiny_data, tmp_path):
-    """Compared as updates, as tests/test_ddp.py does for DMD2 (float rounding through Adam: ~0.03% here)."""
+    """Compared as updates, as tests/training/test_ddp.py does for DMD2 (float rounding through Adam: ~0.03% here)."""
     from ddil_core.models.tiny import build_tiny_pipeline
 
     latents, rollouts = tiny_data["sd15"]

@@ -1,9 +1,9 @@
 """Regenerate the vendored CRD schemas of this folder from a kubeflow/trainer checkout (run by hand, never by tests).
 
     git clone https://github.com/kubeflow/trainer /tmp/trainer     # the Training Operator v1.9 lives there too
-    python tests/crd_schemas/extract.py /tmp/trainer
+    python tests/fakes/crd_schemas/extract.py /tmp/trainer
     git clone https://github.com/kubeflow/katib /tmp/katib           # the Katib Experiment (katib-*.json)
-    python tests/crd_schemas/extract.py --katib /tmp/katib
+    python tests/fakes/crd_schemas/extract.py --katib /tmp/katib
 
 Each output file is the `openAPIV3Schema` of the CRD's served version at one release tag, with the `description`
 texts removed (they are 90% of the bytes and carry no validation), as sorted JSON. Nothing else is changed: types,

@@ -1,12 +1,12 @@
-"""Write the OpenAPI schema of a CRD version as gzipped JSON, for offline validation (tests/test_deploy.py).
+"""Write the OpenAPI schema of a CRD version as gzipped JSON, for offline validation (tests/kubeflow/test_deploy.py).
 
 The InferenceService schema here comes from KServe's release tag v0.20.0 (the pinned kserve==0.20.0),
 github.com/kserve/kserve config/crd/full/serving.kserve.io_inferenceservices.yaml; descriptions are dropped (they
 are 90% of the 1.9 MB file and validate nothing). Regenerate with:
 
     git -C KSERVE_CHECKOUT show v0.20.0:config/crd/full/serving.kserve.io_inferenceservices.yaml > isvc-crd.yaml
-    python tests/schemas/extract_crd_schema.py isvc-crd.yaml v1beta1 v0.20.0 \
-        tests/schemas/kserve-v0.20.0-inferenceservice-v1beta1.json.gz
+    python tests/fakes/schemas/extract_crd_schema.py isvc-crd.yaml v1beta1 v0.20.0 \
+        tests/fakes/schemas/kserve-v0.20.0-inferenceservice-v1beta1.json.gz
 """
 from __future__ import annotations
 
