@@ -33,12 +33,14 @@ import email.parser
 import email.policy
 import json
 import threading
+import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional
 from urllib.parse import parse_qs, urlparse
 
 import yaml
+
+from tests.fakes.http_stub import HttpStub, StubRequest
 
 PREFIX = "/apis/v2beta1"
 
@@ -126,78 +128,44 @@ def check_runtime_parameters(spec: dict, parameters: dict) -> None:
             raise ApiError(400, f"required runtime parameter '{name}' is missing")
 
 
-class KfpApiStub:
+class KfpApiStub(HttpStub):
     """The stub server, on 127.0.0.1 and a free port; use as a context manager."""
 
+    methods = ("GET", "POST", "DELETE")
+
     def __init__(self, host: str = "127.0.0.1", port: int = 0):
+        self.bind = (host, port)
         self.requests: list[dict] = []
         self.experiments: dict[str, dict] = {}
         self.pipelines: dict[str, dict] = {}
         self.versions: dict[str, dict] = {}  # version id -> version (with its pipeline_spec)
         self.runs: dict[str, dict] = {}
         self._lock = threading.Lock()
-        stub = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):  # quiet
-                pass
-
-            def _handle(self, method: str) -> None:
-                url = urlparse(self.path)
-                query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                record: dict[str, Any] = {"method": method, "path": url.path, "query": query,
-                                          "headers": dict(self.headers.items())}
+    def handle(self, request: StubRequest) -> None:
+        method = request.command
+        url = urlparse(request.path)
+        query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
+        body = request.body()
+        record: dict[str, Any] = {"method": method, "path": url.path, "query": query,
+                                  "headers": dict(request.headers.items())}
+        try:
+            ctype = request.headers.get("Content-Type", "")
+            if ctype.startswith("multipart/form-data"):
+                record["files"] = _multipart_files(ctype, body)
+            elif body:
                 try:
-                    ctype = self.headers.get("Content-Type", "")
-                    if ctype.startswith("multipart/form-data"):
-                        record["files"] = _multipart_files(ctype, body)
-                    elif body:
-                        try:
-                            record["json"] = json.loads(body)
-                        except ValueError:
-                            raise ApiError(400, "request body is not JSON") from None
-                    with stub._lock:
-                        stub.requests.append(record)
-                        status, payload = stub.dispatch(method, url.path, query, record)
-                except ApiError as exc:
-                    status, payload = exc.status, {"error": exc.message, "code": _grpc_code(exc.status),
-                                                   "message": exc.message}
-                record["status"] = status
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self):
-                self._handle("GET")
-
-            def do_POST(self):
-                self._handle("POST")
-
-            def do_DELETE(self):
-                self._handle("DELETE")
-
-        self.server = ThreadingHTTPServer((host, port), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def __enter__(self) -> "KfpApiStub":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+                    record["json"] = json.loads(body)
+                except ValueError:
+                    raise ApiError(400, "request body is not JSON") from None
+            with self._lock:
+                self.requests.append(record)
+                status, payload = self.dispatch(method, url.path, query, record)
+        except ApiError as exc:
+            status, payload = exc.status, {"error": exc.message, "code": _grpc_code(exc.status),
+                                           "message": exc.message}
+        record["status"] = status
+        request.send_json(status, payload)
 
     def calls(self, method: str, path: str) -> list[dict]:
         return [r for r in self.requests if r["method"] == method and r["path"] == PREFIX + path]
@@ -346,12 +314,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8888)
     args = parser.parse_args(argv)
-    stub = KfpApiStub(port=args.port)
-    print(f"KFP v2beta1 API stub on {stub.url} (Ctrl-C stops)")
-    try:
-        stub.server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+    with KfpApiStub(port=args.port) as stub:
+        print(f"KFP v2beta1 API stub on {stub.url} (Ctrl-C stops)")
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
     for r in stub.requests:
         print(r["method"], r["path"], r.get("status"))
     return 0

@@ -17,9 +17,10 @@ import itertools
 import json
 import re
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Optional
+
+from tests.fakes.http_stub import HttpStub, StubRequest
 
 SCHEMA_FILE = Path(__file__).resolve().parent / "schemas" / "kserve-v0.20.0-inferenceservice-v1beta1.json.gz"
 _PATH = re.compile(r"^/apis/serving\.kserve\.io/v1beta1/namespaces/([^/]+)/inferenceservices(?:/([^/]+))?$")
@@ -54,7 +55,10 @@ def schema_errors(obj: dict, validator=None) -> list[str]:
             for e in sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.absolute_path)))]
 
 
-class KubeApiStub:
+class KubeApiStub(HttpStub):
+    methods = ("GET", "POST", "PUT", "DELETE")
+    protocol_version = "HTTP/1.0"  # one request per connection, as this stub has always answered
+
     def __init__(self, ready_after_gets: Optional[int] = 2) -> None:
         self.ready_after_gets = ready_after_gets
         self.objects: dict[tuple[str, str], dict] = {}
@@ -63,11 +67,6 @@ class KubeApiStub:
         self._versions = itertools.count(1000)
         self._lock = threading.Lock()
         self._validator = crd_validator()
-        self._server: Optional[ThreadingHTTPServer] = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def kubeconfig(self, path: Path, namespace: str = "ddil") -> Path:
         """A kubeconfig file that points the kubernetes client at this stub."""
@@ -82,36 +81,12 @@ class KubeApiStub:
 
     # ------------------------------------------------------------------------------------------------------------
 
-    def __enter__(self) -> "KubeApiStub":
-        stub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format, *args):  # quiet
-                pass
-
-            def _handle(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length) if length else b""
-                body = json.loads(raw) if raw else None
-                stub.requests.append({"method": self.command, "path": self.path, "json": body,
-                                      "authorization": self.headers.get("Authorization")})
-                status, answer = stub._route(self.command, self.path.split("?")[0], body)
-                data = json.dumps(answer).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = do_PUT = do_DELETE = _handle
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+    def handle(self, request: StubRequest) -> None:
+        raw = request.body()
+        body = json.loads(raw) if raw else None
+        self.requests.append({"method": request.command, "path": request.path, "json": body,
+                              "authorization": request.headers.get("Authorization")})
+        request.send_json(*self._route(request.command, request.path.split("?")[0], body))
 
     # ------------------------------------------------------------------------------------------------------------
 

@@ -24,7 +24,6 @@ import re
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Optional
 from urllib.parse import parse_qs, urlsplit
 
@@ -32,6 +31,7 @@ import yaml
 
 from tests import ROOT
 from tests.fakes import crd_validate
+from tests.fakes.http_stub import HttpStub, StubRequest
 
 RUNTIME = ROOT / "k8s" / "training" / "trainingruntime.yaml"
 # the CRD release whose schema a create is validated against
@@ -50,7 +50,34 @@ def _stamp() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-class KubeApiStub:
+class KubeRequest(StubRequest):
+    """A request that can be answered with a Status body or a chunked stream (watch events, a followed log)."""
+
+    def status(self, code: int, reason: str, message: str) -> None:
+        self.send_json(code, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code,
+                              "reason": reason, "message": message})
+
+    def start_stream(self, content_type: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Connection", "close")
+        self.end_headers()
+
+    def chunk(self, data: bytes) -> None:
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
+
+    def end_stream(self) -> None:
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+        self.close_connection = True
+
+
+class KubeApiStub(HttpStub):
+    methods = ("GET", "POST", "DELETE")
+    request_class = KubeRequest  # HTTP/1.1: streams (watch, log follow) are chunked, as the API server's are
+
     def __init__(self, script: list, logs: Optional[list] = None, step_s: float = 0.3):
         self.script = script
         self.logs = list(logs or [])
@@ -62,7 +89,6 @@ class KubeApiStub:
         self.deletions: list[tuple[str, Optional[str]]] = []  # (name, propagationPolicy)
         self.rejected: list[dict] = []  # 422 Status bodies
         self.lock = threading.Lock()
-        self._server: Optional[ThreadingHTTPServer] = None
         runtime = yaml.safe_load(RUNTIME.read_text())
         self.objects[("trainingruntimes", runtime["metadata"]["namespace"], runtime["metadata"]["name"])] = runtime
 
@@ -115,77 +141,15 @@ class KubeApiStub:
         return pods
 
     # ------------------------------------------------------------------ HTTP
-    def start(self) -> "KubeApiStub":
-        stub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # streams (watch, log follow) are chunked, as the API server's are
-
-            def log_message(self, format, *args):  # quiet
-                pass
-
-            def _send(self, code: int, body: dict) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def start_stream(self, content_type: str) -> None:
-                self.send_response(200)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Transfer-Encoding", "chunked")
-                self.send_header("Connection", "close")
-                self.end_headers()
-
-            def chunk(self, data: bytes) -> None:
-                self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-                self.wfile.flush()
-
-            def end_stream(self) -> None:
-                self.wfile.write(b"0\r\n\r\n")
-                self.wfile.flush()
-                self.close_connection = True
-
-            def _status(self, code: int, reason: str, message: str) -> None:
-                self._send(code, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code,
-                                  "reason": reason, "message": message})
-
-            def _handle(self, method: str) -> None:
-                parts = urlsplit(self.path)
-                query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-                stub.requests.append((method, parts.path))
-                body = None
-                if method == "POST":
-                    body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
-                try:
-                    stub._route(self, method, parts.path, query, body)
-                except BrokenPipeError:
-                    pass
-
-            def do_GET(self):
-                self._handle("GET")
-
-            def do_POST(self):
-                self._handle("POST")
-
-            def do_DELETE(self):
-                self._handle("DELETE")
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+    def handle(self, request: KubeRequest) -> None:
+        parts = urlsplit(request.path)
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        self.requests.append((request.command, parts.path))
+        body = json.loads(request.body() or b"{}") if request.command == "POST" else None
+        try:
+            self._route(request, request.command, parts.path, query, body)
+        except BrokenPipeError:
+            pass
 
     def configuration(self):
         from kubernetes import client
@@ -194,26 +158,20 @@ class KubeApiStub:
         cfg.host = self.url
         return cfg
 
-    def __enter__(self) -> "KubeApiStub":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
     # ------------------------------------------------------------------ routes
     def _route(self, h, method: str, path: str, query: dict, body) -> None:
         m = re.fullmatch(r"/api/v1/namespaces/([^/]+)/configmaps/([^/]+)", path)
         if m:
-            return h._status(404, "NotFound", f'configmaps "{m.group(2)}" not found')
+            return h.status(404, "NotFound", f'configmaps "{m.group(2)}" not found')
         m = re.fullmatch(r"/api/v1/namespaces/([^/]+)/pods(?:/([^/]+))?(/log)?", path)
         if m:
             return self._pods(h, m.group(1), m.group(2), bool(m.group(3)), query)
         m = re.fullmatch(r"/apis/([^/]+)/([^/]+)/namespaces/([^/]+)/([^/]+)(?:/([^/]+))?", path)
         if not m:
-            return h._status(404, "NotFound", f"no route for {path}")
+            return h.status(404, "NotFound", f"no route for {path}")
         _group, _version, namespace, plural, name = m.groups()
         if plural not in KINDS:
-            return h._status(404, "NotFound", f"the server could not find the requested resource ({plural})")
+            return h.status(404, "NotFound", f"the server could not find the requested resource ({plural})")
         if method == "POST":
             return self._create(h, plural, namespace, body)
         if method == "DELETE":
@@ -222,13 +180,13 @@ class KubeApiStub:
             key = (plural, namespace, name)
             with self.lock:
                 if key not in self.objects:
-                    return h._status(404, "NotFound", f'{plural}.{_group} "{name}" not found')
-                return h._send(200, self._job(key) if plural in VALIDATED else self.objects[key])
+                    return h.status(404, "NotFound", f'{plural}.{_group} "{name}" not found')
+                return h.send_json(200, self._job(key) if plural in VALIDATED else self.objects[key])
         if query.get("watch") in ("true", "True", "1"):
             return self._watch(h, plural, namespace, query)
         with self.lock:
             items = [self._job(k) for k in self.objects if k[0] == plural and k[1] == namespace]
-        return h._send(200, {"kind": f"{KINDS[plural]}List", "items": items, "metadata": {"resourceVersion": "1"}})
+        return h.send_json(200, {"kind": f"{KINDS[plural]}List", "items": items, "metadata": {"resourceVersion": "1"}})
 
     def _create(self, h, plural: str, namespace: str, obj: dict) -> None:
         release = VALIDATED.get(plural) or STORED.get(plural)
@@ -237,11 +195,11 @@ class KubeApiStub:
             status = {"reason": "Invalid", "message": "; ".join(problems)}
             self.rejected.append(status)
             what = f"{KINDS[plural]}.{obj.get('apiVersion')}"
-            return h._status(422, "Invalid", f"{what} is invalid: " + status["message"])
+            return h.status(422, "Invalid", f"{what} is invalid: " + status["message"])
         key = (plural, namespace, obj["metadata"]["name"])
         with self.lock:
             if key in self.objects:
-                return h._status(409, "AlreadyExists", f'{plural} "{key[2]}" already exists')
+                return h.status(409, "AlreadyExists", f'{plural} "{key[2]}" already exists')
             obj = json.loads(json.dumps(obj))
             obj["metadata"].update(namespace=namespace, uid=str(uuid.uuid4()), resourceVersion="1",
                                    creationTimestamp=_stamp())
@@ -249,16 +207,16 @@ class KubeApiStub:
             self.created_at[key] = time.monotonic()
         if self.on_create is not None:
             self.on_create(obj)
-        return h._send(201, obj)
+        return h.send_json(201, obj)
 
     def _delete(self, h, plural: str, namespace: str, name: str, query: dict) -> None:
         key = (plural, namespace, name)
         with self.lock:
             if key not in self.objects:
-                return h._status(404, "NotFound", f'{plural} "{name}" not found')
+                return h.status(404, "NotFound", f'{plural} "{name}" not found')
             del self.objects[key]
             self.deletions.append((name, query.get("propagationPolicy")))
-        return h._send(200, {"kind": "Status", "apiVersion": "v1", "status": "Success"})
+        return h.send_json(200, {"kind": "Status", "apiVersion": "v1", "status": "Success"})
 
     def _watch(self, h, plural: str, namespace: str, query: dict) -> None:
         selector = query.get("fieldSelector", "")
@@ -289,13 +247,13 @@ class KubeApiStub:
             wanted = _parse_selector(query.get("labelSelector", ""))
             items = [{k: v for k, v in p.items() if k != "_job"} for p in pods
                      if all(test(p["metadata"]["labels"]) for test in wanted)]
-            return h._send(200, {"kind": "PodList", "apiVersion": "v1", "items": items,
-                                 "metadata": {"resourceVersion": "1"}})
+            return h.send_json(200, {"kind": "PodList", "apiVersion": "v1", "items": items,
+                                     "metadata": {"resourceVersion": "1"}})
         pod = next((p for p in pods if p["metadata"]["name"] == pod_name), None)
         if pod is None:
-            return h._status(404, "NotFound", f'pods "{pod_name}" not found')
+            return h.status(404, "NotFound", f'pods "{pod_name}" not found')
         if not log:
-            return h._send(200, {k: v for k, v in pod.items() if k != "_job"})
+            return h.send_json(200, {k: v for k, v in pod.items() if k != "_job"})
         h.start_stream("text/plain")
         for line in self.logs:
             h.chunk(line.encode() + b"\n")

@@ -22,9 +22,10 @@ import json
 import re
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional
 from urllib.parse import parse_qs, urlsplit
+
+from tests.fakes.http_stub import HttpStub, StubRequest
 
 PREFIX = "/api/model_registry/v1"
 
@@ -37,7 +38,9 @@ class _Conflict(Exception):
     pass
 
 
-class KubeflowRegistryStub:
+class KubeflowRegistryStub(HttpStub):
+    methods = ("GET", "POST", "PATCH")
+
     def __init__(self) -> None:
         self.requests: list[dict] = []
         self.registered_models: dict[str, dict] = {}
@@ -46,85 +49,37 @@ class KubeflowRegistryStub:
         self.version_artifacts: dict[str, list[str]] = {}  # model version id -> artifact ids
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
-        self._server: Optional[ThreadingHTTPServer] = None
-        self._thread: Optional[threading.Thread] = None
 
     # ------------------------------------------------------------------------------------------------------------
-    # lifecycle
+    # HTTP
 
-    @property
-    def port(self) -> int:
-        assert self._server is not None, "stub not started"
-        return self._server.server_address[1]
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> "KubeflowRegistryStub":
-        stub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:  # quiet
-                pass
-
-            def _handle(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length) if length else b""
-                try:
-                    body = json.loads(raw) if raw else None
-                except ValueError:
-                    body = raw.decode("utf-8", "replace")
-                parts = urlsplit(self.path)
-                query = {k: v[0] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
-                with stub._lock:
-                    stub.requests.append(
-                        {
-                            "method": self.command,
-                            "path": parts.path,
-                            "query": query,
-                            "body": body,
-                            "authorization": "Authorization" in self.headers,
-                        }
-                    )
-                    try:
-                        status, payload = stub._route(self.command, parts.path, query, body)
-                    except _NotFound as exc:
-                        status, payload = 404, {"code": "404", "message": str(exc)}
-                    except _Conflict as exc:
-                        status, payload = 409, {"code": "409", "message": str(exc)}
-                    except (KeyError, TypeError, ValueError) as exc:
-                        status, payload = 400, {"code": "400", "message": f"bad request: {exc}"}
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = do_PATCH = _handle
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="kubeflow-registry-stub", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> "KubeflowRegistryStub":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
+    def handle(self, request: StubRequest) -> None:
+        raw = request.body()
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = raw.decode("utf-8", "replace")
+        parts = urlsplit(request.path)
+        query = {k: v[0] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+        with self._lock:
+            self.requests.append(
+                {
+                    "method": request.command,
+                    "path": parts.path,
+                    "query": query,
+                    "body": body,
+                    "authorization": "Authorization" in request.headers,
+                }
+            )
+            try:
+                status, payload = self._route(request.command, parts.path, query, body)
+            except _NotFound as exc:
+                status, payload = 404, {"code": "404", "message": str(exc)}
+            except _Conflict as exc:
+                status, payload = 409, {"code": "409", "message": str(exc)}
+            except (KeyError, TypeError, ValueError) as exc:
+                status, payload = 400, {"code": "400", "message": f"bad request: {exc}"}
+        request.send_json(status, payload)
 
     # ------------------------------------------------------------------------------------------------------------
     # helpers for tests
