@@ -15,7 +15,7 @@
 
     python benchmarks/scale.py --update-docs          # (a) on a CPU: ~10 min on 2 cores
     python benchmarks/scale.py --gpu --update-docs    # (b) on one GPU (H100/H200): a few minutes
-    python benchmarks/scale.py --quick [--gpu]        # smoke test on a CPU (tests/test_benchmarks_smoke.py)
+    python benchmarks/scale.py --quick [--gpu]        # smoke test on a CPU (tests/benchmarks/test_benchmarks_smoke.py)
 """
 from __future__ import annotations
 

@@ -49,7 +49,8 @@ def free_port() -> int:
 
 
 def tiny_student(root: Path, data: Path) -> Path:
-    """A 2-step LCM student of tiny://sd15 (LCMScheduler with its own timesteps), as tests/test_serve.py uses."""
+    """A 2-step LCM student of tiny://sd15 (LCMScheduler with its own timesteps), as tests/serving/test_serve.py
+    uses."""
     from ddil_core.stages.distill import distill
 
     latents, rollouts = common.build_data(data, limit=32, rollouts=8)

@@ -20,7 +20,7 @@ The priors must sum to 1 (ddil_core/config/checks.py), which independent paramet
 categorical parameter over valid (forward, teacher, student) triples, PRIOR_TRIPLES.
 """
 
-# (forward, teacher, student) priors, each triple summing to 1 (tests/test_katib.py checks them with ddil's rules)
+# (forward, teacher, student) priors, each triple summing to 1 (tests/kubeflow/test_katib.py: ddil's rules accept them)
 PRIOR_TRIPLES = ("1,0,0", "0.5,0.5,0", "0.5,0.25,0.25", "0.34,0.33,0.33", "0.25,0.25,0.5", "0.2,0.4,0.4")
 OBJECTIVE_METRIC = "watch_kid"  # the watch's KID to the teacher (lower is better); Katib keeps its minimum
 ADDITIONAL_METRICS = ("watch_drift",)
@@ -31,8 +31,8 @@ def ddil_trial(config: str, latents: str, rollouts: str, out: str, priors: str =
                buffer_capacity: str = "256", refresh_fraction: str = "0.25", eval_every: str = "200") -> None:
     """One Katib trial: ddil distill with the trial's knobs. Self-contained: the SDK pastes its source into an
     unquoted bash here-document in the TrainJob's command, so it holds no dollar sign, backquote or backslash
-    (tests/test_katib.py). Every argument arrives as text (Katib substitutes it into the call). Each trial writes
-    under out/<its TrainJob's name> (the pod's host name up to its JobSet suffix -node-<i>-<j>), so a trial's
+    (tests/kubeflow/test_katib.py). Every argument arrives as text (Katib substitutes it into the call). Each trial
+    writes under out/<its TrainJob's name> (the pod's host name up to its JobSet suffix -node-<i>-<j>), so a trial's
     nodes share a folder and trials do not."""
     import os
     import subprocess

@@ -12,7 +12,8 @@ Every node runs `accelerate launch ... -m ddil_core.cli distill ...` (the same c
 The task's pod needs the service account `ddil-pipeline` (k8s/base/rbac.yaml) to create and watch the jobs.
 
 The functions below are plain and self-contained (imports inside) because they are pasted into the component's
-source (kfp additional_funcs); the tests run them against a stub of the Kubernetes API (tests/kube_training_stub.py).
+source (kfp additional_funcs); the tests run them against a stub of the Kubernetes API
+(tests/fakes/kube_training_stub.py).
 """
 
 from typing import List

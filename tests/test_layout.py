@@ -1,7 +1,6 @@
 """The house rules a newcomer relies on: small files (none in ddil_core over 450 lines), one concept per file."""
-from pathlib import Path
+from tests import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 MAX_LINES = 450
 
 

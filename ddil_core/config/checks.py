@@ -3,8 +3,9 @@ checks that need the teacher's noise schedule.
 
 1. `number_problems`: a float must be finite (NaN or infinity in a recipe or `--set x=.nan` is an error, never "no
    guidance" or a student of non-finite weights), and every int or float, or each entry of a list of them, must lie
-   in the range `RANGES` lists for its key. tests/config/test_checks.py checks that every numeric field of `Config`
-   has an entry, so a new key cannot be added without one. The CLI's flags take their bounds from the same `Range`s.
+   in the range `RANGES` lists for its key. tests/config/test_config_ranges.py checks that every numeric field of
+   `Config` has an entry, so a new key cannot be added without one. The CLI's flags take their bounds from the same
+   `Range`s.
 2. `relation_problems`: rules between keys (priors summing to 1, the progressive teacher's steps a power-of-2
    multiple of the student's, ...), checked once every number is in range (they assume no zero divisors).
 3. `schedule_problems`: what a config can only be compared with once the teacher is loaded: its number of training

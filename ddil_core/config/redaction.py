@@ -1,7 +1,7 @@
 """The one redaction of secrets, applied by every writer: resolved configs (stages/outputs.py), JSON files and
 JSON lines (`redacted_json` below, the only json.dumps of a file's contents: data/shards.py write_json_atomic
 (manifests, ddil_student.json, summary.json), evaluate's and the registry's metrics.json, diagnose.json, the train
-log, checkpoints' state.json; tests/test_redaction.py holds ddil_core to it), reports (metrics/report.py), lineage (registry/lineage.py), model cards
+log, checkpoints' state.json; tests/config/test_redaction.py holds ddil_core to it), reports (metrics/report.py), lineage (registry/lineage.py), model cards
 and registry entries (registry/), log lines (the CLI's log filter) and Prometheus labels (telemetry/).
 
 A URL's user:password@ becomes ***@ (also quoted without its scheme), a query string that carries a signature or credential is dropped, wherever the

@@ -113,7 +113,7 @@ class LCMConfig:
 
     w_min, w_max are in the Imagen form (eps_u + w (eps_c - eps_u), the guidance_scale users pass; the student
     embeds w - 1). diffusers' train_lcm_distill_sd_wds.py draws w ~ U[5, 15] in the LCM form (eps_c + w (eps_c -
-    eps_u)) despite its help text, which is Imagen U[6, 16]: our defaults, equal to its targets (tests/test_objectives.py).
+    eps_u)) despite its help text, which is Imagen U[6, 16]: our defaults, equal to its targets (tests/method/test_objectives.py).
     """
 
     num_ddim_timesteps: int = 50

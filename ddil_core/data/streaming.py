@@ -3,7 +3,7 @@ teacher rollouts stay on disk, and each batch reads only its rows, so host memor
 
 `ShardRows` is one tensor of a shard folder (or of several: the fan-out of teacher-rollouts) that indexes like the
 in-memory tensor `load_shards` would give (`rows[idx]`, `rows[idx, pos]`, `.shape`, `.dtype`), and returns the same
-values, so the DDIL mixture draws the same batches from it for the same seed (tests/test_scale.py).
+values, so the DDIL mixture draws the same batches from it for the same seed (tests/training/test_scale.py).
 
 Rows are read with positioned reads (os.pread) at offsets from the safetensors header (the format: an 8-byte
 little-endian header length, a JSON header with each tensor's dtype, shape and data_offsets, then the bytes;

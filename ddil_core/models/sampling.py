@@ -4,7 +4,7 @@ the benchmarks all run.
 A student folder is sampled with the diffusers scheduler it saved (diffusers' own `scheduler.step`, thresholding
 included) at the recommended steps, guidance and eta of its ddil_student.json: exactly what
 `DiffusionPipeline.from_pretrained(folder)(prompt, num_inference_steps=N, guidance_scale=W)` runs, and what the
-student's own rollouts ran in training (tests/test_student_sampler.py, per objective and reflection). A folder
+student's own rollouts ran in training (tests/models/test_student_sampler.py, per objective and reflection). A folder
 without ddil_student.json (a teacher) is sampled with deterministic DDIM on its scheduler config; "ddim" asks for
 that on a student too.
 

@@ -5,7 +5,7 @@ Why the loop shards by itself instead of `accelerator.prepare`: the objectives c
 per update and outside any single forward (student rollouts, DMD2's generator and fake score, the GAN head), each
 network has its own optimiser, and the loop averages gradients itself; and accelerate 1.15 on a CPU turns an FSDP
 launch into plain DDP (DistributedType MULTI_CPU), which would leave the sharded path untested. fully_shard runs on
-gloo, so tests/test_fsdp.py trains on 2 CPU processes with the same code a GPU node runs.
+gloo, so tests/training/test_fsdp.py trains on 2 CPU processes with the same code a GPU node runs.
 
 Units: each down block, the mid block and each up block of a diffusers UNet is its own unit (its parameters are
 gathered only while it runs, and freed after), the UNet itself holds the rest; any other child with parameters
