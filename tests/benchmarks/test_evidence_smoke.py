@@ -7,7 +7,8 @@ import benchmarks.ddil_evidence as evidence
 
 
 def test_ddil_evidence_quick(tmp_path, monkeypatch):
-    args = ["--quick", "--demo", str(tmp_path / "demo"), "--work", str(tmp_path / "work"), "--objectives", "lcm", "--workers", "2"]
+    args = ["--quick", "--demo", str(tmp_path / "demo"), "--work", str(tmp_path / "work"), "--objectives", "lcm",
+            "--workers", "2"]
     evidence.main(args)
     result = json.loads((tmp_path / "work" / "evidence.json").read_text())
     assert {key: len(v) for key, v in result["runs"].items()} == {"teacher/ddim": 1, "lcm/baseline": 2,
