@@ -166,7 +166,7 @@ def main(argv=None) -> dict:
                 v["ratio_of_means"] = common.ratio(v["seconds_per_update"]["mean"], base["seconds_per_update"]["mean"])
                 split_b, split_v = base["seconds_split_mean"], v["seconds_split_mean"]
                 v["extra_seconds_by_part"] = {k: split_v.get(k, 0.0) - split_b.get(k, 0.0) for k in set(split_b) | set(split_v)}
-            ddil, nobuf = res["variants"]["ddil"], res["variants"]["ddil_nobuffer"]
+            ddil = res["variants"]["ddil"]
             res["meets_target"] = None if ddil["ratio_to_baseline"] is None else ddil["ratio_to_baseline"] <= TARGET
             res["student_steps"] = config.objective.student_steps
             results[objective] = res

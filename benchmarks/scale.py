@@ -136,7 +136,6 @@ def update(config, obj, opts, batch, step: int, device) -> None:
 def worker(spec: dict) -> dict:
     """One CPU case in its own process: RSS of the built networks, then the peak over two updates."""
     common.setup(spec["threads"])
-    import torch
 
     config, obj, opts, batch = build(spec["unet"], spec["objective"], FEATURES[spec["feature"]], "cpu")
     states = batch(spec["batch"])

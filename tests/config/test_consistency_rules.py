@@ -138,7 +138,6 @@ def test_rollouts_made_by_another_teacher_of_the_same_family(tiny_data, other_te
     from ddil_core.models.tiny import build_tiny_pipeline
     from ddil_core.models.teacher import module_fingerprint
 
-    rollouts = tiny_data["sd15"][1]
     code, err, out = _distill(capsys, tiny_data, tmp_path, teacher=other_teacher)
     mine = module_fingerprint(build_tiny_pipeline("sd15").unet)
     assert_fails(code, err, f"made by teacher tiny://sd15 (UNet {mine}), this run's teacher {other_teacher} has UNet")

@@ -138,7 +138,7 @@ def test_sigtermed_distill_resumes_from_s3_to_the_uninterrupted_weights(tiny_dat
 
     root = "s3://ddil-checkpoints/ddil-runs"
     proc, _ = _start(tmp_path, "attempt-1", RUN, root, tiny_data["sd15"])
-    held = _kill_after_a_checkpoint(proc, checkpoints, signal.SIGTERM)
+    _kill_after_a_checkpoint(proc, checkpoints, signal.SIGTERM)
     assert proc.returncode != 0
     text = (tmp_path / "attempt-1.log").read_text()
     assert "checkpoint written, rerun to resume" in text, text[-2000:]
