@@ -121,7 +121,9 @@ def run_one(args, objective, arm, seed, ctx) -> dict:
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     metrics.update({"shift_factor": shift["headline"]["shift_factor_mean"],
                     "compounding": shift["headline"]["compounding"], "drift_final": shift["headline"]["drift_final"],
-                    "student_induced_share": log[-1].get("student_induced_share"),
+                    "curves": {name: [point["value"] for point in shift[name]]  # the mechanism, per grid index k
+                               for name in ("e_teacher", "e_student", "shift_factor", "drift", "handover")},
+                    "student_induced_share": log[-1].get("student_induced_share"), "buffer": log[-1].get("buffer"),
                     "seconds_per_update": log[-1]["seconds_per_update"], "seed": seed})
     return metrics
 
