@@ -59,7 +59,9 @@ from ddil_core.stages.evaluate.inputs import adherence, reference_features
 
 PRIMARY = "kid_teacher"
 COMMON = ["training.random_streams=separate", "training.ema.enabled=true", "training.ema.decay=0.99",
-          "ddil.student_min_steps=1", "ddil.reflection.mode=off"]
+          "ddil.student_min_steps=1", "ddil.reflection.mode=off",
+          # no watching: it trains bit-identically but costs time, and its alarm must not stop one arm early
+          "training.eval_every=0", "training.alarm.action=off"]
 DDIL = ["ddil.priors.forward=0.5", "ddil.priors.teacher=0.25", "ddil.priors.student=0.25"]
 ARMS = {
     "baseline": ["ddil.priors.forward=1", "ddil.priors.teacher=0", "ddil.priors.student=0"],
