@@ -13,8 +13,8 @@ same timesteps? Per objective and student step count, over seeds s (the same see
   curve of every student (stages/diagnose.py: R after the first step, C, final drift); the teacher at the student's
   N DDIM steps as the "no distillation" row;
 - statistics: per-seed paired differences (ddil - control, ddil - baseline, control - baseline), their mean with a
-  95% t-interval and an exact sign-flip p, Holm's correction over the (objective, steps) family of the primary
-  comparison, and the smallest effect the run could detect (metrics/paired.py). The rule fixed in advance: start
+  95% t-interval and an exact sign-flip p, Holm's correction over the (objective, steps, KID and FD) family of
+  the primary comparison, and the smallest effect the run could detect (metrics/paired.py). The rule fixed in advance: start
   with `--seeds` seeds; while the primary interval contains 0 and the detectable effect exceeds `--target-effect`,
   add seeds, up to `--max-seeds`.
 Go/no-go first: the baseline students' covariate-shift factors are reported before any comparison; R near 1 and
@@ -57,7 +57,7 @@ from ddil_core.stages.diagnose import measure as covariate_shift
 from ddil_core.stages.distill import distill
 from ddil_core.stages.evaluate.inputs import adherence, reference_features
 
-PRIMARY = "kid_teacher"
+PRIMARY = ("kid_teacher", "fd_teacher")  # imitation of the teacher: both primary, Holm over both
 COMMON = ["training.random_streams=separate", "training.ema.enabled=true", "training.ema.decay=0.99",
           "ddil.student_min_steps=1", "ddil.reflection.mode=off",
           # no watching: it trains bit-identically but costs time, and its alarm must not stop one arm early
@@ -94,13 +94,47 @@ def images_features(pipe, extractor, n: int, steps: int, guidance: float, schedu
     return torch.cat(feats), torch.cat(preds)
 
 
+KID_SPACE = "classifier features standardised per dimension by the teacher's samples"
+KID_SUBSET = 500  # disjoint subsets: 4 of the 2,000 images give KID's standard error
+
+
 def image_metrics(feats, preds, teacher_feats, data_feats, k: int = 5) -> dict:
+    """KID in standardised features: the cubic kernel (x . y / d + 1)^3 on raw classifier features (x . y / d ~ 16
+    here) is so large that the estimate is noise (standard error ~10 for two samples of one distribution); with
+    entries of order 1, as Inception features have, it is ~0.001. training/watch.py standardises the same way."""
+    mean, spread = teacher_feats.mean(0), teacher_feats.std(0).clamp_min(1e-8)
+    z_feats, z_teacher, z_data = ((f - mean) / spread for f in (feats, teacher_feats, data_feats))
     wanted = [prompt_class(PROMPTS[i % len(PROMPTS)]) for i in range(len(feats))]
-    to_teacher, to_data = kid_with_se(feats, teacher_feats), kid_with_se(feats, data_feats, len(data_feats))
-    return {"kid_teacher": to_teacher["kid"], "kid_teacher_se": to_teacher["se"],
+    to_teacher, to_data = kid_with_se(z_feats, z_teacher, KID_SUBSET), kid_with_se(z_feats, z_data, len(data_feats))
+    return {"kid_teacher": to_teacher["kid"], "kid_teacher_se": to_teacher["se"], "kid_space": KID_SPACE,
             "fd_teacher": frechet_distance(teacher_feats, feats), "kid_data": to_data["kid"],
             "fd_data": frechet_distance(data_feats, feats), **prdc(data_feats, feats, k),
             "adherence": adherence(preds, wanted)}
+
+
+def rescore(args, key: str, metrics: dict, ctx) -> None:
+    """Recompute a run's image metrics in the current KID_SPACE from its saved features (or, for a run made before
+    features were saved, from its saved student: the same seeds give the same images)."""
+    objective, arm = key.split("/")
+    if key == "teacher/ddim":
+        feats, preds = images_features(ctx["teacher"], ctx["extractor"], args.images, args.student_steps,
+                                       ctx["guidance"], "ddim")
+    else:
+        out = Path(args.work) / f"{objective}-{arm}-{args.student_steps}-{metrics['seed']}"
+        feats, preds = student_features(args, out / "student", ctx)
+    metrics.update(image_metrics(feats, preds, ctx["teacher_feats"], ctx["data_feats"]))
+
+
+def student_features(args, student: Path, ctx):
+    saved = student.parent / "image_features.pt"
+    if saved.exists():
+        both = torch.load(saved)
+        return both["features"], both["classes"]
+    info = read_student_info(student)
+    feats, preds = images_features(load_pipeline(str(student)), ctx["extractor"], args.images,
+                                   info["num_inference_steps"], info["guidance_scale"], "own", info.get("eta"))
+    torch.save({"features": feats, "classes": preds}, saved)
+    return feats, preds
 
 
 def run_overrides(args, objective: str, arm: str, seed: int, ctx) -> list[str]:
@@ -117,8 +151,7 @@ def run_one(args, objective, arm, seed, ctx) -> dict:
     student = distill(config, ctx["latents"], [rollouts_for(config, ctx["latents"], Path(args.work))], out)
     info = read_student_info(student)
     pipe = load_pipeline(str(student))
-    feats, preds = images_features(pipe, ctx["extractor"], args.images, info["num_inference_steps"],
-                                   info["guidance_scale"], "own", info.get("eta"))
+    feats, preds = student_features(args, student, ctx)
     metrics = image_metrics(feats, preds, ctx["teacher_feats"], ctx["data_feats"])
     shift = covariate_shift(config, pipe, info, ctx["teacher"], PROMPTS, 16, None, args.diagnose_noises)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
@@ -188,13 +221,14 @@ def analyse(runs: dict, objectives, steps: int) -> dict:
                       for metric in METRICS if seeds and all(by_arm[x][s].get(metric) is not None
                                                              for x in (a, b) for s in seeds)}
             out[f"{objective}/{a}-{b}"] = result
-            if (a, b) == ("ddil", "control") and PRIMARY in result and result[PRIMARY]["p_sign_flip"] is not None:
-                primary_p[f"{objective}@{steps}"] = result[PRIMARY]["p_sign_flip"]
+            for metric in PRIMARY if (a, b) == ("ddil", "control") else ():
+                if metric in result and result[metric]["p_sign_flip"] is not None:
+                    primary_p[f"{objective}@{steps}/{metric}"] = result[metric]["p_sign_flip"]
     return {"comparisons": out, "primary_holm": holm(primary_p) if primary_p else {}}
 
 
 def needs_more_seeds(analysis: dict, objective: str, target: float) -> bool:
-    result = analysis["comparisons"].get(f"{objective}/ddil-control", {}).get(PRIMARY)
+    result = analysis["comparisons"].get(f"{objective}/ddil-control", {}).get(PRIMARY[0])
     if not result or result["ci95"] is None:
         return True
     low, high = result["ci95"]
@@ -223,9 +257,12 @@ def run(args) -> dict:
            "teacher_feats": torch.load(cached), "latents": work / "latents"}
     if not (ctx["latents"] / "manifest.json").exists():
         cache_latents(base, ctx["latents"])
-    if "teacher/ddim" not in runs:  # no distillation: the teacher at the student's step count
-        feats, preds = images_features(teacher, extractor, args.images, args.student_steps, guidance, "ddim")
-        runs["teacher/ddim"] = [image_metrics(feats, preds, ctx["teacher_feats"], data_feats)]
+    runs.setdefault("teacher/ddim", [{}])  # no distillation: the teacher at the student's step count
+    for key, arm_runs in runs.items():
+        for metrics in arm_runs:
+            if metrics.get("kid_space") != KID_SPACE:
+                rescore(args, key, metrics, ctx)
+    partial.write_text(json.dumps(runs, indent=1))
     for objective in args.objectives:  # made before any worker starts, so no two workers make one set
         rollouts_for(load_config("demo", run_overrides(args, objective, "ddil", 0, ctx)), ctx["latents"], work)
     seeds = {objective: list(range(args.seeds)) for objective in args.objectives}
@@ -291,13 +328,14 @@ def to_markdown(result: dict) -> str:
               "| comparison | metric | mean | 95% interval | sign-flip p | detectable effect | seeds |",
               "|---|---|---:|---|---:|---:|---:|"]
     for name, metrics in result["comparisons"].items():
-        for metric in (PRIMARY, "fd_teacher", "fd_data", "coverage", "shift_factor", "drift_final"):
+        for metric in (*PRIMARY, "fd_data", "coverage", "shift_factor", "drift_final"):
             r = metrics.get(metric)
             if r is None or r["ci95"] is None:
                 continue
             lines.append(f"| {name} | {metric} | {r['mean_difference']:.4g} | [{r['ci95'][0]:.4g}, {r['ci95'][1]:.4g}]"
                          f" | {r['p_sign_flip']:.3g} | {r['detectable_effect']:.3g} | {r['n']} |")
-    lines += ["", f"Holm-adjusted p of ddil - control on {PRIMARY}: {json.dumps(result['primary_holm'])}", "",
+    lines += ["", f"Holm-adjusted p of ddil - control ({' and '.join(PRIMARY)}, one family): "
+              f"{json.dumps(result['primary_holm'])}", "",
               "## The mechanism: covariate-shift curves by grid index k (mean over seeds)", "",
               "R(k) = e_S(k) / e_T(k); D(k) the squared latent distance to the teacher's trajectory (k = 0..N); "
               "H(m) the final distance when the teacher takes the first m intervals (docs/method.md section 9).", "",
@@ -322,7 +360,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, default=6, help="seeds to start with (the same in every arm)")
     parser.add_argument("--max-seeds", type=int, default=12)
     parser.add_argument("--target-effect", type=float, default=0.0,
-                        help=f"stop adding seeds once the detectable {PRIMARY} effect is below this")
+                        help=f"stop adding seeds once the detectable {PRIMARY[0]} effect is below this")
     parser.add_argument("--updates", type=int, default=800, help="training updates per student")
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--teacher-images", type=int, default=5000)

@@ -15,7 +15,7 @@ def test_ddil_evidence_quick(tmp_path, monkeypatch):
                                                                   "lcm/control": 2, "lcm/ddil": 2}
     ddil_vs_control = result["comparisons"]["lcm/ddil-control"]["kid_teacher"]
     assert ddil_vs_control["n"] == 2 and len(ddil_vs_control["ci95"]) == 2
-    assert set(result["primary_holm"]) == {"lcm@4"}
+    assert set(result["primary_holm"]) == {"lcm@4/kid_teacher", "lcm@4/fd_teacher"}
     assert len(result["go_no_go"]["lcm"]["shift_factor"]) == 2
     assert "| lcm/ddil-control | kid_teacher |" in (tmp_path / "work" / "evidence.md").read_text()
     # resumable: nothing measured is trained again
