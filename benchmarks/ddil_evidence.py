@@ -160,7 +160,8 @@ def run_one(args, objective, arm, seed, ctx) -> dict:
                     "curves": {name: [point["value"] for point in shift[name]]  # the mechanism, per grid index k
                                for name in ("e_teacher", "e_student", "shift_factor", "drift", "handover")},
                     "student_induced_share": log[-1].get("student_induced_share"), "buffer": log[-1].get("buffer"),
-                    "seconds_per_update": log[-1]["seconds_per_update"], "seed": seed})
+                    "seconds_per_update": log[-1]["seconds_per_update"], "seed": seed,
+                    "diagnose_noises": args.diagnose_noises})
     return metrics
 
 

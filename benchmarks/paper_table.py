@@ -4,7 +4,8 @@ For PD, LCM and DMD2, each as baseline (priors 1/0/0), +DDIL (0.5/0.25/0.25, rep
 (static per-channel bounds from the latent cache), at 4 student steps (and optionally 2), over several seeds: FID,
 precision/recall/density/coverage (k = 5), prompted-digit adherence and diversity in the digit classifier's feature
 space against the 297 held-out digits, and seconds per update; the teacher at 50 DDIM steps with CFG is the
-reference row. Writes docs/results.json and docs/results.md.
+reference row. Writes docs/paper-table.json and docs/paper-table.md (the evidence benchmark, benchmarks/ddil_evidence.py,
+writes docs/results).
 
     python benchmarks/paper_table.py --demo runs/demo/demo                # the full table (about 1-2 h on 2 cores)
     python benchmarks/paper_table.py --quick --demo /tmp/demo-quick       # CI smoke: a fast demo, 1 seed, few steps
@@ -281,7 +282,7 @@ def main(argv=None) -> None:
     parser.add_argument("--images-per-prompt", type=int, default=30)
     parser.add_argument("--teacher-steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, help="the teacher's CFG scale (default: the demo's own)")
-    parser.add_argument("--out", default="docs/results")
+    parser.add_argument("--out", default="docs/paper-table")
     parser.add_argument("--quick", action="store_true", help="CI smoke: 1 seed, 3 steps, few images")
     parser.add_argument("--partial", help="also write the results so far to this JSON file after every run")
     parser.add_argument("--resume", action="store_true",

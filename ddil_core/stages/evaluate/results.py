@@ -116,7 +116,7 @@ def fid_note(protocol: dict) -> str:
         text += (f" prepare-demo's summary.json measures the teacher in the same features against the same held-out "
                  f"digits, but with one distinct seed per image ({PREPARE_DEMO_SEEDS}), so it reports another number "
                  "for the same teacher; benchmarks/paper_table.py uses seeds 1000 to 1029 (docs/demo.md, "
-                 "docs/results.md). It is not the Inception FID of published results.")
+                 "docs/paper-table.md). It is not the Inception FID of published results.")
     return text
 
 
