@@ -20,8 +20,10 @@ same timesteps? Per objective and student step count, over seeds s (the same see
 Go/no-go first: the baseline students' covariate-shift factors are reported before any comparison; R near 1 and
 C near 1 mean there is little shift for DDIL to fix on this task.
 
-    python benchmarks/ddil_evidence.py --demo runs/demo/demo --work runs/evidence     # resumable; about 90 min an
-                                                                                     # objective on 2 cores
+    python benchmarks/ddil_evidence.py --demo runs/demo/demo --work runs/evidence --workers 2   # resumable
+    # docs/results.md's LCM run (--objectives lcm --updates 400 --diagnose-noises 16): ~8 min a run, two at a time,
+    # 18 runs in ~75 min on 2 cores, after ~15 min for the teacher's 5,000 samples. The diagnosis of a consistency
+    # student is the dearest part after training: its teacher reference runs guided DDIM to 0 from every state.
     python benchmarks/ddil_evidence.py --quick --demo /tmp/demo-quick --work /tmp/ev  # smoke: tiny budgets
 """
 from __future__ import annotations
