@@ -14,9 +14,9 @@ same timesteps? Per objective and student step count, over seeds s (the same see
   N DDIM steps as the "no distillation" row;
 - statistics: per-seed paired differences (ddil - control, ddil - baseline, control - baseline), their mean with a
   95% t-interval and an exact sign-flip p, Holm's correction over the (objective, steps, KID and FD) family of
-  the primary comparison, and the smallest effect the run could detect (metrics/paired.py). The rule fixed in advance: start
-  with `--seeds` seeds; while the primary interval contains 0 and the detectable effect exceeds `--target-effect`,
-  add seeds, up to `--max-seeds`.
+  the primary comparison, and the smallest effect the run could detect (metrics/paired.py). The rule fixed in
+  advance: start with `--seeds` seeds; while the primary interval contains 0 and the detectable effect exceeds
+  `--target-effect`, add seeds, up to `--max-seeds`.
 Go/no-go first: the baseline students' covariate-shift factors are reported before any comparison; R near 1 and
 C near 1 mean there is little shift for DDIL to fix on this task.
 
@@ -175,6 +175,12 @@ def _worker_init(ctx: dict) -> None:
     _WORKER_CTX.update(ctx)
 
 
+def _fork_pool(workers: int, ctx: dict) -> ProcessPoolExecutor:
+    """Processes of one thread each, forked so they inherit `ctx` (loaded pipelines are never pickled)."""
+    fork = multiprocessing.get_context("fork")
+    return ProcessPoolExecutor(workers, mp_context=fork, initializer=_worker_init, initargs=(ctx,))
+
+
 def _worker_run(args, objective, arm, seed):
     return objective, arm, run_one(args, objective, arm, seed, _WORKER_CTX)
 
@@ -192,8 +198,7 @@ def teacher_features(args, teacher, extractor, guidance) -> torch.Tensor:
     ctx = {"teacher": teacher, "extractor": extractor}
     if parts == 1:
         return _teacher_part(n, 0, guidance, ctx)
-    fork = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(parts, mp_context=fork, initializer=_worker_init, initargs=(ctx,)) as pool:
+    with _fork_pool(parts, ctx) as pool:
         futures = [pool.submit(_teacher_part, bounds[i + 1], bounds[i], guidance) for i in range(parts)]
         return torch.cat([f.result() for f in futures])
 
@@ -205,8 +210,7 @@ def run_jobs(args, jobs, ctx):
         for objective, arm, seed in jobs:
             yield objective, arm, run_one(args, objective, arm, seed, ctx)
         return
-    fork = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(args.workers, mp_context=fork, initializer=_worker_init, initargs=(ctx,)) as pool:
+    with _fork_pool(args.workers, ctx) as pool:
         for future in as_completed([pool.submit(_worker_run, args, *job) for job in jobs]):
             yield future.result()
 
