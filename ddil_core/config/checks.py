@@ -184,6 +184,7 @@ RANGES: dict[str, Range] = {
     "demo.vae_max_seconds": POSITIVE,
     "demo.teacher_max_seconds": POSITIVE,
     "demo.threads": COUNT,
+    "demo.workers": COUNT,
 }
 
 
@@ -333,6 +334,10 @@ def relation_problems(config: Any) -> list[str]:
     if wanted is not None and mp != wanted:
         problems.append(f"model.dtype = {dtype} needs training.mixed_precision = {wanted} (the frozen {dtype} teacher "
                         f"takes float32 inputs only under autocast), got {mp}")
+    demo = config.demo
+    if demo.adapt_threads and demo.workers > 1:
+        problems.append(f"demo.adapt_threads = true needs demo.workers = 1, got {demo.workers} (the tuner changes "
+                        "the intra-op thread count; workers already keep every core busy on one thread each)")
     return problems
 
 

@@ -343,8 +343,11 @@ class DemoConfig:
     eval_images_per_digit: int = 30
     vae_max_seconds: Optional[float] = None
     teacher_max_seconds: Optional[float] = None
-    threads: int = 1  # torch threads of every phase: fixed, so the same code and seed rebuild the same teacher
-    #                   bit for bit (one thread is also the fastest on a shared 2-core CPU: docs/demo.md)
+    threads: int = 1  # torch intra-op threads of every phase: fixed, so the same code and seed rebuild the same
+    #                   teacher bit for bit (one thread is also the fastest on a shared 2-core CPU: docs/demo.md)
+    workers: int = 1  # data-parallel threads of one intra-op thread each (demo/parallel.py): the VAE and teacher
+    #                   train as `workers` shards of each batch, the measurement samples in `workers` threads and
+    #                   the classifier trains in a process beside the VAE; the same workers rebuild the same teacher
     adapt_threads: bool = False  # instead switch between one thread and all cores by measured speed
     #                              (demo/threads.py: ThreadTuner); not bit-reproducible
 

@@ -41,9 +41,10 @@ def train_teacher_unet(latents: torch.Tensor, labels: torch.Tensor, class_embedd
                        uncond_embedding: torch.Tensor, steps: int, batch_size: int = 64, lr: float = 1e-3,
                        ema_decay: float = 0.999, min_snr_gamma: float = 5.0, caption_dropout: float = 0.1,
                        seed: int = 0, max_seconds: Optional[float] = None,
-                       adapt_threads: bool = False) -> tuple[torch.nn.Module, dict]:
+                       adapt_threads: bool = False, workers: int = 1) -> tuple[torch.nn.Module, dict]:
     """Train tiny_unet("sd15") on latents [N, 4, 8, 8] (~N(0, 1)) conditioned on class_embeddings[labels] [10, L, D];
-    a `caption_dropout` share of each batch gets the empty prompt's embedding. Returns the EMA UNet."""
+    a `caption_dropout` share of each batch gets the empty prompt's embedding. `workers` data-parallel threads
+    (parallel.py). Returns the EMA UNet."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed + 1)
     unet = tiny_unet("sd15").train()
@@ -53,7 +54,7 @@ def train_teacher_unet(latents: torch.Tensor, labels: torch.Tensor, class_embedd
     ema = EMA(unet, ema_decay)
     uncond = uncond_embedding.reshape(1, *class_embeddings.shape[1:])
 
-    def loss_at(step: int) -> torch.Tensor:
+    def batch_at(step: int) -> tuple[torch.Tensor, ...]:
         idx = torch.randint(len(latents), (batch_size,), generator=g)
         x0 = latents[idx]
         cond = class_embeddings[labels[idx]]
@@ -61,8 +62,11 @@ def train_teacher_unet(latents: torch.Tensor, labels: torch.Tensor, class_embedd
         cond = torch.where(drop.view(-1, 1, 1), uncond.expand_as(cond), cond)
         t = torch.randint(T, (batch_size,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
+        return x0, cond, t, noise
+
+    def loss_of(model, x0, cond, t, noise) -> torch.Tensor:
         x_t = schedule.add_noise(x0, noise, t)
-        pred = unet(x_t, t, encoder_hidden_states=cond).sample
+        pred = model(x_t, t, encoder_hidden_states=cond).sample
         snr = schedule.snr(t)
         weight = snr.clamp(max=min_snr_gamma) / snr  # Min-SNR-gamma for epsilon prediction
         return (weight * (pred - noise).pow(2).flatten(1).mean(1)).mean()
@@ -72,6 +76,7 @@ def train_teacher_unet(latents: torch.Tensor, labels: torch.Tensor, class_embedd
         ema.update(unet)
 
     info = train_steps("teacher", unet, opt, steps, lambda step: warmup_cosine(step, steps, lr, WARMUP_STEPS, 0.1),
-                       loss_at, (0.98, 0.02), max_seconds, adapt_threads, after_update=update_ema)
+                       batch_at, loss_of, (0.98, 0.02), max_seconds, adapt_threads, after_update=update_ema,
+                       workers=workers)
     ema.copy_to(unet)
     return unet.eval().requires_grad_(False), info

@@ -29,24 +29,30 @@ WARMUP_STEPS = 50
 
 
 def train_vae(images: torch.Tensor, steps: int, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
-              max_seconds: Optional[float] = None, adapt_threads: bool = False) -> tuple[torch.nn.Module, dict]:
-    """Train tiny_vae() on images [N, 3, 16, 16] in [-1, 1]; deterministic for a seed (until a guard stops it;
-    bit-exact only without adapt_threads, see ThreadTuner)."""
+              max_seconds: Optional[float] = None, adapt_threads: bool = False,
+              workers: int = 1) -> tuple[torch.nn.Module, dict]:
+    """Train tiny_vae() on images [N, 3, 16, 16] in [-1, 1] in `workers` data-parallel threads (parallel.py);
+    deterministic for a seed and a worker count (until a guard stops it; bit-exact only without adapt_threads, see
+    ThreadTuner)."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     vae = tiny_vae().train()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    down = 2 ** (len(vae.config.block_out_channels) - 1)
+    latent = (vae.config.latent_channels, images.shape[-2] // down, images.shape[-1] // down)
 
-    def loss_at(step: int) -> torch.Tensor:
+    def batch_at(step: int) -> tuple[torch.Tensor, ...]:
         x = images[torch.randint(len(images), (batch_size,), generator=g)]
-        posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
-        recon = vae.decode(z).sample
+        return x, torch.randn((batch_size, *latent), generator=g)  # the posterior sample's noise
+
+    def loss_of(model, x, eps) -> torch.Tensor:
+        posterior = model.encode(x).latent_dist
+        recon = model.decode(posterior.mean + posterior.std * eps).sample
         return F.mse_loss(recon, x) + L1_WEIGHT * F.l1_loss(recon, x) + KL_WEIGHT * posterior.kl().mean()
 
     # Linear warm-up, then cosine decay to 5% of lr.
     info = train_steps("vae", vae, opt, steps, lambda step: warmup_cosine(step, steps, lr, WARMUP_STEPS, 0.05),
-                       loss_at, (0.95, 0.05), max_seconds, adapt_threads)
+                       batch_at, loss_of, (0.95, 0.05), max_seconds, adapt_threads, workers=workers)
     return vae.eval().requires_grad_(False), info
 
 

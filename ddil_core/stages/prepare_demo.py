@@ -20,11 +20,14 @@ every ~10 s (ddil_core/progress.py).
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import platform
 import shutil
 import time
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -32,12 +35,13 @@ from ddil_core.config import Config, ConfigError
 from ddil_core.data.digits import digit_caption
 from ddil_core.data.shards import publish_dir, staging_dir, write_json_atomic
 from ddil_core.demo.data import load_digits, write_image_folder
+from ddil_core.demo.parallel import map_ordered, pipeline_copies
 from ddil_core.demo.threads import ThreadTuner, torch_threads
 from ddil_core.demo.quality import classify, digit_prompts, score
 from ddil_core.demo.teacher import build_text_encoder, embed, train_teacher_unet
 from ddil_core.demo.vae import fold_latent_normalization, posterior_means, reconstruct, train_vae
 from ddil_core.metrics.fid import frechet_distance
-from ddil_core.models.classifier import train_digit_classifier
+from ddil_core.models.classifier import DigitClassifier, train_digit_classifier
 from ddil_core.models.tiny import tiny_scheduler
 from ddil_core.progress import Progress
 from ddil_core.stages.common import write_resolved_config
@@ -77,21 +81,27 @@ def build_teacher_pipeline(vae, text_encoder, tokenizer, unet):
 
 
 def sample_digits(pipe, steps: int, guidance: float, images_per_digit: int, adapt_threads: bool = False,
-                  start_threads: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                  start_threads: int = 1, workers: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """images_per_digit samples of each digit prompt (seed EVAL_SEED_BASE + i); images [N, 3, H, W] in [0, 1].
-    With adapt_threads, a ThreadTuner (starting at start_threads: what training settled on) picks the thread count
+    Chunks of SAMPLE_CHUNK images in `workers` threads (the images do not depend on it: each has its own seed);
+    with adapt_threads, a ThreadTuner (starting at start_threads: what training settled on) picks the thread count
     chunk by chunk."""
     prompts, labels = digit_prompts(images_per_digit)
+    chunks = [(start, prompts[start:start + SAMPLE_CHUNK]) for start in range(0, len(prompts), SAMPLE_CHUNK)]
+
+    def sample(worker_pipe, chunk):
+        start, part = chunk
+        return generate(worker_pipe, part, [EVAL_SEED_BASE + start + i for i in range(len(part))], steps, guidance)
+
     tuner = ThreadTuner(adapt_threads, window=2, probe=1, explore_every=4, start=start_threads)
     images = []
     try:
         with Progress(f"prepare-demo: teacher samples at {steps} DDIM steps, guidance {guidance:g}", len(prompts),
                       unit="image") as progress:
-            for start in range(0, len(prompts), SAMPLE_CHUNK):
-                chunk = prompts[start:start + SAMPLE_CHUNK]
-                seeds = [EVAL_SEED_BASE + start + i for i in range(len(chunk))]
-                images.append(generate(pipe, chunk, seeds, steps, guidance))
-                progress.update_to(start + len(chunk))
+            pipes = pipeline_copies(pipe, min(workers, len(chunks)))
+            for (start, part), batch in zip(chunks, map_ordered(sample, chunks, len(pipes), pipes)):
+                images.append(batch)
+                progress.update_to(start + len(part))
                 tuner.step()
     finally:
         tuner.restore()
@@ -99,18 +109,44 @@ def sample_digits(pipe, steps: int, guidance: float, images_per_digit: int, adap
 
 
 def measure_teacher(pipe, classifier, reference_features: torch.Tensor, steps: int, guidance: float,
-                    images_per_digit: int, adapt_threads: bool = False, start_threads: int = 1) -> dict:
+                    images_per_digit: int, adapt_threads: bool = False, start_threads: int = 1,
+                    workers: int = 1) -> dict:
     t0 = time.monotonic()
-    images, labels = sample_digits(pipe, steps, guidance, images_per_digit, adapt_threads, start_threads)
+    images, labels = sample_digits(pipe, steps, guidance, images_per_digit, adapt_threads, start_threads, workers)
     metrics = score(classifier, images, labels, reference_features)
     return {"steps": steps, "guidance_scale": guidance, **metrics, "seconds": time.monotonic() - t0}
+
+
+def _train_classifier(images01, labels, steps: int, seed: int, threads: int) -> tuple[dict, float]:
+    """(the classifier's weights, seconds), trained with `threads` torch threads."""
+    t = time.monotonic()
+    with torch_threads(threads):
+        weights = train_digit_classifier(images01, labels, steps=steps, seed=seed).state_dict()
+    return weights, time.monotonic() - t
+
+
+def classifier_beside(d, train) -> tuple[Future, Optional[ProcessPoolExecutor]]:
+    """A future of _train_classifier's result: with demo.workers > 1 trained in a forked process of one thread
+    while this one trains the VAE (the same weights bit for bit: its own seed, its own process), else here first.
+    The classifier is small: one thread is nearly as fast as two on a free CPU and many times faster on a shared
+    one (demo/threads.py: ThreadTuner)."""
+    threads = 1 if d.adapt_threads or d.workers > 1 else torch.get_num_threads()
+    args = (train.images01, train.labels, d.classifier_steps, d.seed, threads)
+    if d.workers <= 1:
+        done: Future = Future()
+        done.set_result(_train_classifier(*args))
+        return done, None
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"))
+    return pool.submit(_train_classifier, *args), pool
 
 
 def prepare_demo(config: Config, out: str | Path) -> dict:
     d = config.demo
     with torch_threads(d.threads):
-        log.info("prepare-demo: %d torch thread%s (demo.threads%s)", d.threads, "" if d.threads == 1 else "s",
-                 "; adapted to the CPU's load" if d.adapt_threads else ": a fixed count rebuilds the same teacher")
+        log.info("prepare-demo: %d torch thread%s (demo.threads%s), %d worker%s (demo.workers)", d.threads,
+                 "" if d.threads == 1 else "s",
+                 "; adapted to the CPU's load" if d.adapt_threads else ": fixed counts rebuild the same teacher",
+                 d.workers, "" if d.workers == 1 else "s")
         return _prepare_demo(config, out)
 
 
@@ -131,21 +167,27 @@ def _prepare_demo(config: Config, out: str | Path) -> dict:
         timings["dataset"] = time.monotonic() - t
         log.info("dataset: %d training and %d held-out digits written", len(train.keys), len(held.keys))
 
+        # The classifier and the VAE are independent: with demo.workers > 1 they train at the same time.
+        trained, pool = classifier_beside(d, train)
         t = time.monotonic()
-        # The classifier is small: one thread is nearly as fast as two on a free CPU and many times faster on a
-        # shared one (demo/threads.py: ThreadTuner).
-        with torch_threads(1 if d.adapt_threads else torch.get_num_threads()):
-            classifier = train_digit_classifier(train.images01, train.labels, steps=d.classifier_steps, seed=d.seed)
+        try:
+            vae, vae_info = train_vae(train.images, d.vae_steps, d.vae_batch_size, d.vae_lr, d.seed,
+                                      d.vae_max_seconds, d.adapt_threads, d.workers)
+            timings["vae"] = time.monotonic() - t
+            weights, timings["classifier"] = trained.result()
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+        classifier = DigitClassifier(resolution=train.images01.shape[-1])
+        classifier.load_state_dict(weights)
+        classifier.eval()
         held_feats, held_pred = classify(classifier, held.images01)
         train_feats, _ = classify(classifier, train.images01)
         classifier_acc = float((held_pred == held.labels).float().mean())
         classifier.save(tmp / "classifier")
-        timings["classifier"] = time.monotonic() - t
         log.info("classifier: %.1f%% on held-out digits (%.0f s)", 100 * classifier_acc, timings["classifier"])
 
         t = time.monotonic()
-        vae, vae_info = train_vae(train.images, d.vae_steps, d.vae_batch_size, d.vae_lr, d.seed, d.vae_max_seconds,
-                                  d.adapt_threads)
         raw = posterior_means(vae, train.images)
         folded = fold_latent_normalization(vae, train.images)
         latents = posterior_means(vae, train.images)
@@ -160,7 +202,7 @@ def _prepare_demo(config: Config, out: str | Path) -> dict:
             "latent_channel_std": latents.std(dim=(0, 2, 3)).tolist(),
             "folded": folded,
         }
-        timings["vae"] = time.monotonic() - t
+        timings["vae"] += time.monotonic() - t
         log.info("vae: held-out MSE %.4f, classifier %.1f%% on reconstructions; latents mean %.2f std %.2f folded "
                  "to ~N(0, 1) per channel (%.0f s)", vae_summary["heldout_mse"],
                  100 * vae_summary["heldout_recon_classifier_accuracy"], vae_summary["raw_latent_mean"],
@@ -173,7 +215,8 @@ def _prepare_demo(config: Config, out: str | Path) -> dict:
         t = time.monotonic()
         unet, teacher_info = train_teacher_unet(
             latents, train.labels, class_embeddings, uncond, d.teacher_steps, d.teacher_batch_size, d.teacher_lr,
-            d.teacher_ema_decay, d.min_snr_gamma, d.caption_dropout, d.seed, d.teacher_max_seconds, d.adapt_threads)
+            d.teacher_ema_decay, d.min_snr_gamma, d.caption_dropout, d.seed, d.teacher_max_seconds, d.adapt_threads,
+            d.workers)
         timings["teacher"] = time.monotonic() - t
         pipe = build_teacher_pipeline(vae, text_encoder, tokenizer, unet)
         pipe.save_pretrained(str(tmp / "teacher"), safe_serialization=True)
@@ -185,13 +228,13 @@ def _prepare_demo(config: Config, out: str | Path) -> dict:
                                                         requires_safety_checker=False, use_safetensors=True)
         threads = teacher_info["threads"]["final"]
         teacher_metrics = measure_teacher(saved, classifier, held_feats, d.eval_steps, d.guidance_scale,
-                                          d.eval_images_per_digit, d.adapt_threads, threads)
+                                          d.eval_images_per_digit, d.adapt_threads, threads, d.workers)
         log.info("teacher at %d DDIM steps, guidance %g: prompted-digit accuracy %.1f%%, FD %.1f",
                  d.eval_steps, d.guidance_scale, 100 * teacher_metrics["accuracy"], teacher_metrics["fid"])
         few = {}
         for steps in d.eval_few_steps:
             few[str(steps)] = measure_teacher(saved, classifier, held_feats, steps, d.guidance_scale,
-                                              d.eval_images_per_digit, d.adapt_threads, threads)
+                                              d.eval_images_per_digit, d.adapt_threads, threads, d.workers)
             log.info("teacher at %d DDIM steps: accuracy %.1f%%, FD %.1f", steps, 100 * few[str(steps)]["accuracy"],
                      few[str(steps)]["fid"])
         timings["measure"] = time.monotonic() - t
@@ -204,7 +247,7 @@ def _prepare_demo(config: Config, out: str | Path) -> dict:
             "vae": vae_summary,
             "dataset": {"train": len(train.keys), "heldout": len(held.keys), "resolution": train.images.shape[-1]},
             "timings_s": timings,
-            "machine": {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "machine": {"torch_threads": torch.get_num_threads(), "workers": d.workers, "cpus": os.cpu_count(),
                         "processor": platform.processor() or platform.machine()},
             "guards_hit": [name for name, info in (("vae", vae_info), ("teacher", teacher_info))
                            if info["steps"] < info["steps_planned"]],

@@ -11,6 +11,7 @@ from ddil_core.cli import main
 TINY_BUDGET = [
     "demo.vae_steps=3", "demo.vae_batch_size=16", "demo.classifier_steps=3", "demo.teacher_steps=3",
     "demo.teacher_batch_size=16", "demo.eval_steps=2", "demo.eval_few_steps=[1]", "demo.eval_images_per_digit=1",
+    "demo.workers=2",  # the recipe's: the classifier in a process beside the VAE, data-parallel threads
 ]
 SUMMARY_KEYS = {"teacher", "teacher_few_steps", "reference_fid_train_vs_heldout", "classifier", "vae", "dataset",
                 "timings_s", "machine", "guards_hit"}
@@ -88,6 +89,30 @@ def test_classifier_loads(demo_dir):
 
     clf = DigitClassifier.load(demo_dir / "classifier")
     assert clf(torch.rand(2, 3, 16, 16)).shape == (2, 10)
+
+
+def test_the_classifier_trained_beside_the_vae_is_the_one_trained_here(demo_dir):
+    """demo.workers = 2 trains the classifier in a forked process: the same weights as training it in this one."""
+    from ddil_core.demo.data import load_digits
+    from ddil_core.models.classifier import DigitClassifier, train_digit_classifier
+
+    train = load_digits("train")
+    here = train_digit_classifier(train.images01, train.labels, steps=3, seed=0)
+    saved = DigitClassifier.load(demo_dir / "classifier")
+    for name, value in here.state_dict().items():
+        assert torch.equal(value, saved.state_dict()[name]), name
+
+
+def test_teacher_samples_do_not_depend_on_the_worker_count(demo_dir):
+    from diffusers import StableDiffusionPipeline
+
+    from ddil_core.stages.prepare_demo import sample_digits
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(demo_dir / "teacher"), safety_checker=None,
+                                                   requires_safety_checker=False)
+    one, labels = sample_digits(pipe, 2, 2.0, 6, workers=1)  # 60 images: chunks of 25, 25 and 10
+    two, labels2 = sample_digits(pipe, 2, 2.0, 6, workers=2)
+    assert torch.equal(one, two) and torch.equal(labels, labels2) and one.shape[0] == 60
 
 
 def test_folding_the_latent_statistics_keeps_reconstructions():
