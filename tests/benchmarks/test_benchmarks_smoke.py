@@ -12,7 +12,8 @@ import warnings
 
 import pytest
 
-from benchmarks import cache_throughput, ddil_overhead, gpu_unets, scale, scaling, serve_load, student_speedup
+from benchmarks import (cache_throughput, ddil_overhead, demo_workers, gpu_unets, scale, scaling, serve_load,
+                        student_speedup)
 from benchmarks.common import build_data
 
 COMMON_KEYS = {"benchmark", "command", "machine", "settings", "table_markdown"}
@@ -82,6 +83,13 @@ def test_student_speedup(tmp_path):
         assert {"steps", "seconds_per_image", "speedup", "nfe_ratio"} <= set(s)
     assert {"seconds_per_image", "nfe"} <= set(data["teacher"])
     assert {"student_4_min_speedup", "student_4_speedup", "met"} <= set(data["target"])
+
+
+def test_demo_workers(tmp_path):
+    demo_workers.main(["--quick", "--out", str(tmp_path / "w.json")])
+    data = _written(tmp_path / "w.json", "demo_workers")
+    assert set(data["seconds_per_update"]) == {"one thread", "intra-op threads on all cores", "2 workers"}
+    assert data["rebuilds"]["2 workers"]["same"] and data["rebuilds"]["1 worker"]["same"]
 
 
 def test_cache_throughput(tmp_path):
