@@ -33,6 +33,7 @@ import datetime
 import json
 import multiprocessing
 import platform
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -45,7 +46,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.paper_table import base_overrides, demo_guidance, objective_overrides, prepare_quick_demo, rollouts_for
-from ddil_core.config import load_config
+from ddil_core.config import load_config, recipe_path
 from ddil_core.data.digits import DIGIT_WORDS, digit_caption, prompt_class
 from ddil_core.metrics.extractors import load_extractor
 from ddil_core.metrics.fid import frechet_distance
@@ -148,7 +149,7 @@ def run_overrides(args, objective: str, arm: str, seed: int, ctx) -> list[str]:
 
 
 def run_one(args, objective, arm, seed, ctx) -> dict:
-    config = load_config("demo", run_overrides(args, objective, arm, seed, ctx))
+    config = load_config(ctx["recipe"], run_overrides(args, objective, arm, seed, ctx))
     out = Path(args.work) / f"{objective}-{arm}-{args.student_steps}-{seed}"
     student = distill(config, ctx["latents"], [rollouts_for(config, ctx["latents"], Path(args.work))], out)
     info = read_student_info(student)
@@ -242,6 +243,15 @@ def needs_more_seeds(analysis: dict, objective: str, target: float) -> bool:
     return low <= 0 <= high and result["detectable_effect"] > target
 
 
+def frozen_recipe(work: Path) -> str:
+    """The demo recipe every run of `work` is made with: configs/demo.yaml as it was when the work began, copied
+    into it, so a run resumed later (or the repository edited while it runs) pairs with the same recipe."""
+    frozen = work / "recipe.yaml"
+    if not frozen.exists():
+        shutil.copyfile(recipe_path("demo"), frozen)
+    return str(frozen)
+
+
 def run(args) -> dict:
     demo = Path(args.demo)
     if not (demo / "teacher" / "model_index.json").exists():
@@ -250,17 +260,18 @@ def run(args) -> dict:
         prepare_quick_demo(demo)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    recipe = frozen_recipe(work)
     partial = work / "runs.json"
     runs = json.loads(partial.read_text()) if partial.exists() else {}  # resumable: "objective/arm" -> per seed
     guidance = args.guidance or demo_guidance(demo)
     extractor = load_extractor(f"classifier:{demo / 'classifier'}")
-    base = load_config("demo", base_overrides(demo, args.updates, args.student_steps, guidance, args.quick))
+    base = load_config(recipe, base_overrides(demo, args.updates, args.student_steps, guidance, args.quick))
     data_feats, _, _ = reference_features(base, str(demo / "dataset-eval"), 16, extractor)
     teacher = load_pipeline(str(demo / "teacher"))
     cached = work / f"teacher-{args.teacher_images}.pt"
     if not cached.exists():  # the teacher's own samples: the imitation target, made once
         torch.save(teacher_features(args, teacher, extractor, guidance), cached)
-    ctx = {"demo": demo, "guidance": guidance, "extractor": extractor, "data_feats": data_feats, "teacher": teacher,
+    ctx = {"demo": demo, "recipe": recipe, "guidance": guidance, "extractor": extractor, "data_feats": data_feats, "teacher": teacher,
            "teacher_feats": torch.load(cached), "latents": work / "latents"}
     if not (ctx["latents"] / "manifest.json").exists():
         cache_latents(base, ctx["latents"])
@@ -271,7 +282,7 @@ def run(args) -> dict:
                 rescore(args, key, metrics, ctx)
     partial.write_text(json.dumps(runs, indent=1))
     for objective in args.objectives:  # made before any worker starts, so no two workers make one set
-        rollouts_for(load_config("demo", run_overrides(args, objective, "ddil", 0, ctx)), ctx["latents"], work)
+        rollouts_for(load_config(recipe, run_overrides(args, objective, "ddil", 0, ctx)), ctx["latents"], work)
     seeds = {objective: list(range(args.seeds)) for objective in args.objectives}
     while True:
         jobs = [(objective, arm, seed) for seed in range(max(map(len, seeds.values())))

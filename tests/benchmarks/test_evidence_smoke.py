@@ -4,6 +4,7 @@ numbers."""
 import json
 
 import benchmarks.ddil_evidence as evidence
+from tests import ROOT
 
 
 def test_ddil_evidence_quick(tmp_path, monkeypatch):
@@ -18,6 +19,10 @@ def test_ddil_evidence_quick(tmp_path, monkeypatch):
     assert set(result["primary_holm"]) == {"lcm@4/kid_teacher", "lcm@4/fd_teacher"}
     assert len(result["go_no_go"]["lcm"]["shift_factor"]) == 2
     assert "| lcm/ddil-control | kid_teacher |" in (tmp_path / "work" / "evidence.md").read_text()
-    # resumable: nothing measured is trained again
+    # resumable: nothing measured is trained again, and the runs keep the recipe the work began with
+    frozen = tmp_path / "work" / "recipe.yaml"
+    assert frozen.read_text() == (ROOT / "configs" / "demo.yaml").read_text()
+    frozen.write_text(frozen.read_text() + "# the recipe as this work began\n")
     monkeypatch.setattr(evidence, "distill", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
     evidence.main(args)
+    assert frozen.read_text().endswith("# the recipe as this work began\n")
