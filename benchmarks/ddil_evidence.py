@@ -50,7 +50,7 @@ from ddil_core.config import load_config, recipe_path
 from ddil_core.data.digits import DIGIT_WORDS, digit_caption, prompt_class
 from ddil_core.metrics.extractors import load_extractor
 from ddil_core.metrics.fid import frechet_distance
-from ddil_core.metrics.kid import kid_with_se
+from ddil_core.metrics.kid import kid_with_se, standardiser
 from ddil_core.metrics.paired import holm, paired
 from ddil_core.metrics.prdc import precision_recall_density_coverage as prdc
 from ddil_core.models.pipeline_io import load_pipeline, read_student_info
@@ -102,11 +102,10 @@ KID_SUBSET = 500  # disjoint subsets: 4 of the 2,000 images give KID's standard 
 
 
 def image_metrics(feats, preds, teacher_feats, data_feats, k: int = 5) -> dict:
-    """KID in standardised features: the cubic kernel (x . y / d + 1)^3 on raw classifier features (x . y / d ~ 16
-    here) is so large that the estimate is noise (standard error ~10 for two samples of one distribution); with
-    entries of order 1, as Inception features have, it is ~0.001. training/watch.py standardises the same way."""
-    mean, spread = teacher_feats.mean(0), teacher_feats.std(0).clamp_min(1e-8)
-    z_feats, z_teacher, z_data = ((f - mean) / spread for f in (feats, teacher_feats, data_feats))
+    """KID in features standardised by the teacher's samples (metrics/kid.py: standardiser, as training/watch.py
+    measures it)."""
+    standardise = standardiser(teacher_feats)
+    z_feats, z_teacher, z_data = (standardise(f) for f in (feats, teacher_feats, data_feats))
     wanted = [prompt_class(PROMPTS[i % len(PROMPTS)]) for i in range(len(feats))]
     to_teacher, to_data = kid_with_se(z_feats, z_teacher, KID_SUBSET), kid_with_se(z_feats, z_data, len(data_feats))
     return {"kid_teacher": to_teacher["kid"], "kid_teacher_se": to_teacher["se"], "kid_space": KID_SPACE,

@@ -41,7 +41,7 @@ import torch
 from ddil_core.config.redaction import redacted_json
 from ddil_core.method.objectives.base import Objective
 from ddil_core.metrics.covariate_shift import trajectory_errors
-from ddil_core.metrics.kid import kid
+from ddil_core.metrics.kid import kid, standardiser
 from ddil_core.models.conditioning import Cond, index_cond
 from ddil_core.telemetry.metric_line import metric_line
 from ddil_core.models.trainable import load_trainable_state, trainable_state_dict
@@ -102,15 +102,15 @@ def measure(objective: Objective, ema, probe: Probe, teacher_cache: Optional[dic
     features = probe.features or (lambda x: x.flatten(1).double().cpu())
     cache = teacher_cache if teacher_cache is not None else {}
     key = tuple(grid.steps)
-    if key not in cache:  # the teacher's features, and their per-dimension mean and spread to standardise both sets
+    if key not in cache:  # the teacher's features, and the standardisation both sets are measured in
         f_t = features(x_t)
-        cache[key] = (f_t, f_t.mean(0), f_t.std(0).clamp_min(1e-8))
-    f_t, mean, spread = cache[key]
+        cache[key] = (f_t, standardiser(f_t))
+    f_t, standardise = cache[key]
     f_s = features(x_s)
     finite = bool(torch.isfinite(x_s).all()) and bool(torch.isfinite(f_s).all())
     out = {"student_steps": n, "num_noises": int(probe.noise.shape[0]),
            "drift": float(np.mean(samples.drift_final)) if finite else math.inf,
-           "kid": kid((f_s - mean) / spread, (f_t - mean) / spread) if finite else math.inf}
+           "kid": kid(standardise(f_s), standardise(f_t)) if finite else math.inf}
     ratios = [samples.e_student[:, k].mean() / samples.e_teacher[:, k].mean() for k in range(1, n)
               if samples.e_teacher[:, k].mean() > 0]
     out["shift_factor"] = float(np.mean(ratios)) if ratios and finite else (math.inf if not finite else None)

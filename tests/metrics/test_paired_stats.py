@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import stats
 
-from ddil_core.metrics.kid import kid, kid_with_se
+from ddil_core.metrics.kid import kid, kid_with_se, standardiser
 from ddil_core.metrics.paired import holm, paired, sign_flip_p
 
 
@@ -17,6 +17,22 @@ def test_kid_equals_torchmetrics_poly_mmd():
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(50, 8, generator=g, dtype=torch.float64), torch.randn(50, 8, generator=g, dtype=torch.float64)
     assert kid(x, y + 0.3) == pytest.approx(float(poly_mmd(x, y + 0.3)), rel=1e-10)
+
+
+def test_kid_in_standardised_features_sees_what_raw_features_drown():
+    """Features of order 4 per entry (x . y / d ~ 16, as the digit classifier's): the cubic kernel is ~5,000 and two
+    samples of one distribution differ by KID values far larger than a real shift does in standardised units."""
+    g = torch.Generator().manual_seed(0)
+    reference = 4 + torch.randn(400, 32, generator=g)
+    same, shifted = 4 + torch.randn(400, 32, generator=g), 4.3 + torch.randn(400, 32, generator=g)
+    standardise = standardiser(reference)
+    z = standardise(reference)
+    assert z.mean(0).abs().max() < 1e-5 and (z.std(0) - 1).abs().max() < 1e-5
+    raw_noise = kid_with_se(same, reference, subset_size=100)
+    scaled_noise = kid_with_se(standardise(same), z, subset_size=100)
+    scaled_shift = kid_with_se(standardise(shifted), z, subset_size=100)
+    assert scaled_shift["kid"] > 3 * scaled_noise["se"]
+    assert raw_noise["se"] > 100 * scaled_noise["se"]
 
 
 def test_kid_is_unbiased_where_frechet_distance_is_not():
