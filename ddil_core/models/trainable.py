@@ -90,3 +90,29 @@ def lora_metadata(unet) -> dict:
     and the PEFT default alpha 8, reloads 8x too strong)."""
     config = unet.peft_config[next(iter(unet.peft_config))].to_dict()
     return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+
+
+class TargetNetwork:
+    """The EMA target network of consistency distillation (LCM, TDD): a frozen copy of the student (`module`) that
+    follows its trained weights, every weight or a LoRA student's adapters (the frozen base never changes), and is
+    saved with a checkpoint as `target.*` tensors of those weights only."""
+
+    def __init__(self, student: torch.nn.Module, decay: float):
+        self.module = copy.deepcopy(student).eval().requires_grad_(False)
+        self.decay = decay
+        self._trained = set(trainable_state_dict(student))
+        self._pairs = [(p_t, p_s) for (name, p_t), p_s in zip(self.module.named_parameters(), student.parameters())
+                       if name in self._trained]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """target <- decay * target + (1 - decay) * student, in one fused call over all tensors."""
+        targets = [p_t for p_t, _ in self._pairs]
+        torch._foreach_lerp_(targets, [p_s.detach().to(p_t.dtype) for p_t, p_s in self._pairs], 1.0 - self.decay)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"target.{k}": v for k, v in self.module.state_dict().items() if k in self._trained}
+
+    def load(self, tensors: dict[str, torch.Tensor], strict: bool) -> None:
+        self.module.load_state_dict({k[len("target."):]: v for k, v in tensors.items() if k.startswith("target.")},
+                                    strict=strict)

@@ -31,7 +31,7 @@ from ddil_core.method.grid import StudentGrid
 from ddil_core.method.batch import StateBatch
 from ddil_core.method.objectives.base import LossOutput, Objective, ObjectiveContext, student_scheduler_config
 from ddil_core.models.denoiser import Denoiser
-from ddil_core.models.trainable import trainable_copy, trainable_state_dict
+from ddil_core.models.trainable import TargetNetwork, trainable_copy
 
 
 def add_guidance_conditioning(unet, time_cond_proj_dim: int):
@@ -80,17 +80,14 @@ class LatentConsistencyDistillation(Objective):
         build = (lambda unet: add_guidance_conditioning(unet, self.cfg.time_cond_proj_dim)) if self.embeds_guidance \
             else None
         self.student = trainable_copy(ctx.teacher_unet, t.lora, t.gradient_checkpointing, build)
-        self.target = copy.deepcopy(self.student).eval().requires_grad_(False)  # the EMA target network
+        self.tracking = TargetNetwork(self.student, self.cfg.ema_decay)  # the EMA target network
+        self.target = self.tracking.module
         self.student_denoiser = Denoiser(self.student, ctx.schedule)
         self.target_denoiser = Denoiser(self.target, ctx.schedule)
         self._grid = StudentGrid.lcm(self.T, ctx.config.objective.student_steps, self.cfg.num_ddim_timesteps)
         self.refl_targets = ctx.reflection("teacher_targets")
         self.refl_rollouts = ctx.reflection("student_rollouts")
         self.sampling_guidance = (self.cfg.w_min + self.cfg.w_max) / 2 if self.embeds_guidance else 1.0
-        # what the target tracks: every weight, or a LoRA student's adapters (its frozen base never changes)
-        trained = set(trainable_state_dict(self.student))
-        self._tracked = [(p_t, p_s) for (name, p_t), p_s in zip(self.target.named_parameters(), self.student.parameters())
-                         if name in trained]
 
     def trainable(self):
         return {"student": self.student}
@@ -155,9 +152,7 @@ class LatentConsistencyDistillation(Objective):
     @torch.no_grad()
     def after_update(self, step: int) -> None:
         """The target network tracks the student (EMA, decay 0.95 in the reference script)."""
-        target = [p_t for p_t, _ in self._tracked]
-        source = [p_s.detach().to(p_t.dtype) for p_t, p_s in self._tracked]
-        torch._foreach_lerp_(target, source, 1.0 - self.cfg.ema_decay)  # one fused call over all tensors
+        self.tracking.update()
 
     def student_scheduler(self):
         from diffusers import LCMScheduler
@@ -173,9 +168,7 @@ class LatentConsistencyDistillation(Objective):
                 "timesteps": list(self._grid.steps), "reflection": self.refl_rollouts.describe()}
 
     def extra_state(self):
-        kept = set(trainable_state_dict(self.student))  # a LoRA target differs from the teacher in its adapters only
-        return {}, {f"target.{k}": v for k, v in self.target.state_dict().items() if k in kept}
+        return {}, self.tracking.state_tensors()  # a LoRA target differs from the teacher in its adapters only
 
     def load_extra_state(self, state, tensors):
-        self.target.load_state_dict({k[len("target."):]: v for k, v in tensors.items() if k.startswith("target.")},
-                                    strict=self.embeds_guidance)
+        self.tracking.load(tensors, strict=self.embeds_guidance)

@@ -23,7 +23,6 @@ train/SDXL/train_tdd.py and train/SD15/train_tdd.py), with its online state draw
 """
 from __future__ import annotations
 
-import copy
 import time
 
 import torch
@@ -38,7 +37,7 @@ from ddil_core.method.objectives.base import LossOutput, Objective, ObjectiveCon
 from ddil_core.method.objectives.lcm import consistency_distance
 from ddil_core.models.conditioning import Cond
 from ddil_core.models.denoiser import Denoiser
-from ddil_core.models.trainable import trainable_copy, trainable_state_dict
+from ddil_core.models.trainable import TargetNetwork, trainable_copy
 
 
 def drop_captions(cond: Cond, empty: Cond, drop: torch.Tensor) -> Cond:
@@ -76,12 +75,9 @@ class TargetDrivenDistillation(Objective):
         t = ctx.config.training
         self.student = trainable_copy(ctx.teacher_unet, t.lora, t.gradient_checkpointing)
         self.student_denoiser = Denoiser(self.student, ctx.schedule)
-        self.target = None  # ema_decay 0: the online student under no_grad (the reference)
-        if self.cfg.ema_decay > 0:
-            self.target = copy.deepcopy(self.student).eval().requires_grad_(False)
-            trained = set(trainable_state_dict(self.student))
-            self._tracked = [(p_t, p_s) for (name, p_t), p_s in
-                             zip(self.target.named_parameters(), self.student.parameters()) if name in trained]
+        # ema_decay 0: the online student under no_grad (the reference)
+        self.tracking = TargetNetwork(self.student, self.cfg.ema_decay) if self.cfg.ema_decay > 0 else None
+        self.target = self.tracking.module if self.tracking is not None else None
         self.target_denoiser = Denoiser(self.target, ctx.schedule) if self.target is not None else self.student_denoiser
         steps = inference_schedule(self.solver_timesteps, ctx.config.objective.student_steps)
         self._grid = StudentGrid.from_timesteps(steps.tolist())
@@ -163,11 +159,8 @@ class TargetDrivenDistillation(Objective):
 
     @torch.no_grad()
     def after_update(self, step: int) -> None:
-        if self.target is None:
-            return
-        target = [p_t for p_t, _ in self._tracked]
-        source = [p_s.detach().to(p_t.dtype) for p_t, p_s in self._tracked]
-        torch._foreach_lerp_(target, source, 1.0 - self.cfg.ema_decay)
+        if self.tracking is not None:
+            self.tracking.update()
 
     def student_scheduler(self):
         from diffusers import TCDScheduler
@@ -183,12 +176,8 @@ class TargetDrivenDistillation(Objective):
                 "reflection": self.refl_rollouts.describe()}
 
     def extra_state(self):
-        if self.target is None:
-            return {}, {}
-        kept = set(trainable_state_dict(self.student))
-        return {}, {f"target.{k}": v for k, v in self.target.state_dict().items() if k in kept}
+        return {}, self.tracking.state_tensors() if self.tracking is not None else {}
 
     def load_extra_state(self, state, tensors):
-        if self.target is not None:
-            self.target.load_state_dict({k[len("target."):]: v for k, v in tensors.items()
-                                         if k.startswith("target.")}, strict=False)
+        if self.tracking is not None:
+            self.tracking.load(tensors, strict=False)
