@@ -18,6 +18,10 @@ def test_ddil_evidence_quick(tmp_path, monkeypatch):
     assert ddil_vs_control["n"] == 2 and len(ddil_vs_control["ci95"]) == 2
     assert set(result["primary_holm"]) == {"lcm@4/kid_teacher", "lcm@4/fd_teacher"}
     assert len(result["go_no_go"]["lcm"]["shift_factor"]) == 2
+    # the teacher's reference samples come from noises no evaluated image uses (an imitating student would
+    # otherwise be scored image by image)
+    assert all(m["reference"] == evidence.REFERENCE for arm in result["runs"].values() for m in arm)
+    assert list((tmp_path / "work").glob(f"teacher-*-seed{evidence.REFERENCE_SEED}.pt"))
     assert "| lcm/ddil-control | kid_teacher |" in (tmp_path / "work" / "evidence.md").read_text()
     # resumable: nothing measured is trained again, and the runs keep the recipe the work began with
     frozen = tmp_path / "work" / "recipe.yaml"
