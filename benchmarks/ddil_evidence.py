@@ -125,8 +125,9 @@ def image_metrics(feats, preds, teacher_feats, data_feats, k: int = 5) -> dict:
 
 
 def rescore(args, key: str, metrics: dict, ctx) -> None:
-    """Recompute a run's image metrics in the current KID_SPACE against the current REFERENCE from its saved features (or, for a run made before
-    features were saved, from its saved student: the same seeds give the same images)."""
+    """Recompute a run's image metrics in the current KID_SPACE against the current REFERENCE from its saved
+    features (or, for a run made before features were saved, from its saved student: the same seeds give the same
+    images)."""
     objective, arm = key.split("/")
     if key == "teacher/ddim":
         feats, preds = images_features(ctx["teacher"], ctx["extractor"], args.images, args.student_steps,
@@ -281,8 +282,8 @@ def run(args) -> dict:
     cached = work / f"teacher-{args.teacher_images}-seed{REFERENCE_SEED}.pt"
     if not cached.exists():  # the teacher's own samples: the imitation target, made once
         torch.save(teacher_features(args, teacher, extractor, guidance), cached)
-    ctx = {"demo": demo, "recipe": recipe, "guidance": guidance, "extractor": extractor, "data_feats": data_feats, "teacher": teacher,
-           "teacher_feats": torch.load(cached), "latents": work / "latents"}
+    ctx = {"demo": demo, "recipe": recipe, "guidance": guidance, "extractor": extractor, "data_feats": data_feats,
+           "teacher": teacher, "teacher_feats": torch.load(cached), "latents": work / "latents"}
     if not (ctx["latents"] / "manifest.json").exists():
         cache_latents(base, ctx["latents"])
     runs.setdefault("teacher/ddim", [{}])  # no distillation: the teacher at the student's step count

@@ -1,6 +1,6 @@
-"""prepare-demo's teacher update on one thread, on torch's intra-op threads over all cores, and as `demo.workers` data-parallel
-threads (2, ddil_core/demo/parallel.py): seconds per update and their ratios, measured in one run, and whether a
-rebuild gives the same weights.
+"""prepare-demo's teacher update on one thread, on torch's intra-op threads over all cores, and as 2 `demo.workers`
+data-parallel threads (ddil_core/demo/parallel.py): seconds per update and their ratios, measured in one run, and
+whether a rebuild gives the same weights.
 
 Each case runs `--steps` updates of the demo teacher's loop (demo/training.py with demo/teacher.py's batch and loss:
 tiny_unet("sd15"), batch 64 of 4x8x8 latents, Min-SNR loss, AdamW, clipping) on random latents and embeddings;

@@ -6,8 +6,8 @@ whole operations on one intra-op thread instead:
 
 - training (`Replicas`): a batch is cut into `workers` shards in order; shard i runs forward and backward on copy i
   of the module in thread i (torch releases the GIL inside its operations), the copies' gradients are added into
-  the module's in shard order, the optimiser steps the module, and the copies take its weights. The result depends
-  on `workers` only, never on the machine or its load; with one worker it is the plain loop, bit for bit.
+  the module's in shard order, and the optimiser steps the module, whose weights the copies share. The result
+  depends on `workers` only, never on the machine or its load; with one worker it is the plain loop, bit for bit.
 - sampling (`map_ordered`): independent chunks (each image has its own seed) in `workers` threads, results in
   order; the images are the sequential ones, bit for bit.
 
@@ -53,11 +53,10 @@ def map_ordered(fn: Callable[..., R], items: Iterable[T], workers: int,
 
 
 def pipeline_copies(pipe, n: int) -> list:
-    """A StableDiffusionPipeline `pipe` and n - 1 pipelines sharing its modules, each with a tokenizer of its own: a transformers fast
-    tokenizer may refuse to be called from two threads at once ("Already borrowed")."""
-    components = {k: v for k, v in pipe.components.items()}
-    copies = [type(pipe)(**{**components, "tokenizer": copy.deepcopy(pipe.tokenizer)}, requires_safety_checker=False)
-              for _ in range(n - 1)]
+    """A StableDiffusionPipeline `pipe` and n - 1 pipelines sharing its modules, each with a tokenizer of its own: a
+    transformers fast tokenizer may refuse to be called from two threads at once ("Already borrowed")."""
+    copies = [type(pipe)(**{**pipe.components, "tokenizer": copy.deepcopy(pipe.tokenizer)},
+                         requires_safety_checker=False) for _ in range(n - 1)]
     return [pipe, *copies]
 
 
@@ -68,13 +67,21 @@ def shards(batch: Sequence[torch.Tensor], n: int) -> list[tuple[torch.Tensor, ..
 
 
 class Replicas:
-    """`module` and workers - 1 copies of it, trained as one (see the module docstring)."""
+    """`module` and workers - 1 copies of it, trained as one (see the module docstring). The copies' parameters and
+    buffers share the module's storage, so the optimiser's in-place step updates every copy; each copy keeps gradients
+    of its own."""
 
     def __init__(self, module: torch.nn.Module, workers: int = 1):
         if workers < 1:
             raise ValueError(f"workers: {workers} (at least 1)")
         self.module = module
         self.copies = [copy.deepcopy(module) for _ in range(workers - 1)]
+        with torch.no_grad():
+            for replica in self.copies:
+                for p, q in zip(module.parameters(), replica.parameters()):
+                    q.data = p.data
+                for b, c in zip(module.buffers(), replica.buffers()):
+                    c.data = b.data
         self.pool = ThreadPoolExecutor(workers - 1) if self.copies else None
 
     @property
@@ -107,15 +114,6 @@ class Replicas:
                         p.grad = q.grad.clone() if p.grad is None else p.grad.add_(q.grad)
                     q.grad = None
         return sum(values)
-
-    @torch.no_grad()
-    def sync(self) -> None:
-        """The copies take the module's weights (after its optimiser step)."""
-        for replica in self.copies:
-            for p, q in zip(self.module.parameters(), replica.parameters()):
-                q.copy_(p)
-            for b, c in zip(self.module.buffers(), replica.buffers()):
-                c.copy_(b)
 
     def __enter__(self) -> "Replicas":
         return self

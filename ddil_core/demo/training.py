@@ -53,7 +53,6 @@ def train_steps(name: str, module: torch.nn.Module, opt: torch.optim.Optimizer, 
             loss = replicas.backward(loss_of, batch)
             torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
             opt.step()
-            replicas.sync()
             if after_update is not None:
                 after_update(step)
             done = step + 1
