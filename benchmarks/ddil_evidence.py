@@ -4,7 +4,7 @@ One question: does a DDIL student imitate its teacher better than the same stude
 same timesteps? Per objective and student step count, over seeds s (the same seeds in every arm):
 - arms: `baseline` (forward states only), `control` (forward states at the DDIL arm's timestep distribution:
   ddil.control = timestep_matched), `ddil` (0.5 / 0.25 / 0.25, replay buffer, rollouts by the EMA), and for DMD2 its
-  published `backward_sim` (the generator's own states only, online rollouts);
+  published `backward_sim` (the generator's own states only, fresh online rollouts from j = 0, pure noise);
 - common random numbers: training.random_streams = separate, so arms differ only in their states; an EMA on every
   student; student states made by at least one student step (ddil.student_min_steps = 1);
 - evaluation: `--images` images per student with their own noise each (the same noises in every arm), KID (unbiased,
@@ -70,7 +70,11 @@ ARMS = {
     "baseline": ["ddil.priors.forward=1", "ddil.priors.teacher=0", "ddil.priors.student=0"],
     "control": DDIL + ["ddil.control=timestep_matched"],
     "ddil": DDIL + ["ddil.rollout_policy=ema"],
-    "backward_sim": ["ddil.priors.forward=0", "ddil.priors.teacher=0", "ddil.priors.student=1"],  # DMD2 only
+    # DMD2 only, as its reference simulates (tianweiy/DMD2 main/sd_unified_model.py, sample_backward): the
+    # generator's own states, fresh every batch (no replay buffer), j uniform over 0..N-1 with j = 0 pure noise, so
+    # its first step is trained too
+    "backward_sim": ["ddil.priors.forward=0", "ddil.priors.teacher=0", "ddil.priors.student=1",
+                     "ddil.student_min_steps=0", "ddil.buffer.enabled=false"],
 }
 COMPARISONS = (("ddil", "control"), ("ddil", "baseline"), ("control", "baseline"), ("backward_sim", "baseline"))
 METRICS = ("kid_teacher", "fd_teacher", "kid_data", "fd_data", "precision", "recall", "density", "coverage",
@@ -377,7 +381,7 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", required=True)
     parser.add_argument("--work", required=True, help="latents, rollouts, students and runs.json (resumable)")
@@ -403,6 +407,11 @@ def main(argv=None) -> None:
     if args.quick:
         args.seeds, args.max_seeds, args.updates, args.images = 2, 2, 3, 40
         args.teacher_images, args.diagnose_noises = 60, 4
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(1)
     started = time.time()
     result = run(args)

@@ -30,3 +30,19 @@ def test_ddil_evidence_quick(tmp_path, monkeypatch):
     monkeypatch.setattr(evidence, "distill", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
     evidence.main(args)
     assert frozen.read_text().endswith("# the recipe as this work began\n")
+
+
+def test_backward_sim_trains_the_first_step_from_pure_noise(tmp_path):
+    """DMD2's backward simulation draws its step from 0 (pure noise) to N-1 and simulates afresh every batch
+    (tianweiy/DMD2 main/sd_unified_model.py, sample_backward); an arm of student states only that left out j = 0
+    would never train the first step. The DDIL arm counts only states the student made (j >= 1): its forward states
+    cover the first step."""
+    from ddil_core.config import load_config
+
+    ctx = {"demo": tmp_path, "guidance": 2.0}
+    args = evidence.parse_args(["--demo", str(tmp_path), "--work", str(tmp_path / "work")])
+    config = {arm: load_config("demo", evidence.run_overrides(args, "dmd2", arm, 0, ctx)).ddil
+              for arm in evidence.arms_of("dmd2")}
+    assert config["backward_sim"].student_min_steps == 0 and config["backward_sim"].priors.student == 1
+    assert not config["backward_sim"].buffer.enabled and config["ddil"].buffer.enabled
+    assert config["ddil"].student_min_steps == 1 and config["baseline"].priors.forward == 1
