@@ -23,6 +23,7 @@ def test_ddil_evidence_quick(tmp_path, monkeypatch):
     assert all(m["reference"] == evidence.REFERENCE for arm in result["runs"].values() for m in arm)
     assert list((tmp_path / "work").glob(f"teacher-*-seed{evidence.REFERENCE_SEED}.pt"))
     assert "| lcm/ddil-control | kid_teacher |" in (tmp_path / "work" / "evidence.md").read_text()
+    assert result["teacher_reference"]["images"] == 40 and result["teacher_reference"]["fd_data"] > 0
     # resumable: nothing measured is trained again, and the runs keep the recipe the work began with
     frozen = tmp_path / "work" / "recipe.yaml"
     assert frozen.read_text() == (ROOT / "configs" / "demo.yaml").read_text()
