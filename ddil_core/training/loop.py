@@ -423,6 +423,7 @@ class Trainer:
             "student_induced_share": iv["induced"] / max(1, int(iv["counts"].sum())),
             "loss_by_step": {term: by_step(*held) for term, held in iv["loss_k"].items()},
             "buffer": {"size": len(buffer), "mean_age": buffer.mean_age(self.step)} if buffer is not None else None,
+            "clip_fraction": self.objective.clip_fractions() or None,  # reflection: share of x0 elements clipped
             "seconds_per_update": seconds / n,
             "seconds_split": {k: v / n for k, v in iv["time"].items()},
             "samples_per_second": iv["samples"] / seconds if seconds > 0 else None,

@@ -230,6 +230,38 @@ def test_train_log_shows_sources_in_proportion_and_the_cost_split(tmp_path):
     assert record["buffer"]["size"] > 0 and record["fresh_student_rollouts"] < record["source_count"]["student"]
 
 
+def test_train_log_counts_what_reflection_clips(tmp_path):
+    """The share of x0 elements each active reflection changed, per log interval: a bound below every |x0| clips
+    some of the tiny teacher's targets and of the student's own x0 (every state here made by a student step); no
+    reflection logs none."""
+    out = tmp_path / "clipped"
+    _run("sd15", "pd", out, "training.steps=2", "ddil.reflection.mode=static", "ddil.reflection.bound=1",
+         "ddil.reflection.apply_to=[teacher_targets,student_rollouts]", "ddil.priors.forward=0",
+         "ddil.priors.teacher=0", "ddil.priors.student=1", "ddil.student_min_steps=1", "ddil.buffer.enabled=false")
+    fractions = [json.loads(line)["clip_fraction"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(fractions) == 2 and all(set(f) == {"teacher_targets", "student_rollouts"} for f in fractions)
+    assert all(0 < f[where] < 1 for f in fractions for where in f)
+    _run("sd15", "pd", tmp_path / "off", "training.steps=2", "ddil.reflection.mode=off")
+    assert all(json.loads(line)["clip_fraction"] is None
+               for line in (tmp_path / "off" / "train_log.jsonl").read_text().splitlines())
+
+
+def test_counted_reflection_counts_without_changing_the_result():
+    from ddil_core.method.objectives.base import CountedReflection
+    from ddil_core.method.rollouts import Reflection
+
+    x0 = torch.tensor([[[[0.5, -2.0], [1.5, 0.1]]], [[[0.2, 0.3], [-0.4, 0.9]]]])  # 2 of 8 beyond 1
+    x_t, eps = torch.randn_like(x0), torch.randn_like(x0)
+    counted = CountedReflection("static", 1.0, where="teacher_targets")
+    for a, b in zip(counted(x_t, x0, eps, 0.8, 0.6), Reflection("static", 1.0)(x_t, x0, eps, 0.8, 0.6)):
+        assert torch.equal(a, b)
+    assert torch.equal(counted.threshold(x0), Reflection("static", 1.0).threshold(x0))
+    assert counted.take_fraction() == 4 / 16 and counted.take_fraction() is None  # read once, then reset
+    dynamic = CountedReflection("dynamic", None, 0.75, 4.0)  # rescales the first sample (s = 1.625), not the second
+    dynamic.threshold(x0)
+    assert dynamic.take_fraction() == 4 / 8
+
+
 def test_interval_loss_means_per_source():
     """The loop accumulates per-source sums on the device and logs sample-weighted means per interval."""
     from ddil_core.method.objectives.base import interval_means, per_source_sums

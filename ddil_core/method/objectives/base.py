@@ -38,9 +38,42 @@ class ObjectiveContext:
     pipeline_uncond: Optional[Cond] = None
 
     def reflection(self, where: str) -> Reflection:
-        """The reflection applied at `where` (teacher_targets, teacher_rollouts, student_rollouts, critic)."""
+        """The reflection applied at `where` (teacher_targets, teacher_rollouts, student_rollouts, critic); one that
+        acts counts what it clips (the train log's clip fraction)."""
         bounds = None if self.reflection_bound is None else self.reflection_bound.to(self.device)
-        return resolve_reflection(self.config.ddil.reflection, where, bounds, self.family)
+        r = resolve_reflection(self.config.ddil.reflection, where, bounds, self.family)
+        return r if r.mode == "off" else CountedReflection(r.mode, r.bound, r.percentile, r.max_value, where)
+
+
+@dataclass
+class CountedReflection(Reflection):
+    """A Reflection that counts the x0 elements it changes: those beyond the bound (static), every element of a
+    sample it rescales (dynamic). The count stays on the device until `take_fraction` reads it."""
+
+    where: str = ""
+    changed: float | torch.Tensor = 0.0
+    seen: int = 0
+
+    def _count(self, x0: torch.Tensor, x0_r: torch.Tensor) -> torch.Tensor:
+        self.changed = self.changed + (x0_r.detach() != x0.detach()).sum()
+        self.seen += x0.numel()
+        return x0_r
+
+    def __call__(self, x_t, x0, eps, a, s):
+        x0_r, eps_r = super().__call__(x_t, x0, eps, a, s)
+        self._count(x0, x0_r)
+        return x0_r, eps_r
+
+    def threshold(self, x0: torch.Tensor) -> torch.Tensor:
+        return self._count(x0, super().threshold(x0))
+
+    def take_fraction(self) -> Optional[float]:
+        """The share of x0 elements changed since the last call; None when none was seen."""
+        if not self.seen:
+            return None
+        fraction = float(self.changed) / self.seen
+        self.changed, self.seen = 0.0, 0
+        return fraction
 
 
 @dataclass
@@ -106,6 +139,12 @@ class Objective:
 
     def load_extra_state(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
         pass
+
+    def clip_fractions(self) -> dict[str, float]:
+        """{where: share of x0 elements clipped} of each reflection that acted since the last call (its rollouts
+        include the in-training watch's, which samples with the same step)."""
+        reflections = [v for v in vars(self).values() if isinstance(v, CountedReflection)]
+        return {r.where: f for r in reflections if (f := r.take_fraction()) is not None}
 
 
 def student_scheduler_config(teacher_config: dict, reflection: Reflection, family: str, **sampler) -> dict:
