@@ -231,9 +231,9 @@ def test_train_log_shows_sources_in_proportion_and_the_cost_split(tmp_path):
 
 
 def test_train_log_counts_what_reflection_clips(tmp_path):
-    """The share of x0 elements each active reflection changed, per log interval: a bound below every |x0| clips
-    some of the tiny teacher's targets and of the student's own x0 (every state here made by a student step); no
-    reflection logs none."""
+    """The share of x0 elements each active reflection changed, per log interval: a static bound of 1 clips some of
+    the tiny teacher's targets and of the student's own x0 (every state here made by a student step); no reflection
+    logs none."""
     out = tmp_path / "clipped"
     _run("sd15", "pd", out, "training.steps=2", "ddil.reflection.mode=static", "ddil.reflection.bound=1",
          "ddil.reflection.apply_to=[teacher_targets,student_rollouts]", "ddil.priors.forward=0",

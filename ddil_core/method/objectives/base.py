@@ -7,7 +7,7 @@ losses, one per optimiser. The training loop does the rest (optimisers, clipping
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import torch
@@ -42,7 +42,9 @@ class ObjectiveContext:
         acts counts what it clips (the train log's clip fraction)."""
         bounds = None if self.reflection_bound is None else self.reflection_bound.to(self.device)
         r = resolve_reflection(self.config.ddil.reflection, where, bounds, self.family)
-        return r if r.mode == "off" else CountedReflection(r.mode, r.bound, r.percentile, r.max_value, where)
+        if r.mode == "off":
+            return r
+        return CountedReflection(**{f.name: getattr(r, f.name) for f in fields(Reflection)}, where=where)
 
 
 @dataclass
