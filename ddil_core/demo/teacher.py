@@ -2,7 +2,7 @@
 
 docs/demo.md: batch 64, AdamW lr 1e-3, Min-SNR-5 loss weighting (Hang et al. 2023) on epsilon prediction, an EMA
 of the weights, 10% caption dropout for classifier-free guidance, SD's scaled_linear DDPM schedule; about 1,800
-steps reach ~99% prompted-digit accuracy at 50 DDIM steps with guidance 3.
+steps reach ~99% prompted-digit accuracy at 50 DDIM steps with guidance 2.
 """
 from __future__ import annotations
 
@@ -37,17 +37,35 @@ def embed(tokenizer, encoder, prompts: list[str]) -> torch.Tensor:
     return encoder(ids)[0]
 
 
+def demo_unet(kind: str = "light"):
+    """The teacher's UNet2DConditionModel (demo.unet). "light": (32, 64) channels, cross-attention at the 4x4 level and
+    in the mid block only, 2 heads: half the compute of "tiny-sd15" per sample (its 8x8 attention with 8 heads of
+    width 4 was a third of the update) at the same prompted-digit accuracy (docs/demo.md). "tiny-sd15":
+    tiny_unet("sd15"), attention at both levels, the teacher of docs/results.md's evidence."""
+    from diffusers import UNet2DConditionModel
+
+    if kind == "tiny-sd15":
+        return tiny_unet("sd15")
+    if kind != "light":
+        raise ValueError(f"demo.unet: {kind!r} (use 'light' or 'tiny-sd15')")
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=2, norm_num_groups=8, cross_attention_dim=32)  # attention_head_dim: diffusers' head count
+
+
 def train_teacher_unet(latents: torch.Tensor, labels: torch.Tensor, class_embeddings: torch.Tensor,
                        uncond_embedding: torch.Tensor, steps: int, batch_size: int = 64, lr: float = 1e-3,
                        ema_decay: float = 0.999, min_snr_gamma: float = 5.0, caption_dropout: float = 0.1,
                        seed: int = 0, max_seconds: Optional[float] = None,
-                       adapt_threads: bool = False, workers: int = 1) -> tuple[torch.nn.Module, dict]:
-    """Train tiny_unet("sd15") on latents [N, 4, 8, 8] (~N(0, 1)) conditioned on class_embeddings[labels] [10, L, D];
+                       adapt_threads: bool = False, workers: int = 1,
+                       unet: str = "light") -> tuple[torch.nn.Module, dict]:
+    """Train demo_unet(unet) on latents [N, 4, 8, 8] (~N(0, 1)) conditioned on class_embeddings[labels] [10, L, D];
     a `caption_dropout` share of each batch gets the empty prompt's embedding. `workers` data-parallel threads
     (parallel.py). Returns the EMA UNet."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed + 1)
-    unet = tiny_unet("sd15").train()
+    unet = demo_unet(unet).train()
     schedule = NoiseSchedule.from_config(dict(tiny_scheduler().config))
     T = schedule.num_train_timesteps
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)

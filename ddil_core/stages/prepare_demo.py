@@ -216,7 +216,7 @@ def _prepare_demo(config: Config, out: str | Path) -> dict:
         unet, teacher_info = train_teacher_unet(
             latents, train.labels, class_embeddings, uncond, d.teacher_steps, d.teacher_batch_size, d.teacher_lr,
             d.teacher_ema_decay, d.min_snr_gamma, d.caption_dropout, d.seed, d.teacher_max_seconds, d.adapt_threads,
-            d.workers)
+            d.workers, d.unet)
         timings["teacher"] = time.monotonic() - t
         pipe = build_teacher_pipeline(vae, text_encoder, tokenizer, unet)
         pipe.save_pretrained(str(tmp / "teacher"), safe_serialization=True)
