@@ -3,7 +3,7 @@ data-parallel threads (ddil_core/demo/parallel.py): seconds per update and their
 whether a rebuild gives the same weights.
 
 Each case runs `--steps` updates of the demo teacher's loop (demo/training.py with demo/teacher.py's batch and loss:
-tiny_unet("sd15"), batch 64 of 4x8x8 latents, Min-SNR loss, AdamW, clipping) on random latents and embeddings;
+demo.unet's UNet (`--unet`, the recipe's light one by default), batch 64 of 4x8x8 latents, Min-SNR loss, AdamW, clipping) on random latents and embeddings;
 the cases are interleaved and rotated per round (benchmarks/common.py), the ratios taken inside each round. Then
 `--steps` updates from the same seed are trained twice per worker count and their weights hashed: equal hashes are
 the bit-for-bit rebuild the recipe promises, whatever the machine's load.
@@ -25,7 +25,7 @@ if __package__ in (None, ""):
 from benchmarks import common
 
 
-def teacher_trainer(batch_size: int, workers: int, seed: int = 0):
+def teacher_trainer(batch_size: int, workers: int, seed: int = 0, unet: str = "light"):
     """A function running n updates of the demo teacher's loop with `workers` workers; returns the UNet."""
     import torch
 
@@ -36,9 +36,9 @@ def teacher_trainer(batch_size: int, workers: int, seed: int = 0):
     classes, uncond = torch.randn(10, 16, 32), torch.randn(1, 16, 32)
 
     def run(steps: int):
-        unet, _ = teacher.train_teacher_unet(latents, labels, classes, uncond, steps, batch_size, seed=seed,
-                                             workers=workers)
-        return unet
+        trained, _ = teacher.train_teacher_unet(latents, labels, classes, uncond, steps, batch_size, seed=seed,
+                                                workers=workers, unet=unet)
+        return trained
     return run
 
 
@@ -55,6 +55,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=10, help="teacher updates per timed call")
     parser.add_argument("--batch", type=int, default=64, help="the recipe's demo.teacher_batch_size")
     parser.add_argument("--reps", type=int, default=5, help="interleaved timed rounds")
+    parser.add_argument("--unet", choices=["light", "tiny-sd15"], default="light", help="demo.unet")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.batch, args.reps = 2, 8, 1
@@ -74,7 +75,7 @@ def main(argv=None) -> dict:
                 torch.set_num_threads(threads)
         return call
 
-    one, two = teacher_trainer(args.batch, 1), teacher_trainer(args.batch, 2)
+    one, two = teacher_trainer(args.batch, 1, unet=args.unet), teacher_trainer(args.batch, 2, unet=args.unet)
     cases = {"one thread": lambda: one(args.steps), "intra-op threads on all cores": intra_op(one),
              "2 workers": lambda: two(args.steps)}
     times = common.interleaved(cases, args.reps, warmup=1)
@@ -83,14 +84,14 @@ def main(argv=None) -> dict:
                 for name in cases}
     rebuilds = {}
     for workers in (1, 2):
-        hashes = [weights_hash(teacher_trainer(args.batch, workers)(args.steps)) for _ in range(2)]
+        hashes = [weights_hash(teacher_trainer(args.batch, workers, unet=args.unet)(args.steps)) for _ in range(2)]
         rebuilds[f"{workers} worker{'s' if workers > 1 else ''}"] = {"hashes": hashes, "same": hashes[0] == hashes[1]}
     headers = ["teacher update", "s/update (median)", "speedup vs one thread (median of rounds)", "rebuild identical"]
     rows = [[name, per_update[name], speedups[name],
              rebuilds.get(name.replace("one thread", "1 worker"), {}).get("same", "-")] for name in cases]
     print(common.table(headers, rows))
     result = {
-        "settings": {"steps": args.steps, "batch": args.batch, "reps": args.reps, "threads": threads,
+        "settings": {"steps": args.steps, "batch": args.batch, "reps": args.reps, "threads": threads, "unet": args.unet,
                      "quick": args.quick},
         "seconds_per_update": per_update, "speedup_vs_one_thread": speedups, "times": times, "rebuilds": rebuilds,
         "table_markdown": common.table(headers, rows),
