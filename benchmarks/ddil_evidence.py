@@ -9,9 +9,10 @@ same timesteps? Per objective and student step count, over seeds s (the same see
   student; student states made by at least one student step (ddil.student_min_steps = 1);
 - evaluation: `--images` images per student with their own noise each (the same noises in every arm), KID (unbiased,
   with its standard error) and FD to `--teacher-images` samples of the teacher (made once; the primary imitation
-  measures), FD, KID, precision, recall, density and coverage to the held-out digits, adherence; the covariate-shift
-  curve of every student (stages/diagnose.py: R after the first step, C, final drift); the teacher at the student's
-  N DDIM steps as the "no distillation" row;
+  measures) and to as many of its samples without guidance (secondary: DMD2's distribution matching follows the
+  unguided teacher), FD, KID, precision, recall, density and coverage to the held-out digits, adherence; the
+  covariate-shift curve of every student (stages/diagnose.py: R after the first step, C, final drift); the teacher
+  at the student's N DDIM steps as the "no distillation" row;
 - statistics: per-seed paired differences (ddil - control, ddil - baseline, control - baseline), their mean with a
   95% t-interval and an exact sign-flip p, Holm's correction over the (objective, steps, KID and FD) family of
   the primary comparison, and the smallest effect the run could detect (metrics/paired.py). The rule fixed in
@@ -77,8 +78,8 @@ ARMS = {
                      "ddil.student_min_steps=0", "ddil.buffer.enabled=false"],
 }
 COMPARISONS = (("ddil", "control"), ("ddil", "baseline"), ("control", "baseline"), ("backward_sim", "baseline"))
-METRICS = ("kid_teacher", "fd_teacher", "kid_data", "fd_data", "precision", "recall", "density", "coverage",
-           "adherence", "shift_factor", "compounding", "drift_final")
+METRICS = ("kid_teacher", "fd_teacher", "kid_teacher_unguided", "fd_teacher_unguided", "kid_data", "fd_data",
+           "precision", "recall", "density", "coverage", "adherence", "shift_factor", "compounding", "drift_final")
 PROMPTS = [digit_caption(i) for i in range(len(DIGIT_WORDS))]
 
 
@@ -114,15 +115,19 @@ KID_SPACE = "classifier features standardised per dimension by the teacher's sam
 KID_SUBSET = 500  # disjoint subsets: 4 of the 2,000 images give KID's standard error
 
 
-def image_metrics(feats, preds, teacher_feats, data_feats, k: int = 5) -> dict:
+def image_metrics(feats, preds, teacher_feats, data_feats, unguided_feats, k: int = 5) -> dict:
     """KID in features standardised by the teacher's samples (metrics/kid.py: standardiser, as training/watch.py
-    measures it)."""
+    measures it). `unguided_feats`: the teacher's samples without guidance from the same seeds, a secondary target:
+    DMD2's distribution matching follows the teacher's unguided score (the real score without guidance)."""
     standardise = standardiser(teacher_feats)
-    z_feats, z_teacher, z_data = (standardise(f) for f in (feats, teacher_feats, data_feats))
+    z_feats, z_teacher, z_data, z_unguided = (standardise(f) for f in (feats, teacher_feats, data_feats,
+                                                                       unguided_feats))
     wanted = [prompt_class(PROMPTS[i % len(PROMPTS)]) for i in range(len(feats))]
     to_teacher, to_data = kid_with_se(z_feats, z_teacher, KID_SUBSET), kid_with_se(z_feats, z_data, len(data_feats))
+    to_unguided = kid_with_se(z_feats, z_unguided, KID_SUBSET)
     return {"kid_teacher": to_teacher["kid"], "kid_teacher_se": to_teacher["se"], "kid_space": KID_SPACE,
-            "reference": REFERENCE,
+            "reference": REFERENCE, "kid_teacher_unguided": to_unguided["kid"],
+            "fd_teacher_unguided": frechet_distance(unguided_feats, feats),
             "fd_teacher": frechet_distance(teacher_feats, feats), "kid_data": to_data["kid"],
             "fd_data": frechet_distance(data_feats, feats), **prdc(data_feats, feats, k),
             "adherence": adherence(preds, wanted)}
@@ -139,7 +144,7 @@ def rescore(args, key: str, metrics: dict, ctx) -> None:
     else:
         out = Path(args.work) / f"{objective}-{arm}-{args.student_steps}-{metrics['seed']}"
         feats, preds = student_features(args, out / "student", ctx)
-    metrics.update(image_metrics(feats, preds, ctx["teacher_feats"], ctx["data_feats"]))
+    metrics.update(image_metrics(feats, preds, ctx["teacher_feats"], ctx["data_feats"], ctx["unguided_feats"]))
 
 
 def student_features(args, student: Path, ctx):
@@ -169,7 +174,7 @@ def run_one(args, objective, arm, seed, ctx) -> dict:
     info = read_student_info(student)
     pipe = load_pipeline(str(student))
     feats, preds = student_features(args, student, ctx)
-    metrics = image_metrics(feats, preds, ctx["teacher_feats"], ctx["data_feats"])
+    metrics = image_metrics(feats, preds, ctx["teacher_feats"], ctx["data_feats"], ctx["unguided_feats"])
     shift = covariate_shift(config, pipe, info, ctx["teacher"], PROMPTS, 16, None, args.diagnose_noises)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     metrics.update({"shift_factor": shift["headline"]["shift_factor_mean"],
@@ -286,14 +291,19 @@ def run(args) -> dict:
     cached = work / f"teacher-{args.teacher_images}-seed{REFERENCE_SEED}.pt"
     if not cached.exists():  # the teacher's own samples: the imitation target, made once
         torch.save(teacher_features(args, teacher, extractor, guidance), cached)
+    unguided = work / f"teacher-{args.teacher_images}-seed{REFERENCE_SEED}-unguided.pt"
+    if not unguided.exists():  # the same seeds without guidance (a secondary target, made once)
+        torch.save(teacher_features(args, teacher, extractor, 1.0), unguided)
     ctx = {"demo": demo, "recipe": recipe, "guidance": guidance, "extractor": extractor, "data_feats": data_feats,
-           "teacher": teacher, "teacher_feats": torch.load(cached), "latents": work / "latents"}
+           "teacher": teacher, "teacher_feats": torch.load(cached), "unguided_feats": torch.load(unguided),
+           "latents": work / "latents"}
     if not (ctx["latents"] / "manifest.json").exists():
         cache_latents(base, ctx["latents"])
     runs.setdefault("teacher/ddim", [{}])  # no distillation: the teacher at the student's step count
     for key, arm_runs in runs.items():
         for metrics in arm_runs:
-            if metrics.get("kid_space") != KID_SPACE or metrics.get("reference") != REFERENCE:
+            if (metrics.get("kid_space") != KID_SPACE or metrics.get("reference") != REFERENCE
+                    or "kid_teacher_unguided" not in metrics):
                 rescore(args, key, metrics, ctx)
     partial.write_text(json.dumps(runs, indent=1))
     for objective in args.objectives:  # made before any worker starts, so no two workers make one set
@@ -331,7 +341,8 @@ def run(args) -> dict:
                          for o in args.objectives},
             # the imitation target beside the students: the teacher's first --images reference samples (50 steps)
             "teacher_reference": {"steps": 50, "images": args.images, "fd_data": frechet_distance(
-                ctx["data_feats"], ctx["teacher_feats"][:args.images])},
+                ctx["data_feats"], ctx["teacher_feats"][:args.images]), "unguided_fd_data": frechet_distance(
+                ctx["data_feats"], ctx["unguided_feats"][:args.images])},
             "runs": runs, **analyse(runs, args.objectives, args.student_steps)}
 
 
@@ -355,7 +366,9 @@ def to_markdown(result: dict) -> str:
     lines = ["# Does DDIL work? (generated by benchmarks/ddil_evidence.py)", "",
              f"Command: `{result['command']}`; {result['machine']}; {result['date']}.", "",
              "The teacher at 50 steps (the first {images} of its reference samples): FD {fd_data:.4g} to the "
-             "held-out digits.".format(**result["teacher_reference"]), "",
+             "held-out digits; without guidance {unguided:.4g}.".format(
+                 unguided=result["teacher_reference"].get("unguided_fd_data", float("nan")),
+                 **result["teacher_reference"]), "",
              "## Arms: mean ± sd over seeds (KID, FD, drift: lower is closer to the teacher; R, C: 1 is no shift, "
              "no compounding)", "",
              "| model | seeds | " + " | ".join(table) + " |", "|---|---:|" + "---:|" * len(table)]
@@ -366,7 +379,8 @@ def to_markdown(result: dict) -> str:
               "| comparison | metric | mean | 95% interval | sign-flip p | detectable effect | seeds |",
               "|---|---|---:|---|---:|---:|---:|"]
     for name, metrics in result["comparisons"].items():
-        for metric in (*PRIMARY, "fd_data", "coverage", "shift_factor", "drift_final"):
+        for metric in (*PRIMARY, "fd_teacher_unguided", "kid_teacher_unguided", "fd_data", "coverage",
+                       "shift_factor", "drift_final"):
             r = metrics.get(metric)
             if r is None or r["ci95"] is None:
                 continue

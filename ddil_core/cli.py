@@ -135,7 +135,8 @@ def cmd_evaluate(args):
 
     config = _config(args, **{"model.teacher": _q(args.teacher)})
     metrics = evaluate(config, args.student, config.model.teacher, args.out, baseline=args.baseline,
-                       prompts=args.prompts, reference=args.reference, restart=args.restart)
+                       prompts=args.prompts, reference=args.reference, restart=args.restart,
+                       covariate_shift=args.covariate_shift)
     print(f"metrics -> {args.out}/metrics.json; report -> {args.out}/report.html")
     _print_metric_line(args.out)
     return metrics
@@ -311,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", help="reference images (a dataset URI) for FID/density/coverage (default: the "
                                        "held-out split of data.dataset)")
     p.add_argument("--out", required=True, help="the evaluation folder: metrics.json, report.html, sample grids")
+    p.add_argument("--covariate-shift", help="a `ddil diagnose` folder of this student: its curve, not measured again")
 
     p = stage("diagnose", cmd_diagnose, "measure the student's covariate shift against its teacher (error on its "
                                         "own states vs the teacher's, drift, hand-over)")

@@ -14,10 +14,13 @@ out/covariate_shift.png  R(k) and the drift D(k) against the student step k
 out/handover.png         the final distance to the teacher when the teacher takes the first m steps
 out/resolved_config.yaml
 ```
-evaluate runs the same measurement (`measure`) into its metrics.json and report when diagnose.in_evaluate is set.
+evaluate runs the same measurement (`measure`) into its metrics.json and report when diagnose.in_evaluate is set,
+or, given this stage's folder (`--covariate-shift`), takes its result after checking that it measured the same
+student folder (by digest) with the same settings (`load_diagnosis`): the DVC pipeline measures the curve once.
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -26,9 +29,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ddil_core.config import Config
+from ddil_core.config import Config, ConfigError
 from ddil_core.config.redaction import redacted_json
-from ddil_core.data.shards import publish_dir, staging_dir
+from ddil_core.data.shards import folder_digest, publish_dir, staging_dir
 from ddil_core.math.schedule import NoiseSchedule
 from ddil_core.method.teacher_reference import TeacherReference
 from ddil_core.metrics.covariate_shift import concat, headline, summarize, trajectory_errors
@@ -36,6 +39,7 @@ from ddil_core.metrics.plots import plot_lines
 from ddil_core.models import placement
 from ddil_core.models.conditioning import encode_prompts, encode_unconditional
 from ddil_core.models.latents import decode_latents
+from ddil_core.models.pipeline_io import ModelError
 from ddil_core.models.sampling import ShippedSampler, is_interval_sampler
 from ddil_core.models.teacher import rollout_guidance
 
@@ -136,8 +140,8 @@ def diagnose(config: Config, student: str, teacher: str, out: str | Path, prompt
             check_model_uri(uri, role, config.model.allow_pickle)
         info = student_info(student)
         prompt_file = prompts or config.evaluation.prompts
-        prompt_list = (read_prompt_file(prompt_file) if prompt_file else
-                       default_prompts(reference_uri(config, None), _captions(config)))
+        prompt_list = (read_prompt_file(prompt_file) if prompt_file else  # evaluate's prompts, as evaluate takes them
+                       default_prompts(reference_uri(config, None), _captions(config)))[: config.evaluation.num_prompts]
         dev = device()
         teacher_pipe = prepare(load_pipeline(teacher, config.model.family, config.model.allow_pickle), dev,
                                config.model.dtype)
@@ -148,6 +152,9 @@ def diagnose(config: Config, student: str, teacher: str, out: str | Path, prompt
         try:
             summary = measure(config, student_pipe, info, teacher_pipe, prompt_list, resolution, extractor)
             summary["protocol"]["model_paths"] = {"student": str(student), "teacher": str(teacher)}
+            summary["protocol"]["model_digests"] = {role: folder_digest(Path(folder)) for role, folder in
+                                                    (("student", student), ("teacher", teacher))
+                                                    if Path(folder).is_dir()}
             write_plots(tmp, summary)
             (tmp / RESULT).write_text(redacted_json(summary, indent=1, allow_nan=False) + "\n", encoding="utf-8")
             (tmp / FLAT).write_text(redacted_json({k: v for k, v in summary["headline"].items() if v is not None},
@@ -159,6 +166,32 @@ def diagnose(config: Config, student: str, teacher: str, out: str | Path, prompt
         publish_dir(tmp, out)
         tel.eval_results({"models": {"student": {f"covariate_{k}": v for k, v in summary["headline"].items()}}})
     log.info("covariate shift of %s written to %s: %s", student, out, summary["headline"])
+    return summary
+
+
+def load_diagnosis(folder: str | Path, config: Config, student: str, teacher: str, prompts: list[str]) -> dict:
+    """The summary diagnose wrote to folder/diagnose.json (without its per-noise values), refused with the file and
+    the differing value named unless it measured these model folders (by digest) with the settings `measure` would
+    use here: the noises, the teacher's steps and guidance, the prompts."""
+    path = Path(folder) / RESULT
+    if not path.is_file():
+        raise ModelError(f"{path}: no diagnosis here (run `ddil diagnose --out {folder}` first)")
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    protocol = summary.get("protocol") or {}
+    digests = protocol.get("model_digests") or {}
+    for role, folder_ in (("student", student), ("teacher", teacher)):
+        if Path(folder_).is_dir() and digests.get(role) != folder_digest(Path(folder_)):
+            raise ModelError(f"{path}: measured another {role} than {folder_} (protocol.model_digests.{role}); "
+                             f"rerun diagnose on it")
+    d, m = config.diagnose, config.diagnose.num_noises
+    expected = {"seeds": [d.seed, d.seed + m - 1], "teacher_steps": config.rollouts.teacher_steps,
+                "teacher_guidance": float(rollout_guidance(config)),
+                "prompts": sorted({prompts[i % len(prompts)] for i in range(m)})}
+    for key, value in expected.items():
+        if protocol.get(key) != value:
+            raise ConfigError(f"{path}: protocol.{key} is {protocol.get(key)!r}, this config measures {value!r} "
+                              f"(diagnose.*, rollouts.teacher_steps, the guidance, the prompts); rerun diagnose")
+    summary.pop("samples", None)
     return summary
 
 

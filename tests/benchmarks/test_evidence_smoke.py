@@ -24,13 +24,24 @@ def test_ddil_evidence_quick(tmp_path, monkeypatch):
     assert list((tmp_path / "work").glob(f"teacher-*-seed{evidence.REFERENCE_SEED}.pt"))
     assert "| lcm/ddil-control | kid_teacher |" in (tmp_path / "work" / "evidence.md").read_text()
     assert result["teacher_reference"]["images"] == 40 and result["teacher_reference"]["fd_data"] > 0
-    # resumable: nothing measured is trained again, and the runs keep the recipe the work began with
+    # the secondary target: the teacher's samples from the same seeds without guidance, another distribution
+    assert list((tmp_path / "work").glob(f"teacher-*-seed{evidence.REFERENCE_SEED}-unguided.pt"))
+    students = [m for key, arm in result["runs"].items() if key != "teacher/ddim" for m in arm]
+    assert all(m["fd_teacher_unguided"] != m["fd_teacher"] for m in students)
+    assert "fd_teacher_unguided" in result["comparisons"]["lcm/ddil-control"]
+    # resumable: nothing measured is trained again, and the runs keep the recipe the work began with; a run
+    # measured before a metric existed gets it from its saved features
     frozen = tmp_path / "work" / "recipe.yaml"
     assert frozen.read_text() == (ROOT / "configs" / "demo.yaml").read_text()
     frozen.write_text(frozen.read_text() + "# the recipe as this work began\n")
+    saved = json.loads((tmp_path / "work" / "runs.json").read_text())
+    before = saved["lcm/ddil"][0].pop("kid_teacher_unguided")
+    (tmp_path / "work" / "runs.json").write_text(json.dumps(saved))
     monkeypatch.setattr(evidence, "distill", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
     evidence.main(args)
     assert frozen.read_text().endswith("# the recipe as this work began\n")
+    rescored = json.loads((tmp_path / "work" / "runs.json").read_text())["lcm/ddil"][0]
+    assert rescored["kid_teacher_unguided"] == before
 
 
 def test_backward_sim_trains_the_first_step_from_pure_noise(tmp_path):

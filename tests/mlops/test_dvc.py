@@ -14,7 +14,7 @@ import yaml
 from ddil_core.config import Config, load_config, resolved_dict
 from tests import ROOT
 
-STAGES = ["prepare-demo", "cache-latents", "teacher-rollouts", "distill", "evaluate", "diagnose", "register"]
+STAGES = ["prepare-demo", "cache-latents", "teacher-rollouts", "distill", "diagnose", "evaluate", "register"]
 
 
 def _dvc_env(**extra) -> dict:
@@ -66,6 +66,9 @@ def test_dvc_yaml_stages_call_the_cli_with_params_yaml():
     spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     stages = spec["stages"]
     assert list(stages) == STAGES
+    # the covariate-shift curve is measured once, by diagnose; evaluate takes it (and depends on it)
+    assert "--covariate-shift runs/demo/diagnose" in stages["evaluate"]["cmd"]
+    assert "runs/demo/diagnose" in stages["evaluate"]["deps"]
     for name, stage in stages.items():
         cmd = " ".join(stage["cmd"]) if isinstance(stage["cmd"], list) else stage["cmd"]
         assert cmd.startswith(f"ddil {name} --config params.yaml"), name

@@ -120,3 +120,33 @@ def test_evaluate_reports_the_covariate_shift_curve(lcm_student, tmp_path):
     assert (tmp_path / "eval" / "covariate_shift.png").is_file()
     flat = json.loads((tmp_path / "eval" / "metrics_flat.json").read_text())
     assert "covariate_drift_final" in flat
+
+
+def test_evaluate_takes_the_curve_diagnose_measured_for_the_same_student_and_settings(lcm_student, tmp_path):
+    """`ddil evaluate --covariate-shift DIR` (the DVC pipeline measures the curve once): the metrics and report carry
+    the curve diagnose wrote, equal to the one evaluate measures itself; a diagnosis of another student folder or of
+    other settings is refused before any sampling, naming the file and the value."""
+    from ddil_core.config import ConfigError
+    from ddil_core.models.pipeline_io import ModelError
+    from ddil_core.stages.evaluate import evaluate
+
+    diagnosis = tmp_path / "diagnose"
+    assert main(["diagnose", "--config", "tiny", "--set", "objective.name=lcm", "--student", str(lcm_student),
+                 "--out", str(diagnosis)]) in (0, None)
+    config = tiny_config("sd15", "objective.name=lcm")
+    measured = evaluate(config, str(lcm_student), "tiny://sd15", tmp_path / "measured")["covariate_shift"]
+    taken = evaluate(config, str(lcm_student), "tiny://sd15", tmp_path / "taken",
+                     covariate_shift=str(diagnosis))["covariate_shift"]
+    for key in ("headline", "shift_factor", "drift", "handover"):
+        assert taken[key] == measured[key], key
+    assert "samples" not in taken and (tmp_path / "taken" / "covariate_shift.png").is_file()
+
+    other_settings = tiny_config("sd15", "objective.name=lcm", "diagnose.num_noises=4")
+    with pytest.raises(ConfigError, match=r"diagnose.json: protocol.seeds"):
+        evaluate(other_settings, str(lcm_student), "tiny://sd15", tmp_path / "e2", covariate_shift=str(diagnosis))
+    result = json.loads((diagnosis / "diagnose.json").read_text())
+    result["protocol"]["model_digests"]["student"] = "0" * 64  # as if measured on another student folder
+    (diagnosis / "diagnose.json").write_text(json.dumps(result))
+    with pytest.raises(ModelError, match=r"diagnose.json: measured another student"):
+        evaluate(config, str(lcm_student), "tiny://sd15", tmp_path / "e3", covariate_shift=str(diagnosis))
+    assert not (tmp_path / "e2").exists() and not (tmp_path / "e3").exists()

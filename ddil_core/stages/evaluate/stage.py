@@ -43,7 +43,7 @@ from ddil_core.models.pipeline_io import ModelError, check_model_folder, load_pi
 from ddil_core.stages.common import write_resolved_config
 from ddil_core.stages.evaluate.inputs import (check_teacher_of, default_prompts, read_prompt_file, reference_features,
                                               reference_uri)
-from ddil_core.stages.diagnose import measure
+from ddil_core.stages.diagnose import load_diagnosis, measure
 from ddil_core.stages.evaluate.results import json_safe, model_metrics, speedups, write_outputs
 from ddil_core.stages.evaluate.sampling import Run, Setup, device, free, prepare, sample_run
 from ddil_core.stages.provenance import check_sampling_steps, student_info
@@ -54,18 +54,20 @@ CROSS_CHECK_MAX_DIM = 1024  # torchmetrics' FID (a D x D non-symmetric eig) on C
 
 # ---------------------------------------------------------------------------------------------------- the stage
 def evaluate(config: Config, student: str, teacher: str, out: str | Path, baseline: Optional[str] = None,
-             prompts: Optional[str] = None, reference: Optional[str] = None, restart: bool = False) -> dict:
+             prompts: Optional[str] = None, reference: Optional[str] = None, restart: bool = False,
+             covariate_shift: Optional[str] = None) -> dict:
     """Evaluate `student` (and `baseline`) against `teacher`; returns the metrics written to out/metrics.json.
-    `restart`: replace an evaluation of another config in `out` (outputs.py: the rerun rule)."""
+    `restart`: replace an evaluation of another config in `out` (outputs.py: the rerun rule). `covariate_shift`: a
+    diagnose folder of this student, whose curve is taken instead of measured again (stages/diagnose.py)."""
     from ddil_core.stages.common import stage_run
 
     out = Path(out)
-    inputs = (student, teacher, baseline, prompts, reference)
+    inputs = (student, teacher, baseline, prompts, reference, covariate_shift)
     with stage_run(config, "evaluate", out, restart=restart, inputs=inputs) as tel:
         tmp = staging_dir(out)
         try:
             metrics = _evaluate(config, str(student), str(teacher), tmp, baseline and str(baseline), prompts,
-                                reference)
+                                reference, covariate_shift)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -97,7 +99,7 @@ def _student_settings(folder: str, config: Config, teacher_guidance: float, role
 
 
 def _evaluate(config: Config, student: str, teacher: str, tmp: Path, baseline: Optional[str],
-              prompts_file: Optional[str], reference: Optional[str]) -> dict:
+              prompts_file: Optional[str], reference: Optional[str], covariate_shift: Optional[str] = None) -> dict:
     ev = config.evaluation
     dev = device()
     teacher_guidance = float(ev.teacher_guidance_scale if ev.teacher_guidance_scale is not None
@@ -140,11 +142,13 @@ def _evaluate(config: Config, student: str, teacher: str, tmp: Path, baseline: O
         missing = [p for p, c in zip(prompt_list, classes) if c is None]
         adherence_note = f"not computed: prompts name no class ({missing[:3]}{' ...' if len(missing) > 3 else ''})"
 
+    # the curve diagnose measured for this student, checked before any sampling; else measured below
+    shift = load_diagnosis(covariate_shift, config, student, teacher, prompt_list) if covariate_shift else None
+    measure_shift = shift is None and config.diagnose.in_evaluate
     setup = Setup(prompt_list, seeds, resolution, ev.batch_size, dev, extractor, wanted is not None, tmp)
     runs: list[Run] = [sample_run(teacher_pipe, "teacher", "teacher", ev.teacher_steps, teacher_guidance, None,
                                   teacher, setup)]
-    shift = None
-    if not config.diagnose.in_evaluate:
+    if not measure_shift:
         del teacher_pipe
         free(dev)
     todo = [("student", student, (student_steps, student_guidance, student_info))]
@@ -153,7 +157,7 @@ def _evaluate(config: Config, student: str, teacher: str, tmp: Path, baseline: O
     for role, folder, (steps, guidance, info) in todo:
         pipe = prepare(load_pipeline(folder, "auto", config.model.allow_pickle), dev, config.model.dtype)
         runs.append(sample_run(pipe, role, role, steps, guidance, info, folder, setup))
-        if role == "student" and config.diagnose.in_evaluate:  # the covariate-shift curve (stages/diagnose.py)
+        if role == "student" and measure_shift:  # the covariate-shift curve (stages/diagnose.py)
             shift = measure(config, pipe, info or None, teacher_pipe, prompt_list, resolution, extractor)
             shift.pop("samples")
             del teacher_pipe
