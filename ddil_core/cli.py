@@ -160,7 +160,7 @@ def cmd_diagnose(args):
 
     config = _config(args, **{"model.teacher": _q(args.teacher)})
     summary = diagnose(config, args.student, config.model.teacher, args.out, prompts=args.prompts,
-                       restart=args.restart)
+                       restart=args.restart, reference=args.reference)
     head = summary["headline"]
     fmt = {k: "n/a" if v is None else f"{v:.3g}" for k, v in head.items()}
     print(f"covariate shift: R = {fmt['shift_factor_mean']} (mean after the first step), C = {fmt['compounding']}, "
@@ -318,8 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "own states vs the teacher's, drift, hand-over)")
     p.add_argument("--student", required=True, help="the student folder distill wrote (DIR/student)")
     p.add_argument("--teacher", help=TEACHER_HELP)
-    p.add_argument("--prompts", help="a text file, one prompt per line (default: evaluation.prompts, else the "
-                                     "dataset's distinct captions)")
+    p.add_argument("--prompts", help="a text file, one prompt per line (default: as evaluate's, with --reference)")
+    p.add_argument("--reference", help="reference images whose distinct captions are the prompts (as evaluate's)")
     p.add_argument("--out", required=True, help="the diagnosis folder: diagnose.json, covariate_shift.png")
 
     p = stage("register", cmd_register, "register the student when it passes the evaluation gates",

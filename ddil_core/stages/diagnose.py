@@ -123,8 +123,9 @@ def write_plots(folder: Path, summary: dict, label: str = "student") -> tuple[Pa
 
 
 def diagnose(config: Config, student: str, teacher: str, out: str | Path, prompts: Optional[str] = None,
-             restart: bool = False) -> dict:
-    """Measure `student` against `teacher` into `out`; returns the summary written to out/diagnose.json."""
+             restart: bool = False, reference: Optional[str] = None) -> dict:
+    """Measure `student` against `teacher` into `out`; returns the summary written to out/diagnose.json. The prompts:
+    the `prompts` file, else the distinct captions of `reference` (default: evaluate's), in evaluate's order."""
     from ddil_core.metrics.extractors import load_extractor
     from ddil_core.models.pipeline_io import load_pipeline
     from ddil_core.stages.common import stage_run
@@ -135,13 +136,14 @@ def diagnose(config: Config, student: str, teacher: str, out: str | Path, prompt
     from ddil_core.stages.provenance import student_info
 
     out = Path(out)
-    with stage_run(config, "diagnose", out, restart=restart, inputs=(student, teacher, prompts)) as tel:
+    with stage_run(config, "diagnose", out, restart=restart, inputs=(student, teacher, prompts, reference)) as tel:
         for role, uri in (("student", student), ("teacher", teacher)):
             check_model_uri(uri, role, config.model.allow_pickle)
         info = student_info(student)
         prompt_file = prompts or config.evaluation.prompts
+        ref_uri = reference_uri(config, reference)
         prompt_list = (read_prompt_file(prompt_file) if prompt_file else  # evaluate's prompts, as evaluate takes them
-                       default_prompts(reference_uri(config, None), _captions(config)))[: config.evaluation.num_prompts]
+                       default_prompts(ref_uri, _captions(config, ref_uri)))[: config.evaluation.num_prompts]
         dev = device()
         teacher_pipe = prepare(load_pipeline(teacher, config.model.family, config.model.allow_pickle), dev,
                                config.model.dtype)
@@ -152,6 +154,7 @@ def diagnose(config: Config, student: str, teacher: str, out: str | Path, prompt
         try:
             summary = measure(config, student_pipe, info, teacher_pipe, prompt_list, resolution, extractor)
             summary["protocol"]["model_paths"] = {"student": str(student), "teacher": str(teacher)}
+            summary["protocol"]["prompt_list"] = prompt_list  # noise i has prompt i mod len: the order matters
             summary["protocol"]["model_digests"] = {role: folder_digest(Path(folder)) for role, folder in
                                                     (("student", student), ("teacher", teacher))
                                                     if Path(folder).is_dir()}
@@ -186,7 +189,7 @@ def load_diagnosis(folder: str | Path, config: Config, student: str, teacher: st
     d, m = config.diagnose, config.diagnose.num_noises
     expected = {"seeds": [d.seed, d.seed + m - 1], "teacher_steps": config.rollouts.teacher_steps,
                 "teacher_guidance": float(rollout_guidance(config)),
-                "prompts": sorted({prompts[i % len(prompts)] for i in range(m)})}
+                "prompt_list": list(prompts)}
     for key, value in expected.items():
         if protocol.get(key) != value:
             raise ConfigError(f"{path}: protocol.{key} is {protocol.get(key)!r}, this config measures {value!r} "
@@ -195,11 +198,12 @@ def load_diagnosis(folder: str | Path, config: Config, student: str, teacher: st
     return summary
 
 
-def _captions(config: Config) -> list[str]:
-    """The dataset's captions, for prompts when no prompt file is given (the digits: their ten captions)."""
+def _captions(config: Config, uri: str) -> list[str]:
+    """The captions of the reference `uri` in data order, for prompts when no prompt file is given, as evaluate reads
+    them (the digits: their ten captions)."""
     from ddil_core.data.datasets import iter_samples
 
-    if config.data.dataset.startswith("demo://digits"):
+    if uri.startswith("demo://digits"):
         return []
-    return [s.caption for s in iter_samples(config.data.dataset, config.data.images, "skip",
-                                            limit=config.evaluation.num_prompts * 8)]
+    images_root = config.data.images if uri == config.data.dataset else None
+    return [s.caption for s in iter_samples(uri, images_root, "skip", limit=config.evaluation.num_prompts * 8)]

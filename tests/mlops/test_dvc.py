@@ -69,6 +69,8 @@ def test_dvc_yaml_stages_call_the_cli_with_params_yaml():
     # the covariate-shift curve is measured once, by diagnose; evaluate takes it (and depends on it)
     assert "--covariate-shift runs/demo/diagnose" in stages["evaluate"]["cmd"]
     assert "runs/demo/diagnose" in stages["evaluate"]["deps"]
+    for name in ("diagnose", "evaluate"):  # the same prompts, in the same order, for both
+        assert "--reference demo/dataset-eval" in stages[name]["cmd"] and "demo/dataset-eval" in stages[name]["deps"]
     for name, stage in stages.items():
         cmd = " ".join(stage["cmd"]) if isinstance(stage["cmd"], list) else stage["cmd"]
         assert cmd.startswith(f"ddil {name} --config params.yaml"), name

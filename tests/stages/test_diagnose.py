@@ -144,9 +144,14 @@ def test_evaluate_takes_the_curve_diagnose_measured_for_the_same_student_and_set
     other_settings = tiny_config("sd15", "objective.name=lcm", "diagnose.num_noises=4")
     with pytest.raises(ConfigError, match=r"diagnose.json: protocol.seeds"):
         evaluate(other_settings, str(lcm_student), "tiny://sd15", tmp_path / "e2", covariate_shift=str(diagnosis))
+    prompts = tmp_path / "prompts.txt"  # the same prompts in another order: noise i would get another prompt
+    prompts.write_text("\n".join(reversed(taken["protocol"]["prompt_list"])) + "\n")
+    with pytest.raises(ConfigError, match=r"diagnose.json: protocol.prompt_list"):
+        evaluate(config, str(lcm_student), "tiny://sd15", tmp_path / "e4", prompts=str(prompts),
+                 covariate_shift=str(diagnosis))
     result = json.loads((diagnosis / "diagnose.json").read_text())
     result["protocol"]["model_digests"]["student"] = "0" * 64  # as if measured on another student folder
     (diagnosis / "diagnose.json").write_text(json.dumps(result))
     with pytest.raises(ModelError, match=r"diagnose.json: measured another student"):
         evaluate(config, str(lcm_student), "tiny://sd15", tmp_path / "e3", covariate_shift=str(diagnosis))
-    assert not (tmp_path / "e2").exists() and not (tmp_path / "e3").exists()
+    assert not any((tmp_path / name).exists() for name in ("e2", "e3", "e4"))
