@@ -4,7 +4,8 @@ One question: does a DDIL student imitate its teacher better than the same stude
 same timesteps? Per objective and student step count, over seeds s (the same seeds in every arm):
 - arms: `baseline` (forward states only), `control` (forward states at the DDIL arm's timestep distribution:
   ddil.control = timestep_matched), `ddil` (0.5 / 0.25 / 0.25, replay buffer, rollouts by the EMA), and for DMD2 its
-  published `backward_sim` (the generator's own states only, fresh online rollouts from j = 0, pure noise);
+  published `backward_sim` (the generator's own states only, fresh online rollouts from j = 0, pure noise); when
+  named in `--arms`, `ddil_online` (the DDIL arm with rollouts by the online student: does the policy matter?);
 - common random numbers: training.random_streams = separate, so arms differ only in their states; an EMA on every
   student; student states made by at least one student step (ddil.student_min_steps = 1);
 - evaluation: `--images` images per student with their own noise each (the same noises in every arm), KID (unbiased,
@@ -76,15 +77,21 @@ ARMS = {
     # its first step is trained too
     "backward_sim": ["ddil.priors.forward=0", "ddil.priors.teacher=0", "ddil.priors.student=1",
                      "ddil.student_min_steps=0", "ddil.buffer.enabled=false"],
+    # optional (run when named in --arms): the DDIL arm with rollouts by the online student instead of its EMA
+    "ddil_online": DDIL + ["ddil.rollout_policy=online"],
 }
-COMPARISONS = (("ddil", "control"), ("ddil", "baseline"), ("control", "baseline"), ("backward_sim", "baseline"))
+OPTIONAL_ARMS = ("ddil_online",)
+COMPARISONS = (("ddil", "control"), ("ddil", "baseline"), ("control", "baseline"), ("backward_sim", "baseline"),
+               ("ddil", "ddil_online"))
 METRICS = ("kid_teacher", "fd_teacher", "kid_teacher_unguided", "fd_teacher_unguided", "kid_data", "fd_data",
            "precision", "recall", "density", "coverage", "adherence", "shift_factor", "compounding", "drift_final")
 PROMPTS = [digit_caption(i) for i in range(len(DIGIT_WORDS))]
 
 
-def arms_of(objective: str) -> list[str]:
-    return [a for a in ARMS if a != "backward_sim" or objective == "dmd2"]
+def arms_of(objective: str, optional: tuple = ()) -> list[str]:
+    """The arms an objective runs: backward simulation for DMD2 only, the optional ones when asked for."""
+    return [a for a in ARMS if (a != "backward_sim" or objective == "dmd2") and (a not in OPTIONAL_ARMS
+                                                                                 or a in optional)]
 
 
 IMAGE_SEED = 100_000  # image i of every evaluated model: seed 100000 + i (the same noises for every model)
@@ -240,7 +247,8 @@ def analyse(runs: dict, objectives, steps: int) -> dict:
     """Paired comparisons per objective; Holm over the family of the primary comparison."""
     out, primary_p = {}, {}
     for objective in objectives:
-        by_arm = {arm: {m["seed"]: m for m in runs.get(f"{objective}/{arm}", [])} for arm in arms_of(objective)}
+        by_arm = {arm: {m["seed"]: m for m in runs.get(f"{objective}/{arm}", [])}
+                  for arm in arms_of(objective, OPTIONAL_ARMS) if runs.get(f"{objective}/{arm}")}
         for a, b in COMPARISONS:
             if a not in by_arm or b not in by_arm:
                 continue
@@ -312,7 +320,7 @@ def run(args) -> dict:
     while True:
         jobs = [(objective, arm, seed) for seed in range(max(map(len, seeds.values())))
                 for objective in args.objectives if seed < len(seeds[objective])
-                for arm in arms_of(objective) if arm in args.arms
+                for arm in arms_of(objective, tuple(args.arms)) if arm in args.arms
                 if not any(m["seed"] == seed for m in runs.get(f"{objective}/{arm}", []))]
         for objective, arm, metrics in run_jobs(args, jobs, ctx):
             runs.setdefault(f"{objective}/{arm}", []).append(metrics)
@@ -407,8 +415,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--objectives", nargs="+", default=["pd", "lcm", "dmd2"],
                         choices=["pd", "lcm", "dmd2", "tdd"])
     parser.add_argument("--student-steps", type=int, default=4)
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS),
-                        help="run only these arms (the go/no-go: --arms baseline); a later full run reuses them")
+    parser.add_argument("--arms", nargs="+", default=[a for a in ARMS if a not in OPTIONAL_ARMS], choices=list(ARMS),
+                        help="run only these arms (the go/no-go: --arms baseline; add ddil_online for the rollout "
+                             "policy); a later full run reuses them")
     parser.add_argument("--seeds", type=int, default=6, help="seeds to start with (the same in every arm)")
     parser.add_argument("--max-seeds", type=int, default=12)
     parser.add_argument("--target-effect", type=float, default=0.0,

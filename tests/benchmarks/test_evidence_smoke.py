@@ -58,3 +58,18 @@ def test_backward_sim_trains_the_first_step_from_pure_noise(tmp_path):
     assert config["backward_sim"].student_min_steps == 0 and config["backward_sim"].priors.student == 1
     assert not config["backward_sim"].buffer.enabled and config["ddil"].buffer.enabled
     assert config["ddil"].student_min_steps == 1 and config["baseline"].priors.forward == 1
+
+
+def test_the_online_rollout_arm_runs_only_when_asked_and_differs_from_ddil_in_the_policy_alone(tmp_path):
+    """`--arms ... ddil_online`: the DDIL arm with rollouts by the online student instead of its EMA (the policy that
+    ships); not part of a default run, and the same as `ddil` in every other setting."""
+    from ddil_core.config import load_config, resolved_dict
+
+    ctx = {"demo": tmp_path, "guidance": 2.0}
+    args = evidence.parse_args(["--demo", str(tmp_path), "--work", str(tmp_path / "work")])
+    assert "ddil_online" not in args.arms and "ddil_online" not in evidence.arms_of("lcm")
+    assert "ddil_online" in evidence.arms_of("lcm", ("ddil_online",))
+    ddil, online = (resolved_dict(load_config("demo", evidence.run_overrides(args, "lcm", arm, 0, ctx)))
+                    for arm in ("ddil", "ddil_online"))
+    assert (ddil["ddil"].pop("rollout_policy"), online["ddil"].pop("rollout_policy")) == ("ema", "online")
+    assert ddil == online
