@@ -4,9 +4,9 @@ whether a rebuild gives the same weights.
 
 Each case runs `--steps` updates of the demo teacher's loop (demo/training.py with demo/teacher.py's batch and loss:
 demo.unet's UNet (`--unet`, the recipe's light one by default), batch 64 of 4x8x8 latents, Min-SNR loss, AdamW,
-clipping) on random latents and embeddings; the cases are interleaved and rotated per round (benchmarks/common.py), the ratios taken inside each round. Then
-`--steps` updates from the same seed are trained twice per worker count and their weights hashed: equal hashes are
-the bit-for-bit rebuild the recipe promises, whatever the machine's load.
+clipping) on random latents and embeddings; the cases are interleaved and rotated per round (benchmarks/common.py),
+the ratios taken inside each round. Then `--steps` updates from the same seed are trained twice per worker count
+and their weights hashed: equal hashes are the bit-for-bit rebuild the recipe promises, whatever the machine's load.
 
     python benchmarks/demo_workers.py --update-docs     # about 2 minutes on 2 idle cores
     python benchmarks/demo_workers.py --quick           # smoke test (tests/benchmarks/test_benchmarks_smoke.py)
