@@ -12,7 +12,8 @@ install:
 	bash .ci/install-services.sh
 
 # The embedded default end to end (dvc.yaml): prepare-demo trains the digits teacher, then cache-latents ->
-# teacher-rollouts -> distill -> evaluate -> register: a registered 4-step student and runs/demo/evaluate/report.html.
+# teacher-rollouts -> distill -> diagnose -> evaluate -> register: a registered 4-step student and
+# runs/demo/evaluate/report.html.
 demo: install
 	$(PYTHON) -m dvc repro
 
