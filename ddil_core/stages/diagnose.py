@@ -96,6 +96,7 @@ def measure(config: Config, student_pipe, info: Optional[dict], teacher_pipe, pr
         "reference": ("teacher's guided DDIM over each interval" if is_interval_sampler(scheduler) else
                       "the scheduler's step with the teacher's clean estimate (guided DDIM to 0), same noise"),
         "teacher_guidance": w, "teacher_steps": config.rollouts.teacher_steps, "seeds": [seeds[0], seeds[-1]],
+        "bootstrap": d.bootstrap,
         "prompts": sorted(set(row_prompts)), "resolution": resolution,
         "distance": "mean squared difference per latent element",
         **({"feature_distance": f"mean squared difference per {extractor.name} feature of the final images"}
@@ -175,7 +176,7 @@ def diagnose(config: Config, student: str, teacher: str, out: str | Path, prompt
 def load_diagnosis(folder: str | Path, config: Config, student: str, teacher: str, prompts: list[str]) -> dict:
     """The summary diagnose wrote to folder/diagnose.json (without its per-noise values), refused with the file and
     the differing value named unless it measured these model folders (by digest) with the settings `measure` would
-    use here: the noises, the teacher's steps and guidance, the prompts."""
+    use here: the noises, the intervals' resamples, the teacher's steps and guidance, the prompts."""
     path = Path(folder) / RESULT
     if not path.is_file():
         raise ModelError(f"{path}: no diagnosis here (run `ddil diagnose --out {folder}` first)")
@@ -187,8 +188,8 @@ def load_diagnosis(folder: str | Path, config: Config, student: str, teacher: st
             raise ModelError(f"{path}: measured another {role} than {folder_} (protocol.model_digests.{role}); "
                              f"rerun diagnose on it")
     d, m = config.diagnose, config.diagnose.num_noises
-    expected = {"seeds": [d.seed, d.seed + m - 1], "teacher_steps": config.rollouts.teacher_steps,
-                "teacher_guidance": float(rollout_guidance(config)),
+    expected = {"seeds": [d.seed, d.seed + m - 1], "bootstrap": d.bootstrap,
+                "teacher_steps": config.rollouts.teacher_steps, "teacher_guidance": float(rollout_guidance(config)),
                 "prompt_list": list(prompts)}
     for key, value in expected.items():
         if protocol.get(key) != value:

@@ -141,9 +141,12 @@ def test_evaluate_takes_the_curve_diagnose_measured_for_the_same_student_and_set
         assert taken[key] == measured[key], key
     assert "samples" not in taken and (tmp_path / "taken" / "covariate_shift.png").is_file()
 
-    other_settings = tiny_config("sd15", "objective.name=lcm", "diagnose.num_noises=4")
-    with pytest.raises(ConfigError, match=r"diagnose.json: protocol.seeds"):
-        evaluate(other_settings, str(lcm_student), "tiny://sd15", tmp_path / "e2", covariate_shift=str(diagnosis))
+    for key, value in (("seeds", "diagnose.num_noises=4"), ("bootstrap", "diagnose.bootstrap=200"),
+                       ("teacher_steps", "rollouts.teacher_steps=8")):
+        other_settings = tiny_config("sd15", "objective.name=lcm", value)
+        with pytest.raises(ConfigError, match=rf"diagnose.json: protocol.{key}"):
+            evaluate(other_settings, str(lcm_student), "tiny://sd15", tmp_path / "e2",
+                     covariate_shift=str(diagnosis))
     prompts = tmp_path / "prompts.txt"  # the same prompts in another order: noise i would get another prompt
     prompts.write_text("\n".join(reversed(taken["protocol"]["prompt_list"])) + "\n")
     with pytest.raises(ConfigError, match=r"diagnose.json: protocol.prompt_list"):
