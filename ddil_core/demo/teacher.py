@@ -42,16 +42,13 @@ def demo_unet(kind: str = "light"):
     in the mid block only, 2 heads: half the compute of "tiny-sd15" per sample (its 8x8 attention with 8 heads of
     width 4 was a third of the update) at the same prompted-digit accuracy (docs/demo.md). "tiny-sd15":
     tiny_unet("sd15"), attention at both levels, the teacher of docs/results.md's evidence."""
-    from diffusers import UNet2DConditionModel
-
     if kind == "tiny-sd15":
         return tiny_unet("sd15")
     if kind != "light":
         raise ValueError(f"demo.unet: {kind!r} (use 'light' or 'tiny-sd15')")
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=2, norm_num_groups=8, cross_attention_dim=32)  # attention_head_dim: diffusers' head count
+    return tiny_unet("sd15", down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                     attention_head_dim=2)  # attention_head_dim: diffusers' head count
 
 
 def train_teacher_unet(latents: torch.Tensor, labels: torch.Tensor, class_embeddings: torch.Tensor,

@@ -50,7 +50,8 @@ def _text_encoder(tokenizer, with_projection: bool):
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
 
-def tiny_unet(family: str, time_cond_proj_dim: int | None = None):
+def tiny_unet(family: str, time_cond_proj_dim: int | None = None, **overrides):
+    """The family's tiny UNet2DConditionModel; `overrides` replace its config keys (the demo's light teacher)."""
     from diffusers import UNet2DConditionModel
 
     kwargs = dict(
@@ -64,7 +65,7 @@ def tiny_unet(family: str, time_cond_proj_dim: int | None = None):
                       projection_class_embeddings_input_dim=6 * 8 + 32, transformer_layers_per_block=1)
     else:
         kwargs.update(cross_attention_dim=32)
-    return UNet2DConditionModel(**kwargs)
+    return UNet2DConditionModel(**{**kwargs, **overrides})
 
 
 def tiny_vae():

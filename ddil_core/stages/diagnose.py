@@ -131,7 +131,7 @@ def diagnose(config: Config, student: str, teacher: str, out: str | Path, prompt
     from ddil_core.models.pipeline_io import load_pipeline
     from ddil_core.stages.common import stage_run
     from ddil_core.stages.evaluate import check_model_uri
-    from ddil_core.stages.evaluate.inputs import default_prompts, read_prompt_file, reference_uri
+    from ddil_core.stages.evaluate.inputs import evaluation_prompts, read_prompt_file, reference_uri
     from ddil_core.stages.evaluate.sampling import device, prepare
     from ddil_core.stages.outputs import write_resolved_config
     from ddil_core.stages.provenance import student_info
@@ -142,9 +142,10 @@ def diagnose(config: Config, student: str, teacher: str, out: str | Path, prompt
             check_model_uri(uri, role, config.model.allow_pickle)
         info = student_info(student)
         prompt_file = prompts or config.evaluation.prompts
+        file_prompts = read_prompt_file(prompt_file) if prompt_file else None
         ref_uri = reference_uri(config, reference)
-        prompt_list = (read_prompt_file(prompt_file) if prompt_file else  # evaluate's prompts, as evaluate takes them
-                       default_prompts(ref_uri, _captions(config, ref_uri)))[: config.evaluation.num_prompts]
+        prompt_list = evaluation_prompts(config, file_prompts, ref_uri,
+                                         [] if file_prompts else _captions(config, ref_uri))
         dev = device()
         teacher_pipe = prepare(load_pipeline(teacher, config.model.family, config.model.allow_pickle), dev,
                                config.model.dtype)

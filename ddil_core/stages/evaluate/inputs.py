@@ -40,6 +40,13 @@ def default_prompts(reference_uri: str, captions: list[str]) -> list[str]:
     return list(dict.fromkeys(c.strip() for c in captions if c and c.strip()))
 
 
+def evaluation_prompts(config: Config, file_prompts: Optional[list[str]], ref_uri: str,
+                       captions: list[str]) -> list[str]:
+    """The prompts evaluate samples and diagnose cycles noise by noise (noise i: prompt i mod len), one rule for both:
+    the prompt file's, else the reference's distinct captions; the first evaluation.num_prompts."""
+    return (file_prompts or default_prompts(ref_uri, captions))[: config.evaluation.num_prompts]
+
+
 def adherence(predicted: torch.Tensor, wanted: list[int]) -> float:
     """Share of images whose predicted class is the prompted one (`wanted` per image)."""
     wanted_t = torch.as_tensor(wanted, dtype=torch.long)

@@ -41,8 +41,8 @@ from ddil_core.metrics.extractors import Extractor, load_extractor
 from ddil_core.data.digits import prompt_class
 from ddil_core.models.pipeline_io import ModelError, check_model_folder, load_pipeline, missing_folder_error
 from ddil_core.stages.common import write_resolved_config
-from ddil_core.stages.evaluate.inputs import (check_teacher_of, default_prompts, read_prompt_file, reference_features,
-                                              reference_uri)
+from ddil_core.stages.evaluate.inputs import (check_teacher_of, evaluation_prompts, read_prompt_file,
+                                              reference_features, reference_uri)
 from ddil_core.stages.diagnose import load_diagnosis, measure
 from ddil_core.stages.evaluate.results import json_safe, model_metrics, speedups, write_outputs
 from ddil_core.stages.evaluate.sampling import Run, Setup, device, free, prepare, sample_run
@@ -127,7 +127,7 @@ def _evaluate(config: Config, student: str, teacher: str, tmp: Path, baseline: O
 
     ref_uri = reference_uri(config, reference)
     ref_features, ref_captions, ref_skipped = reference_features(config, ref_uri, resolution, extractor)
-    prompt_list = (file_prompts or default_prompts(ref_uri, ref_captions))[: ev.num_prompts]
+    prompt_list = evaluation_prompts(config, file_prompts, ref_uri, ref_captions)
     if not prompt_list:
         raise DatasetError(f"{ref_uri}: no captions to use as evaluation prompts (set evaluation.prompts)")
     seeds = [ev.seed + j for j in range(ev.images_per_prompt)]
