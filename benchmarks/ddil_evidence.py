@@ -296,15 +296,16 @@ def run(args) -> dict:
     base = load_config(recipe, base_overrides(demo, args.updates, args.student_steps, guidance, args.quick))
     data_feats, _, _ = reference_features(base, str(demo / "dataset-eval"), 16, extractor)
     teacher = load_pipeline(str(demo / "teacher"))
-    cached = work / f"teacher-{args.teacher_images}-seed{REFERENCE_SEED}.pt"
-    if not cached.exists():  # the teacher's own samples: the imitation target, made once
-        torch.save(teacher_features(args, teacher, extractor, guidance), cached)
-    unguided = work / f"teacher-{args.teacher_images}-seed{REFERENCE_SEED}-unguided.pt"
-    if not unguided.exists():  # the same seeds without guidance (a secondary target, made once)
-        torch.save(teacher_features(args, teacher, extractor, 1.0), unguided)
+    def made_once(guidance_scale: float, suffix: str = "") -> torch.Tensor:
+        path = work / f"teacher-{args.teacher_images}-seed{REFERENCE_SEED}{suffix}.pt"
+        if not path.exists():
+            torch.save(teacher_features(args, teacher, extractor, guidance_scale), path)
+        return torch.load(path)
+
     ctx = {"demo": demo, "recipe": recipe, "guidance": guidance, "extractor": extractor, "data_feats": data_feats,
-           "teacher": teacher, "teacher_feats": torch.load(cached), "unguided_feats": torch.load(unguided),
-           "latents": work / "latents"}
+           "teacher": teacher, "latents": work / "latents",
+           "teacher_feats": made_once(guidance),  # the teacher's own samples: the imitation target
+           "unguided_feats": made_once(1.0, "-unguided")}  # the same seeds without guidance: a secondary target
     if not (ctx["latents"] / "manifest.json").exists():
         cache_latents(base, ctx["latents"])
     runs.setdefault("teacher/ddim", [{}])  # no distillation: the teacher at the student's step count
