@@ -23,6 +23,7 @@ Go/no-go first: the baseline students' covariate-shift factors are reported befo
 C near 1 mean there is little shift for DDIL to fix on this task.
 
     python benchmarks/ddil_evidence.py --demo runs/demo/demo --work runs/evidence --workers 2   # resumable
+    # --student-steps 2 on the same --work: its own folder of runs (steps2-updates800), the teacher's samples shared
     # docs/results.md's LCM run (--objectives lcm --updates 400 --diagnose-noises 16): ~8 min a run, two at a time,
     # 18 runs in ~75 min on 2 cores, after ~15 min for the teacher's 5,000 samples. The diagnosis of a consistency
     # student is the dearest part after training: its teacher reference runs guided DDIM to 0 from every state.
@@ -149,7 +150,7 @@ def rescore(args, key: str, metrics: dict, ctx) -> None:
         feats, preds = images_features(ctx["teacher"], ctx["extractor"], args.images, args.student_steps,
                                        ctx["guidance"], "ddim")
     else:
-        out = Path(args.work) / f"{objective}-{arm}-{args.student_steps}-{metrics['seed']}"
+        out = protocol_dir(args) / f"{objective}-{arm}-{metrics['seed']}"
         feats, preds = student_features(args, out / "student", ctx)
     metrics.update(image_metrics(feats, preds, ctx["teacher_feats"], ctx["data_feats"], ctx["unguided_feats"]))
 
@@ -176,7 +177,7 @@ def run_overrides(args, objective: str, arm: str, seed: int, ctx) -> list[str]:
 
 def run_one(args, objective, arm, seed, ctx) -> dict:
     config = load_config(ctx["recipe"], run_overrides(args, objective, arm, seed, ctx))
-    out = Path(args.work) / f"{objective}-{arm}-{args.student_steps}-{seed}"
+    out = protocol_dir(args) / f"{objective}-{arm}-{seed}"
     student = distill(config, ctx["latents"], [rollouts_for(config, ctx["latents"], Path(args.work))], out)
     info = read_student_info(student)
     pipe = load_pipeline(str(student))
@@ -280,6 +281,28 @@ def frozen_recipe(work: Path) -> str:
     return str(frozen)
 
 
+def protocol_dir(args) -> Path:
+    """The folder of one protocol's runs (student steps, updates): the students, their ledger runs.json and the
+    report. The latents, teacher rollouts and teacher reference samples beside it serve every protocol of `--work`."""
+    return Path(args.work) / f"steps{args.student_steps}-updates{args.updates}"
+
+
+def check_protocol(folder: Path, args, guidance: float) -> None:
+    """A protocol's runs pair only if they were measured alike: its first run records the settings that shape every
+    metric, and a later call with other values is refused (naming them) instead of mixing the two in one table."""
+    wanted = {"images": args.images, "teacher_images": args.teacher_images, "guidance": guidance}
+    record = folder / "protocol.json"
+    if not record.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(wanted, indent=1))
+        return
+    had = json.loads(record.read_text())
+    changed = [f"{key} {had.get(key)} (now {value})" for key, value in wanted.items() if had.get(key) != value]
+    if changed:
+        raise SystemExit(f"{record}: the runs of {folder.name} were measured with " + ", ".join(changed)
+                         + "; pass the same values or another --work")
+
+
 def run(args) -> dict:
     demo = Path(args.demo)
     if not (demo / "teacher" / "model_index.json").exists():
@@ -289,15 +312,16 @@ def run(args) -> dict:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     recipe = frozen_recipe(work)
-    partial = work / "runs.json"
-    runs = json.loads(partial.read_text()) if partial.exists() else {}  # resumable: "objective/arm" -> per seed
     guidance = args.guidance or demo_guidance(demo)
+    check_protocol(protocol_dir(args), args, guidance)
+    partial = protocol_dir(args) / "runs.json"
+    runs = json.loads(partial.read_text()) if partial.exists() else {}  # resumable: "objective/arm" -> per seed
     extractor = load_extractor(f"classifier:{demo / 'classifier'}")
     base = load_config(recipe, base_overrides(demo, args.updates, args.student_steps, guidance, args.quick))
     data_feats, _, _ = reference_features(base, str(demo / "dataset-eval"), 16, extractor)
     teacher = load_pipeline(str(demo / "teacher"))
-    def made_once(guidance_scale: float, suffix: str = "") -> torch.Tensor:
-        path = work / f"teacher-{args.teacher_images}-seed{REFERENCE_SEED}{suffix}.pt"
+    def made_once(guidance_scale: float) -> torch.Tensor:
+        path = work / f"teacher-{args.teacher_images}-seed{REFERENCE_SEED}-g{guidance_scale:g}.pt"
         if not path.exists():
             torch.save(teacher_features(args, teacher, extractor, guidance_scale), path)
         return torch.load(path)
@@ -305,7 +329,7 @@ def run(args) -> dict:
     ctx = {"demo": demo, "recipe": recipe, "guidance": guidance, "extractor": extractor, "data_feats": data_feats,
            "teacher": teacher, "latents": work / "latents",
            "teacher_feats": made_once(guidance),  # the teacher's own samples: the imitation target
-           "unguided_feats": made_once(1.0, "-unguided")}  # the same seeds without guidance: a secondary target
+           "unguided_feats": made_once(1.0)}  # the same seeds without guidance: a secondary target
     if not (ctx["latents"] / "manifest.json").exists():
         cache_latents(base, ctx["latents"])
     runs.setdefault("teacher/ddim", [{}])  # no distillation: the teacher at the student's step count
@@ -412,7 +436,8 @@ def to_markdown(result: dict) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", required=True)
-    parser.add_argument("--work", required=True, help="latents, rollouts, students and runs.json (resumable)")
+    parser.add_argument("--work", required=True, help="latents, rollouts and the teacher's samples, shared; each "
+                        "protocol's students and runs.json in a folder stepsN-updatesU (resumable)")
     parser.add_argument("--objectives", nargs="+", default=["pd", "lcm", "dmd2"],
                         choices=["pd", "lcm", "dmd2", "tdd"])
     parser.add_argument("--student-steps", type=int, default=4)
@@ -429,7 +454,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--diagnose-noises", type=int, default=256)
     parser.add_argument("--guidance", type=float)
     parser.add_argument("--workers", type=int, default=1, help="runs at once, one torch thread each (one per core)")
-    parser.add_argument("--out", help="write OUT.json and OUT.md (default: in --work; docs/results for the record)")
+    parser.add_argument("--out", help="write OUT.json and OUT.md (default: evidence.* in the protocol's folder)")
     parser.add_argument("--quick", action="store_true", help="smoke: 2 seeds, 3 updates, few images")
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
@@ -445,7 +470,7 @@ def main(argv=None) -> None:
     started = time.time()
     result = run(args)
     result["wall_seconds"] = time.time() - started
-    out = Path(args.out or Path(args.work) / "evidence")
+    out = Path(args.out or protocol_dir(args) / "evidence")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     out.with_suffix(".md").write_text(to_markdown(result))

@@ -165,18 +165,22 @@ def distill(recipe: str, overrides: List[str], run_id: str, latents: Input[Datas
 
 
 @ddil_component(stage_config, inline_images, student_scalars)
-def evaluate(recipe: str, overrides: List[str], run_id: str, student: Input[Model], metrics: Output[Metrics],
-             report: Output[Markdown], report_html: Output[HTML], evaluation: Output[Artifact]):
-    """Compare the student with its teacher. `evaluation`: the whole folder (metrics.json, report.md/.html, PNGs);
-    `metrics`: the student's scalars (teacher's as teacher_*); `report` / `report_html`: one self-contained file
-    each, images embedded as data URIs, because the Kubeflow UI renders a single file per artifact."""
+def evaluate(recipe: str, overrides: List[str], run_id: str, student: Input[Model], diagnosis: Input[Artifact],
+             metrics: Output[Metrics], report: Output[Markdown], report_html: Output[HTML],
+             evaluation: Output[Artifact]):
+    """Compare the student with its teacher. `diagnosis`: diagnose's folder for this student, whose covariate-shift
+    curve goes into the report instead of being measured twice (checked: same student, teacher and settings).
+    `evaluation`: the whole folder (metrics.json, report.md/.html, PNGs); `metrics`: the student's scalars
+    (teacher's as teacher_*); `report` / `report_html`: one self-contained file each, images embedded as data URIs,
+    because the Kubeflow UI renders a single file per artifact."""
     import json
     import os
 
     from ddil_core.stages.evaluate import evaluate as run_stage
 
     config = stage_config(recipe, overrides, run_id)
-    result = run_stage(config, student.path, config.model.teacher, evaluation.path)
+    result = run_stage(config, student.path, config.model.teacher, evaluation.path,
+                       covariate_shift=diagnosis.path)
     with open(os.path.join(evaluation.path, "metrics.json"), encoding="utf-8") as handle:
         result = json.load(handle)  # the file as written (strict JSON) rather than the in-memory dict
     for name, value in student_scalars(result).items():

@@ -11,14 +11,14 @@ Graph (task: inputs):
         for shard in shard-indices.Output:
             teacher-rollouts: recipe, overrides, latents, shard, num_shards              [GPU] -> rollouts
         distill:        recipe, overrides, latents, Collected(rollouts)                  [GPU] -> student, training_log
-        evaluate:       recipe, overrides, student        [GPU] -> metrics, report, report_html, evaluation
         diagnose:       recipe, overrides, student        [GPU] -> metrics, curve, diagnosis (covariate shift)
+        evaluate:       recipe, overrides, student, diagnosis  [GPU] -> metrics, report, report_html, evaluation
         check-gates:    recipe, overrides, evaluation -> bool
         if passed: register: recipe, overrides, student, evaluation                      [CPU] -> registration
             if deploy: deploy: student, registration, gpu_type   [CPU; applies a KServe InferenceService] -> URL
     else ("multi-node"):
         the same fan-out; launch-trainjob (CPU pod that runs the distill as a TrainJob / PyTorchJob on num_nodes
-        nodes) instead of distill; then the same evaluate, check-gates and register.
+        nodes) instead of distill; then the same diagnose, evaluate, check-gates and register.
 
 Why the fan-out and the tail are inside each branch: with kfp 2.17 a dsl.Collected list of artifacts cannot be
 passed into a dsl.If group (the compiler fails on it), and the local runner cannot resolve dsl.OneOf over
@@ -130,11 +130,14 @@ def _teacher_rollouts(recipe, overrides, latents, shards, num_shards, resources)
 
 
 def _evaluate_and_register(recipe, overrides, student, resources, deploy) -> None:
-    """evaluate (GPU) -> check-gates -> register behind dsl.If on the gates (CPU only) -> deploy (when asked)."""
-    ev = evaluate(recipe=recipe, overrides=overrides, run_id=RUN_ID, student=student)
-    _io_retry(_gpu_stage(ev, *resources))
-    shift = diagnose(recipe=recipe, overrides=overrides, run_id=RUN_ID, student=student)  # beside evaluate
+    """diagnose (GPU) -> evaluate (GPU) -> check-gates -> register behind dsl.If on the gates (CPU only) -> deploy
+    (when asked)."""
+    shift = diagnose(recipe=recipe, overrides=overrides, run_id=RUN_ID, student=student)
     _io_retry(_gpu_stage(shift, *resources))
+    # evaluate takes diagnose's curve for its report instead of measuring it a second time
+    ev = evaluate(recipe=recipe, overrides=overrides, run_id=RUN_ID, student=student,
+                  diagnosis=shift.outputs["diagnosis"])
+    _io_retry(_gpu_stage(ev, *resources))
     gates = check_gates(recipe=recipe, overrides=overrides, evaluation=ev.outputs["evaluation"])
     gates.set_caching_options(False)
     with dsl.If(gates.output == True, name="gates-passed"):  # noqa: E712 - a KFP condition, not a Python test

@@ -3,6 +3,8 @@ does not rot. It asserts the structure of what it writes (two runs at once) and 
 numbers."""
 import json
 
+import pytest
+
 import benchmarks.ddil_evidence as evidence
 from tests import ROOT
 
@@ -11,7 +13,8 @@ def test_ddil_evidence_quick(tmp_path, monkeypatch):
     args = ["--quick", "--demo", str(tmp_path / "demo"), "--work", str(tmp_path / "work"), "--objectives", "lcm",
             "--workers", "2"]
     evidence.main(args)
-    result = json.loads((tmp_path / "work" / "evidence.json").read_text())
+    runs_of = tmp_path / "work" / "steps4-updates3"  # the protocol's folder: its students, ledger and report
+    result = json.loads((runs_of / "evidence.json").read_text())
     assert {key: len(v) for key, v in result["runs"].items()} == {"teacher/ddim": 1, "lcm/baseline": 2,
                                                                   "lcm/control": 2, "lcm/ddil": 2}
     ddil_vs_control = result["comparisons"]["lcm/ddil-control"]["kid_teacher"]
@@ -21,11 +24,11 @@ def test_ddil_evidence_quick(tmp_path, monkeypatch):
     # the teacher's reference samples come from noises no evaluated image uses (an imitating student would
     # otherwise be scored image by image)
     assert all(m["reference"] == evidence.REFERENCE for arm in result["runs"].values() for m in arm)
-    assert list((tmp_path / "work").glob(f"teacher-*-seed{evidence.REFERENCE_SEED}.pt"))
-    assert "| lcm/ddil-control | kid_teacher |" in (tmp_path / "work" / "evidence.md").read_text()
+    assert list((tmp_path / "work").glob(f"teacher-*-seed{evidence.REFERENCE_SEED}-g2.pt"))
+    assert "| lcm/ddil-control | kid_teacher |" in (runs_of / "evidence.md").read_text()
     assert result["teacher_reference"]["images"] == 40 and result["teacher_reference"]["fd_data"] > 0
     # the secondary target: the teacher's samples from the same seeds without guidance, another distribution
-    assert list((tmp_path / "work").glob(f"teacher-*-seed{evidence.REFERENCE_SEED}-unguided.pt"))
+    assert list((tmp_path / "work").glob(f"teacher-*-seed{evidence.REFERENCE_SEED}-g1.pt"))
     students = [m for key, arm in result["runs"].items() if key != "teacher/ddim" for m in arm]
     assert all(m["fd_teacher_unguided"] != m["fd_teacher"] for m in students)
     assert "fd_teacher_unguided" in result["comparisons"]["lcm/ddil-control"]
@@ -34,14 +37,20 @@ def test_ddil_evidence_quick(tmp_path, monkeypatch):
     frozen = tmp_path / "work" / "recipe.yaml"
     assert frozen.read_text() == (ROOT / "configs" / "demo.yaml").read_text()
     frozen.write_text(frozen.read_text() + "# the recipe as this work began\n")
-    saved = json.loads((tmp_path / "work" / "runs.json").read_text())
+    saved = json.loads((runs_of / "runs.json").read_text())
     before = saved["lcm/ddil"][0].pop("kid_teacher_unguided")
-    (tmp_path / "work" / "runs.json").write_text(json.dumps(saved))
+    (runs_of / "runs.json").write_text(json.dumps(saved))
     monkeypatch.setattr(evidence, "distill", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
     evidence.main(args)
     assert frozen.read_text().endswith("# the recipe as this work began\n")
-    rescored = json.loads((tmp_path / "work" / "runs.json").read_text())["lcm/ddil"][0]
+    rescored = json.loads((runs_of / "runs.json").read_text())["lcm/ddil"][0]
     assert rescored["kid_teacher_unguided"] == before
+    # another protocol on the same work trains its own runs (none of the 4-step students counts as a 2-step one),
+    # and a protocol's runs are not mixed with runs measured with another guidance (or number of images)
+    with pytest.raises(AssertionError, match="retrained"):
+        evidence.main([*args, "--student-steps", "2"])
+    with pytest.raises(SystemExit, match=r"protocol.json: .* guidance 2(\.0)? \(now 3(\.0)?\)"):
+        evidence.main([*args, "--guidance", "3"])
 
 
 def test_backward_sim_trains_the_first_step_from_pure_noise(tmp_path):

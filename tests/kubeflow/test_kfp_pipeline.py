@@ -281,6 +281,11 @@ def test_fan_out_collect_and_conditions():
                        for t in (c.get("dag") or {}).get("tasks", {}).values()
                        if "check-gates" in t.get("triggerPolicy", {}).get("condition", "")]
     assert len(gate_conditions) == 2 and all("== true" in c for c in gate_conditions)
+    evaluates = _tasks_of(spec, "evaluate")
+    assert len(evaluates) == 2, "one evaluate per distill branch"
+    for name, task in evaluates:  # the curve measured once: evaluate takes diagnose's folder
+        source = task["inputs"]["artifacts"]["diagnosis"]["taskOutputArtifact"]
+        assert source["producerTask"].startswith("diagnose") and source["outputArtifactKey"] == "diagnosis", name
 
 
 def test_every_channel_a_task_uses_is_wired_through_its_groups():
@@ -959,6 +964,10 @@ def test_local_run_diagnoses_the_student(local_run):
     assert result["drift"][0]["value"] == 0.0 and result["num_steps"] == 2
     page = Path(_artifact(diag, "curve")["uri"]).read_text()
     assert page.count("data:image/png;base64,") == 2
+    # evaluate ran after diagnose and took its curve instead of measuring it again
+    evaluation = _artifact(_executor_output(local_run.dir, "evaluate"), "evaluation")
+    taken = json.loads((Path(evaluation["uri"]) / "metrics.json").read_text())["covariate_shift"]
+    assert taken["headline"] == result["headline"] and taken["drift"] == result["drift"]
 
 
 @pytest.mark.slow
