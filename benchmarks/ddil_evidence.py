@@ -150,8 +150,7 @@ def rescore(args, key: str, metrics: dict, ctx) -> None:
         feats, preds = images_features(ctx["teacher"], ctx["extractor"], args.images, args.student_steps,
                                        ctx["guidance"], "ddim")
     else:
-        out = protocol_dir(args) / f"{objective}-{arm}-{metrics['seed']}"
-        feats, preds = student_features(args, out / "student", ctx)
+        feats, preds = student_features(args, run_dir(args, objective, arm, metrics["seed"]) / "student", ctx)
     metrics.update(image_metrics(feats, preds, ctx["teacher_feats"], ctx["data_feats"], ctx["unguided_feats"]))
 
 
@@ -177,7 +176,7 @@ def run_overrides(args, objective: str, arm: str, seed: int, ctx) -> list[str]:
 
 def run_one(args, objective, arm, seed, ctx) -> dict:
     config = load_config(ctx["recipe"], run_overrides(args, objective, arm, seed, ctx))
-    out = protocol_dir(args) / f"{objective}-{arm}-{seed}"
+    out = run_dir(args, objective, arm, seed)
     student = distill(config, ctx["latents"], [rollouts_for(config, ctx["latents"], Path(args.work))], out)
     info = read_student_info(student)
     pipe = load_pipeline(str(student))
@@ -287,6 +286,11 @@ def protocol_dir(args) -> Path:
     return Path(args.work) / f"steps{args.student_steps}-updates{args.updates}"
 
 
+def run_dir(args, objective: str, arm: str, seed: int) -> Path:
+    """One student's folder: what run_one trains into and rescore reads back."""
+    return protocol_dir(args) / f"{objective}-{arm}-{seed}"
+
+
 def check_protocol(folder: Path, args, guidance: float) -> None:
     """A protocol's runs pair only if they were measured alike: its first run records the settings that shape every
     metric, and a later call with other values is refused (naming them) instead of mixing the two in one table."""
@@ -313,13 +317,15 @@ def run(args) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     recipe = frozen_recipe(work)
     guidance = args.guidance or demo_guidance(demo)
-    check_protocol(protocol_dir(args), args, guidance)
-    partial = protocol_dir(args) / "runs.json"
+    runs_of = protocol_dir(args)
+    check_protocol(runs_of, args, guidance)
+    partial = runs_of / "runs.json"
     runs = json.loads(partial.read_text()) if partial.exists() else {}  # resumable: "objective/arm" -> per seed
     extractor = load_extractor(f"classifier:{demo / 'classifier'}")
     base = load_config(recipe, base_overrides(demo, args.updates, args.student_steps, guidance, args.quick))
     data_feats, _, _ = reference_features(base, str(demo / "dataset-eval"), 16, extractor)
     teacher = load_pipeline(str(demo / "teacher"))
+
     def made_once(guidance_scale: float) -> torch.Tensor:
         path = work / f"teacher-{args.teacher_images}-seed{REFERENCE_SEED}-g{guidance_scale:g}.pt"
         if not path.exists():
