@@ -32,10 +32,13 @@ C near 1 mean there is little shift for DDIL to fix on this task.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import json
 import multiprocessing
+import os
 import platform
+import signal
 import shutil
 import sys
 import time
@@ -197,7 +200,17 @@ def run_one(args, objective, arm, seed, ctx) -> dict:
 _WORKER_CTX: dict = {}  # a worker's copy of the parent's context (inherited through fork, never pickled)
 
 
-def _worker_init(ctx: dict) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Linux's parent-death signal: a worker whose parent is killed (SIGTERM, the OOM killer) stops too, instead of
+    training on into a run folder that a resumed call would then write into as well."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+
+def _worker_init(ctx: dict, parent: int) -> None:
+    _die_with_parent(parent)
     torch.set_num_threads(1)
     _WORKER_CTX.update(ctx)
 
@@ -205,7 +218,7 @@ def _worker_init(ctx: dict) -> None:
 def _fork_pool(workers: int, ctx: dict) -> ProcessPoolExecutor:
     """Processes of one thread each, forked so they inherit `ctx` (loaded pipelines are never pickled)."""
     fork = multiprocessing.get_context("fork")
-    return ProcessPoolExecutor(workers, mp_context=fork, initializer=_worker_init, initargs=(ctx,))
+    return ProcessPoolExecutor(workers, mp_context=fork, initializer=_worker_init, initargs=(ctx, os.getpid()))
 
 
 def _worker_run(args, objective, arm, seed):
@@ -291,6 +304,17 @@ def run_dir(args, objective: str, arm: str, seed: int) -> Path:
     return protocol_dir(args) / f"{objective}-{arm}-{seed}"
 
 
+def refuse_old_layout(work: Path) -> None:
+    """A work folder made before the runs got a folder per protocol keeps its ledger at the top and names its
+    teacher samples without their guidance: its runs would not be found, so every student would be trained again and
+    the teacher's samples redrawn. Refused, naming what to move."""
+    old = [p.name for p in [work / "runs.json", *sorted(work.glob("teacher-*-unguided.pt"))] if p.exists()]
+    if old:
+        raise SystemExit(f"{work}: a work folder of the earlier layout ({', '.join(old)}); move its runs, runs.json "
+                         f"and protocol into {work}/steps<N>-updates<U>/ and name the teacher's samples -g<guidance>"
+                         ".pt, or pass another --work")
+
+
 def check_protocol(folder: Path, args, guidance: float) -> None:
     """A protocol's runs pair only if they were measured alike: its first run records the settings that shape every
     metric, and a later call with other values is refused (naming them) instead of mixing the two in one table."""
@@ -308,6 +332,7 @@ def check_protocol(folder: Path, args, guidance: float) -> None:
 
 
 def run(args) -> dict:
+    refuse_old_layout(Path(args.work))
     demo = Path(args.demo)
     if not (demo / "teacher" / "model_index.json").exists():
         if not args.quick:

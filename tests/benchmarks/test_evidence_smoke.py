@@ -2,6 +2,11 @@
 does not rot. It asserts the structure of what it writes (two runs at once) and that a rerun resumes, not its
 numbers."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -82,3 +87,51 @@ def test_the_online_rollout_arm_runs_only_when_asked_and_differs_from_ddil_in_th
                     for arm in ("ddil", "ddil_online"))
     assert (ddil["ddil"].pop("rollout_policy"), online["ddil"].pop("rollout_policy")) == ("ema", "online")
     assert ddil == online
+
+
+def test_a_work_folder_of_the_earlier_layout_is_refused(tmp_path):
+    """Its ledger at the top (not in a protocol's folder) would not be found: every run would be trained again."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "runs.json").write_text("{}")
+    (work / "teacher-5000-seed200000-unguided.pt").write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"work: .*earlier layout \(runs.json, teacher-5000-seed200000-unguided.pt\)"):
+        evidence.main(["--quick", "--demo", str(tmp_path / "no-demo"), "--work", str(work)])
+    assert not (tmp_path / "no-demo").exists()  # refused before anything was made
+
+
+WORKER = """
+import sys, time
+import benchmarks.ddil_evidence as evidence
+
+def sleep_long():
+    import os
+    return os.getpid(), time.sleep(600)
+
+pool = evidence._fork_pool(1, {})
+pool.submit(sleep_long)
+print(list(pool._processes)[0], flush=True)
+time.sleep(600)
+"""
+
+
+def test_workers_stop_when_their_parent_is_killed(tmp_path):
+    """A killed parent must not leave its workers training into run folders that a resumed call writes into too."""
+    script = tmp_path / "parent.py"
+    script.write_text(WORKER)
+    parent = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    worker = int(parent.stdout.readline())
+    time.sleep(1)  # the worker is running its job
+    os.kill(worker, 0)  # alive
+    parent.send_signal(signal.SIGTERM)
+    parent.wait(timeout=30)
+    for _ in range(100):
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        raise AssertionError(f"worker {worker} outlived its parent")
