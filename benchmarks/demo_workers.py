@@ -1,9 +1,9 @@
 """prepare-demo's teacher update on one thread, on torch's intra-op threads over all cores, and as 2 `demo.workers`
-data-parallel threads (ddil_core/demo/parallel.py): seconds per update and their ratios, measured in one run, and
-whether a rebuild gives the same weights.
+data-parallel threads (ddil_core/demo/parallel.py), and the other demo.unet architectures on one thread: seconds per
+update and their ratios, measured in one run, and whether a rebuild gives the same weights.
 
 Each case runs `--steps` updates of the demo teacher's loop (demo/training.py with demo/teacher.py's batch and loss:
-demo.unet's UNet (`--unet`, the recipe's light one by default), batch 64 of 4x8x8 latents, Min-SNR loss, AdamW,
+demo.unet's UNet (`--unet`, the recipe's mid-attention one by default), batch 64 of 4x8x8 latents, Min-SNR loss, AdamW,
 clipping) on random latents and embeddings; the cases are interleaved and rotated per round (benchmarks/common.py),
 the ratios taken inside each round. Then `--steps` updates from the same seed are trained twice per worker count
 and their weights hashed: equal hashes are the bit-for-bit rebuild the recipe promises, whatever the machine's load.
@@ -23,9 +23,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common
+from ddil_core.demo.teacher import UNET_KINDS
 
 
-def teacher_trainer(batch_size: int, workers: int, seed: int = 0, unet: str = "light"):
+def teacher_trainer(batch_size: int, workers: int, seed: int = 0, unet: str = "mid-attention"):
     """A function running n updates of the demo teacher's loop with `workers` workers; returns the UNet."""
     import torch
 
@@ -55,7 +56,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=10, help="teacher updates per timed call")
     parser.add_argument("--batch", type=int, default=64, help="the recipe's demo.teacher_batch_size")
     parser.add_argument("--reps", type=int, default=5, help="interleaved timed rounds")
-    parser.add_argument("--unet", choices=["light", "tiny-sd15"], default="light", help="demo.unet")
+    parser.add_argument("--unet", choices=list(UNET_KINDS), default="mid-attention", help="demo.unet")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.batch, args.reps = 2, 8, 1
@@ -78,6 +79,10 @@ def main(argv=None) -> dict:
     one, two = teacher_trainer(args.batch, 1, unet=args.unet), teacher_trainer(args.batch, 2, unet=args.unet)
     cases = {"one thread": lambda: one(args.steps), "intra-op threads on all cores": intra_op(one),
              "2 workers": lambda: two(args.steps)}
+    for kind in UNET_KINDS:  # the other architectures on one thread, in the same rounds: their cost as a ratio
+        if kind != args.unet:
+            cases[f"one thread, demo.unet {kind}"] = (lambda run: lambda: run(args.steps))(
+                teacher_trainer(args.batch, 1, unet=kind))
     times = common.interleaved(cases, args.reps, warmup=1)
     per_update = {name: common.median(t) / args.steps for name, t in times.items()}
     speedups = {name: common.median([common.ratio(a, b) for a, b in zip(times["one thread"], times[name])])

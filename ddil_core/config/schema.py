@@ -331,7 +331,7 @@ class DemoConfig:
     vae_batch_size: int = 64
     vae_lr: float = 2.0e-3
     classifier_steps: int = 600  # the evaluation classifier (about 15 s)
-    unet: Literal["light", "tiny-sd15"] = "light"  # the teacher's architecture (demo/teacher.py demo_unet)
+    unet: Literal["mid-attention", "light", "tiny-sd15"] = "mid-attention"  # the teacher's UNet (demo/teacher.py)
     teacher_steps: int = 1800  # UNet2DConditionModel, Min-SNR weighting, EMA; about 6 minutes on 2 cores
     teacher_batch_size: int = 64
     teacher_lr: float = 1.0e-3

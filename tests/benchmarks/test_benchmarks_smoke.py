@@ -88,7 +88,8 @@ def test_student_speedup(tmp_path):
 def test_demo_workers(tmp_path):
     demo_workers.main(["--quick", "--out", str(tmp_path / "w.json")])
     data = _written(tmp_path / "w.json", "demo_workers")
-    assert set(data["seconds_per_update"]) == {"one thread", "intra-op threads on all cores", "2 workers"}
+    assert set(data["seconds_per_update"]) == {"one thread", "intra-op threads on all cores", "2 workers",
+                                               "one thread, demo.unet light", "one thread, demo.unet tiny-sd15"}
     assert data["rebuilds"]["2 workers"]["same"] and data["rebuilds"]["1 worker"]["same"]
 
 
