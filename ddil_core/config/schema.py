@@ -332,7 +332,7 @@ class DemoConfig:
     vae_lr: float = 2.0e-3
     classifier_steps: int = 600  # the evaluation classifier (about 15 s)
     unet: Literal["mid-attention", "light", "tiny-sd15"] = "mid-attention"  # the teacher's UNet (demo/teacher.py)
-    teacher_steps: int = 1800  # UNet2DConditionModel, Min-SNR weighting, EMA; about 6 minutes on 2 cores
+    teacher_steps: int = 1800  # UNet2DConditionModel, Min-SNR weighting, EMA; about 2 minutes on 2 cores
     teacher_batch_size: int = 64
     teacher_lr: float = 1.0e-3
     teacher_ema_decay: float = 0.999
