@@ -38,8 +38,9 @@ import json
 import multiprocessing
 import os
 import platform
-import signal
+import re
 import shutil
+import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -202,9 +203,13 @@ _WORKER_CTX: dict = {}  # a worker's copy of the parent's context (inherited thr
 
 def _die_with_parent(parent: int) -> None:
     """Linux's parent-death signal: a worker whose parent is killed (SIGTERM, the OOM killer) stops too, instead of
-    training on into a run folder that a resumed call would then write into as well."""
+    training on into a run folder that a resumed call would then write into as well. It fires when the thread that
+    forked the worker ends: the pools are made on the main thread."""
     if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, ctypes.c_ulong(signal.SIGKILL), 0, 0, 0) != 0:  # 1: PR_SET_PDEATHSIG
+            print(f"worker {os.getpid()}: no parent-death signal ({os.strerror(ctypes.get_errno())}); it outlives "
+                  "a killed parent", file=sys.stderr, flush=True)
     if os.getppid() != parent:  # the parent died before the signal was armed
         os._exit(1)
 
@@ -308,11 +313,12 @@ def refuse_old_layout(work: Path) -> None:
     """A work folder made before the runs got a folder per protocol keeps its ledger at the top and names its
     teacher samples without their guidance: its runs would not be found, so every student would be trained again and
     the teacher's samples redrawn. Refused, naming what to move."""
-    old = [p.name for p in [work / "runs.json", *sorted(work.glob("teacher-*-unguided.pt"))] if p.exists()]
+    old = [p.name for p in [work / "runs.json", *sorted(work.glob("teacher-*.pt"))]
+           if p.exists() and not re.fullmatch(r"teacher-\d+-seed\d+-g[0-9.]+\.pt", p.name)]
     if old:
-        raise SystemExit(f"{work}: a work folder of the earlier layout ({', '.join(old)}); move its runs, runs.json "
-                         f"and protocol into {work}/steps<N>-updates<U>/ and name the teacher's samples -g<guidance>"
-                         ".pt, or pass another --work")
+        raise SystemExit(f"{work}: a work folder of the earlier layout ({', '.join(old)}); move its runs and runs.json "
+                         f"into {work}/steps<N>-updates<U>/ and rename the teacher's samples teacher-<n>-seed<s>.pt to "
+                         "-g<the demo's guidance>.pt and -unguided.pt to -g1.pt, or pass another --work")
 
 
 def check_protocol(folder: Path, args, guidance: float) -> None:

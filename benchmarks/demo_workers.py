@@ -23,7 +23,6 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common
-from ddil_core.demo.teacher import UNET_KINDS
 
 
 def teacher_trainer(batch_size: int, workers: int, seed: int = 0, unet: str = "mid-attention"):
@@ -56,7 +55,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=10, help="teacher updates per timed call")
     parser.add_argument("--batch", type=int, default=64, help="the recipe's demo.teacher_batch_size")
     parser.add_argument("--reps", type=int, default=5, help="interleaved timed rounds")
-    parser.add_argument("--unet", choices=list(UNET_KINDS), default="mid-attention", help="demo.unet")
+    parser.add_argument("--unet", choices=["mid-attention", "light", "tiny-sd15"], default="mid-attention",
+                        help="demo.unet")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.batch, args.reps = 2, 8, 1
@@ -79,6 +79,8 @@ def main(argv=None) -> dict:
     one, two = teacher_trainer(args.batch, 1, unet=args.unet), teacher_trainer(args.batch, 2, unet=args.unet)
     cases = {"one thread": lambda: one(args.steps), "intra-op threads on all cores": intra_op(one),
              "2 workers": lambda: two(args.steps)}
+    from ddil_core.demo.teacher import UNET_KINDS
+
     for kind in UNET_KINDS:  # the other architectures on one thread, in the same rounds: their cost as a ratio
         if kind != args.unet:
             cases[f"one thread, demo.unet {kind}"] = (lambda run: lambda: run(args.steps))(

@@ -1,9 +1,9 @@
 """The digits demo that `ddil prepare-demo` builds (docs/demo.md: the embedded default and its recipe).
 
 scikit-learn's bundled digits become an image-caption dataset; on it this package trains, in a few minutes on a
-2-core CPU, a tiny latent text-to-image teacher with the tiny://sd15 shapes (16x16 RGB, AutoencoderKL to 8x8x4,
-a 0.72M-parameter UNet2DConditionModel (demo.unet), a frozen random CLIP text encoder) and a digit classifier that judges
-prompt adherence and provides features for Fréchet distance. Hyper-parameters live in `Config.demo`.
+2-core CPU, a tiny latent text-to-image teacher with the tiny://sd15 shapes (16x16 RGB, AutoencoderKL to 8x8x4, a
+0.72M-parameter UNet2DConditionModel (demo.unet), a frozen random CLIP text encoder) and a digit classifier that
+judges prompt adherence and provides features for Fréchet distance. Hyper-parameters live in `Config.demo`.
 
 data.py      the digits as tensors, and the image folders (captions.jsonl) written for the pipeline
 vae.py       AutoencoderKL training and the per-channel latent normalisation folded into its weights

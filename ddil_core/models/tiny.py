@@ -51,7 +51,7 @@ def _text_encoder(tokenizer, with_projection: bool):
 
 
 def tiny_unet(family: str, time_cond_proj_dim: int | None = None, **overrides):
-    """The family's tiny UNet2DConditionModel; `overrides` replace its config keys (the demo's light teacher)."""
+    """The family's tiny UNet2DConditionModel; `overrides` replace its config keys (the demo teachers)."""
     from diffusers import UNet2DConditionModel
 
     kwargs = dict(

@@ -3,10 +3,12 @@ does not rot. It asserts the structure of what it writes (two runs at once) and 
 numbers."""
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -94,19 +96,26 @@ def test_a_work_folder_of_the_earlier_layout_is_refused(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     (work / "runs.json").write_text("{}")
-    (work / "teacher-5000-seed200000-unguided.pt").write_bytes(b"")
-    with pytest.raises(SystemExit, match=r"work: .*earlier layout \(runs.json, teacher-5000-seed200000-unguided.pt\)"):
+    for name in ("teacher-5000-seed200000.pt", "teacher-5000-seed200000-unguided.pt", "teacher-40-seed200000-g2.pt"):
+        (work / name).write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"work: .*earlier layout \(runs.json, teacher-5000-seed200000-unguided.pt, "
+                                         r"teacher-5000-seed200000.pt\)"):
         evidence.main(["--quick", "--demo", str(tmp_path / "no-demo"), "--work", str(work)])
     assert not (tmp_path / "no-demo").exists()  # refused before anything was made
+    (work / "runs.json").unlink()  # the ledger alone, or the old samples alone, is the earlier layout too
+    with pytest.raises(SystemExit, match=r"earlier layout \(teacher-5000-seed200000-unguided.pt"):
+        evidence.refuse_old_layout(work)
+    for name in ("teacher-5000-seed200000.pt", "teacher-5000-seed200000-unguided.pt"):
+        (work / name).unlink()
+    evidence.refuse_old_layout(work)  # the current layout's samples pass
 
 
 WORKER = """
-import sys, time
+import os, time
 import benchmarks.ddil_evidence as evidence
 
 def sleep_long():
-    import os
-    return os.getpid(), time.sleep(600)
+    time.sleep(600)
 
 pool = evidence._fork_pool(1, {})
 pool.submit(sleep_long)
@@ -115,23 +124,36 @@ time.sleep(600)
 """
 
 
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for a reaper (a container's PID 1 may never reap an orphan)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
 def test_workers_stop_when_their_parent_is_killed(tmp_path):
     """A killed parent must not leave its workers training into run folders that a resumed call writes into too."""
     script = tmp_path / "parent.py"
     script.write_text(WORKER)
     parent = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
-    worker = int(parent.stdout.readline())
-    time.sleep(1)  # the worker is running its job
-    os.kill(worker, 0)  # alive
-    parent.send_signal(signal.SIGTERM)
-    parent.wait(timeout=30)
-    for _ in range(100):
-        try:
-            os.kill(worker, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
-        os.kill(worker, signal.SIGKILL)
-        raise AssertionError(f"worker {worker} outlived its parent")
+    worker = None
+    try:
+        ready, _, _ = select.select([parent.stdout], [], [], 120)
+        assert ready, "the parent never started its worker"
+        worker = int(parent.stdout.readline())
+        time.sleep(1)  # the worker is running its job
+        assert _alive(worker)
+        parent.send_signal(signal.SIGTERM)
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(worker), f"worker {worker} outlived its parent"
+    finally:
+        parent.kill()
+        parent.stdout.close()
+        if worker is not None and _alive(worker):
+            os.kill(worker, signal.SIGKILL)

@@ -165,7 +165,10 @@ def test_bad_demo_config_is_rejected(tmp_path, capsys, item):
 def test_the_earlier_teacher_architectures_stay_selectable():
     """demo.unet: tiny-sd15 rebuilds the architecture of the teacher docs/results.md's evidence was measured with,
     light the demo's default before mid-attention (cross-attention also on the 4x4 level of both paths)."""
-    from ddil_core.demo.teacher import demo_unet
+    import typing
+
+    from ddil_core.config.schema import DemoConfig
+    from ddil_core.demo.teacher import UNET_KINDS, demo_unet
     from ddil_core.models.tiny import tiny_unet
 
     assert dict(demo_unet("tiny-sd15").config) == dict(tiny_unet("sd15").config)
@@ -173,6 +176,8 @@ def test_the_earlier_teacher_architectures_stay_selectable():
     assert light == dict(tiny_unet("sd15", down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=2).config)
     assert light != dict(demo_unet("mid-attention").config) != dict(tiny_unet("sd15").config)
+    # the schema's choices (it imports nothing of ddil_core.demo) are the builder's, in the same order
+    assert typing.get_args(typing.get_type_hints(DemoConfig)["unet"]) == tuple(UNET_KINDS)
 
 
 def test_train_loss_export_for_dvc_plots(tmp_path):
