@@ -338,13 +338,13 @@ def check_protocol(folder: Path, args, guidance: float) -> None:
 
 
 def run(args) -> dict:
-    refuse_old_layout(Path(args.work))
+    work = Path(args.work)
+    refuse_old_layout(work)
     demo = Path(args.demo)
     if not (demo / "teacher" / "model_index.json").exists():
         if not args.quick:
             raise SystemExit(f"{demo}: no demo teacher; run `ddil prepare-demo --out {demo}` first")
         prepare_quick_demo(demo)
-    work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     recipe = frozen_recipe(work)
     guidance = args.guidance or demo_guidance(demo)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import typing
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -23,9 +24,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common
+from ddil_core.config.schema import DemoConfig
 
 
-def teacher_trainer(batch_size: int, workers: int, seed: int = 0, unet: str = "mid-attention"):
+def teacher_trainer(batch_size: int, workers: int, unet: str, seed: int = 0):
     """A function running n updates of the demo teacher's loop with `workers` workers; returns the UNet."""
     import torch
 
@@ -55,8 +57,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=10, help="teacher updates per timed call")
     parser.add_argument("--batch", type=int, default=64, help="the recipe's demo.teacher_batch_size")
     parser.add_argument("--reps", type=int, default=5, help="interleaved timed rounds")
-    parser.add_argument("--unet", choices=["mid-attention", "light", "tiny-sd15"], default="mid-attention",
-                        help="demo.unet")
+    kinds = typing.get_args(typing.get_type_hints(DemoConfig)["unet"])  # the schema's (no torch imported)
+    parser.add_argument("--unet", choices=kinds, default=DemoConfig().unet, help="demo.unet")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.batch, args.reps = 2, 8, 1
@@ -76,22 +78,21 @@ def main(argv=None) -> dict:
                 torch.set_num_threads(threads)
         return call
 
-    one, two = teacher_trainer(args.batch, 1, unet=args.unet), teacher_trainer(args.batch, 2, unet=args.unet)
-    cases = {"one thread": lambda: one(args.steps), "intra-op threads on all cores": intra_op(one),
-             "2 workers": lambda: two(args.steps)}
-    from ddil_core.demo.teacher import UNET_KINDS
+    def timed(run):
+        return lambda: run(args.steps)
 
-    for kind in UNET_KINDS:  # the other architectures on one thread, in the same rounds: their cost as a ratio
+    one, two = teacher_trainer(args.batch, 1, args.unet), teacher_trainer(args.batch, 2, args.unet)
+    cases = {"one thread": timed(one), "intra-op threads on all cores": intra_op(one), "2 workers": timed(two)}
+    for kind in kinds:  # the other architectures on one thread, in the same rounds: their cost as a ratio
         if kind != args.unet:
-            cases[f"one thread, demo.unet {kind}"] = (lambda run: lambda: run(args.steps))(
-                teacher_trainer(args.batch, 1, unet=kind))
+            cases[f"one thread, demo.unet {kind}"] = timed(teacher_trainer(args.batch, 1, kind))
     times = common.interleaved(cases, args.reps, warmup=1)
     per_update = {name: common.median(t) / args.steps for name, t in times.items()}
     speedups = {name: common.median([common.ratio(a, b) for a, b in zip(times["one thread"], times[name])])
                 for name in cases}
     rebuilds = {}
     for workers in (1, 2):
-        hashes = [weights_hash(teacher_trainer(args.batch, workers, unet=args.unet)(args.steps)) for _ in range(2)]
+        hashes = [weights_hash(teacher_trainer(args.batch, workers, args.unet)(args.steps)) for _ in range(2)]
         rebuilds[f"{workers} worker{'s' if workers > 1 else ''}"] = {"hashes": hashes, "same": hashes[0] == hashes[1]}
     headers = ["teacher update", "s/update (median)", "speedup vs one thread (median of rounds)", "rebuild identical"]
     rows = [[name, per_update[name], speedups[name],

@@ -52,8 +52,8 @@ def demo_unet(kind: str = "mid-attention"):
     """The teacher's UNet2DConditionModel (demo.unet). "mid-attention" (the default): (32, 64) channels, the prompt
     read by cross-attention in the 4x4 mid block only, 0.72M parameters: a ten-class prompt needs no more, and an
     update is 1.48x cheaper than "light"'s on one thread, at >= 98% prompted-digit accuracy (docs/demo.md).
-    "light": cross-attention also at the 4x4 level of the down and up paths (0.99M). "tiny-sd15": tiny_unet("sd15"), attention at both levels
-    with 8 heads (1.06M), the teacher of docs/results.md's evidence."""
+    "light": cross-attention also at the 4x4 level of the down and up paths (0.99M). "tiny-sd15": tiny_unet("sd15"),
+    attention at both levels with 8 heads (1.06M), the teacher of docs/results.md's evidence."""
     if kind not in UNET_KINDS:
         raise ValueError(f"demo.unet: {kind!r} (use one of {', '.join(UNET_KINDS)})")
     return tiny_unet("sd15", **UNET_KINDS[kind])
