@@ -5,7 +5,8 @@ same timesteps? Per objective and student step count, over seeds s (the same see
 - arms: `baseline` (forward states only), `control` (forward states at the DDIL arm's timestep distribution:
   ddil.control = timestep_matched), `ddil` (0.5 / 0.25 / 0.25, replay buffer, rollouts by the EMA), and for DMD2 its
   published `backward_sim` (the generator's own states only, fresh online rollouts from j = 0, pure noise); when
-  named in `--arms`, `ddil_online` (the DDIL arm with rollouts by the online student: does the policy matter?);
+  named in `--arms`, `ddil_online` (the DDIL arm with rollouts by the online student: does the policy matter?) and
+  `ddil_light` / `control_light` (0.8 / 0.1 / 0.1 and its timestep-matched control: a lower dose of DDIL);
 - common random numbers: training.random_streams = separate, so arms differ only in their states; an EMA on every
   student; student states made by at least one student step (ddil.student_min_steps = 1);
 - evaluation: `--images` images per student with their own noise each (the same noises in every arm), KID (unbiased,
@@ -73,6 +74,7 @@ COMMON = ["training.random_streams=separate", "training.ema.enabled=true", "trai
           # no watching: it trains bit-identically but costs time, and its alarm must not stop one arm early
           "training.eval_every=0", "training.alarm.action=off"]
 DDIL = ["ddil.priors.forward=0.5", "ddil.priors.teacher=0.25", "ddil.priors.student=0.25"]
+DDIL_LIGHT = ["ddil.priors.forward=0.8", "ddil.priors.teacher=0.1", "ddil.priors.student=0.1"]
 ARMS = {
     "baseline": ["ddil.priors.forward=1", "ddil.priors.teacher=0", "ddil.priors.student=0"],
     "control": DDIL + ["ddil.control=timestep_matched"],
@@ -84,10 +86,15 @@ ARMS = {
                      "ddil.student_min_steps=0", "ddil.buffer.enabled=false"],
     # optional (run when named in --arms): the DDIL arm with rollouts by the online student instead of its EMA
     "ddil_online": DDIL + ["ddil.rollout_policy=online"],
+    # optional: a lower dose of DDIL and its own control. Where the timesteps DDIL brings cost more than its states
+    # gain (LCM and TDD at 2 steps), does a fifth of the batch from rollouts keep the gain at less cost?
+    "ddil_light": DDIL_LIGHT + ["ddil.rollout_policy=ema"],
+    "control_light": DDIL_LIGHT + ["ddil.control=timestep_matched"],
 }
-OPTIONAL_ARMS = ("ddil_online",)
+OPTIONAL_ARMS = ("ddil_online", "ddil_light", "control_light")
 COMPARISONS = (("ddil", "control"), ("ddil", "baseline"), ("control", "baseline"), ("backward_sim", "baseline"),
-               ("ddil", "ddil_online"))
+               ("ddil", "ddil_online"), ("ddil_light", "control_light"), ("ddil_light", "baseline"),
+               ("control_light", "baseline"))
 METRICS = ("kid_teacher", "fd_teacher", "kid_teacher_unguided", "fd_teacher_unguided", "kid_data", "fd_data",
            "precision", "recall", "density", "coverage", "adherence", "shift_factor", "compounding", "drift_final")
 PROMPTS = [digit_caption(i) for i in range(len(DIGIT_WORDS))]

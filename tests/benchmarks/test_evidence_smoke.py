@@ -91,6 +91,25 @@ def test_the_online_rollout_arm_runs_only_when_asked_and_differs_from_ddil_in_th
     assert ddil == online
 
 
+def test_the_light_arms_run_only_when_asked_and_differ_from_their_pair_in_priors_and_states_alone(tmp_path):
+    """`ddil_light` / `control_light`: a fifth of the batch from the rollout sources, and its timestep-matched
+    control; the pair differs only where ddil and control do, and each is compared with the baseline too."""
+    from ddil_core.config import load_config, resolved_dict
+
+    ctx = {"demo": tmp_path, "guidance": 2.0}
+    args = evidence.parse_args(["--demo", str(tmp_path), "--work", str(tmp_path / "work")])
+    assert not {"ddil_light", "control_light"} & (set(args.arms) | set(evidence.arms_of("tdd")))
+    assert {"ddil_light", "control_light"} <= set(evidence.arms_of("tdd", ("ddil_light", "control_light")))
+    resolved = {arm: resolved_dict(load_config("demo", evidence.run_overrides(args, "tdd", arm, 0, ctx)))["ddil"]
+                for arm in ("ddil", "control", "ddil_light", "control_light")}
+    assert resolved["ddil_light"]["priors"] == {"forward": 0.8, "teacher": 0.1, "student": 0.1}
+    assert resolved["control_light"]["priors"] == resolved["ddil_light"]["priors"]
+    for light, full in (("ddil_light", "ddil"), ("control_light", "control")):
+        assert {**resolved[light], "priors": None} == {**resolved[full], "priors": None}
+    assert {("ddil_light", "control_light"), ("ddil_light", "baseline"), ("control_light", "baseline")} <= set(
+        evidence.COMPARISONS)
+
+
 def test_a_work_folder_of_the_earlier_layout_is_refused(tmp_path):
     """Its ledger at the top (not in a protocol's folder) would not be found: every run would be trained again."""
     work = tmp_path / "work"
