@@ -8,7 +8,7 @@ RECIPE ?= tiny
 
 install:
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[pipelines,registry,serve,test]'
+	$(PIP) install -q -c constraints.txt -e '.[pipelines,registry,serve,mnist,test]'
 	bash .ci/install-services.sh
 
 # The embedded default end to end (dvc.yaml): prepare-demo trains the digits teacher, then cache-latents ->

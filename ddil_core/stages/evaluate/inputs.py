@@ -11,7 +11,7 @@ from ddil_core.config import Config, ConfigError
 from ddil_core.config.checks import schedule_problems
 from ddil_core.config.limits import MAX_PROMPT_FILE_BYTES, check_size, check_text
 from ddil_core.data.datasets import DatasetError, SkipReport, image_to_tensor, iter_samples
-from ddil_core.data.digits import DIGIT_WORDS, digit_caption
+from ddil_core.data.digits import DIGIT_WORDS, demo_source, digit_caption
 from ddil_core.metrics.extractors import Extractor
 from ddil_core.models.pipeline_io import ModelError
 from ddil_core.models.teacher import check_finite_weights, module_fingerprint
@@ -34,8 +34,9 @@ def read_prompt_file(path: str) -> list[str]:
 
 
 def default_prompts(reference_uri: str, captions: list[str]) -> list[str]:
-    """demo://digits: the ten digit captions in digit order; otherwise the distinct captions in data order."""
-    if reference_uri.startswith("demo://digits"):
+    """demo://digits or demo://mnist: the ten digit captions in digit order; otherwise the distinct captions in data
+    order."""
+    if demo_source(reference_uri):
         return [digit_caption(i) for i in range(len(DIGIT_WORDS))]
     return list(dict.fromkeys(c.strip() for c in captions if c and c.strip()))
 
@@ -60,8 +61,8 @@ def reference_uri(config: Config, reference: Optional[str]) -> str:
     if reference:
         return reference
     dataset = config.data.dataset
-    if dataset.startswith("demo://digits"):
-        return "demo://digits/eval"  # the held-out split: the teacher was trained on the other one
+    if demo_source(dataset):
+        return f"demo://{demo_source(dataset)}/eval"  # the held-out split: the teacher was trained on the other one
     return dataset
 
 
