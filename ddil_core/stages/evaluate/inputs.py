@@ -61,8 +61,9 @@ def reference_uri(config: Config, reference: Optional[str]) -> str:
     if reference:
         return reference
     dataset = config.data.dataset
-    if demo_source(dataset):
-        return f"demo://{demo_source(dataset)}/eval"  # the held-out split: the teacher was trained on the other one
+    source = demo_source(dataset)
+    if source:
+        return f"demo://{source}/eval"  # the held-out split: the teacher was trained on the other one
     return dataset
 
 
